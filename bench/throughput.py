@@ -1,0 +1,143 @@
+"""Training throughput of a method: synthetic device-resident batches through the real training step
+(autocast, backward, optimizer step, EMA) of mimkit's engine. Prints one JSON object.
+
+    python bench/throughput.py --method mae --arch vit_base --batch 256 --precision bf16
+    python bench/throughput.py --method mae --arch vit_tiny --img 32 --patch 4 --batch 64 --steps 5  # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+
+import torch
+
+from mimkit.configs import build_config
+from mimkit.methods import build_method
+from mimkit.train.distributed import init_distributed
+from mimkit.train.engine import Trainer
+
+# dense bf16 tensor-core peaks (FLOP/s) for model FLOPs utilisation
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def fake_batch(method, batch: int, img: int, device: torch.device) -> dict:
+    """A batch of the shape the method's training views produce, already on the device."""
+    from mimkit.configs import DataConfig
+
+    views = method.train_transform(DataConfig())
+    sample = views(torch.randint(0, 256, (3, img, img), dtype=torch.uint8))
+    return {k: torch.randn(batch, *v.shape, device=device) for k, v in sample.items()}
+
+
+def count_flops(trainer: Trainer, batch: dict) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        with trainer.autocast():
+            out = trainer.module(batch)
+        out.loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--method", default="mae")
+    parser.add_argument("--arch", default="vit_base")
+    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--patch", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="any config override (method.*, model.*)"
+    )
+    args = parser.parse_args()
+
+    overrides = [
+        f"method={args.method}",
+        f"model.arch={args.arch}",
+        f"model.img_size={args.img}",
+        f"optim.batch_size={args.batch}",
+        f"run.precision={args.precision}",
+        f"run.device={args.device}",
+        f"run.compile={str(args.compile).lower()}",
+        "optim.epochs=1",
+        "optim.warmup_epochs=0",
+        "optim.lr=1e-4",
+        *([f"model.patch_size={args.patch}"] if args.patch else []),
+        *args.overrides,
+    ]
+    cfg = build_config(None, overrides)
+    env = init_distributed(cfg.run.device)
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(method, cfg, env, out)
+        batch = fake_batch(method, args.batch, args.img, env.device)
+        flops = count_flops(trainer, batch) / args.batch
+
+        def step() -> None:
+            trainer.micro_step(batch, boundary=True)
+            trainer.optimizer_step(progress=0.5)
+
+        for _ in range(args.warmup):
+            step()
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+
+    images_per_s = args.batch * args.steps / seconds
+    peak = peak_flops(env.device)
+    if env.device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated() / 2**30
+        device_name = torch.cuda.get_device_name(env.device)
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS
+        device_name = "cpu"
+    print(
+        json.dumps(
+            {
+                "method": cfg.method.name,
+                "arch": cfg.model.arch,
+                "img_size": cfg.model.img_size,
+                "patch_size": method.encoder.patch_size,
+                "batch": args.batch,
+                "precision": trainer.precision,
+                "compile": args.compile,
+                "device": device_name,
+                "torch": torch.__version__,
+                "images_per_s": round(images_per_s, 1),
+                "step_ms": round(1000 * seconds / args.steps, 2),
+                "peak_memory_gib": round(memory, 3),
+                "gflops_per_image": round(flops / 1e9, 2),
+                "mfu": round(flops * images_per_s / peak, 4) if peak else None,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from mimkit.cli import main
+
+raise SystemExit(main())

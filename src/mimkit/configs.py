@@ -1,0 +1,293 @@
+"""Typed configuration: one dataclass per section, YAML recipes fill them, ``key=value`` overrides them.
+
+A recipe is a YAML file (or the name of one shipped in ``mimkit/recipes``). The ``method`` section is
+the dataclass of the chosen method (``method.name``; ``method=lut`` is short for ``method.name=lut``).
+Unknown keys are errors that name the nearest valid key; so are values of the wrong type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_base"  # vit_tiny | vit_small | vit_base | vit_large | vit_huge
+    img_size: int = 224
+    patch_size: int | None = None  # None: the arch's (16; 14 for vit_huge)
+    embed_dim: int | None = None  # None: the arch's width
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    train: str = (
+        "demo:train"  # demo:train | demo:val | synthetic[:N] | folder | file.npz | glob, comma-separated
+    )
+    num_workers: int = 4
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then center-crop img_size
+    max_images: int | None = None  # use only the first N images of the source
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 800
+    warmup_epochs: float = 40.0
+    batch_size: int = 64  # per device, per micro-batch
+    accum_iter: int = 1
+    blr: float = 1.5e-4  # base lr, scaled by the effective batch with lr_rule
+    lr: float | None = None  # absolute lr; overrides blr when set
+    lr_rule: str = "linear"  # linear: blr * B / 256 | sqrt: blr * (ref / 256) * sqrt(B / ref)
+    lr_ref_batch: int = 4096  # ref of the sqrt rule (4096 gives blr * sqrt(B) / 4)
+    min_lr: float = 0.0  # the cosine ends here
+    min_lr_frac: float = 0.0  # or at this fraction of the lr, whichever is larger
+    warmup_from_min_lr: bool = False  # warm up from min_lr instead of 0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = None
+    # The reference codes decay cls/mask tokens (3-D tensors); by default we exclude them with the other
+    # position-like parameters. The paper recipes set this to true to match the reference exactly.
+    decay_tokens: bool = False
+
+
+@dataclass
+class RunConfig:
+    out: str | None = None  # run folder; default runs/<recipe>
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32
+    compile: bool = False
+    checkpoint_minutes: float = 20.0  # also rewrite last.pt this often within an epoch
+    resume: str = "auto"  # auto (continue out/last.pt if present) | none | path to a checkpoint
+    log_every: int = 20  # optimizer steps between logged scalars
+    progress: bool = True
+    stop_at_step: int | None = None  # leave early (after saving) at this optimizer step; schedule unchanged
+
+
+@dataclass
+class EvalConfig:
+    knn: bool = True  # k-NN accuracy at the end of pre-training, when eval.val is set
+    every_epochs: int = 0  # also every N epochs during pre-training (0: only at the end)
+    baseline: bool = False  # also measure the encoder at initialisation, for comparison
+    train: str | None = None  # labelled memory bank; None: data.train
+    val: str | None = None  # labelled queries
+    k: int = 20
+    temperature: float = 0.07
+    pool: str = "cls"  # cls | mean (of the patch tokens)
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = None  # the method's own dataclass, chosen by method.name
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    recipe: str = ""  # where the recipe came from (informational)
+
+
+CHOICES = {
+    "optim.lr_rule": ("linear", "sqrt"),
+    "run.precision": ("auto", "bf16", "fp16", "fp32"),
+    "eval.pool": ("cls", "mean"),
+}
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A path to a YAML file, or the name of a shipped recipe (with or without .yaml)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = RECIPE_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    near = difflib.get_close_matches(path.stem, names, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise ConfigError(f"recipe '{recipe}' is neither a file nor a shipped recipe ({', '.join(names)}){hint}")
+
+
+def _method_classes() -> dict[str, type]:
+    from mimkit.methods import METHODS
+
+    return {name: cls.Config for name, cls in METHODS.items()}
+
+
+def _valid_keys(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> dataclass field type, for every leaf and section."""
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        name = f"{prefix}{f.name}"
+        value = getattr(obj, f.name)
+        keys[name] = f.type
+        if dataclasses.is_dataclass(value):
+            keys.update(_valid_keys(value, prefix=f"{name}."))
+    return keys
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def _check_keys(tree: dict, schema: Config, origin: str) -> None:
+    valid = _valid_keys(schema)
+    for key in _flatten(tree):
+        if key in valid:
+            continue
+        # a section given a scalar, or a leaf given a dict
+        parent = key.rsplit(".", 1)[0] if "." in key else None
+        if parent in valid and not dataclasses.is_dataclass(_get(schema, parent)):
+            raise ConfigError(f"{origin}: '{parent}' is a value, not a section (got '{key}')")
+        near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"{origin}: unknown config key '{key}'{hint}")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _normalise_method(tree: dict) -> dict:
+    method = tree.get("method")
+    if isinstance(method, str):
+        tree = {**tree, "method": {"name": method}}
+    return tree
+
+
+def build_config(
+    recipe: str | Path | dict | None = None, overrides: list[str] | dict | None = None
+) -> Config:
+    """Resolve a recipe (path, shipped name or dict) plus overrides into a typed :class:`Config`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    origin = "config"
+    if recipe is None:
+        base: dict = {}
+    elif isinstance(recipe, dict):
+        base = recipe
+    else:
+        path = recipe_path(recipe)
+        origin = str(path)
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(path))
+        except Exception as err:  # yaml errors carry line numbers; keep them
+            raise ConfigError(f"{path}: not a valid YAML recipe: {err}") from err
+        base = loaded or {}
+        if not isinstance(base, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(base).__name__}")
+        base.setdefault("recipe", path.stem)
+    if isinstance(overrides, dict):
+        extra = overrides
+    else:
+        bad = [o for o in overrides or [] if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad[0]!r}")
+        try:
+            extra = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides or [])))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"overrides: {err}") from err
+    base, extra = _normalise_method(base), _normalise_method(extra)
+
+    methods = _method_classes()
+    name = extra.get("method", {}).get("name") or base.get("method", {}).get("name") or "mae"
+    if name not in methods:
+        near = difflib.get_close_matches(str(name), methods, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"unknown method '{name}' (known: {', '.join(methods)}){hint}")
+    schema = Config(method=methods[name]())
+
+    base_method = base.get("method", {})
+    if base_method.get("name", name) != name:
+        # switching method on the command line: the recipe's settings for the other method that the
+        # new one does not have are dropped, and said so
+        known = {f.name for f in dataclasses.fields(schema.method)}
+        dropped = sorted(k for k in base_method if k not in known)
+        base = {**base, "method": {k: v for k, v in base_method.items() if k in known and k != "name"}}
+        if dropped:
+            print(f"note: method '{name}' does not use the recipe's method.{', method.'.join(dropped)}")
+    _check_keys(base, schema, origin)
+    _check_keys(extra, schema, "overrides")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), base, extra)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(
+            f"{origin if key in _flatten(base) else 'overrides'}: bad value for '{key}': "
+            f"{getattr(err, 'msg', err)}"
+        ) from err
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"'{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    positive = [
+        "optim.epochs",
+        "optim.batch_size",
+        "optim.accum_iter",
+        "eval.batch_size",
+        "eval.k",
+        "run.log_every",
+        "model.img_size",
+    ]
+    for key in positive:
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"'{key}' must be at least 1; got {_get(cfg, key)}")
+    if cfg.optim.warmup_epochs < 0 or cfg.optim.warmup_epochs > cfg.optim.epochs:
+        raise ConfigError(
+            f"'optim.warmup_epochs' must lie in [0, optim.epochs={cfg.optim.epochs}]; "
+            f"got {cfg.optim.warmup_epochs}"
+        )
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"'data.num_workers' must be >= 0; got {cfg.data.num_workers}")
+    if not 0 < cfg.data.crop_pct <= 1:
+        raise ConfigError(f"'data.crop_pct' must lie in (0, 1]; got {cfg.data.crop_pct}")
+    if hasattr(cfg.method, "validate"):
+        cfg.method.validate()
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two config dicts."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}

@@ -1,0 +1,139 @@
+"""From a source to batches: a shuffled, rank-sharded and resumable order, per-sample seeded
+augmentation, and corrupt images reported and skipped instead of crashing an epoch.
+
+Every sample's augmentation is a function of (seed, epoch, index) alone, so the batches of an epoch are
+the same whatever the number of workers, and a run resumed in the middle of an epoch sees exactly the
+batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from mimkit.data.sources import ImageSource, UnreadableImage
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with torch's and Python's CPU generators seeded, then put their states back."""
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 0x9E3779B1 + epoch) * 0x85EBCA77 + index) % (1 << 63)
+
+
+class ViewDataset(Dataset):
+    """Applies a view transform to a source; indexed by (epoch, index) pairs from :class:`EpochSampler`."""
+
+    def __init__(self, source: ImageSource, transform: Callable[[torch.Tensor], dict], seed: int = 0) -> None:
+        self.source, self.transform, self.seed = source, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        try:
+            img, label = self.source.load(index)
+        except UnreadableImage as err:
+            return {"skipped": str(err)}
+        with seeded(sample_seed(self.seed, epoch, index)):
+            sample = self.transform(img)
+        sample["label"] = label
+        sample["index"] = index
+        return sample
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the readable samples; the unreadable ones travel as a list of messages under 'skipped'."""
+    good = [s for s in samples if "skipped" not in s]
+    batch = default_collate(good) if good else {}
+    batch["skipped"] = [s["skipped"] for s in samples if "skipped" in s]
+    return batch
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """(epoch, index) pairs: a permutation fixed by (seed, epoch), padded by wrapping to a multiple of the
+    world size and dealt out rank by rank (as DistributedSampler), starting at ``start`` to resume."""
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool = True,
+    ) -> None:
+        if size < 1:
+            raise ValueError("cannot sample from an empty source")
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.epoch, self.start = 0, 0
+
+    @property
+    def per_rank(self) -> int:
+        if self.pad:
+            return -(-self.size // self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        if self.pad:
+            total = self.per_rank * self.world_size
+            order = (order * (total // self.size + 1))[:total]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.indices()[self.start :]:
+            yield self.epoch, index
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def make_loader(
+    dataset: ViewDataset,
+    sampler: EpochSampler,
+    *,
+    batch_size: int,
+    num_workers: int,
+    drop_last: bool,
+    pin_memory: bool = False,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        # its own generator: starting an iterator draws a worker seed, which must not move the global
+        # generator that the masks come from (a resumed run starts a different number of iterators)
+        generator=torch.Generator().manual_seed(dataset.seed),
+    )

@@ -1,0 +1,227 @@
+"""Where images come from: an image folder (ImageFolder layout with labels, or flat without), .npz
+arrays (``x`` uint8 [N, H, W, 3], optional ``y``), the embedded demo set, or synthetic images.
+
+A source is map-style: ``len(source)``, ``source.load(i) -> (uint8 [3, H, W] tensor, label)``; label is -1
+when the source has none. Problems with the source itself (missing path, no images, wrong arrays) are
+errors when it is built; a single unreadable image raises :class:`UnreadableImage` from ``load``, which the
+loader reports by path and skips.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+DEMO_FILE = Path(__file__).parent / "demo" / "cifar10_demo.npz"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class UnreadableImage(Exception):
+    """One image could not be decoded; the message starts with its path."""
+
+
+class ImageSource:
+    classes: tuple[str, ...] = ()
+    name: str = ""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.classes)
+
+
+class ArraySource(ImageSource):
+    """Images held in memory as a uint8 [N, H, W, C] array (workers share it copy-on-write)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray | None, classes: Sequence[str], name: str) -> None:
+        self.x, self.y, self.classes, self.name = x, y, tuple(classes), name
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        img = torch.from_numpy(np.ascontiguousarray(self.x[index])).permute(2, 0, 1)
+        return img, int(self.y[index]) if self.y is not None else -1
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...]]:
+    with np.load(path, allow_pickle=False) as f:
+        if "x" not in f:
+            raise ValueError(f"{path}: expected an array 'x' (uint8 [N, H, W, 3]); found {sorted(f.files)}")
+        x = f["x"]
+        y = f.get("y")
+        classes = tuple(str(c) for c in f["class_names"]) if "class_names" in f else ()
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: 'x' must be uint8 [N, H, W, 3]; got {x.dtype} {list(x.shape)}")
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    if y is not None:
+        if y.shape != (len(x),):
+            raise ValueError(f"{path}: 'y' must have shape [{len(x)}] to match 'x'; got {list(y.shape)}")
+        y = y.astype(np.int64)
+        if not classes:
+            classes = tuple(str(c) for c in range(int(y.max()) + 1))
+    return x, y, classes
+
+
+def npz_source(paths: Sequence[Path]) -> ArraySource:
+    parts = [_read_npz(p) for p in paths]
+    shapes = {p[0].shape[1:] for p in parts}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"npz files have different image shapes {sorted(shapes)}: {', '.join(map(str, paths))}"
+        )
+    labelled = [p[1] is not None for p in parts]
+    if any(labelled) and not all(labelled):
+        raise ValueError(f"some npz files have labels 'y' and some do not: {', '.join(map(str, paths))}")
+    x = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    y = np.concatenate([p[1] for p in parts]) if all(labelled) else None
+    classes = max((p[2] for p in parts), key=len)
+    return ArraySource(x, y, classes, ",".join(str(p) for p in paths))
+
+
+def demo_source(split: str) -> ArraySource:
+    """2,000 training and 500 held-out CIFAR-10 images (200 / 50 per class), embedded in the package."""
+    if split not in ("train", "val"):
+        raise ValueError(f"the demo source has splits 'demo:train' and 'demo:val'; got 'demo:{split}'")
+    with np.load(DEMO_FILE, allow_pickle=False) as f:
+        return ArraySource(f[f"x_{split}"], f[f"y_{split}"], CIFAR10_CLASSES, f"demo:{split}")
+
+
+class SyntheticSource(ImageSource):
+    """Deterministic random images whose colour depends on the class, so features can separate them."""
+
+    def __init__(self, size: int = 256, image_size: int = 32, num_classes: int = 10, seed: int = 0) -> None:
+        self.size, self.image_size, self.seed = size, image_size, seed
+        self.classes = tuple(f"class{c}" for c in range(num_classes))
+        self.name = f"synthetic:{size}"
+        palette = torch.Generator().manual_seed(seed)
+        self.colours = torch.randint(40, 216, (num_classes, 3, 1, 1), generator=palette)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        label = index % len(self.classes)
+        noise = torch.randint(-40, 41, (3, self.image_size, self.image_size), generator=g)
+        return (self.colours[label] + noise).clamp(0, 255).to(torch.uint8), label
+
+
+def _decode(path: str) -> torch.Tensor:
+    # PIL rather than torchvision.io: torchvision deprecates its decoders from 0.29 on, and PIL reads
+    # every format ImageFolder users have
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as err:
+        raise UnreadableImage(f"{path}: {type(err).__name__}: {err}") from err
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+class FolderSource(ImageSource):
+    """ImageFolder layout (one sub-folder per class, labels in sorted folder order) or a flat folder of
+    images (no labels). Files are found recursively inside each class folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.name = root, str(root)
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+        class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+        files: list[str] = []
+        labels: list[int] = []
+        classes: list[str] = []
+        for d in class_dirs:
+            found = _images_under(d.path)
+            if found:
+                labels.extend([len(classes)] * len(found))
+                classes.append(d.name)
+                files.extend(found)
+        if not files:  # flat layout
+            files = [e.path for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+            labels = [-1] * len(files)
+        if not files:
+            raise ValueError(
+                f"no images found under '{root}' (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                "directly inside it or in class sub-folders)"
+            )
+        self.files, self.labels, self.classes = files, np.asarray(labels, dtype=np.int64), tuple(classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.files[index]
+        try:
+            return _decode(path), int(self.labels[index])
+        except OSError as err:
+            raise UnreadableImage(f"{path}: {err}") from err
+
+
+def _images_under(folder: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        found.extend(
+            os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+    return found
+
+
+class Subset(ImageSource):
+    def __init__(self, source: ImageSource, n: int) -> None:
+        self.source, self.n = source, min(n, len(source))
+        self.classes, self.name = source.classes, f"{source.name}[:{self.n}]"
+
+    def __len__(self) -> int:
+        return self.n
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        if index >= self.n:
+            raise IndexError(index)
+        return self.source.load(index)
+
+
+def build_source(spec: str, *, image_size: int = 32, max_images: int | None = None) -> ImageSource:
+    """``demo:train`` | ``demo:val`` | ``synthetic[:N]`` | a folder | .npz file(s), comma-separated and
+    glob patterns allowed (``cifar10/train_part[0-2].npz``)."""
+    spec = str(spec).strip()
+    if spec.startswith("demo:"):
+        source: ImageSource = demo_source(spec.split(":", 1)[1])
+    elif spec == "synthetic" or spec.startswith("synthetic:"):
+        size = spec.split(":", 1)[1] if ":" in spec else "256"
+        if not size.isdigit() or int(size) < 1:
+            raise ValueError(f"'{spec}': expected synthetic:N with N a positive number of images")
+        source = SyntheticSource(int(size), image_size=image_size)
+    else:
+        paths: list[Path] = []
+        for part in (p.strip() for p in spec.split(",") if p.strip()):
+            expanded = sorted(glob.glob(os.path.expanduser(part))) if glob.has_magic(part) else [part]
+            if not expanded or not Path(expanded[0]).exists():
+                raise FileNotFoundError(f"data path '{part}' does not exist")
+            paths.extend(Path(p) for p in expanded)
+        if not paths:
+            raise ValueError("no data path given")
+        if all(p.suffix == ".npz" and p.is_file() for p in paths):
+            source = npz_source(paths)
+        elif len(paths) == 1 and paths[0].is_dir():
+            source = FolderSource(paths[0])
+        else:
+            raise ValueError(f"'{spec}': expected one image folder or one or more .npz files")
+    if max_images is not None:
+        source = Subset(source, max_images)
+    return source

@@ -1,0 +1,55 @@
+"""View transforms on uint8 [C, H, W] tensors (torchvision transforms v2). A method's training views are
+part of its recipe; evaluation uses one deterministic view."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+BICUBIC = InterpolationMode.BICUBIC
+
+
+def to_normalized(data: Any) -> list[Callable]:
+    """uint8 -> float in [0, 1] -> (x - mean) / std."""
+    return [T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(data.mean), std=list(data.std))]
+
+
+def mae_crop(img_size: int, min_scale: float, data: Any) -> T.Compose:
+    """MAE's view: RandomResizedCrop(scale=(min_scale, 1), bicubic), horizontal flip, normalize."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(img_size, scale=(min_scale, 1.0), interpolation=BICUBIC, antialias=True),
+            T.RandomHorizontalFlip(),
+            *to_normalized(data),
+        ]
+    )
+
+
+class Views:
+    """Named pipelines applied to the same image: ``Views(image=...)`` -> {"image": tensor}."""
+
+    def __init__(self, **pipelines: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.pipelines = pipelines
+
+    def __call__(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: pipeline(img) for name, pipeline in self.pipelines.items()}
+
+    def __repr__(self) -> str:
+        return f"Views({', '.join(self.pipelines)})"
+
+
+def eval_view(img_size: int, data: Any) -> Views:
+    """{"image"}: resize the shorter side to img_size / crop_pct, center-crop img_size, normalize."""
+    return Views(
+        image=T.Compose(
+            [
+                T.Resize(int(img_size / data.crop_pct), interpolation=BICUBIC, antialias=True),
+                T.CenterCrop(img_size),
+                *to_normalized(data),
+            ]
+        )
+    )

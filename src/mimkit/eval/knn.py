@@ -1,0 +1,133 @@
+"""k-NN classification on frozen features (the DINO protocol): L2-normalised features, the k most
+similar training images vote with weight exp(similarity / T)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
+from mimkit.data.sources import ImageSource
+from mimkit.train.distributed import DistEnv, all_gather_rows
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    dataset: ViewDataset,
+    env: DistEnv,
+    *,
+    pool: str = "cls",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [N, D] (float32, on the CPU) and labels [N] of every image, in source order; under DDP
+    each rank encodes a shard and all ranks receive everything."""
+    was_training = encoder.training
+    encoder.eval()
+    sampler = EpochSampler(len(dataset), shuffle=False, rank=env.rank, world_size=env.world_size, pad=False)
+    loader = make_loader(
+        dataset,
+        sampler,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        drop_last=False,
+        pin_memory=env.device.type == "cuda",
+    )
+    feats, labels, indices = [], [], []
+    for batch in loader:
+        if "label" not in batch:
+            continue
+        images = batch["image"].to(env.device, non_blocking=True)
+        with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            f = encoder.features(images, pool=pool)
+        feats.append(f.float())
+        labels.append(batch["label"].to(env.device))
+        indices.append(batch["index"].to(env.device))
+    encoder.train(was_training)
+    dim = encoder.embed_dim
+    feats_t = torch.cat(feats) if feats else torch.zeros(0, dim, device=env.device)
+    labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=env.device)
+    index_t = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long, device=env.device)
+    feats_t, labels_t, index_t = (all_gather_rows(t, env) for t in (feats_t, labels_t, index_t))
+    order = torch.argsort(index_t)
+    return feats_t[order].cpu(), labels_t[order].cpu()
+
+
+@torch.no_grad()
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    *,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class scores [Q, C] from a temperature-weighted vote of the k nearest (cosine) training features."""
+    bank = F.normalize(train_feats.float(), dim=1)
+    k = min(k, bank.shape[0])
+    scores = []
+    for start in range(0, query_feats.shape[0], chunk):
+        q = F.normalize(query_feats[start : start + chunk].float(), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(q.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores) if scores else torch.zeros(0, num_classes)
+
+
+def topk_accuracy(
+    scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
+    out = {}
+    for k in ks:
+        if k > scores.shape[1]:
+            continue
+        hit = (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
+        out[f"top{k}"] = round(100.0 * hit, 3)
+    return out
+
+
+def knn_evaluate(
+    encoder: nn.Module,
+    train: ImageSource,
+    val: ImageSource,
+    transform: Any,
+    env: DistEnv,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    pool: str = "cls",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Top-1/top-5 of a k-NN classifier with ``train`` as the memory bank and ``val`` as the queries."""
+    for role, source in (("memory bank", train), ("query set", val)):
+        if not source.has_labels:
+            raise ValueError(
+                f"k-NN needs labels, but the {role} '{source.name}' has none "
+                "(use an ImageFolder layout or .npz files with 'y')"
+            )
+    kwargs = dict(pool=pool, batch_size=batch_size, num_workers=num_workers, autocast_dtype=autocast_dtype)
+    bank, bank_labels = extract_features(encoder, ViewDataset(train, transform), env, **kwargs)
+    queries, query_labels = extract_features(encoder, ViewDataset(val, transform), env, **kwargs)
+    num_classes = max(len(train.classes), len(val.classes), int(bank_labels.max()) + 1)
+    scores = knn_predict(bank, bank_labels, queries, num_classes=num_classes, k=k, temperature=temperature)
+    return {
+        "protocol": "knn",
+        "k": k,
+        "temperature": temperature,
+        "pool": pool,
+        "train": train.name,
+        "val": val.name,
+        "train_images": len(bank),
+        "val_images": len(queries),
+        **topk_accuracy(scores, query_labels),
+    }

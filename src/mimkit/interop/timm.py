@@ -1,0 +1,75 @@
+"""Export an encoder as a safetensors state dict that timm's ViT loads with ``strict=True``, and read
+such an export back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mimkit.checkpoint import load_encoder
+
+
+def export_encoder(checkpoint: str | Path, out: str | Path, weights: str = "student") -> dict:
+    """Write the encoder as a safetensors state dict that the matching timm ViT loads with strict=True;
+    the metadata holds the timm name and arguments."""
+    from safetensors.torch import save_file
+
+    encoder, info = load_encoder(checkpoint, weights)
+    spec = encoder.timm_spec()
+    state = {k: v.detach().contiguous().clone() for k, v in encoder.state_dict().items()}
+    meta = {
+        "format": "mimkit-encoder",
+        "timm_model": spec["model_name"],
+        "timm_kwargs": json.dumps(spec["kwargs"]),
+        "method": info["method"],
+        "weights": weights,
+        "img_size": str(info["img_size"]),
+        "mean": json.dumps(info["mean"]),
+        "std": json.dumps(info["std"]),
+        "crop_pct": str(info["crop_pct"]),
+        "arch": encoder.arch,
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata=meta)
+    return {"path": str(out), **spec}
+
+
+def load_export(path: Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from mimkit.models.vit import ViTEncoder
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "mimkit-encoder":
+        raise ValueError(f"{path}: not a mimkit encoder export (no 'format: mimkit-encoder' metadata)")
+    kwargs = json.loads(meta["timm_kwargs"])
+    state = load_file(str(path))
+    encoder = ViTEncoder(
+        arch=meta.get("arch", "vit_base"),
+        img_size=int(meta["img_size"]),
+        patch_size=state["patch_embed.proj.weight"].shape[-1],
+        embed_dim=state["cls_token"].shape[-1],
+        depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
+        num_heads=kwargs.get("num_heads") or _arch_heads(meta.get("arch", "vit_base")),
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / state["cls_token"].shape[-1],
+    )
+    encoder.load_state_dict(state)
+    info = {
+        "method": meta.get("method"),
+        "img_size": int(meta["img_size"]),
+        "mean": json.loads(meta["mean"]),
+        "std": json.loads(meta["std"]),
+        "crop_pct": float(meta.get("crop_pct", 0.875)),
+        "weights": meta.get("weights"),
+        "step": None,
+    }
+    return encoder, info
+
+
+def _arch_heads(arch: str) -> int:
+    from mimkit.models.vit import ARCHS
+
+    return ARCHS[arch].num_heads

@@ -1,0 +1,67 @@
+"""Which tokens an encoder sees. Pure functions of explicit noise (or a generator), so any mask can be
+reproduced exactly: tests fix it, parity checks feed the reference's noise, resume replays it.
+
+Convention (MAE reference): ``noise ~ U[0, 1)`` per patch, ``ids_shuffle = argsort(noise)`` (ascending,
+small noise = kept), the first ``int(L * (1 - r))`` shuffled ids are visible, and the binary ``mask`` is in
+the original patch order with 0 = kept, 1 = removed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Mask(NamedTuple):
+    ids_keep: torch.Tensor  # [N, K] visible patch ids, in shuffled (random) order
+    ids_restore: torch.Tensor  # [N, L] position of each patch in the shuffled order
+    mask: torch.Tensor  # [N, L] float, original patch order, 0 = kept, 1 = removed
+    ids_shuffle: torch.Tensor  # [N, L] argsort of the noise
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """Visible patches per sample: floor, as the reference (196 patches at 0.75 keep 49)."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    return int(num_patches * (1 - mask_ratio))
+
+
+def uniform_noise(
+    batch: int,
+    num_patches: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    if generator is not None:
+        device = generator.device
+    return torch.rand(batch, num_patches, generator=generator, device=device)
+
+
+def random_masking(
+    batch: int,
+    num_patches: int,
+    mask_ratio: float,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Mask:
+    """Per-sample uniform random masking with the reference's convention (see the module docstring)."""
+    if noise is None:
+        noise = uniform_noise(batch, num_patches, generator=generator, device=device)
+    elif noise.shape != (batch, num_patches):
+        raise ValueError(f"noise must have shape {(batch, num_patches)}, got {tuple(noise.shape)}")
+    keep = num_visible(num_patches, mask_ratio)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(batch, num_patches, device=noise.device)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return Mask(ids_shuffle[:, :keep], ids_restore, mask, ids_shuffle)
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x[n, ids[n, k]] for a [N, L, C] tensor and [N, K] ids."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -1,0 +1,27 @@
+"""The methods, by name. A method is one file that says what is different about it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mimkit.methods.base import Method, StepOutput, encoder_from_config
+from mimkit.methods.mae import MAE, MAEConfig, mae_loss
+
+METHODS: dict[str, type[Method]] = {MAE.name: MAE}
+
+
+def build_method(cfg: Any) -> Method:
+    """The method named by ``cfg.method.name``, with its encoder built from ``cfg.model``."""
+    return METHODS[cfg.method.name].build(cfg.model, cfg.method)
+
+
+__all__ = [
+    "MAE",
+    "METHODS",
+    "MAEConfig",
+    "Method",
+    "StepOutput",
+    "build_method",
+    "encoder_from_config",
+    "mae_loss",
+]

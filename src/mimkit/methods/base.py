@@ -1,0 +1,64 @@
+"""What every method shares: a step returns a loss and metrics; an EMA teacher, if any, moves after the
+optimizer step; the encoder is what evaluation and export use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from mimkit.models.vit import ViTEncoder, build_encoder
+
+
+class StepOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, what backward() takes
+    metrics: dict[str, torch.Tensor]  # detached scalars, logged every log step (no host sync per step)
+
+
+class Method(nn.Module):
+    """A ViT encoder + a way to pick visible tokens + a target + a loss."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    encoder: ViTEncoder
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        raise NotImplementedError
+
+    def after_step(self, progress: float) -> None:
+        """Called after every optimizer step with the fraction of training done; EMA teachers move here."""
+
+    def train_transform(self, data: Any) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+        """The training views: from a uint8 [C, H, W] image to the batch entries forward() reads."""
+        raise NotImplementedError
+
+    def export_encoder(self, weights: str = "student") -> ViTEncoder:
+        """The encoder that evaluation and export use; methods with a teacher also offer 'teacher'."""
+        if weights != "student":
+            raise ValueError(f"method '{self.name}' has no '{weights}' weights; it has: student")
+        return self.encoder
+
+    def no_weight_decay_names(self, decay_tokens: bool) -> set[str]:
+        """Full names of parameters excluded from weight decay beyond 1-D tensors and biases."""
+        if decay_tokens:
+            return set()
+        return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in {"cls_token", "mask_token"}}
+
+    @classmethod
+    def build(cls, model_cfg: Any, method_cfg: Any) -> Method:
+        return cls(encoder_from_config(model_cfg), method_cfg)
+
+
+def encoder_from_config(model_cfg: Any) -> ViTEncoder:
+    return build_encoder(
+        model_cfg.arch,
+        img_size=model_cfg.img_size,
+        patch_size=model_cfg.patch_size,
+        embed_dim=model_cfg.embed_dim,
+        depth=model_cfg.depth,
+        num_heads=model_cfg.num_heads,
+        mlp_ratio=model_cfg.mlp_ratio,
+        drop_path_rate=model_cfg.drop_path,
+    )

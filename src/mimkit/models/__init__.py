@@ -1,0 +1,17 @@
+"""Encoders, decoders and position tables."""
+
+from mimkit.models.decoders import MAEDecoder
+from mimkit.models.pos_embed import resample_pos_embed, sincos_2d
+from mimkit.models.vit import ARCHS, ViTEncoder, build_encoder, mae_init_, patchify, unpatchify
+
+__all__ = [
+    "ARCHS",
+    "MAEDecoder",
+    "ViTEncoder",
+    "build_encoder",
+    "mae_init_",
+    "patchify",
+    "resample_pos_embed",
+    "sincos_2d",
+    "unpatchify",
+]

@@ -1,0 +1,118 @@
+"""`mimkit pretrain`: build the method and data from a config, train, and end with a k-NN accuracy."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimkit.configs import Config, to_yaml
+from mimkit.data.loader import ViewDataset
+from mimkit.data.sources import build_source
+from mimkit.data.transforms import eval_view
+from mimkit.eval.knn import knn_evaluate
+from mimkit.methods import build_method
+from mimkit.train.distributed import DistEnv, barrier, init_distributed
+from mimkit.train.engine import Trainer
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.out or f"runs/{cfg.recipe or cfg.method.name}")
+
+
+def find_resume(cfg: Config, out: Path) -> Path | None:
+    if cfg.run.resume == "none":
+        return None
+    if cfg.run.resume == "auto":
+        last = out / "last.pt"
+        return last if last.is_file() else None
+    path = Path(cfg.run.resume)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"run.resume: checkpoint '{path}' does not exist")
+    return path
+
+
+def autocast_dtype(trainer: Trainer) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.precision)
+
+
+def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
+    env = env or init_distributed(cfg.run.device)
+    out = run_dir(cfg)
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    method = build_method(cfg)
+    torch.manual_seed(cfg.run.seed + env.rank)  # masks differ across ranks
+    source = build_source(cfg.data.train, image_size=cfg.model.img_size, max_images=cfg.data.max_images)
+    dataset = ViewDataset(source, method.train_transform(cfg.data), seed=cfg.run.seed)
+    trainer = Trainer(method, cfg, env, out)
+    resume_from = find_resume(cfg, out)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        params = sum(p.numel() for p in method.parameters() if p.requires_grad)
+        print(to_yaml(cfg), file=sys.stderr)
+        print(
+            f"mimkit: {cfg.method.name} on {source.name} ({len(source)} images), "
+            f"{params / 1e6:.2f}M trainable "
+            f"parameters, {env.world_size} x {env.device}, {trainer.precision}, effective batch "
+            f"{trainer.eff_batch}, lr {trainer.base_lr:.3g}; writing to {out}",
+            file=sys.stderr,
+        )
+    if resume_from is not None:
+        trainer.resume(resume_from)
+        if env.is_main:
+            print(
+                f"mimkit: resumed {resume_from} at epoch {trainer.epoch}, step {trainer.step}",
+                file=sys.stderr,
+            )
+    summary: dict[str, Any] = {"method": cfg.method.name, "run": str(out)}
+    knn_on = cfg.eval.knn and cfg.eval.val
+    if knn_on and cfg.eval.baseline and trainer.step == 0:
+        summary["knn_at_init"] = knn_from_config(method.encoder, cfg, env, autocast_dtype(trainer))
+    periodic = None
+    if knn_on and cfg.eval.every_epochs > 0:
+
+        def periodic(epoch: int) -> dict[str, float]:
+            if epoch % cfg.eval.every_epochs or epoch == cfg.optim.epochs:
+                return {}
+            result = knn_from_config(method.encoder, cfg, env, autocast_dtype(trainer))
+            return {"knn_top1": result["top1"]}
+
+    summary.update(trainer.fit(dataset, periodic))
+    if summary["skipped_images"] and env.is_main:
+        print(
+            f"warning: {summary['skipped_images']} unreadable images were skipped (listed above)",
+            file=sys.stderr,
+        )
+    if knn_on and not summary["stopped_early"]:
+        summary["knn"] = knn_from_config(method.encoder, cfg, env, autocast_dtype(trainer))
+    if env.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    barrier(env)
+    return summary
+
+
+def knn_from_config(
+    encoder: torch.nn.Module, cfg: Config, env: DistEnv, dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    size = cfg.model.img_size
+    train = build_source(cfg.eval.train or cfg.data.train, image_size=size, max_images=cfg.data.max_images)
+    val = build_source(cfg.eval.val, image_size=size)
+    return knn_evaluate(
+        encoder,
+        train,
+        val,
+        eval_view(size, cfg.data),
+        env,
+        k=cfg.eval.k,
+        temperature=cfg.eval.temperature,
+        pool=cfg.eval.pool,
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.data.num_workers,
+        autocast_dtype=dtype,
+    )

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimkit.configs import Config, build_config
+
+torch.set_num_threads(2)
+
+TINY = [
+    "model.arch=vit_tiny",
+    "model.img_size=16",
+    "model.patch_size=4",
+    "model.embed_dim=64",
+    "model.depth=2",
+    "model.num_heads=2",
+    "method.decoder_embed_dim=32",
+    "method.decoder_depth=1",
+    "method.decoder_num_heads=2",
+    "data.train=synthetic:64",
+    "data.num_workers=0",
+    "data.crop_pct=1.0",
+    "optim.epochs=2",
+    "optim.warmup_epochs=1",
+    "optim.batch_size=8",
+    "optim.lr=1e-3",
+    "run.progress=false",
+    "run.log_every=2",
+    "eval.knn=false",
+]
+
+
+def tiny_config(out: Path | str, *overrides: str) -> Config:
+    """A depth-2, width-64 MAE on 16 px synthetic images: a few seconds per epoch on a CPU."""
+    return build_config(None, [*TINY, f"run.out={out}", *overrides])
+
+
+@pytest.fixture
+def tiny(tmp_path: Path):
+    def make(*overrides: str, out: str = "run") -> Config:
+        return tiny_config(tmp_path / out, *overrides)
+
+    return make

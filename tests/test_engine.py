@@ -1,0 +1,147 @@
+import math
+
+import pytest
+import torch
+
+from mimkit import checkpoint
+from mimkit.methods import build_method
+from mimkit.train.distributed import init_distributed
+from mimkit.train.engine import NonFiniteLoss, Trainer
+from mimkit.train.optim import build_optimizer, lr_at, param_groups, resolve_lr
+from mimkit.train.pretrain import pretrain
+
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_epochs=4, epochs=20)
+    assert lr_at(0, **kw) == 0.0
+    assert lr_at(2, **kw) == pytest.approx(0.5)
+    assert lr_at(4, **kw) == pytest.approx(1.0)
+    assert lr_at(12, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(20, **kw) == pytest.approx(0.1)
+    assert lr_at(1, **kw, warmup_from=0.1) == pytest.approx(0.1 + 0.9 / 4)
+
+
+def test_lr_rules(tiny):
+    cfg = tiny("optim.lr=null", "optim.blr=1.5e-4")
+    assert resolve_lr(cfg.optim, 4096) == pytest.approx(2.4e-3)
+    assert resolve_lr(cfg.optim, 256) == pytest.approx(1.5e-4)
+    cfg = tiny("optim.lr=null", "optim.blr=1.5e-4", "optim.lr_rule=sqrt")
+    assert resolve_lr(cfg.optim, 4096) == pytest.approx(2.4e-3)  # equal to linear at the reference batch
+    assert resolve_lr(cfg.optim, 1024) == pytest.approx(1.5e-4 * 1024**0.5 / 4)
+    cfg = tiny("optim.lr=null", "optim.blr=1e-3", "optim.lr_rule=sqrt", "optim.lr_ref_batch=1024")
+    assert resolve_lr(cfg.optim, 256) == pytest.approx(1e-3 * 256**0.5 / 8)
+
+
+def _group_names(module, groups):
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [{names[id(p)] for p in g["params"]} for g in groups]
+
+
+def test_weight_decay_groups(tiny):
+    method = build_method(tiny())
+    opt = build_optimizer(method, tiny().optim, 1e-3, torch.device("cpu"))
+    decay = {
+        n
+        for g, names in zip(opt.param_groups, _group_names(method, opt.param_groups), strict=True)
+        if g["weight_decay"] > 0
+        for n in names
+    }
+    no_decay = {
+        n
+        for g, names in zip(opt.param_groups, _group_names(method, opt.param_groups), strict=True)
+        if g["weight_decay"] == 0
+        for n in names
+    }
+    assert "encoder.blocks.0.attn.qkv.weight" in decay and "decoder.pred.weight" in decay
+    for name in (
+        "encoder.blocks.0.norm1.weight",
+        "encoder.blocks.0.attn.qkv.bias",
+        "encoder.cls_token",
+        "decoder.mask_token",
+        "encoder.norm.bias",
+    ):
+        assert name in no_decay
+    everything = decay | no_decay
+    assert "encoder.pos_embed" not in everything and "decoder.pos_embed" not in everything  # frozen
+    # the paper recipes decay the 3-D tokens, as the reference code does
+    groups = param_groups(method, 0.05, method.no_weight_decay_names(decay_tokens=True))
+    decayed = {
+        n
+        for g, names in zip(groups, _group_names(method, groups), strict=True)
+        if g["weight_decay"]
+        for n in names
+    }
+    assert {"encoder.cls_token", "decoder.mask_token"} <= decayed
+
+
+def _weights(run_dir):
+    return checkpoint.load(run_dir / "last.pt")["model"]
+
+
+def test_resume_after_an_epoch_gives_the_same_weights(tiny, tmp_path):
+    pretrain(tiny(out="straight"))
+    steps_per_epoch = 64 // 8
+    first = pretrain(tiny(f"run.stop_at_step={steps_per_epoch}", out="resumed"))
+    assert first["stopped_early"] and first["steps"] == steps_per_epoch
+    second = pretrain(tiny(out="resumed"))  # run.resume=auto picks up last.pt
+    assert second["steps"] == 2 * steps_per_epoch
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_in_the_middle_of_an_epoch_with_workers(tiny, tmp_path):
+    pretrain(tiny("optim.epochs=1", "optim.warmup_epochs=0", "optim.accum_iter=2", out="straight"))
+    pretrain(
+        tiny(
+            "optim.epochs=1",
+            "optim.warmup_epochs=0",
+            "optim.accum_iter=2",
+            "run.stop_at_step=3",
+            "data.num_workers=2",
+            out="resumed",
+        )
+    )
+    pretrain(tiny("optim.epochs=1", "optim.warmup_epochs=0", "optim.accum_iter=2", out="resumed"))
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_refuses_a_different_model(tiny):
+    pretrain(tiny("run.stop_at_step=1"))
+    with pytest.raises(ValueError, match=r"model.depth: 2 -> 3"):
+        pretrain(tiny("model.depth=3"))
+
+
+class Exploding(torch.nn.Module):
+    def __init__(self, method, at_step):
+        super().__init__()
+        self.method, self.calls, self.at = method, 0, at_step
+        self.encoder = method.encoder
+
+    def forward(self, batch):
+        out = self.method(batch)
+        self.calls += 1
+        if self.calls == self.at:
+            return type(out)(out.loss * float("nan"), out.metrics)
+        return out
+
+
+def test_nan_loss_stops_with_the_step_and_a_checkpoint(tiny, tmp_path):
+    from mimkit.data import ViewDataset, build_source
+
+    cfg = tiny()
+    method = build_method(cfg)
+    module = Exploding(method, at_step=3)
+    trainer = Trainer(module, cfg, init_distributed("cpu"), tmp_path / "nan")
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    data = ViewDataset(build_source("synthetic:64", image_size=16), method.train_transform(cfg.data))
+    with pytest.raises(NonFiniteLoss, match=r"step 3 .*last\.pt"):
+        trainer.fit(data)
+    saved = checkpoint.load(tmp_path / "nan" / "last.pt")
+    assert saved["step"] == 2 and saved["iter"] == 2
+    # the saved weights are those after step 2, untouched by the NaN
+    assert any(not torch.equal(before[k], saved["model"][f"method.{k}"]) for k in before)
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
