@@ -114,3 +114,11 @@ def _data():
     from mimkit.configs import DataConfig
 
     return DataConfig(crop_pct=1.0)
+
+
+def test_a_batch_with_no_readable_image_is_an_error(tiny, tmp_path):
+    paths = write_images(tmp_path / "imgs", 8)
+    for path in paths:
+        path.write_bytes(b"broken")
+    with pytest.raises(ValueError, match=r"every image of a batch was unreadable; the first: .*img"):
+        pretrain(tiny(f"data.train={tmp_path / 'imgs'}", "optim.epochs=1", "optim.warmup_epochs=0"))

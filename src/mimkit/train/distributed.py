@@ -64,6 +64,15 @@ def broadcast_flag(flag: bool, env: DistEnv) -> bool:
     return bool(box[0])
 
 
+def any_rank(flag: torch.Tensor, env: DistEnv) -> bool:
+    """True on every rank if a boolean tensor is true on any rank (so that all ranks stop together)."""
+    if not env.enabled:
+        return bool(flag)
+    value = flag.to(torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
+
+
 def gather_objects(obj: object, env: DistEnv) -> list[object]:
     if not env.enabled:
         return [obj]

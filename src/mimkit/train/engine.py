@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mimkit import checkpoint
 from mimkit.configs import Config, diff, to_dict
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
-from mimkit.train.distributed import DistEnv, all_gather_rows, broadcast_flag, gather_objects
+from mimkit.train.distributed import DistEnv, all_gather_rows, any_rank, broadcast_flag, gather_objects
 from mimkit.train.log import RunLogger
 from mimkit.train.optim import build_optimizer, effective_batch, lr_at, resolve_lr
 
@@ -93,7 +93,7 @@ class Trainer:
 
     def optimizer_step(self, progress: float) -> None:
         """Apply the accumulated gradients; stop the run (with a checkpoint) if any loss was not finite."""
-        if bool(self._nonfinite):  # one host sync per optimizer step, before the weights can be spoiled
+        if any_rank(self._nonfinite, self.env):  # one host sync per step, before the weights are spoiled
             self.iter -= self.cfg.optim.accum_iter  # resume at the start of this accumulation cycle
             self.optimizer.zero_grad(set_to_none=True)
             path = self.save()
@@ -172,8 +172,7 @@ class Trainer:
         if iters < accum:
             raise ValueError(
                 f"data.train has {len(dataset)} images: {sampler.per_rank} per device, fewer than one "
-                f"optimizer "
-                f"step of {accum} x {bs}; lower optim.batch_size or optim.accum_iter"
+                f"optimizer step of {accum} x {bs}; lower optim.batch_size or optim.accum_iter"
             )
         loader = make_loader(
             dataset,
@@ -210,18 +209,13 @@ class Trainer:
                 # references: their gradients are cleared here
                 self.optimizer.zero_grad(set_to_none=True)
                 for batch in loader:
-                    skipped = batch.pop("skipped")
-                    if skipped:
-                        self.skipped += len(skipped)
-                        for message in skipped:
-                            print(f"warning: skipped unreadable image {message}", file=sys.stderr, flush=True)
+                    self._report_skipped(batch)
                     it = self.epoch * iters + self.iter
                     if self.iter % accum == 0:
                         self.set_lr(lr_at(it / iters, **schedule))
                     boundary = (self.iter + 1) % accum == 0
-                    if "label" in batch:  # at least one readable image
-                        self.micro_step(to_device(batch, env.device), boundary=boundary)
-                        window_images += len(batch["label"]) * env.world_size
+                    self.micro_step(to_device(batch, env.device), boundary=boundary)
+                    window_images += len(batch["label"]) * env.world_size
                     self.iter += 1
                     log.advance()
                     if not boundary:
@@ -268,6 +262,16 @@ class Trainer:
         if env.enabled:
             summary["ranks_in_sync"] = self.ranks_in_sync()
         return summary
+
+    def _report_skipped(self, batch: dict[str, Any]) -> None:
+        """Unreadable images are named and counted; a batch with none left is an error (the ranks of a
+        DDP run must step together, and a folder of broken files should not train silently)."""
+        skipped = batch.pop("skipped")
+        self.skipped += len(skipped)
+        for message in skipped:
+            print(f"warning: skipped unreadable image {message}", file=sys.stderr, flush=True)
+        if "label" not in batch:
+            raise ValueError(f"every image of a batch was unreadable; the first: {skipped[0]}")
 
     @torch.no_grad()
     def ranks_in_sync(self) -> bool:

@@ -24,6 +24,7 @@ class RunLogger:
         tensorboard: bool = True,
     ) -> None:
         self.enabled = enabled
+        self.total, self.done, self.started, self.start_done = total, initial, time.monotonic(), initial
         self.bar = None
         self.writer = None
         self.jsonl = None
@@ -44,6 +45,7 @@ class RunLogger:
             )
 
     def advance(self, n: int = 1) -> None:
+        self.done += n
         if self.bar is not None:
             self.bar.update(n)
 
@@ -61,15 +63,11 @@ class RunLogger:
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
         else:  # no terminal: one line per logged step instead of a bar
             text = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
-            print(f"step {step} epoch {epoch:.2f} {text}", file=sys.stderr, flush=True)
+            print(f"step {step} epoch {epoch:.2f} {text} eta {self.eta()}", file=sys.stderr, flush=True)
 
-    def print(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None and not self.bar.disable:
-            self.bar.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr, flush=True)
+    def eta(self) -> str:
+        rate = (self.done - self.start_done) / max(time.monotonic() - self.started, 1e-9)
+        return tqdm.format_interval((self.total - self.done) / rate) if rate > 0 else "?"
 
     def close(self) -> None:
         if self.bar is not None:
