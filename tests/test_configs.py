@@ -65,3 +65,12 @@ def test_imagenet_recipe_has_the_papers_values():
     )
     assert (cfg.optim.warmup_epochs, cfg.method.mask_ratio, cfg.method.norm_pix_loss) == (40, 0.75, True)
     assert cfg.optim.epochs in (800, 1600) and cfg.optim.betas == (0.9, 0.95)
+
+
+def test_sections_and_shapes_are_checked():
+    with pytest.raises(ConfigError, match=r"'model' is a section; set its keys, e.g. model.arch=\.\.\."):
+        build_config(None, ["model=3"])
+    with pytest.raises(ConfigError, match=r"bad value for 'optim.betas' \(\[0.9\]\): .*length 1"):
+        build_config(None, ["optim.betas=[0.9]"])
+    with pytest.raises(ConfigError, match=r"'model.arch' is a value, not a section"):
+        build_config(None, ["model.arch.x=1"])

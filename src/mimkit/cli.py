@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mimkit.train.distributed import cleanup
     from mimkit.train.engine import NonFiniteLoss
 
     try:
@@ -169,3 +170,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mimkit: interrupted; resume with --resume auto", file=sys.stderr)
         return 130
+    finally:
+        cleanup()

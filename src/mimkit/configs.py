@@ -155,14 +155,18 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def _check_keys(tree: dict, schema: Config, origin: str) -> None:
     valid = _valid_keys(schema)
+    leaves = [k for k in valid if not dataclasses.is_dataclass(_get(schema, k))]
     for key in _flatten(tree):
         if key in valid:
+            if dataclasses.is_dataclass(_get(schema, key)):
+                example = next(k for k in leaves if k.startswith(f"{key}."))
+                raise ConfigError(f"{origin}: '{key}' is a section; set its keys, e.g. {example}=...")
             continue
         # a section given a scalar, or a leaf given a dict
         parent = key.rsplit(".", 1)[0] if "." in key else None
         if parent in valid and not dataclasses.is_dataclass(_get(schema, parent)):
             raise ConfigError(f"{origin}: '{parent}' is a value, not a section (got '{key}')")
-        near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+        near = difflib.get_close_matches(key, leaves, n=1, cutoff=0.5)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise ConfigError(f"{origin}: unknown config key '{key}'{hint}")
 
@@ -238,13 +242,31 @@ def build_config(
         merged = OmegaConf.merge(OmegaConf.structured(schema), base, extra)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(
-            f"{origin if key in _flatten(base) else 'overrides'}: bad value for '{key}': "
-            f"{getattr(err, 'msg', err)}"
-        ) from err
+        given = {**_flatten(base), **_flatten(extra)}
+        key = getattr(err, "full_key", None) or _offending_key(given, schema)
+        where = "overrides" if key in _flatten(extra) else origin
+        reason = str(getattr(err, "msg", None) or err).splitlines()[0]
+        raise ConfigError(f"{where}: bad value for '{key}' ({given.get(key)!r}): {reason}") from err
     validate(cfg)
     return cfg
+
+
+def _offending_key(given: dict[str, Any], schema: Config) -> str:
+    """The first given key that does not merge on its own (OmegaConf does not always say which)."""
+    from omegaconf import OmegaConf
+
+    for key, value in given.items():
+        tree: dict[str, Any] = {}
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        try:
+            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), tree))
+        except Exception:
+            return key
+    return "?"
 
 
 def validate(cfg: Config) -> None:

@@ -27,7 +27,7 @@ def export_encoder(checkpoint: str | Path, out: str | Path, weights: str = "stud
         "mean": json.dumps(info["mean"]),
         "std": json.dumps(info["std"]),
         "crop_pct": str(info["crop_pct"]),
-        "arch": encoder.arch,
+        "encoder": json.dumps(encoder.spec),
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -35,7 +35,8 @@ def export_encoder(checkpoint: str | Path, out: str | Path, weights: str = "stud
     return {"path": str(out), **spec}
 
 
-def load_export(path: Path):
+def load_export(path: Path) -> tuple:
+    """The encoder of a mimkit export and what an evaluation needs (image size, normalisation)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -45,17 +46,8 @@ def load_export(path: Path):
         meta = f.metadata() or {}
     if meta.get("format") != "mimkit-encoder":
         raise ValueError(f"{path}: not a mimkit encoder export (no 'format: mimkit-encoder' metadata)")
-    kwargs = json.loads(meta["timm_kwargs"])
+    encoder = ViTEncoder(**json.loads(meta["encoder"]))
     state = load_file(str(path))
-    encoder = ViTEncoder(
-        arch=meta.get("arch", "vit_base"),
-        img_size=int(meta["img_size"]),
-        patch_size=state["patch_embed.proj.weight"].shape[-1],
-        embed_dim=state["cls_token"].shape[-1],
-        depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
-        num_heads=kwargs.get("num_heads") or _arch_heads(meta.get("arch", "vit_base")),
-        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / state["cls_token"].shape[-1],
-    )
     encoder.load_state_dict(state)
     info = {
         "method": meta.get("method"),
@@ -67,9 +59,3 @@ def load_export(path: Path):
         "step": None,
     }
     return encoder, info
-
-
-def _arch_heads(arch: str) -> int:
-    from mimkit.models.vit import ARCHS
-
-    return ARCHS[arch].num_heads

@@ -104,6 +104,16 @@ class ViTEncoder(VisionTransformer):
             norm_layer=LayerNorm6,
         )
         self.arch = arch
+        # the arguments that rebuild this encoder (saved with exports)
+        self.spec = {
+            "arch": arch,
+            "img_size": img_size,
+            "patch_size": patch_size,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": mlp_ratio,
+        }
         self.pos_embed.requires_grad_(False)
         self.reset_parameters()
 
@@ -160,16 +170,7 @@ class ViTEncoder(VisionTransformer):
 
     def timm_spec(self) -> dict[str, Any]:
         """The timm model name and keyword arguments that build a ViT with this encoder's exact keys."""
-        base = ARCHS.get(self.arch, ARCHS["vit_base"])
-        name = base.timm_name(self.arch if self.arch in ARCHS else "vit_base")
-        wanted = {
-            "img_size": self.patch_embed.img_size[0],
-            "patch_size": self.patch_size,
-            "embed_dim": self.embed_dim,
-            "depth": len(self.blocks),
-            "num_heads": self.blocks[0].attn.num_heads,
-            "mlp_ratio": self.blocks[0].mlp.fc1.out_features / self.embed_dim,
-        }
+        base = ARCHS[self.arch]
         defaults = {
             "img_size": 224,
             "patch_size": base.patch_size,
@@ -178,8 +179,8 @@ class ViTEncoder(VisionTransformer):
             "num_heads": base.num_heads,
             "mlp_ratio": 4.0,
         }
-        kwargs = {k: v for k, v in wanted.items() if v != defaults[k]}
-        return {"model_name": name, "kwargs": {"num_classes": 0, **kwargs}}
+        kwargs = {k: v for k, v in self.spec.items() if k in defaults and v != defaults[k]}
+        return {"model_name": base.timm_name(self.arch), "kwargs": {"num_classes": 0, **kwargs}}
 
 
 def build_encoder(
