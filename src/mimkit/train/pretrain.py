@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mimkit.checkpoint import resolve_checkpoint
 from mimkit.configs import Config, to_yaml
 from mimkit.data.loader import ViewDataset
-from mimkit.data.sources import build_source
+from mimkit.data.sources import ImageSource, build_source
 from mimkit.data.transforms import eval_view
 from mimkit.eval.knn import knn_evaluate
 from mimkit.methods import build_method
@@ -29,12 +32,7 @@ def find_resume(cfg: Config, out: Path) -> Path | None:
     if cfg.run.resume == "auto":
         last = out / "last.pt"
         return last if last.is_file() else None
-    path = Path(cfg.run.resume)
-    if path.is_dir():
-        path = path / "last.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"run.resume: checkpoint '{path}' does not exist")
-    return path
+    return resolve_checkpoint(cfg.run.resume)
 
 
 def autocast_dtype(trainer: Trainer) -> torch.dtype | None:
@@ -57,9 +55,8 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
         params = sum(p.numel() for p in method.parameters() if p.requires_grad)
         print(to_yaml(cfg), file=sys.stderr)
         print(
-            f"mimkit: {cfg.method.name} on {source.name} ({len(source)} images), "
-            f"{params / 1e6:.2f}M trainable "
-            f"parameters, {env.world_size} x {env.device}, {trainer.precision}, effective batch "
+            f"mimkit: {cfg.method.name} on {source.name} ({len(source)} images), {params / 1e6:.2f}M "
+            f"trainable parameters, {env.world_size} x {env.device}, {trainer.precision}, effective batch "
             f"{trainer.eff_batch}, lr {trainer.base_lr:.3g}; writing to {out}",
             file=sys.stderr,
         )
@@ -70,18 +67,20 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
                 f"mimkit: resumed {resume_from} at epoch {trainer.epoch}, step {trainer.step}",
                 file=sys.stderr,
             )
+
     summary: dict[str, Any] = {"method": cfg.method.name, "run": str(out)}
-    knn_on = cfg.eval.knn and cfg.eval.val
-    if knn_on and cfg.eval.baseline and trainer.step == 0:
-        summary["knn_at_init"] = knn_from_config(method.encoder, cfg, env, autocast_dtype(trainer))
+    knn = None
+    if cfg.eval.knn and cfg.eval.val:
+        knn = knn_probe(cfg, env, autocast_dtype(trainer), bank=None if cfg.eval.train else source)
+    if knn is not None and cfg.eval.baseline and trainer.step == 0:
+        summary["knn_at_init"] = knn(method.encoder)
     periodic = None
-    if knn_on and cfg.eval.every_epochs > 0:
+    if knn is not None and cfg.eval.every_epochs > 0:
 
         def periodic(epoch: int) -> dict[str, float]:
             if epoch % cfg.eval.every_epochs or epoch == cfg.optim.epochs:
                 return {}
-            result = knn_from_config(method.encoder, cfg, env, autocast_dtype(trainer))
-            return {"knn_top1": result["top1"]}
+            return {"knn_top1": knn(method.encoder)["top1"]}
 
     summary.update(trainer.fit(dataset, periodic))
     if summary["skipped_images"] and env.is_main:
@@ -89,26 +88,29 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
             f"warning: {summary['skipped_images']} unreadable images were skipped (listed above)",
             file=sys.stderr,
         )
-    if knn_on and not summary["stopped_early"]:
-        summary["knn"] = knn_from_config(method.encoder, cfg, env, autocast_dtype(trainer))
+    if knn is not None and not summary["stopped_early"]:
+        summary["knn"] = knn(method.encoder)
     if env.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     barrier(env)
     return summary
 
 
-def knn_from_config(
-    encoder: torch.nn.Module, cfg: Config, env: DistEnv, dtype: torch.dtype | None = None
-) -> dict[str, Any]:
+def knn_probe(
+    cfg: Config, env: DistEnv, dtype: torch.dtype | None = None, bank: ImageSource | None = None
+) -> Callable[[torch.nn.Module], dict[str, Any]]:
+    """k-NN accuracy of an encoder with the config's eval settings; the sources are read once. The memory
+    bank is eval.train, else the training images (pass the training source to avoid reading it twice)."""
     size = cfg.model.img_size
-    train = build_source(cfg.eval.train or cfg.data.train, image_size=size, max_images=cfg.data.max_images)
-    val = build_source(cfg.eval.val, image_size=size)
-    return knn_evaluate(
-        encoder,
-        train,
-        val,
-        eval_view(size, cfg.data),
-        env,
+    if bank is None:
+        bank = build_source(cfg.eval.train or cfg.data.train, image_size=size, max_images=cfg.data.max_images)
+    queries = build_source(cfg.eval.val, image_size=size)
+    return partial(
+        knn_evaluate,
+        train=bank,
+        val=queries,
+        transform=eval_view(size, cfg.data),
+        env=env,
         k=cfg.eval.k,
         temperature=cfg.eval.temperature,
         pool=cfg.eval.pool,
