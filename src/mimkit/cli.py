@@ -41,6 +41,7 @@ def _knn(args: argparse.Namespace) -> int:
     import torch
 
     from mimkit.checkpoint import load_encoder
+    from mimkit.configs import EvalConfig
     from mimkit.data.sources import build_source
     from mimkit.data.transforms import eval_view
     from mimkit.eval.knn import knn_evaluate
@@ -57,6 +58,10 @@ def _knn(args: argparse.Namespace) -> int:
             "mimkit knn needs --train (memory bank) and --val (queries); this checkpoint's config "
             "names no default for them"
         )
+    settings = cfg.eval if cfg else EvalConfig()
+    k = args.k or settings.k
+    temperature = args.temperature or settings.temperature
+    pool = args.pool or settings.pool
     size = info["img_size"]
     data = SimpleNamespace(mean=info["mean"], std=info["std"], crop_pct=info["crop_pct"])
     dtype = torch.bfloat16 if env.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
@@ -66,9 +71,9 @@ def _knn(args: argparse.Namespace) -> int:
         build_source(val, image_size=size),
         eval_view(size, data),
         env,
-        k=args.k,
-        temperature=args.temperature,
-        pool=args.pool,
+        k=k,
+        temperature=temperature,
+        pool=pool,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         autocast_dtype=dtype,
@@ -134,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="memory bank source (default: the run's training data)")
     p.add_argument("--val", help="query source (default: the run's eval.val)")
     p.add_argument("--weights", default="student", help="student | teacher (methods with an EMA teacher)")
-    p.add_argument("--pool", default="cls", choices=("cls", "mean"))
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--pool", choices=("cls", "mean"), help="default: the run's eval.pool, else cls")
+    p.add_argument("--k", type=int, help="default: the run's eval.k, else 20")
+    p.add_argument("--temperature", type=float, help="default: the run's eval.temperature, else 0.07")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--device", default="auto")
