@@ -74,3 +74,30 @@ def test_sections_and_shapes_are_checked():
         build_config(None, ["optim.betas=[0.9]"])
     with pytest.raises(ConfigError, match=r"'model.arch' is a value, not a section"):
         build_config(None, ["model.arch.x=1"])
+
+
+def test_lut_imagenet_recipe_is_the_documented_command():
+    from mimkit.train.optim import effective_batch, resolve_lr
+
+    cfg = build_config("lut_vit_base_imagenet")
+    m = cfg.method
+    assert (m.name, m.w_bc, m.ema_momentum, m.head_depth, m.pred_depth, m.head_hidden_dim) == (
+        "lut",
+        0.25,
+        0.996,
+        2,
+        2,
+        4096,
+    )
+    assert (m.head_norm, m.head_act, m.norm_pix_loss, cfg.optim.epochs) == ("bn", "relu", True, 1600)
+    assert effective_batch(cfg.optim, world_size=8) == 4096
+    assert resolve_lr(cfg.optim, 4096) == pytest.approx(2.4e-3)  # sqrt and linear rules agree here
+    lut, mae = build_config("lut_cifar10"), build_config("mae_cifar10")
+    assert (lut.model, lut.optim, lut.data, lut.eval) == (mae.model, mae.optim, mae.data, mae.eval)
+
+
+def test_lut_refuses_settings_it_would_ignore():
+    with pytest.raises(ConfigError, match=r"min_crop_scale.*simple random crop"):
+        build_config(None, ["method=lut", "method.min_crop_scale=0.5"])
+    with pytest.raises(ConfigError, match=r"mask_ratio.*>= 0.5"):
+        build_config(None, ["method=lut", "method.mask_ratio=0.4"])

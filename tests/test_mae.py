@@ -93,3 +93,16 @@ def test_loss_falls_on_a_small_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_forward_equals_an_independent_implementation_of_the_reference():
+    from mimkit.interop import to_official
+    from tests import reference
+
+    model = tiny_mae()
+    imgs = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(6))
+    expected = reference.mae_forward_loss(
+        to_official(model)["model"], imgs, noise, mask_ratio=0.75, norm_pix=True, heads=2, decoder_heads=2
+    )
+    torch.testing.assert_close(model({"image": imgs}, noise=noise).loss, expected, rtol=1e-5, atol=1e-6)

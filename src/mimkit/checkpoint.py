@@ -71,9 +71,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_encoder(path: str | Path, weights: str = "student"):
-    """An encoder from a mimkit run (folder or .pt) or a mimkit safetensors export, and the settings an
-    evaluation needs (image size, normalisation). Returns (encoder, info dict)."""
+    """An encoder from a mimkit run (folder or .pt), a mimkit safetensors export or an official MAE / LUT
+    checkpoint, and the settings an evaluation needs (image size, normalisation). Returns (encoder, info)."""
     from mimkit.configs import build_config
+    from mimkit.interop.official import official_method, read
     from mimkit.methods import build_method
 
     path = resolve_checkpoint(path)
@@ -81,15 +82,13 @@ def load_encoder(path: str | Path, weights: str = "student"):
         from mimkit.interop.timm import load_export
 
         return load_export(path)
-    ckpt = load(path)
-    if "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(
-            f"{path}: not a mimkit checkpoint (expected 'config' and 'model'; found {sorted(ckpt)})"
-        )
-    cfg = build_config(ckpt["config"])
-    method = build_method(cfg)
-    method.load_state_dict(ckpt["model"])
-    encoder = method.export_encoder(weights)
+    ckpt = read(path)
+    if "config" in ckpt and "model" in ckpt:
+        cfg = build_config(ckpt["config"])
+        method = build_method(cfg)
+        method.load_state_dict(ckpt["model"])
+    else:
+        method, cfg = official_method(ckpt, source=path)
     info = {
         "method": cfg.method.name,
         "img_size": cfg.model.img_size,
@@ -100,4 +99,4 @@ def load_encoder(path: str | Path, weights: str = "student"):
         "weights": weights,
         "config": cfg,
     }
-    return encoder, info
+    return method.export_encoder(weights), info

@@ -213,8 +213,12 @@ def build_config(
         bad = [o for o in overrides or [] if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad[0]!r}")
+        # "method=lut" names the method; as a dotted key it would clash with method.* overrides
+        overrides = [
+            f"method.name={o.split('=', 1)[1]}" if o.startswith("method=") else o for o in overrides or []
+        ]
         try:
-            extra = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides or [])))
+            extra = OmegaConf.to_container(OmegaConf.from_dotlist(overrides))
         except OmegaConfBaseException as err:
             raise ConfigError(f"overrides: {err}") from err
     base, extra = _normalise_method(base), _normalise_method(extra)
@@ -296,7 +300,10 @@ def validate(cfg: Config) -> None:
     if not 0 < cfg.data.crop_pct <= 1:
         raise ConfigError(f"'data.crop_pct' must lie in (0, 1]; got {cfg.data.crop_pct}")
     if hasattr(cfg.method, "validate"):
-        cfg.method.validate()
+        try:
+            cfg.method.validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
 
 def to_dict(cfg: Config) -> dict:

@@ -62,6 +62,25 @@ def random_masking(
     return Mask(ids_shuffle[:, :keep], ids_restore, mask, ids_shuffle)
 
 
+def disjoint_pair(
+    batch: int,
+    num_patches: int,
+    mask_ratio: float,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Mask, torch.Tensor]:
+    """LUT's two views: one shuffle per sample; view 1 keeps the first K = int(L * (1 - r)) shuffled ids
+    (with its mask and restore ids, as :func:`random_masking`), view 2 the next K, so the two views see
+    disjoint grid positions. Needs r >= 0.5. Returns (view 1's Mask, view 2's ids [N, K])."""
+    if mask_ratio < 0.5:
+        raise ValueError(f"two disjoint views need mask_ratio >= 0.5; got {mask_ratio}")
+    first = random_masking(batch, num_patches, mask_ratio, noise=noise, generator=generator, device=device)
+    keep = first.ids_keep.shape[1]
+    return first, first.ids_shuffle[:, keep : 2 * keep]
+
+
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x[n, ids[n, k]] for a [N, L, C] tensor and [N, K] ids."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -3,6 +3,7 @@ part of its recipe; evaluation uses one deterministic view."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,36 @@ class Views:
 
     def __repr__(self) -> str:
         return f"Views({', '.join(self.pipelines)})"
+
+
+def simple_crop(img_size: int, padding: int) -> T.Compose:
+    """DeiT III's "simple random crop" (LUT's views): shorter side to img_size (bicubic), random crop with
+    reflect padding, horizontal flip."""
+    return T.Compose(
+        [
+            T.Resize(img_size, interpolation=BICUBIC, antialias=True),
+            T.RandomCrop(img_size, padding=padding, padding_mode="reflect"),
+            T.RandomHorizontalFlip(),
+        ]
+    )
+
+
+def strong_colour(blur_sigma: tuple[float, float]) -> T.Compose:
+    """LUT's second view on top of the crop: colour jitter (p 0.8) then exactly one of grayscale, solarize
+    (threshold 128) and Gaussian blur (sigma uniform in ``blur_sigma``)."""
+    kernel = 2 * math.ceil(3 * blur_sigma[1]) + 1
+    return T.Compose(
+        [
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomChoice(
+                [
+                    T.Grayscale(num_output_channels=3),
+                    T.RandomSolarize(threshold=128, p=1.0),
+                    T.GaussianBlur(kernel, sigma=tuple(blur_sigma)),
+                ]
+            ),
+        ]
+    )
 
 
 def eval_view(img_size: int, data: Any) -> Views:

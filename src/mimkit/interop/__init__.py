@@ -1,5 +1,6 @@
-"""Moving weights in and out of mimkit."""
+"""Moving weights in and out of mimkit: timm exports, and the official MAE / LUT checkpoint layouts."""
 
+from mimkit.interop.official import load_official, to_official
 from mimkit.interop.timm import export_encoder, load_export
 
-__all__ = ["export_encoder", "load_export"]
+__all__ = ["export_encoder", "load_export", "load_official", "to_official"]

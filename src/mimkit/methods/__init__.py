@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from mimkit.methods.base import Method, StepOutput, encoder_from_config
+from mimkit.methods.ema import EMATeacher, cosine_momentum
+from mimkit.methods.lut import LUT, LUTConfig
 from mimkit.methods.mae import MAE, MAEConfig, mae_loss
 
-METHODS: dict[str, type[Method]] = {MAE.name: MAE}
+METHODS: dict[str, type[Method]] = {MAE.name: MAE, LUT.name: LUT}
 
 
 def build_method(cfg: Any) -> Method:
@@ -16,12 +18,16 @@ def build_method(cfg: Any) -> Method:
 
 
 __all__ = [
+    "LUT",
     "MAE",
     "METHODS",
+    "EMATeacher",
+    "LUTConfig",
     "MAEConfig",
     "Method",
     "StepOutput",
     "build_method",
+    "cosine_momentum",
     "encoder_from_config",
     "mae_loss",
 ]

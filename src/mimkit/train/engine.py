@@ -47,6 +47,10 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class Trainer:
     def __init__(self, module: nn.Module, cfg: Config, env: DistEnv, out_dir: str | Path) -> None:
         self.cfg, self.env, self.out_dir = cfg, env, Path(out_dir)
+        if env.enabled and env.device.type == "cuda":
+            # BatchNorm heads see the global batch, as in the references (SyncBN has no CPU kernels: on
+            # CPU ranks keep per-rank statistics)
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         self.module = module.to(env.device)
         self.precision = resolve_precision(cfg.run.precision, env.device)
         self.eff_batch = effective_batch(cfg.optim, env.world_size)

@@ -1,0 +1,131 @@
+"""LUT (Kim et al., ECCV 2024): MAE plus a "broader context" loss on the unmasked tokens. The student's
+mean of the visible tokens of one view, through a projector and a predictor, must match (cosine) an EMA
+teacher's projection of the mean of all tokens of the other, unmasked view.
+
+What differs from MAE: two views (weak and strong), disjoint visible positions, the heads, the teacher
+and the cross-view loss. Departure from the reference, for speed only: the two student views go through
+the encoder in one batched call and the two teacher views in another (the reference makes four calls);
+LayerNorm and attention act per sample, so the result is the same. The heads still run once per view, so
+BatchNorm keeps per-view batch statistics as in the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms import v2 as T
+
+from mimkit.data.transforms import Views, simple_crop, strong_colour, to_normalized
+from mimkit.masking import disjoint_pair
+from mimkit.methods.base import StepOutput
+from mimkit.methods.ema import EMATeacher
+from mimkit.methods.mae import MAE, MAEConfig, mae_loss
+from mimkit.models.heads import mlp_head
+from mimkit.models.vit import ViTEncoder, mae_init_, patchify
+
+
+@dataclass
+class LUTConfig(MAEConfig):
+    name: str = "lut"
+    w_mae: float = 1.0
+    w_bc: float = 0.25  # the documented value (the reference parser's --w_b 0.1 is never read)
+    ema_momentum: float = 0.996  # m0 of the cosine schedule to 1 (the parser's 0.99996 is not the recipe)
+    head_depth: int = 2
+    pred_depth: int = 2
+    head_hidden_dim: int = 4096
+    head_norm: str = "bn"  # bn | ln | none
+    head_act: str = "relu"  # relu | gelu
+    crop_padding: int = 4
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # PIL radius range of the reference, at 224 px
+
+    def validate(self) -> None:
+        super().validate()
+        if self.min_crop_scale != MAEConfig.min_crop_scale:
+            raise ValueError(
+                "'method.min_crop_scale' is MAE's RandomResizedCrop; LUT's views use a simple random "
+                "crop (method.crop_padding) and would ignore it"
+            )
+        if self.head_norm not in ("bn", "ln", "none") or self.head_act not in ("relu", "gelu"):
+            raise ValueError(
+                "'method.head_norm' must be bn, ln or none and 'method.head_act' relu or gelu; "
+                f"got {self.head_norm!r}, {self.head_act!r}"
+            )
+        if self.mask_ratio < 0.5:
+            raise ValueError(
+                f"'method.mask_ratio' must be >= 0.5 for LUT's two disjoint views; got {self.mask_ratio}"
+            )
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """2 - 2 cos(a, b) per sample, in fp32."""
+    return 2 - 2 * (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(dim=-1)
+
+
+class LUT(MAE):
+    name = "lut"
+    Config = LUTConfig
+
+    def __init__(self, encoder: ViTEncoder, cfg: LUTConfig) -> None:
+        super().__init__(encoder, cfg)
+        dim = encoder.embed_dim
+        heads = dict(norm=cfg.head_norm, act=cfg.head_act)
+        self.head = mlp_head(cfg.head_depth, dim, cfg.head_hidden_dim, dim, **heads)
+        self.predictor = mlp_head(cfg.pred_depth, dim, cfg.head_hidden_dim, dim, **heads)
+        mae_init_(self.head)
+        mae_init_(self.predictor)
+        self.teacher = EMATeacher(self.student(), cfg.ema_momentum)
+
+    def student(self) -> nn.ModuleDict:
+        """The modules the teacher copies and follows (a view; not registered twice)."""
+        return nn.ModuleDict(
+            {"encoder": self.encoder, "decoder": self.decoder, "head": self.head, "predictor": self.predictor}
+        )
+
+    def train_transform(self, data: Any) -> Views:
+        """A weak and a strong view, each from its own simple random crop."""
+        size, c = self.encoder.patch_embed.img_size[0], self.cfg
+        normalize = to_normalized(data)
+        return Views(
+            view1=T.Compose([simple_crop(size, c.crop_padding), *normalize]),
+            view2=T.Compose([simple_crop(size, c.crop_padding), strong_colour(c.blur_sigma), *normalize]),
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> StepOutput:
+        x1, x2 = batch["view1"], batch["view2"]
+        n = x1.shape[0]
+        m1, ids2 = disjoint_pair(
+            n, self.encoder.num_patches, self.cfg.mask_ratio, noise=noise, device=x1.device
+        )
+        z1, z2 = self.encoder.forward_visible(torch.cat([x1, x2]), torch.cat([m1.ids_keep, ids2])).split(n)
+        loss_mim = mae_loss(
+            self.decoder(z1, m1.ids_restore),
+            patchify(x1, self.encoder.patch_size),
+            m1.mask,
+            self.cfg.norm_pix_loss,
+        )
+        q1 = self.predictor(self.head(z1[:, 1:].mean(dim=1)))
+        q2 = self.predictor(self.head(z2[:, 1:].mean(dim=1)))
+        with torch.no_grad():
+            teacher = self.teacher.module
+            full = teacher.encoder.forward_features(torch.cat([x1, x2]))
+            k1, k2 = teacher.head(full[:, 1:].mean(dim=1)).split(n)
+        loss_bc = (cosine_distance(q2, k1).mean() + cosine_distance(q1, k2).mean()) / 2
+        loss = self.cfg.w_mae * loss_mim + self.cfg.w_bc * loss_bc
+        metrics = {
+            "loss_mim": loss_mim.detach(),
+            "loss_bc": loss_bc.detach(),
+            "ema_momentum": loss.new_tensor(self.teacher.momentum).detach(),
+        }
+        return StepOutput(loss, metrics)
+
+    def after_step(self, progress: float) -> None:
+        self.teacher.update(self.student(), progress)
+
+    def export_encoder(self, weights: str = "student") -> ViTEncoder:
+        if weights == "teacher":
+            return self.teacher.module.encoder
+        return super().export_encoder(weights)

@@ -1,0 +1,41 @@
+"""Small MLP heads (projectors and predictors) in the layout the reference checkpoints use."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import nn
+
+NORMS = {"bn": nn.BatchNorm1d, "ln": partial(nn.LayerNorm, eps=1e-6), "none": None}
+ACTS = {"relu": partial(nn.ReLU, inplace=True), "gelu": nn.GELU}
+
+
+def mlp_head(
+    depth: int,
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    *,
+    norm: str = "bn",
+    act: str = "relu",
+    bias: bool = False,
+    last_norm: bool = False,
+) -> nn.Module:
+    """``depth`` Linear layers; a norm and an activation after every layer but the last (and a norm after
+    the last too if ``last_norm``). As an nn.Sequential its indices match the LUT reference
+    (0 Linear, 1 BN, 2 ReLU, 3 Linear for depth 2 with BN); depth 0 is the identity."""
+    if norm not in NORMS or act not in ACTS:
+        raise ValueError(
+            f"head norm must be one of {sorted(NORMS)} and act one of {sorted(ACTS)}; got {norm!r}, {act!r}"
+        )
+    if depth == 0:
+        return nn.Identity()
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        last = i == depth - 1
+        layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, out_dim if last else hidden_dim, bias=bias))
+        if NORMS[norm] is not None and (not last or last_norm):
+            layers.append(NORMS[norm](out_dim if last else hidden_dim))
+        if not last:
+            layers.append(ACTS[act]())
+    return nn.Sequential(*layers)
