@@ -62,7 +62,7 @@ def test_ema_update_follows_the_formula_for_parameters_and_buffers():
             p.add_(1.0)
     student(torch.randn(8, 3))  # moves the running statistics and num_batches_tracked
     m = ema.update(student, progress=0.3)
-    assert m == pytest.approx(cosine_momentum(0.9, 0.3))
+    assert m == pytest.approx(cosine_momentum(0.9, 0.3)) and ema.momentum.item() == pytest.approx(m)
     after, now = ema.module.state_dict(), student.state_dict()
     for key, old in before.items():
         if old.is_floating_point():
@@ -196,3 +196,41 @@ def test_pretrain_method_lut_on_the_embedded_data_resumes_exactly(tmp_path):
         assert torch.equal(a[key], b[key]), key
     # the teacher has moved away from its initial copy of the student, by EMA
     assert not torch.equal(a["teacher.module.encoder.cls_token"], a["encoder.cls_token"])
+
+
+def test_export_and_knn_take_the_teacher(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from mimkit.cli import main
+
+    pretrain(
+        build_config(
+            None, [*LUT_TINY, f"run.out={tmp_path / 'run'}", "optim.epochs=1", "optim.warmup_epochs=0"]
+        )
+    )
+    saved = checkpoint.load(tmp_path / "run" / "last.pt")["model"]
+    for weights in ("student", "teacher"):
+        out = tmp_path / f"{weights}.safetensors"
+        assert main(["export", str(tmp_path / "run"), "--weights", weights, "--out", str(out)]) == 0
+        prefix = "encoder." if weights == "student" else "teacher.module.encoder."
+        exported = load_file(out)
+        assert all(torch.equal(v, saved[prefix + k]) for k, v in exported.items())
+    assert (
+        main(
+            [
+                "knn",
+                str(tmp_path / "run"),
+                "--weights",
+                "teacher",
+                "--train",
+                "synthetic:32",
+                "--val",
+                "synthetic:16",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert main(["export", str(tmp_path / "run"), "--weights", "ema"]) == 2
+    assert "has no 'ema' weights; it has: student, teacher" in capsys.readouterr().err

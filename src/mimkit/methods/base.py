@@ -34,11 +34,15 @@ class Method(nn.Module):
         """The training views: from a uint8 [C, H, W] image to the batch entries forward() reads."""
         raise NotImplementedError
 
+    def encoders(self) -> dict[str, ViTEncoder]:
+        """The encoders a user may evaluate or export, by name; methods with a teacher add 'teacher'."""
+        return {"student": self.encoder}
+
     def export_encoder(self, weights: str = "student") -> ViTEncoder:
-        """The encoder that evaluation and export use; methods with a teacher also offer 'teacher'."""
-        if weights != "student":
-            raise ValueError(f"method '{self.name}' has no '{weights}' weights; it has: student")
-        return self.encoder
+        choices = self.encoders()
+        if weights not in choices:
+            raise ValueError(f"method '{self.name}' has no '{weights}' weights; it has: {', '.join(choices)}")
+        return choices[weights]
 
     def no_weight_decay_names(self, decay_tokens: bool) -> set[str]:
         """Full names of parameters excluded from weight decay beyond 1-D tensors and biases."""

@@ -28,7 +28,9 @@ class EMATeacher(nn.Module):
         self.module = copy.deepcopy(student).requires_grad_(False).eval()
         self.base_momentum = base_momentum
         self.include_buffers = include_buffers
-        self.momentum = base_momentum  # of the latest update (for logging)
+        # the momentum of the latest update, for logging; a tensor so that compiled forwards that read it
+        # are not specialised to its value
+        self.register_buffer("momentum", torch.tensor(float(base_momentum)), persistent=False)
 
     def train(self, mode: bool = True) -> EMATeacher:
         super().train(mode)
@@ -59,5 +61,5 @@ class EMATeacher(nn.Module):
         torch._foreach_lerp_(teacher_floats, student_floats, 1.0 - m)
         for t, s in others:
             t.copy_(s)
-        self.momentum = m
+        self.momentum.fill_(m)
         return m

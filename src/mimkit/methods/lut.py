@@ -118,14 +118,12 @@ class LUT(MAE):
         metrics = {
             "loss_mim": loss_mim.detach(),
             "loss_bc": loss_bc.detach(),
-            "ema_momentum": loss.new_tensor(self.teacher.momentum).detach(),
+            "ema_momentum": self.teacher.momentum.clone(),
         }
         return StepOutput(loss, metrics)
 
     def after_step(self, progress: float) -> None:
         self.teacher.update(self.student(), progress)
 
-    def export_encoder(self, weights: str = "student") -> ViTEncoder:
-        if weights == "teacher":
-            return self.teacher.module.encoder
-        return super().export_encoder(weights)
+    def encoders(self) -> dict[str, ViTEncoder]:
+        return {"student": self.encoder, "teacher": self.teacher.module.encoder}
