@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from mimkit import checkpoint
 from tests.conftest import TINY
 
@@ -21,12 +23,15 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_two_processes_stay_in_sync(tmp_path):
+@pytest.mark.parametrize("method", ["mae", "lut"])
+def test_two_processes_stay_in_sync(tmp_path, method):
     out = tmp_path / "ddp"
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     overrides = [
         *TINY,
+        f"method={method}",
+        *(["method.head_hidden_dim=32"] if method == "lut" else []),
         f"run.out={out}",
         "optim.epochs=1",
         "optim.warmup_epochs=0",
