@@ -234,3 +234,14 @@ def test_export_and_knn_take_the_teacher(tmp_path, capsys):
     )
     assert main(["export", str(tmp_path / "run"), "--weights", "ema"]) == 2
     assert "has no 'ema' weights; it has: student, teacher" in capsys.readouterr().err
+
+
+def test_blur_range_scales_with_the_image_size_unless_given():
+    def blur_of(*overrides):
+        cfg = build_config(None, [*LUT_TINY, *overrides])
+        strong = build_method(cfg).train_transform(cfg.data).pipelines["view2"].transforms[1]
+        return strong.transforms[1].transforms[2].sigma
+
+    assert blur_of("model.img_size=224", "model.patch_size=16") == [0.1, 2.0]
+    assert blur_of("model.img_size=32", "model.patch_size=4") == pytest.approx([0.1, 2.0 * 32 / 224])
+    assert blur_of("method.blur_sigma=[0.2,0.5]") == [0.2, 0.5]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,7 +240,10 @@ def build_config(
         dropped = sorted(k for k in base_method if k not in known)
         base = {**base, "method": {k: v for k, v in base_method.items() if k in known and k != "name"}}
         if dropped:
-            print(f"note: method '{name}' does not use the recipe's method.{', method.'.join(dropped)}")
+            print(
+                f"note: method '{name}' does not use the recipe's method.{', method.'.join(dropped)}",
+                file=sys.stderr,
+            )
     _check_keys(base, schema, origin)
     _check_keys(extra, schema, "overrides")
     try:

@@ -40,7 +40,8 @@ class LUTConfig(MAEConfig):
     head_norm: str = "bn"  # bn | ln | none
     head_act: str = "relu"  # relu | gelu
     crop_padding: int = 4
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # PIL radius range of the reference, at 224 px
+    # None: the reference's PIL radius range (0.1, 2.0) at 224 px, its upper end scaled to the image size
+    blur_sigma: tuple[float, float] | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -88,10 +89,11 @@ class LUT(MAE):
     def train_transform(self, data: Any) -> Views:
         """A weak and a strong view, each from its own simple random crop."""
         size, c = self.encoder.patch_embed.img_size[0], self.cfg
+        blur = c.blur_sigma or (0.1, max(0.1, 2.0 * size / 224))
         normalize = to_normalized(data)
         return Views(
             view1=T.Compose([simple_crop(size, c.crop_padding), *normalize]),
-            view2=T.Compose([simple_crop(size, c.crop_padding), strong_colour(c.blur_sigma), *normalize]),
+            view2=T.Compose([simple_crop(size, c.crop_padding), strong_colour(blur), *normalize]),
         )
 
     def forward(self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> StepOutput:
