@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mimkit import checkpoint
 from mimkit.configs import Config, build_config
 from mimkit.methods import Method, build_method
 from mimkit.models.vit import ARCHS
@@ -72,18 +73,17 @@ def read(source: str | Path | dict, *, trust: bool = False) -> dict[str, Any]:
     anything else needs ``trust=True`` (only for files whose origin you trust)."""
     if isinstance(source, dict):
         return source
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     if trust:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(source, map_location="cpu", weights_only=False)
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return checkpoint.load(source)
+    except FileNotFoundError:
+        raise
     except Exception as err:  # the message of a refused global is long; keep its first line
         first = str(err).strip().splitlines()[0]
         raise ValueError(
-            f"{path}: could not be read safely ({first}); pass trust=True if you trust its origin"
+            f"{source}: could not be read safely ({first}); pass trust=True if you trust its origin"
         ) from err
 
 
