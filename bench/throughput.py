@@ -94,6 +94,7 @@ def main() -> None:
         flops = count_flops(trainer, batch) / args.batch
 
         def step() -> None:
+            trainer.start_step(progress=0.5)
             trainer.micro_step(batch, boundary=True)
             trainer.optimizer_step(progress=0.5)
 

@@ -1,6 +1,7 @@
-"""An independent implementation of the reference MAE and LUT computations, written from the spec
-(mae_lut.md sections 1-3) with plain tensor operations on state dicts in the official layout. It shares
-no code with mimkit, so agreement with it checks mimkit's models, masks, heads, teacher and losses."""
+"""An independent implementation of the reference MAE, LUT and Latent MIM computations, written from the
+specs (mae_lut.md sections 1-3, latent_mim.md sections 2-7) with plain tensor operations on state dicts in
+the official layout. It shares no code with mimkit, so agreement with it checks mimkit's models, masks,
+heads, teacher and losses."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def block(x, sd, name, heads):
 
 
 def depth(sd, prefix):
-    return len({k.split(".")[1] for k in sd if k.startswith(prefix)})
+    return len({k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)})
 
 
 def patchify(imgs, p):
@@ -131,3 +132,157 @@ def lut_forward_loss(
         return (2 - 2 * (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)).mean()
 
     return w_mae * loss_mim + w_bc * (dist(q2, k1) + dist(q1, k2)) / 2
+
+
+# ---- Latent MIM (latent_mim.md sections 2-7), on the official layout: encoder.*, target_encoder.*, decoder.*
+
+
+def lmim_gap_patches(imgs, patch, gap, rows, cols):
+    """Spec 2: the cell (r, c) of (patch + gap) px gives the patch at (r * cell + rows[r, c], c * cell +
+    cols[r, c]), flattened (row, col, channel)."""
+    n, channels, h, w = imgs.shape
+    cell = patch + gap
+    gh, gw = h // cell, w // cell
+    out = torch.zeros(n, gh * gw, patch * patch * channels)
+    for i in range(n):
+        for r in range(gh):
+            for c in range(gw):
+                y, x = r * cell + int(rows[i, r, c]), c * cell + int(cols[i, r, c])
+                out[i, r * gw + c] = imgs[i, :, y : y + patch, x : x + patch].permute(1, 2, 0).reshape(-1)
+    return out
+
+
+def lmim_pos_table(dim, grid):
+    """Spec 4: row 0 zeros; row 1 + r * grid + c is [sin(x w), cos(x w), sin(y w), cos(y w)], x the column
+    and y the row, each on linspace(0, 1, grid) * grid, w_k = 10000^(-4k/D)."""
+    coords = [i / (grid - 1) * grid for i in range(grid)]
+    omega = torch.tensor([10000 ** (-4 * k / dim) for k in range(dim // 4)], dtype=torch.float64)
+    table = torch.zeros(1 + grid * grid, dim, dtype=torch.float64)
+    for r in range(grid):
+        for c in range(grid):
+            x, y = coords[c] * omega, coords[r] * omega
+            table[1 + r * grid + c] = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()])
+    return table.float()
+
+
+def attention(q_in, kv_in, wq, bq, wk, bk, wv, bv, wo, bo, heads):
+    n, lq, d = q_in.shape
+    q = (q_in @ wq.T + bq).reshape(n, lq, heads, d // heads).transpose(1, 2)
+    k = (kv_in @ wk.T + bk).reshape(n, -1, heads, d // heads).transpose(1, 2)
+    v = (kv_in @ wv.T + bv).reshape(n, -1, heads, d // heads).transpose(1, 2)
+    weights = torch.softmax(q @ k.transpose(-2, -1) * (d // heads) ** -0.5, dim=-1)
+    return (weights @ v).transpose(1, 2).reshape(n, lq, d) @ wo.T + bo
+
+
+def lmim_encode(sd, prefix, patches, ids, heads):
+    """Spec 3: Linear embedding of the chosen pixel patches, cls, position rows (0 for the cls), blocks,
+    norm, projector (Linear, LayerNorm eps 1e-5, GELU; a last LayerNorm)."""
+    n = patches.shape[0]
+    chosen = torch.stack([patches[i, ids[i]] for i in range(n)])
+    tokens = chosen @ sd[f"{prefix}embed.proj.weight"].T + sd[f"{prefix}embed.proj.bias"]
+    table = sd[f"{prefix}pos_embed.pos_embeds"]
+    rows = torch.cat([torch.zeros(n, 1, dtype=torch.long), ids + 1], dim=1)
+    x = torch.cat([sd[f"{prefix}cls_token"].expand(n, -1, -1), tokens], dim=1) + table[rows]
+    for b in range(depth(sd, f"{prefix}blocks.")):
+        x = block(x, sd, f"{prefix}blocks.{b}", heads)
+    x = layer_norm(x, sd, f"{prefix}norm")
+    layers = sum(1 for k in sd if k.startswith(f"{prefix}head.linear"))
+    for i in range(layers):
+        x = x @ sd[f"{prefix}head.linear{i}.weight"].T
+        x = F.layer_norm(
+            x, x.shape[-1:], sd[f"{prefix}head.norm{i}.weight"], sd[f"{prefix}head.norm{i}.bias"]
+        )
+        if i < layers - 1:
+            x = F.gelu(x)
+    return x
+
+
+def lmim_decode(sd, latent, vis_ids, mask_ids, heads):
+    """Spec 3 (decoder): queries = mask token + softmax(<pe_q, pe_v> / sqrt(D)) @ embedded visible tokens,
+    a cls query; positions on both; blocks of self-attention, cross-attention to the fixed latents, MLP."""
+    x = latent @ sd["decoder.embed.weight"].T + sd["decoder.embed.bias"]
+    n, _, d = x.shape
+    table = sd["decoder.pos_embed.pos_embeds"]
+    pe_q, pe_v = table[mask_ids + 1], table[vis_ids + 1]
+    cue = torch.softmax(pe_q @ pe_v.transpose(1, 2) / d**0.5, dim=-1) @ x[:, 1:]
+    zero = torch.zeros(n, 1, dtype=torch.long)
+    queries = torch.cat([sd["decoder.cls_token"].expand(n, -1, -1), sd["decoder.mask_token"] + cue], dim=1)
+    queries = queries + table[torch.cat([zero, mask_ids + 1], dim=1)]
+    x = x + table[torch.cat([zero, vis_ids + 1], dim=1)]
+    for b in range(depth(sd, "decoder.blocks.")):
+        name = f"decoder.blocks.{b}"
+        h = layer_norm(queries, sd, f"{name}.norm1")
+        wq, wk, wv = sd[f"{name}.self_attn.qkv.weight"].split(d)
+        bq, bk, bv = sd[f"{name}.self_attn.qkv.bias"].split(d)
+        out = attention(
+            h,
+            h,
+            wq,
+            bq,
+            wk,
+            bk,
+            wv,
+            bv,
+            sd[f"{name}.self_attn.proj.weight"],
+            sd[f"{name}.self_attn.proj.bias"],
+            heads,
+        )
+        queries = queries + out
+        kv = layer_norm(x, sd, f"{name}.norm2kv")
+        wk, wv = sd[f"{name}.cross_attn.kv_proj.weight"].split(d)
+        bk, bv = sd[f"{name}.cross_attn.kv_proj.bias"].split(d)
+        out = attention(
+            layer_norm(queries, sd, f"{name}.norm2q"),
+            kv,
+            sd[f"{name}.cross_attn.q_proj.weight"],
+            sd[f"{name}.cross_attn.q_proj.bias"],
+            wk,
+            bk,
+            wv,
+            bv,
+            sd[f"{name}.cross_attn.proj.weight"],
+            sd[f"{name}.cross_attn.proj.bias"],
+            heads,
+        )
+        queries = queries + out
+        h = F.gelu(
+            layer_norm(queries, sd, f"{name}.norm3") @ sd[f"{name}.mlp.fc1.weight"].T
+            + sd[f"{name}.mlp.fc1.bias"]
+        )
+        queries = queries + h @ sd[f"{name}.mlp.fc2.weight"].T + sd[f"{name}.mlp.fc2.bias"]
+    queries = layer_norm(queries, sd, "decoder.norm")
+    return queries @ sd["decoder.head.weight"].T + sd["decoder.head.bias"]
+
+
+def lmim_avg_sim(z):
+    """Spec 6.3: mean over b, i, j of cos(z_bi, z_bj), the diagonal included."""
+    u = F.normalize(z, dim=-1)
+    return torch.einsum("bid,bjd->bij", u, u).mean()
+
+
+def lmim_infonce(pred, target, tau):
+    """Spec 6.1, row by row."""
+    pred = (pred - pred.mean(1, keepdim=True)) / (pred.std(1, keepdim=True, unbiased=True) + 1e-4)
+    p, t = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
+    n, m, _ = p.shape
+    total = 0.0
+    for b in range(n):
+        logits = p[b] @ t[b].T / tau
+        total = total + sum(-torch.log_softmax(logits[i], dim=0)[i] for i in range(m))
+    return total / (n * m) * 2 * tau
+
+
+def lmim_forward_loss(
+    sd, patches, noise, *, num_vis, heads, decoder_heads, tau, coeff, sim_target, mask_target=True
+):
+    """Spec 5: split, targets from the target encoder on the masked patches (all patches without
+    mask_target, keeping the last ones), online encoder on the visible ones, decoder, loss + regulariser."""
+    order = torch.argsort(noise, dim=1)
+    vis, masked = order[:, :num_vis], order[:, num_vis:]
+    target_ids = masked if mask_target else order
+    targets = lmim_encode(sd, "target_encoder.", patches, target_ids, heads)[:, -masked.shape[1] :]
+    latent = lmim_encode(sd, "encoder.", patches, vis, heads)
+    pred = lmim_decode(sd, latent, vis, masked, decoder_heads)[:, 1:]
+    loss = lmim_infonce(pred, targets, tau)
+    loss = loss + coeff * (lmim_avg_sim(pred) - sim_target) ** 2
+    return loss + coeff * (lmim_avg_sim(latent[:, 1:]) - sim_target) ** 2

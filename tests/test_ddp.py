@@ -23,7 +23,10 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("method", ["mae", "lut"])
+EXTRA = {"mae": [], "lut": ["method.head_hidden_dim=32"], "latent_mim": ["method.proj_hidden_dim=32"]}
+
+
+@pytest.mark.parametrize("method", ["mae", "lut", "latent_mim"])
 def test_two_processes_stay_in_sync(tmp_path, method):
     out = tmp_path / "ddp"
     script = tmp_path / "run.py"
@@ -31,7 +34,7 @@ def test_two_processes_stay_in_sync(tmp_path, method):
     overrides = [
         *TINY,
         f"method={method}",
-        *(["method.head_hidden_dim=32"] if method == "lut" else []),
+        *EXTRA[method],
         f"run.out={out}",
         "optim.epochs=1",
         "optim.warmup_epochs=0",

@@ -12,7 +12,7 @@ from mimkit.methods import build_method, cosine_momentum
 from mimkit.methods.ema import EMATeacher
 from mimkit.train.pretrain import pretrain
 from tests import reference
-from tests.conftest import TINY
+from tests.conftest import TINY, straight_and_resumed
 
 LUT_TINY = [*TINY, "method=lut", "method.head_hidden_dim=32", "method.mask_ratio=0.75"]
 
@@ -186,11 +186,8 @@ def test_pretrain_method_lut_on_the_embedded_data_resumes_exactly(tmp_path):
         "optim.epochs=2",
         "optim.warmup_epochs=1",
     ]
-    straight = pretrain(build_config(None, [*common, f"run.out={tmp_path / 'a'}"]))
+    a, b, straight = straight_and_resumed(common, tmp_path, stop_at=11)
     assert straight["steps"] == 16
-    pretrain(build_config(None, [*common, f"run.out={tmp_path / 'b'}", "run.stop_at_step=11"]))
-    pretrain(build_config(None, [*common, f"run.out={tmp_path / 'b'}"]))
-    a, b = (checkpoint.load(tmp_path / d / "last.pt")["model"] for d in "ab")
     assert any(k.startswith("teacher.") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -31,6 +31,12 @@ def _pretrain(args: argparse.Namespace) -> int:
         if "knn_at_init" in summary:
             line += f" (the encoder at initialisation: top-1 {summary['knn_at_init']['top1']:.2f}%)"
         print(line)
+    nn1 = summary.get("lmim_nn")
+    if nn1 is not None:
+        line = f"leave-one-out 1-NN ({nn1['pool']}) on {nn1['val']}: top-1 {nn1['top1']:.2f}%"
+        if "lmim_nn_at_init" in summary:
+            line += f" (at initialisation: {summary['lmim_nn_at_init']['top1']:.2f}%)"
+        print(line)
     print(f"run folder: {summary['run']}")
     return 0
 
@@ -44,49 +50,58 @@ def _knn(args: argparse.Namespace) -> int:
     from mimkit.configs import EvalConfig
     from mimkit.data.sources import build_source
     from mimkit.data.transforms import eval_view
-    from mimkit.eval.knn import knn_evaluate
+    from mimkit.eval.knn import knn_evaluate, loo_nn_evaluate
     from mimkit.train.distributed import init_distributed
 
     env = init_distributed(args.device)
     encoder, info = load_encoder(args.checkpoint, args.weights)
     encoder.to(env.device)
     cfg = info.get("config")
+    loo = args.protocol == "lmim_nn"
     train = args.train or (cfg and (cfg.eval.train or cfg.data.train))
     val = args.val or (cfg and cfg.eval.val)
-    if not train or not val:
+    if not val or (not loo and not train):
+        needs = "--val (the evaluation set)" if loo else "--train (memory bank) and --val (queries)"
         raise ConfigError(
-            "mimkit knn needs --train (memory bank) and --val (queries); this checkpoint's config "
-            "names no default for them"
+            f"mimkit knn --protocol {args.protocol} needs {needs}; this checkpoint's config names no default"
         )
     settings = cfg.eval if cfg else EvalConfig()
-    k = args.k or settings.k
-    temperature = args.temperature or settings.temperature
-    pool = args.pool or settings.pool
     size = info["img_size"]
     data = SimpleNamespace(mean=info["mean"], std=info["std"], crop_pct=info["crop_pct"])
     dtype = torch.bfloat16 if env.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    result = knn_evaluate(
-        encoder,
-        build_source(train, image_size=size),
-        build_source(val, image_size=size),
-        eval_view(size, data),
-        env,
-        k=k,
-        temperature=temperature,
-        pool=pool,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        autocast_dtype=dtype,
-    )
-    result = {"checkpoint": str(args.checkpoint), "weights": args.weights, **result}
-    if env.is_main:
-        print(
+    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, autocast_dtype=dtype)
+    if loo:
+        result = loo_nn_evaluate(
+            encoder,
+            build_source(val, image_size=size),
+            eval_view(size, data),
+            env,
+            pool=args.pool or "mean_prenorm",
+            **common,
+        )
+        line = f"leave-one-out 1-NN ({result['pool']}) on {result['val']}: top-1 {result['top1']:.2f}%"
+    else:
+        result = knn_evaluate(
+            encoder,
+            build_source(train, image_size=size),
+            build_source(val, image_size=size),
+            eval_view(size, data),
+            env,
+            k=args.k or settings.k,
+            temperature=args.temperature or settings.temperature,
+            pool=args.pool or settings.pool,
+            **common,
+        )
+        line = (
             f"k-NN (k={result['k']}, T={result['temperature']}, {result['pool']}) on {result['val']}: "
             f"top-1 {result['top1']:.2f}%" + (f", top-5 {result['top5']:.2f}%" if "top5" in result else "")
         )
+    result = {"checkpoint": str(args.checkpoint), "weights": args.weights, **result}
+    if env.is_main:
+        print(line)
         out = Path(args.out) if args.out else None
         if out is None and Path(args.checkpoint).is_dir():
-            out = Path(args.checkpoint) / "knn.json"
+            out = Path(args.checkpoint) / f"{args.protocol}.json"
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=2))
@@ -134,18 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.epochs=10 method=mae")
     p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("knn", help="k-NN accuracy of a checkpoint's encoder")
-    p.add_argument("checkpoint", help="run folder, .pt checkpoint or .safetensors export")
+    p = sub.add_parser("knn", help="k-NN (or Latent MIM's 1-NN) accuracy of a checkpoint's encoder")
+    p.add_argument("checkpoint", help="run folder, .pt checkpoint, .safetensors export or official file")
+    p.add_argument(
+        "--protocol",
+        choices=("knn", "lmim_nn"),
+        default="knn",
+        help="knn: train-bank k-NN vote (default); lmim_nn: leave-one-out 1-NN within --val (Latent MIM)",
+    )
     p.add_argument("--train", help="memory bank source (default: the run's training data)")
     p.add_argument("--val", help="query source (default: the run's eval.val)")
     p.add_argument("--weights", default="student", help="student | teacher (methods with an EMA teacher)")
-    p.add_argument("--pool", choices=("cls", "mean"), help="default: the run's eval.pool, else cls")
+    p.add_argument(
+        "--pool",
+        choices=("cls", "mean", "mean_prenorm"),
+        help="default: the run's eval.pool, else cls (lmim_nn: mean_prenorm)",
+    )
     p.add_argument("--k", type=int, help="default: the run's eval.k, else 20")
     p.add_argument("--temperature", type=float, help="default: the run's eval.temperature, else 0.07")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="JSON file for the result (default: RUN/knn.json for a run folder)")
+    p.add_argument("--out", help="JSON file for the result (default: RUN/<protocol>.json for a run folder)")
     p.set_defaults(func=_knn)
 
     p = sub.add_parser("export", help="write the encoder as a timm-loadable safetensors file")

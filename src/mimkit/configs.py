@@ -91,8 +91,10 @@ class EvalConfig:
     val: str | None = None  # labelled queries
     k: int = 20
     temperature: float = 0.07
-    pool: str = "cls"  # cls | mean (of the patch tokens)
+    pool: str = "cls"  # cls | mean (of the patch tokens) | mean_prenorm (that mean before the final norm)
     batch_size: int = 256
+    # also Latent MIM's leave-one-out 1-NN on eval.val (mean of the patch tokens before the final norm)
+    lmim_nn: bool = False
 
 
 @dataclass
@@ -109,7 +111,7 @@ class Config:
 CHOICES = {
     "optim.lr_rule": ("linear", "sqrt"),
     "run.precision": ("auto", "bf16", "fp16", "fp32"),
-    "eval.pool": ("cls", "mean"),
+    "eval.pool": ("cls", "mean", "mean_prenorm"),
 }
 
 

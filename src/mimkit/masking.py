@@ -84,3 +84,36 @@ def disjoint_pair(
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x[n, ids[n, k]] for a [N, L, C] tensor and [N, K] ids."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class LatentSplit(NamedTuple):
+    visible: torch.Tensor  # [N, V] the online encoder's patch ids, in permutation order
+    masked: torch.Tensor  # [N, L - V] the patches to predict, in permutation order
+    target: torch.Tensor  # [N, T] what the target encoder sees: the masked ids, or all L (masked last)
+
+
+def visible_target_split(
+    batch: int,
+    num_patches: int,
+    num_visible: int,
+    *,
+    mask_target: bool = True,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> LatentSplit:
+    """Latent MIM's views: one permutation per sample (argsort of uniform noise); its first
+    ``num_visible`` ids are visible, the rest masked. With ``mask_target`` the target encoder sees only
+    the masked patches; without it all of them, in permutation order, so that its last L - V outputs are
+    the targets either way."""
+    if not 0 < num_visible < num_patches:
+        raise ValueError(
+            f"num_visible must lie in [1, {num_patches - 1}] for {num_patches} patches; got {num_visible}"
+        )
+    if noise is None:
+        noise = uniform_noise(batch, num_patches, generator=generator, device=device)
+    elif noise.shape != (batch, num_patches):
+        raise ValueError(f"noise must have shape {(batch, num_patches)}, got {tuple(noise.shape)}")
+    order = torch.argsort(noise, dim=1)
+    masked = order[:, num_visible:]
+    return LatentSplit(order[:, :num_visible], masked, masked if mask_target else order)

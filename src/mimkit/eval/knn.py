@@ -1,5 +1,6 @@
-"""k-NN classification on frozen features (the DINO protocol): L2-normalised features, the k most
-similar training images vote with weight exp(similarity / T)."""
+"""Nearest-neighbour classification on frozen features. ``knn``: the DINO protocol (L2-normalised
+features, the k most similar training images vote with weight exp(similarity / T)). ``lmim_nn``: the
+Latent MIM reference's "NN" figure, a leave-one-out 1-nearest-neighbour within the evaluation set."""
 
 from __future__ import annotations
 
@@ -82,6 +83,22 @@ def knn_predict(
     return torch.cat(scores) if scores else torch.zeros(0, num_classes)
 
 
+@torch.no_grad()
+def loo_nearest(feats: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """For each row, the index of its most cosine-similar other row (itself excluded). The reference takes
+    the second of its top-2 hits, which is the same unless an exact duplicate outranks the query itself."""
+    bank = F.normalize(feats.float(), dim=1)
+    if bank.shape[0] < 2:
+        raise ValueError("leave-one-out nearest neighbour needs at least 2 images")
+    nearest = []
+    for start in range(0, bank.shape[0], chunk):
+        sim = bank[start : start + chunk] @ bank.T
+        rows = torch.arange(sim.shape[0])
+        sim[rows, rows + start] = -float("inf")
+        nearest.append(sim.argmax(dim=1))
+    return torch.cat(nearest)
+
+
 def topk_accuracy(
     scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
 ) -> dict[str, float]:
@@ -130,4 +147,32 @@ def knn_evaluate(
         "train_images": len(bank),
         "val_images": len(queries),
         **topk_accuracy(scores, query_labels),
+    }
+
+
+def loo_nn_evaluate(
+    encoder: nn.Module,
+    val: ImageSource,
+    transform: Any,
+    env: DistEnv,
+    *,
+    pool: str = "mean_prenorm",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Latent MIM's NN accuracy: each image of ``val`` is labelled by its nearest other image of ``val``
+    (cosine; by default the mean of the patch tokens before the final norm, as the reference). No memory
+    bank and no vote; top-1 only."""
+    if not val.has_labels:
+        raise ValueError(f"nearest-neighbour accuracy needs labels, but '{val.name}' has none")
+    kwargs = dict(pool=pool, batch_size=batch_size, num_workers=num_workers, autocast_dtype=autocast_dtype)
+    feats, labels = extract_features(encoder, ViewDataset(val, transform), env, **kwargs)
+    hit = (labels[loo_nearest(feats)] == labels).float().mean().item()
+    return {
+        "protocol": "lmim_nn",
+        "pool": pool,
+        "val": val.name,
+        "val_images": len(feats),
+        "top1": round(100.0 * hit, 3),
     }

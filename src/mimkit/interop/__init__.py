@@ -1,4 +1,4 @@
-"""Moving weights in and out of mimkit: timm exports, and the official MAE / LUT checkpoint layouts."""
+"""Moving weights in and out of mimkit: timm exports, and the official MAE / LUT / Latent MIM layouts."""
 
 from mimkit.interop.official import load_official, to_official
 from mimkit.interop.timm import export_encoder, load_export

@@ -6,10 +6,11 @@ from typing import Any
 
 from mimkit.methods.base import Method, StepOutput, encoder_from_config
 from mimkit.methods.ema import EMATeacher, cosine_momentum
+from mimkit.methods.latent_mim import LatentMIM, LatentMIMConfig
 from mimkit.methods.lut import LUT, LUTConfig
 from mimkit.methods.mae import MAE, MAEConfig, mae_loss
 
-METHODS: dict[str, type[Method]] = {MAE.name: MAE, LUT.name: LUT}
+METHODS: dict[str, type[Method]] = {MAE.name: MAE, LUT.name: LUT, LatentMIM.name: LatentMIM}
 
 
 def build_method(cfg: Any) -> Method:
@@ -23,6 +24,8 @@ __all__ = [
     "METHODS",
     "EMATeacher",
     "LUTConfig",
+    "LatentMIM",
+    "LatentMIMConfig",
     "MAEConfig",
     "Method",
     "StepOutput",

@@ -27,6 +27,11 @@ class Method(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         raise NotImplementedError
 
+    def before_step(self, progress: float) -> None:
+        """Called before the first micro-batch of every optimizer step with the fraction of training done
+        (data iterations / total); schedules that the loss reads, and teachers that move before the
+        step (Latent MIM), are set here."""
+
     def after_step(self, progress: float) -> None:
         """Called after every optimizer step with the fraction of training done; EMA teachers move here."""
 
@@ -55,7 +60,8 @@ class Method(nn.Module):
         return cls(encoder_from_config(model_cfg), method_cfg)
 
 
-def encoder_from_config(model_cfg: Any) -> ViTEncoder:
+def encoder_from_config(model_cfg: Any, **extra: Any) -> ViTEncoder:
+    """The encoder of ``model_cfg``; ``extra``: what a method fixes itself (Latent MIM's positions)."""
     return build_encoder(
         model_cfg.arch,
         img_size=model_cfg.img_size,
@@ -65,4 +71,5 @@ def encoder_from_config(model_cfg: Any) -> ViTEncoder:
         num_heads=model_cfg.num_heads,
         mlp_ratio=model_cfg.mlp_ratio,
         drop_path_rate=model_cfg.drop_path,
+        **extra,
     )

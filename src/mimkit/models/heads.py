@@ -6,7 +6,7 @@ from functools import partial
 
 from torch import nn
 
-NORMS = {"bn": nn.BatchNorm1d, "ln": partial(nn.LayerNorm, eps=1e-6), "none": None}
+NORMS = {"bn": nn.BatchNorm1d, "ln": nn.LayerNorm, "none": None}
 ACTS = {"relu": partial(nn.ReLU, inplace=True), "gelu": nn.GELU}
 
 
@@ -20,10 +20,12 @@ def mlp_head(
     act: str = "relu",
     bias: bool = False,
     last_norm: bool = False,
+    ln_eps: float = 1e-6,
 ) -> nn.Module:
     """``depth`` Linear layers; a norm and an activation after every layer but the last (and a norm after
     the last too if ``last_norm``). As an nn.Sequential its indices match the LUT reference
-    (0 Linear, 1 BN, 2 ReLU, 3 Linear for depth 2 with BN); depth 0 is the identity."""
+    (0 Linear, 1 BN, 2 ReLU, 3 Linear for depth 2 with BN); depth 0 is the identity. ``ln_eps`` is the
+    LayerNorm epsilon (Latent MIM's projector keeps torch's default 1e-5)."""
     if norm not in NORMS or act not in ACTS:
         raise ValueError(
             f"head norm must be one of {sorted(NORMS)} and act one of {sorted(ACTS)}; got {norm!r}, {act!r}"
@@ -35,7 +37,8 @@ def mlp_head(
         last = i == depth - 1
         layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, out_dim if last else hidden_dim, bias=bias))
         if NORMS[norm] is not None and (not last or last_norm):
-            layers.append(NORMS[norm](out_dim if last else hidden_dim))
+            width = out_dim if last else hidden_dim
+            layers.append(NORMS[norm](width, eps=ln_eps) if norm == "ln" else NORMS[norm](width))
         if not last:
             layers.append(ACTS[act]())
     return nn.Sequential(*layers)

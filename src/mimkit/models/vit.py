@@ -17,6 +17,7 @@ from mimkit.masking import gather_tokens
 from mimkit.models.pos_embed import sincos_2d
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
+POOLS = ("cls", "mean", "mean_prenorm")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,46 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
 
 
+def gap_patchify(
+    imgs: torch.Tensor,
+    patch_size: int,
+    gap: int,
+    *,
+    offsets: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Latent MIM's patches with gaps: the image is a grid of cells of ``patch_size + gap`` px and each
+    cell gives one ``patch_size`` patch cut at its own random offset (oy, ox) in ``[0, gap)``, so
+    neighbouring patches are 1 to 2 * gap - 1 px apart and never touch. ``offsets`` [N, gh, gw, 2] (row,
+    column) fixes them; otherwise they are drawn on the CPU generator, row offsets first, then column
+    offsets (the reference's order). Returns [N, L, p*p*C] in :func:`patchify`'s layout; gap 0 is
+    :func:`patchify`."""
+    if gap == 0:
+        return patchify(imgs, patch_size)
+    if gap < 0:
+        raise ValueError(f"patch gap must be >= 0, got {gap}")
+    n, c, h, w = imgs.shape
+    p, cell = patch_size, patch_size + gap
+    if h % cell or w % cell:
+        raise ValueError(
+            f"image size {h}x{w} is not divisible by the cell size {cell} (patch {p} + gap {gap})"
+        )
+    gh, gw = h // cell, w // cell
+    if offsets is None:
+        rows = torch.randint(0, gap, (n, gh, gw), generator=generator)
+        cols = torch.randint(0, gap, (n, gh, gw), generator=generator)
+        offsets = torch.stack([rows, cols], dim=-1)
+    elif offsets.shape != (n, gh, gw, 2):
+        raise ValueError(f"offsets must have shape {(n, gh, gw, 2)}, got {tuple(offsets.shape)}")
+    offsets = offsets.to(imgs.device)
+    span = torch.arange(p, device=imgs.device)
+    top = (torch.arange(gh, device=imgs.device) * cell)[None, :, None, None] + offsets[..., 0, None] + span
+    left = (torch.arange(gw, device=imgs.device) * cell)[None, None, :, None] + offsets[..., 1, None] + span
+    pixel = (top[..., :, None] * w + left[..., None, :]).reshape(n, 1, -1).expand(-1, c, -1)  # [N, C, L*p*p]
+    x = imgs.reshape(n, c, h * w).gather(2, pixel).reshape(n, c, gh * gw, p, p)
+    return x.permute(0, 2, 3, 4, 1).reshape(n, gh * gw, p * p * c)
+
+
 def unpatchify(
     patches: torch.Tensor, patch_size: int, grid: tuple[int, int], channels: int = 3
 ) -> torch.Tensor:
@@ -74,7 +115,8 @@ def mae_init_(module: nn.Module) -> None:
 
 
 class ViTEncoder(VisionTransformer):
-    """ViT with a frozen 2-D sin-cos position table (in the state dict, as a non-trainable parameter)."""
+    """ViT with a frozen 2-D sin-cos position table (in the state dict, as a non-trainable parameter).
+    ``scaled_pos`` lays the table out as Latent MIM does (positions on linspace(0, 1) * grid)."""
 
     def __init__(
         self,
@@ -88,6 +130,7 @@ class ViTEncoder(VisionTransformer):
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
         in_chans: int = 3,
+        scaled_pos: bool = False,
     ) -> None:
         super().__init__(
             img_size=img_size,
@@ -104,6 +147,7 @@ class ViTEncoder(VisionTransformer):
             norm_layer=LayerNorm6,
         )
         self.arch = arch
+        self.scaled_pos = scaled_pos
         # the arguments that rebuild this encoder (saved with exports)
         self.spec = {
             "arch": arch,
@@ -113,6 +157,7 @@ class ViTEncoder(VisionTransformer):
             "depth": depth,
             "num_heads": num_heads,
             "mlp_ratio": mlp_ratio,
+            "scaled_pos": scaled_pos,
         }
         self.pos_embed.requires_grad_(False)
         self.reset_parameters()
@@ -120,7 +165,7 @@ class ViTEncoder(VisionTransformer):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         mae_init_(self)
-        self.pos_embed.copy_(sincos_2d(self.embed_dim, self.grid_size))
+        self.pos_embed.copy_(sincos_2d(self.embed_dim, self.grid_size, scaled_coords=self.scaled_pos))
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
@@ -143,11 +188,13 @@ class ViTEncoder(VisionTransformer):
         w = self.patch_embed.proj.weight
         return F.linear(patches, w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.patch_embed.proj.bias)
 
-    def forward_visible(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_visible(
+        self, x: torch.Tensor, ids: torch.Tensor | None = None, *, norm: bool = True
+    ) -> torch.Tensor:
         """Encode a subset of the patches: ``x`` is an image batch [N, C, H, W] or its patches [N, L, p*p*C];
         ``ids`` [N, K] picks the patches (in any order; positions travel with them). Returns the cls token
-        followed by the K tokens, after the final norm: [N, 1 + K, D]."""
-        if ids is None and x.dim() == 4:
+        followed by the K tokens, after the final norm unless ``norm`` is False: [N, 1 + K, D]."""
+        if ids is None and x.dim() == 4 and norm:
             return self.forward_features(x)
         patches = patchify(x, self.patch_size) if x.dim() == 4 else x
         pos = self.pos_embed[:, 1:].expand(patches.shape[0], -1, -1)
@@ -157,16 +204,17 @@ class ViTEncoder(VisionTransformer):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
         x = self.blocks(self.norm_pre(x))
-        return self.norm(x)
+        return self.norm(x) if norm else x
 
     def features(self, x: torch.Tensor, pool: str = "cls") -> torch.Tensor:
-        """One vector per image from the full forward: the cls token or the mean of the patch tokens."""
-        tokens = self.forward_features(x)
+        """One vector per image from the full forward: the cls token, the mean of the patch tokens, or that
+        mean taken before the final norm (``mean_prenorm``, Latent MIM's nearest-neighbour feature)."""
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
+        tokens = self.forward_visible(x, norm=pool != "mean_prenorm")
         if pool == "cls":
             return tokens[:, 0]
-        if pool == "mean":
-            return tokens[:, self.num_prefix_tokens :].mean(dim=1)
-        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        return tokens[:, self.num_prefix_tokens :].mean(dim=1)
 
     def timm_spec(self) -> dict[str, Any]:
         """The timm model name and keyword arguments that build a ViT with this encoder's exact keys."""
@@ -193,6 +241,7 @@ def build_encoder(
     num_heads: int | None = None,
     mlp_ratio: float = 4.0,
     drop_path_rate: float = 0.0,
+    scaled_pos: bool = False,
 ) -> ViTEncoder:
     """A named size (vit_tiny/small/base/large/huge), any field of which can be overridden."""
     if arch not in ARCHS:
@@ -218,4 +267,5 @@ def build_encoder(
         num_heads=h,
         mlp_ratio=mlp_ratio,
         drop_path_rate=drop_path_rate,
+        scaled_pos=scaled_pos,
     )

@@ -82,6 +82,13 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
+    def start_step(self, progress: float) -> None:
+        """Before the first micro-batch of an optimizer step: the method's own schedules (and teachers that
+        move before the step) read ``progress``, the fraction of data iterations done."""
+        before_step = getattr(self.module, "before_step", None)
+        if before_step is not None:
+            before_step(progress)
+
     def micro_step(self, batch: dict[str, Any], *, boundary: bool) -> None:
         """Forward and backward of one micro-batch; gradients are averaged over accum_iter micro-batches."""
         sync = contextlib.nullcontext() if boundary or not self.env.enabled else self.model.no_sync()
@@ -217,6 +224,7 @@ class Trainer:
                     it = self.epoch * iters + self.iter
                     if self.iter % accum == 0:
                         self.set_lr(lr_at(it / iters, **schedule))
+                        self.start_step(it / total)
                     boundary = (self.iter + 1) % accum == 0
                     self.micro_step(to_device(batch, env.device), boundary=boundary)
                     window_images += len(batch["label"]) * env.world_size

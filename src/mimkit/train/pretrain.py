@@ -16,7 +16,7 @@ from mimkit.configs import Config, to_yaml
 from mimkit.data.loader import ViewDataset
 from mimkit.data.sources import ImageSource, build_source
 from mimkit.data.transforms import eval_view
-from mimkit.eval.knn import knn_evaluate
+from mimkit.eval.knn import knn_evaluate, loo_nn_evaluate
 from mimkit.methods import build_method
 from mimkit.train.distributed import DistEnv, barrier, init_distributed
 from mimkit.train.engine import Trainer
@@ -69,18 +69,25 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
             )
 
     summary: dict[str, Any] = {"method": cfg.method.name, "run": str(out)}
-    knn = None
-    if cfg.eval.knn and cfg.eval.val:
-        knn = knn_probe(cfg, env, autocast_dtype(trainer), bank=None if cfg.eval.train else source)
-    if knn is not None and cfg.eval.baseline and trainer.step == 0:
-        summary["knn_at_init"] = knn(method.encoder)
+    probes: dict[str, Callable[[torch.nn.Module], dict[str, Any]]] = {}
+    if cfg.eval.val and (cfg.eval.knn or cfg.eval.lmim_nn):
+        queries = build_source(cfg.eval.val, image_size=cfg.model.img_size)
+        dtype = autocast_dtype(trainer)
+        if cfg.eval.knn:
+            bank = None if cfg.eval.train else source
+            probes["knn"] = knn_probe(cfg, env, dtype, bank=bank, queries=queries)
+        if cfg.eval.lmim_nn:
+            probes["lmim_nn"] = nn_probe(cfg, env, dtype, queries)
+    if cfg.eval.baseline and trainer.step == 0:
+        for name, probe in probes.items():
+            summary[f"{name}_at_init"] = probe(method.encoder)
     periodic = None
-    if knn is not None and cfg.eval.every_epochs > 0:
+    if probes and cfg.eval.every_epochs > 0:
 
         def periodic(epoch: int) -> dict[str, float]:
             if epoch % cfg.eval.every_epochs or epoch == cfg.optim.epochs:
                 return {}
-            return {"knn_top1": knn(method.encoder)["top1"]}
+            return {f"{name}_top1": probe(method.encoder)["top1"] for name, probe in probes.items()}
 
     summary.update(trainer.fit(dataset, periodic))
     if summary["skipped_images"] and env.is_main:
@@ -88,8 +95,9 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
             f"warning: {summary['skipped_images']} unreadable images were skipped (listed above)",
             file=sys.stderr,
         )
-    if knn is not None and not summary["stopped_early"]:
-        summary["knn"] = knn(method.encoder)
+    if not summary["stopped_early"]:
+        for name, probe in probes.items():
+            summary[name] = probe(method.encoder)
     if env.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     barrier(env)
@@ -97,14 +105,20 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
 
 
 def knn_probe(
-    cfg: Config, env: DistEnv, dtype: torch.dtype | None = None, bank: ImageSource | None = None
+    cfg: Config,
+    env: DistEnv,
+    dtype: torch.dtype | None = None,
+    bank: ImageSource | None = None,
+    queries: ImageSource | None = None,
 ) -> Callable[[torch.nn.Module], dict[str, Any]]:
     """k-NN accuracy of an encoder with the config's eval settings; the sources are read once. The memory
-    bank is eval.train, else the training images (pass the training source to avoid reading it twice)."""
+    bank is eval.train, else the training images (pass the sources already read to avoid reading them
+    twice)."""
     size = cfg.model.img_size
     if bank is None:
         bank = build_source(cfg.eval.train or cfg.data.train, image_size=size, max_images=cfg.data.max_images)
-    queries = build_source(cfg.eval.val, image_size=size)
+    if queries is None:
+        queries = build_source(cfg.eval.val, image_size=size)
     return partial(
         knn_evaluate,
         train=bank,
@@ -114,6 +128,21 @@ def knn_probe(
         k=cfg.eval.k,
         temperature=cfg.eval.temperature,
         pool=cfg.eval.pool,
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.data.num_workers,
+        autocast_dtype=dtype,
+    )
+
+
+def nn_probe(
+    cfg: Config, env: DistEnv, dtype: torch.dtype | None, queries: ImageSource
+) -> Callable[[torch.nn.Module], dict[str, Any]]:
+    """Latent MIM's leave-one-out 1-NN accuracy on eval.val (its own pooling: before the final norm)."""
+    return partial(
+        loo_nn_evaluate,
+        val=queries,
+        transform=eval_view(cfg.model.img_size, cfg.data),
+        env=env,
         batch_size=cfg.eval.batch_size,
         num_workers=cfg.data.num_workers,
         autocast_dtype=dtype,
