@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,14 +46,18 @@ def tiny(tmp_path: Path):
     return make
 
 
-def straight_and_resumed(overrides: list[str], tmp_path: Path, stop_at: int) -> tuple[dict, dict, dict]:
-    """Train once straight through and once stopped at step ``stop_at`` then resumed; returns both final
-    model state dicts and the straight run's summary."""
+def straight_and_resumed(
+    overrides: list[str], tmp_path: Path, stop_at: int, run: Any = None
+) -> tuple[dict, dict, dict]:
+    """Train (``run``: pretrain, or another entry point of the engine) once straight through and once
+    stopped at step ``stop_at`` then resumed; returns both final model state dicts and the straight run's
+    summary."""
     from mimkit import checkpoint
     from mimkit.train.pretrain import pretrain
 
-    summary = pretrain(build_config(None, [*overrides, f"run.out={tmp_path / 'a'}"]))
-    pretrain(build_config(None, [*overrides, f"run.out={tmp_path / 'b'}", f"run.stop_at_step={stop_at}"]))
-    pretrain(build_config(None, [*overrides, f"run.out={tmp_path / 'b'}"]))
+    run = run or pretrain
+    summary = run(build_config(None, [*overrides, f"run.out={tmp_path / 'a'}"]))
+    run(build_config(None, [*overrides, f"run.out={tmp_path / 'b'}", f"run.stop_at_step={stop_at}"]))
+    run(build_config(None, [*overrides, f"run.out={tmp_path / 'b'}"]))
     a, b = (checkpoint.load(tmp_path / d / "last.pt")["model"] for d in "ab")
     return a, b, summary

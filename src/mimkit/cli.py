@@ -1,4 +1,4 @@
-"""The ``mimkit`` command: pretrain, knn, export, recipes."""
+"""The ``mimkit`` command: pretrain, knn, linprobe, finetune, eval, export, recipes."""
 
 from __future__ import annotations
 
@@ -109,6 +109,123 @@ def _knn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_config(kind: str, checkpoint: str, recipe: str | None, overrides: list[str], out: str | None):
+    """A linear-probe or fine-tune config for ``checkpoint``: the recipe (default: the small generic one),
+    then the checkpoint's own labelled data where the overrides name none, then the overrides."""
+    from mimkit.checkpoint import load_encoder
+    from mimkit.configs import build_config
+
+    _, info = load_encoder(checkpoint)
+    given = {o.split("=", 1)[0] for o in overrides}
+    base = build_config(recipe or kind)
+    run = out or f"{Path(checkpoint).with_suffix('')}-{kind}"
+    defaults = [f"method.checkpoint={checkpoint}", f"run.out={run}"]
+    source_cfg = info.get("config")
+    if source_cfg is not None:
+        if "data.train" not in given and base.data.train == "demo:train":
+            defaults.append(f"data.train={source_cfg.eval.train or source_cfg.data.train}")
+        if "eval.val" not in given and not base.eval.val and source_cfg.eval.val:
+            defaults.append(f"eval.val={source_cfg.eval.val}")
+    return build_config(recipe or kind, [*defaults, *overrides])
+
+
+def _train_task(args: argparse.Namespace) -> int:
+    from mimkit.configs import to_yaml
+    from mimkit.eval.classify import train_classifier
+
+    cfg = _task_config(args.command, args.checkpoint, args.config, list(args.overrides), args.out)
+    if args.resume:
+        cfg.run.resume = args.resume
+    if args.print_config:
+        print(to_yaml(cfg))
+        return 0
+    summary = train_classifier(cfg)
+    if "top1" in summary:
+        line = f"{args.command} ({cfg.optim.epochs} epochs) on {summary['val']}: top-1 {summary['top1']:.2f}%"
+        line += f", top-5 {summary['top5']:.2f}%" if "top5" in summary else ""
+        if "ema_top1" in summary:
+            line += f" (model EMA: top-1 {summary['ema_top1']:.2f}%)"
+        print(line)
+    print(f"run folder: {cfg.run.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """k-NN, linear probe and fine-tune for each checkpoint, one table."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mimkit.checkpoint import load_encoder
+    from mimkit.configs import build_config
+    from mimkit.data.sources import build_source
+    from mimkit.data.transforms import eval_view
+    from mimkit.eval.classify import train_classifier, write_table
+    from mimkit.eval.knn import knn_evaluate
+    from mimkit.train.distributed import init_distributed
+
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    unknown = sorted(set(protocols) - {"knn", "linprobe", "finetune"})
+    if unknown:
+        raise ConfigError(f"--protocols takes knn, linprobe and finetune; got {', '.join(unknown)}")
+    out = Path(args.out)
+    env = init_distributed(args.device)
+    rows = []
+    for index, checkpoint in enumerate(args.checkpoints):
+        encoder, info = load_encoder(checkpoint, args.weights)
+        cfg = info.get("config")
+        train = args.train or (cfg and (cfg.eval.train or cfg.data.train))
+        val = args.val or (cfg and cfg.eval.val)
+        if not train or not val:
+            raise ConfigError(f"{checkpoint}: names no labelled data; give --train and --val")
+        row = {"checkpoint": str(checkpoint), "method": info["method"], "weights": args.weights}
+        if "knn" in protocols:
+            size = info["img_size"]
+            data = SimpleNamespace(mean=info["mean"], std=info["std"], crop_pct=info["crop_pct"])
+            dtype = torch.bfloat16 if env.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+            result = knn_evaluate(
+                encoder.to(env.device),
+                build_source(train, image_size=size),
+                build_source(val, image_size=size),
+                eval_view(size, data),
+                env,
+                pool=args.pool,
+                num_workers=args.num_workers,
+                autocast_dtype=dtype,
+            )
+            rows.append(
+                {**row, "protocol": "knn", "budget": f"k={result['k']}, {args.pool}", **_tops(result)}
+            )
+        for kind, epochs in (("linprobe", args.linprobe_epochs), ("finetune", args.finetune_epochs)):
+            if kind not in protocols:
+                continue
+            # the recipe's schedule compressed to the budget (warmup keeps its share of the epochs)
+            recipe = build_config(kind).optim
+            warmup = recipe.warmup_epochs * epochs / recipe.epochs
+            overrides = [
+                f"data.train={train}",
+                f"eval.val={val}",
+                f"method.weights={args.weights}",
+                f"optim.epochs={epochs}",
+                f"optim.warmup_epochs={warmup:.6g}",
+                f"data.num_workers={args.num_workers}",
+                f"run.device={args.device}",
+                "run.resume=none",
+                *args.overrides,
+            ]
+            cfg_task = _task_config(kind, checkpoint, None, overrides, str(out / f"{index}-{kind}"))
+            result = train_classifier(cfg_task, env)
+            rows.append({**row, "protocol": kind, "budget": f"{epochs} epochs", **_tops(result)})
+    if env.is_main:
+        print(write_table(rows, out), end="")
+        print(f"written to {out / 'table.md'} and {out / 'table.json'}")
+    return 0
+
+
+def _tops(result: dict) -> dict:
+    return {"top1": result["top1"], "top5": result.get("top5")}
+
+
 def _export(args: argparse.Namespace) -> int:
     from mimkit.interop.timm import export_encoder
 
@@ -173,6 +290,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON file for the result (default: RUN/<protocol>.json for a run folder)")
     p.set_defaults(func=_knn)
 
+    for kind, what in (
+        ("linprobe", "linear probe (frozen encoder, BN + Linear, LARS)"),
+        ("finetune", "fine-tune"),
+    ):
+        p = sub.add_parser(kind, help=f"{what} of a checkpoint's encoder, then its accuracy on eval.val")
+        p.add_argument("checkpoint", help="run folder, .pt checkpoint, .safetensors export or official file")
+        p.add_argument("--config", "-c", help=f"recipe (default: {kind}; mimkit recipes lists them)")
+        p.add_argument("--out", help="run folder (default: CHECKPOINT-" + kind + ")")
+        p.add_argument("--resume", help="auto (default) | none | checkpoint path")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument(
+            "overrides", nargs="*", metavar="key=value", help="e.g. optim.epochs=10 method.pool=mean"
+        )
+        p.set_defaults(func=_train_task)
+
+    p = sub.add_parser("eval", help="k-NN, linear probe and fine-tune of checkpoints, in one table")
+    p.add_argument("checkpoints", nargs="+", help="run folders, checkpoints, exports or official files")
+    p.add_argument("--protocols", default="knn,linprobe,finetune", help="comma-separated subset")
+    p.add_argument("--train", help="labelled training images (default: each run's)")
+    p.add_argument("--val", help="labelled evaluation images (default: each run's eval.val)")
+    p.add_argument("--weights", default="student", help="student | teacher")
+    p.add_argument("--pool", default="mean", choices=("cls", "mean", "mean_prenorm"), help="k-NN features")
+    p.add_argument("--linprobe-epochs", type=int, default=90, help="linear probe budget (cached features)")
+    p.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning budget")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/eval", help="folder for table.md, table.json and the runs")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="for the linear probe and fine-tune runs"
+    )
+    p.set_defaults(func=_eval)
+
     p = sub.add_parser("export", help="write the encoder as a timm-loadable safetensors file")
     p.add_argument("checkpoint", help="run folder or .pt checkpoint")
     p.add_argument("--out", help="output .safetensors path")
@@ -185,7 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`mimkit pretrain --out x method=lut optim.epochs=3`)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from mimkit.train.distributed import cleanup
     from mimkit.train.engine import NonFiniteLoss
 

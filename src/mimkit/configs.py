@@ -63,6 +63,8 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = None
+    name: str = "adamw"  # adamw | lars (the linear probe's: momentum, trust 0.001, 1-D tensors not adapted)
+    momentum: float = 0.9  # lars only
     # The reference codes decay cls/mask tokens (3-D tensors); by default we exclude them with the other
     # position-like parameters. The paper recipes set this to true to match the reference exactly.
     decay_tokens: bool = False
@@ -110,6 +112,7 @@ class Config:
 
 CHOICES = {
     "optim.lr_rule": ("linear", "sqrt"),
+    "optim.name": ("adamw", "lars"),
     "run.precision": ("auto", "bf16", "fp16", "fp32"),
     "eval.pool": ("cls", "mean", "mean_prenorm"),
 }
@@ -130,9 +133,11 @@ def recipe_path(recipe: str | Path) -> Path:
 
 
 def _method_classes() -> dict[str, type]:
+    """Pre-training methods, and the evaluations that train (their config is a ``method`` section too)."""
+    from mimkit.eval.classify import TASKS
     from mimkit.methods import METHODS
 
-    return {name: cls.Config for name, cls in METHODS.items()}
+    return {name: cls.Config for name, cls in {**METHODS, **TASKS}.items()}
 
 
 def _valid_keys(obj: Any, prefix: str = "") -> dict[str, Any]:

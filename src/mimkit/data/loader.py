@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
@@ -21,15 +22,18 @@ from mimkit.data.sources import ImageSource, UnreadableImage
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run a block with torch's and Python's CPU generators seeded, then put their states back."""
-    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    """Run a block with torch's, Python's and NumPy's CPU generators seeded (timm's RandAugment draws from
+    NumPy), then put their states back."""
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
     torch.manual_seed(seed)
     random.seed(seed)
+    np.random.seed(seed % (1 << 32))
     try:
         yield
     finally:
         torch.set_rng_state(torch_state)
         random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -4,6 +4,7 @@ Latent MIM reference's "NN" figure, a leave-one-out 1-nearest-neighbour within t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,9 +26,12 @@ def extract_features(
     batch_size: int = 256,
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    out_dim: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features [N, D] (float32, on the CPU) and labels [N] of every image, in source order; under DDP
-    each rank encodes a shard and all ranks receive everything."""
+    each rank encodes a shard and all ranks receive everything. ``encode`` replaces
+    ``encoder.features(images, pool)`` (a classifier's logits, say; ``out_dim`` is then their width)."""
     was_training = encoder.training
     encoder.eval()
     sampler = EpochSampler(len(dataset), shuffle=False, rank=env.rank, world_size=env.world_size, pad=False)
@@ -45,12 +49,12 @@ def extract_features(
             continue
         images = batch["image"].to(env.device, non_blocking=True)
         with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            f = encoder.features(images, pool=pool)
+            f = encode(images) if encode is not None else encoder.features(images, pool=pool)
         feats.append(f.float())
         labels.append(batch["label"].to(env.device))
         indices.append(batch["index"].to(env.device))
     encoder.train(was_training)
-    dim = encoder.embed_dim
+    dim = out_dim or encoder.embed_dim
     feats_t = torch.cat(feats) if feats else torch.zeros(0, dim, device=env.device)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=env.device)
     index_t = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long, device=env.device)

@@ -15,6 +15,10 @@ METHODS: dict[str, type[Method]] = {MAE.name: MAE, LUT.name: LUT, LatentMIM.name
 
 def build_method(cfg: Any) -> Method:
     """The method named by ``cfg.method.name``, with its encoder built from ``cfg.model``."""
+    if cfg.method.name not in METHODS:
+        raise ValueError(
+            f"'{cfg.method.name}' is an evaluation, not a pre-training method: run `mimkit {cfg.method.name}`"
+        )
     return METHODS[cfg.method.name].build(cfg.model, cfg.method)
 
 

@@ -189,7 +189,8 @@ class Trainer:
             dataset,
             sampler,
             batch_size=bs,
-            num_workers=cfg.data.num_workers,
+            # tensors already in memory (cached features) gain nothing from worker processes
+            num_workers=0 if getattr(dataset, "in_memory", False) else cfg.data.num_workers,
             drop_last=True,
             pin_memory=env.device.type == "cuda",
         )

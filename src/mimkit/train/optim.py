@@ -52,5 +52,20 @@ def build_optimizer(module: nn.Module, optim: Any, lr: float, device: torch.devi
         else set()
     )
     groups = param_groups(module, optim.weight_decay, no_decay)
+    if optim.name == "lars":
+        # MAE's LARS: the trust ratio scales the update of every tensor of 2 or more dimensions, with or
+        # without weight decay; 1-D tensors (biases, norms) are neither adapted nor decayed
+        from timm.optim import Lars
+
+        lars_groups = []
+        for group in groups:
+            for ndim_gt1 in (True, False):
+                params = [p for p in group["params"] if (p.ndim > 1) == ndim_gt1]
+                if params:
+                    wd = group.get("weight_decay", optim.weight_decay) if ndim_gt1 else 0.0
+                    lars_groups.append(
+                        {**group, "params": params, "weight_decay": wd, "always_adapt": ndim_gt1}
+                    )
+        return Lars(lars_groups, lr=lr, momentum=optim.momentum, trust_coeff=0.001)
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), fused=fused or None)

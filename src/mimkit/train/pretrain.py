@@ -48,25 +48,15 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
     source = build_source(cfg.data.train, image_size=cfg.model.img_size, max_images=cfg.data.max_images)
     dataset = ViewDataset(source, method.train_transform(cfg.data), seed=cfg.run.seed)
     trainer = Trainer(method, cfg, env, out)
-    resume_from = find_resume(cfg, out)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        params = sum(p.numel() for p in method.parameters() if p.requires_grad)
-        print(to_yaml(cfg), file=sys.stderr)
-        print(
-            f"mimkit: {cfg.method.name} on {source.name} ({len(source)} images), {params / 1e6:.2f}M "
-            f"trainable parameters, {env.world_size} x {env.device}, {trainer.precision}, effective batch "
-            f"{trainer.eff_batch}, lr {trainer.base_lr:.3g}; writing to {out}",
-            file=sys.stderr,
-        )
-    if resume_from is not None:
-        trainer.resume(resume_from)
-        if env.is_main:
-            print(
-                f"mimkit: resumed {resume_from} at epoch {trainer.epoch}, step {trainer.step}",
-                file=sys.stderr,
-            )
+    params = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    start_run(
+        cfg,
+        trainer,
+        out,
+        f"mimkit: {cfg.method.name} on {source.name} ({len(source)} images), {params / 1e6:.2f}M trainable "
+        f"parameters, {env.world_size} x {env.device}, {trainer.precision}, effective batch "
+        f"{trainer.eff_batch}, lr {trainer.base_lr:.3g}; writing to {out}",
+    )
 
     summary: dict[str, Any] = {"method": cfg.method.name, "run": str(out)}
     probes: dict[str, Callable[[torch.nn.Module], dict[str, Any]]] = {}
@@ -102,6 +92,25 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     barrier(env)
     return summary
+
+
+def start_run(cfg: Config, trainer: Trainer, out: Path, description: str) -> None:
+    """The run folder and its config.yaml, the resolved config and a one-line description on stderr, and
+    the resume (``run.resume``) when there is something to resume."""
+    env = trainer.env
+    resume_from = find_resume(cfg, out)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        print(to_yaml(cfg), file=sys.stderr)
+        print(description, file=sys.stderr)
+    if resume_from is not None:
+        trainer.resume(resume_from)
+        if env.is_main:
+            print(
+                f"mimkit: resumed {resume_from} at epoch {trainer.epoch}, step {trainer.step}",
+                file=sys.stderr,
+            )
 
 
 def knn_probe(

@@ -1,0 +1,260 @@
+import json
+import math
+
+import pytest
+import torch
+
+from mimkit.cli import main
+from mimkit.configs import ConfigError, build_config
+from mimkit.eval.classify import FeatureDataset, FineTune, LinearProbe, train_classifier
+from mimkit.methods import build_method
+from mimkit.models.pos_embed import resample_pos_embed
+from mimkit.train.distributed import init_distributed
+from mimkit.train.engine import Trainer
+from mimkit.train.optim import build_optimizer
+from mimkit.train.pretrain import pretrain
+from tests.conftest import TINY, straight_and_resumed
+
+TASK = [
+    "data.train=synthetic:64",
+    "eval.val=synthetic:32",
+    "data.num_workers=0",
+    "optim.epochs=2",
+    "optim.warmup_epochs=1",
+    "optim.batch_size=16",
+    "run.progress=false",
+    "run.log_every=2",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    pretrain(build_config(None, [*TINY, f"run.out={out}", "optim.epochs=1", "optim.warmup_epochs=0"]))
+    return str(out)
+
+
+def tiny_encoder():
+    torch.manual_seed(0)
+    return build_method(build_config(None, TINY)).encoder
+
+
+def test_layer_decay_groups_follow_the_layer_ids():
+    """Spec 4.1: id 0 = cls, positions, patch embedding; block i -> i + 1; the rest (fc_norm, head) ->
+    depth + 1; scale = ld^(depth + 1 - id); no decay for 1-D tensors, positions and cls."""
+    cfg = build_config(None, ["method=finetune", "method.layer_decay=0.5"]).method
+    model = FineTune(tiny_encoder(), cfg, num_classes=10)
+    scale, decay = {}, {}
+    names = {id(p): n for n, p in model.model.named_parameters()}
+    for group in model.param_groups(0.05):
+        for p in group["params"]:
+            scale[names[id(p)]], decay[names[id(p)]] = group["lr_scale"], group["weight_decay"]
+    assert set(scale) == {n for n, p in model.model.named_parameters() if p.requires_grad}
+    for name, value in scale.items():
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            assert name.startswith(("fc_norm", "head")), name
+            layer = 3
+        assert value == pytest.approx(0.5 ** (3 - layer)), name
+    assert (
+        decay["pos_embed"] == decay["cls_token"] == decay["blocks.0.norm1.weight"] == decay["head.bias"] == 0
+    )
+    assert decay["blocks.1.attn.qkv.weight"] == decay["head.weight"] == 0.05
+
+
+def test_fine_tune_model_keeps_the_pretrained_weights_and_makes_positions_learnable():
+    encoder = tiny_encoder()
+    cfg = build_config(None, ["method=finetune"]).method
+    model = FineTune(encoder, cfg, num_classes=10)
+    assert model.model.pos_embed.requires_grad and torch.equal(model.model.pos_embed, encoder.pos_embed)
+    assert torch.equal(model.model.blocks[1].mlp.fc2.weight, encoder.blocks[1].mlp.fc2.weight)
+    assert isinstance(model.model.norm, torch.nn.Identity) and model.model.global_pool == "avg"
+    assert model.model.head.weight.std().item() < 1e-4 and model.model.blocks[1].drop_path1.drop_prob > 0
+    # same grid: the table is kept exactly; another size: resampled to the new grid
+    assert resample_pos_embed(encoder.pos_embed, (4, 4)) is encoder.pos_embed
+    bigger = FineTune(encoder, build_config(None, ["method=finetune", "method.img_size=32"]).method, 10)
+    assert bigger.model.pos_embed.shape == (1, 1 + 64, 64)
+    assert bigger.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_lars_follows_maes_rule():
+    """One step: 2-D tensors move by lr * trust * |w| / |g| * g (no weight decay here), 1-D ones by lr * g."""
+    layer = torch.nn.Linear(4, 3)
+    layer.weight.grad, layer.bias.grad = torch.randn(3, 4), torch.randn(3)
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    optim = build_config(None, ["optim.name=lars", "optim.weight_decay=0"]).optim
+    opt = build_optimizer(layer, optim, lr=2.0, device=torch.device("cpu"))
+    opt.step()
+    trust = 0.001 * w.norm() / layer.weight.grad.norm()
+    torch.testing.assert_close(
+        layer.weight.detach(), w - 2.0 * trust * layer.weight.grad, rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(layer.bias.detach(), b - 2.0 * layer.bias.grad)
+
+
+def test_linear_probe_separates_separable_features(tmp_path):
+    """A probe trained by the engine on cached features of 4 Gaussian clusters classifies held-out samples."""
+    g = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(4, 64, generator=g)
+
+    def sample(n):
+        labels = torch.arange(n) % 4
+        return centres[labels] + torch.randn(n, 64, generator=g), labels
+
+    cfg = build_config(
+        None,
+        [
+            *TASK,
+            "method=linprobe",
+            "optim.name=lars",
+            "optim.lr=6.4",
+            "optim.weight_decay=0",
+            "optim.epochs=10",
+            f"run.out={tmp_path}",
+        ],
+    )
+    probe = LinearProbe(tiny_encoder(), cfg.method, num_classes=4, pool="mean")
+    train_x, train_y = sample(256)
+    Trainer(probe, cfg, init_distributed("cpu"), tmp_path).fit(FeatureDataset(train_x, train_y, seed=0))
+    probe.eval()
+    test_x, test_y = sample(200)
+    accuracy = (probe.head(test_x).argmax(1) == test_y).float().mean().item()
+    assert accuracy > 0.9  # chance: 0.25
+
+
+def test_linear_probe_and_fine_tune_on_images(tiny_checkpoint, tmp_path, capsys):
+    assert (
+        main(
+            [
+                "linprobe",
+                tiny_checkpoint,
+                "--out",
+                str(tmp_path / "lp"),
+                *TASK,
+                "optim.epochs=30",
+                "optim.lr=6.4",
+            ]
+        )
+        == 0
+    )
+    assert "linprobe (30 epochs) on synthetic:32: top-1" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "lp" / "summary.json").read_text())
+    # synthetic classes differ by colour, so even a barely trained encoder's features separate them
+    assert summary["top1"] > 50 and summary["protocol"] == "linprobe"
+    # the full mode (fresh augmentations every epoch) runs through the same engine
+    full_mode = build_config(
+        "linprobe",
+        [*TASK, f"method.checkpoint={tiny_checkpoint}", "method.cached=false", f"run.out={tmp_path / 'f'}"],
+    )
+    assert train_classifier(full_mode)["steps"] == 8
+    fine = build_config(
+        "finetune",
+        [
+            *TASK,
+            f"method.checkpoint={tiny_checkpoint}",
+            "method.model_ema=true",
+            f"run.out={tmp_path / 'ft'}",
+        ],
+    )
+    summary = train_classifier(fine)
+    assert {"top1", "top5", "ema_top1"} <= set(summary) and summary["steps"] == 8
+
+
+def test_fine_tuning_learns_and_resumes_exactly(tiny_checkpoint, tmp_path):
+    """What this checks instead of 'beats training from scratch' (which needs more pre-training than a test
+    can afford on a CPU): fine-tuning starts from the checkpoint, its loss starts at ln(C) (a near-zero
+    head) and falls on real images, and a run stopped mid-way and resumed ends with the same weights."""
+    overrides = [
+        *TASK,
+        "method=finetune",
+        f"method.checkpoint={tiny_checkpoint}",
+        "data.train=demo:train",
+        "data.max_images=64",
+        "eval.val=demo:val",
+        "method.mixup=0",
+        "method.cutmix=0",
+        "method.label_smoothing=0",
+        "method.img_size=16",
+        "optim.lr=2e-3",
+    ]
+    a, b, summary = straight_and_resumed(overrides, tmp_path, stop_at=5, run=train_classifier)
+    assert summary["steps"] == 8
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[0] == pytest.approx(math.log(10), rel=0.05) and losses[-1] < losses[0]
+
+
+def test_eval_writes_one_table_for_two_checkpoints(tiny_checkpoint, tmp_path, capsys):
+    second = tmp_path / "lut"
+    pretrain(
+        build_config(
+            None,
+            [
+                *TINY,
+                "method=lut",
+                "method.head_hidden_dim=32",
+                f"run.out={second}",
+                "optim.epochs=1",
+                "optim.warmup_epochs=0",
+            ],
+        )
+    )
+    args = [
+        "eval",
+        tiny_checkpoint,
+        str(second),
+        "--train",
+        "synthetic:32",
+        "--val",
+        "synthetic:16",
+        "--linprobe-epochs",
+        "3",
+        "--finetune-epochs",
+        "1",
+        "--num-workers",
+        "0",
+        "--out",
+        str(tmp_path / "table"),
+        "optim.batch_size=8",
+        "run.progress=false",
+    ]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "table" / "table.json").read_text())
+    assert [(r["method"], r["protocol"]) for r in rows] == [
+        ("mae", "knn"),
+        ("mae", "linprobe"),
+        ("mae", "finetune"),
+        ("lut", "knn"),
+        ("lut", "linprobe"),
+        ("lut", "finetune"),
+    ]
+    assert rows[1]["budget"] == "3 epochs" and all(0 <= r["top1"] <= 100 for r in rows)
+    markdown = (tmp_path / "table" / "table.md").read_text()
+    assert markdown.startswith("| checkpoint | method | weights | protocol | budget | top-1 | top-5 |")
+    assert len(markdown.strip().splitlines()) == 8 and markdown in capsys.readouterr().out
+
+
+def test_bad_evaluation_settings_are_named(tiny_checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match=r"needs 'method\.checkpoint'"):
+        train_classifier(build_config(None, [*TASK, "method=linprobe"]))
+    with pytest.raises(ConfigError, match=r"needs 'eval\.val'"):
+        train_classifier(
+            build_config(
+                None, [*TASK, "method=linprobe", f"method.checkpoint={tiny_checkpoint}", "eval.val=null"]
+            )
+        )
+    with pytest.raises(ConfigError, match=r"'optim\.batch_size' must be even; got 15"):
+        train_classifier(
+            build_config(
+                None,
+                [*TASK, "method=finetune", f"method.checkpoint={tiny_checkpoint}", "optim.batch_size=15"],
+            )
+        )
+    with pytest.raises(ValueError, match="'linprobe' is an evaluation, not a pre-training method"):
+        build_method(build_config(None, ["method=linprobe"]))
+    assert main(["eval", tiny_checkpoint, "--protocols", "knn,probe"]) == 2
