@@ -258,3 +258,14 @@ def test_bad_evaluation_settings_are_named(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="'linprobe' is an evaluation, not a pre-training method"):
         build_method(build_config(None, ["method=linprobe"]))
     assert main(["eval", tiny_checkpoint, "--protocols", "knn,probe"]) == 2
+
+
+def test_evaluations_take_exports_and_teachers(tiny_checkpoint, tmp_path, capsys):
+    export = tmp_path / "encoder.safetensors"
+    assert main(["export", tiny_checkpoint, "--out", str(export)]) == 0
+    cfg = build_config("linprobe", [*TASK, f"method.checkpoint={export}", f"run.out={tmp_path / 'x'}"])
+    assert train_classifier(cfg)["method"] == "mae"
+    # a method without a teacher says so, naming what it has
+    args = ["finetune", tiny_checkpoint, "--weights", "teacher", "--out", str(tmp_path / "t"), *TASK]
+    assert main(args) == 2
+    assert "has no 'teacher' weights; it has: student" in capsys.readouterr().err

@@ -133,7 +133,8 @@ def _train_task(args: argparse.Namespace) -> int:
     from mimkit.configs import to_yaml
     from mimkit.eval.classify import train_classifier
 
-    cfg = _task_config(args.command, args.checkpoint, args.config, list(args.overrides), args.out)
+    overrides = [*([f"method.weights={args.weights}"] if args.weights else []), *args.overrides]
+    cfg = _task_config(args.command, args.checkpoint, args.config, overrides, args.out)
     if args.resume:
         cfg.run.resume = args.resume
     if args.print_config:
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("checkpoint", help="run folder, .pt checkpoint, .safetensors export or official file")
         p.add_argument("--config", "-c", help=f"recipe (default: {kind}; mimkit recipes lists them)")
         p.add_argument("--out", help="run folder (default: CHECKPOINT-" + kind + ")")
+        p.add_argument("--weights", help="student (default) | teacher (methods with an EMA teacher)")
         p.add_argument("--resume", help="auto (default) | none | checkpoint path")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument(
