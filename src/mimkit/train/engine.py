@@ -303,7 +303,8 @@ class Trainer:
         values = (torch.stack([self._metric_sums[k] for k in keys]) / self._metric_count).tolist()
         self._metric_sums, self._metric_count = {}, 0
         scalars = dict(zip(keys, values, strict=True))
-        scalars["lr"] = self.optimizer.param_groups[0]["lr"]
+        # the unscaled lr (groups may carry a layer-decay lr_scale below 1)
+        scalars["lr"] = max(group["lr"] for group in self.optimizer.param_groups)
         scalars["img/s"] = images / seconds if seconds > 0 else 0.0
         log.scalars(self.step, scalars, epoch=self.epoch + self.iter / iters)
         return scalars["loss"]
