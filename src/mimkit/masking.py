@@ -39,6 +39,21 @@ def uniform_noise(
     return torch.rand(batch, num_patches, generator=generator, device=device)
 
 
+def _given_or_drawn(
+    noise: torch.Tensor | None,
+    batch: int,
+    num_patches: int,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+) -> torch.Tensor:
+    """The caller's noise (checked for shape), or fresh uniform noise."""
+    if noise is None:
+        return uniform_noise(batch, num_patches, generator=generator, device=device)
+    if noise.shape != (batch, num_patches):
+        raise ValueError(f"noise must have shape {(batch, num_patches)}, got {tuple(noise.shape)}")
+    return noise
+
+
 def random_masking(
     batch: int,
     num_patches: int,
@@ -49,10 +64,7 @@ def random_masking(
     device: torch.device | str | None = None,
 ) -> Mask:
     """Per-sample uniform random masking with the reference's convention (see the module docstring)."""
-    if noise is None:
-        noise = uniform_noise(batch, num_patches, generator=generator, device=device)
-    elif noise.shape != (batch, num_patches):
-        raise ValueError(f"noise must have shape {(batch, num_patches)}, got {tuple(noise.shape)}")
+    noise = _given_or_drawn(noise, batch, num_patches, generator, device)
     keep = num_visible(num_patches, mask_ratio)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
@@ -110,10 +122,6 @@ def visible_target_split(
         raise ValueError(
             f"num_visible must lie in [1, {num_patches - 1}] for {num_patches} patches; got {num_visible}"
         )
-    if noise is None:
-        noise = uniform_noise(batch, num_patches, generator=generator, device=device)
-    elif noise.shape != (batch, num_patches):
-        raise ValueError(f"noise must have shape {(batch, num_patches)}, got {tuple(noise.shape)}")
-    order = torch.argsort(noise, dim=1)
+    order = torch.argsort(_given_or_drawn(noise, batch, num_patches, generator, device), dim=1)
     masked = order[:, num_visible:]
     return LatentSplit(order[:, :num_visible], masked, masked if mask_target else order)

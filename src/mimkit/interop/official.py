@@ -109,10 +109,11 @@ def lmim_to_mimkit(state: dict[str, Any]) -> dict[str, Any]:
     """Official Latent MIM keys and tensors (``module.`` already stripped) -> mimkit's LatentMIM state."""
     out: dict[str, Any] = {}
     for key, value in state.items():
+        if key == "decoder.pos_embed.pos_embeds":
+            out["decoder.pos_embed"] = value[None]
+            continue
         if key.startswith("decoder."):
-            out["decoder.pos_embed" if key == "decoder.pos_embed.pos_embeds" else key] = (
-                value[None] if key == "decoder.pos_embed.pos_embeds" else value
-            )
+            out[key] = value
             continue
         official = next((o for o in LMIM_ENCODERS if key.startswith(o)), None)
         if official is None:
@@ -138,10 +139,11 @@ def mimkit_to_lmim(state: dict[str, Any]) -> dict[str, Any]:
     """The inverse of :func:`lmim_to_mimkit`."""
     out: dict[str, Any] = {}
     for key, value in state.items():
+        if key == "decoder.pos_embed":
+            out["decoder.pos_embed.pos_embeds"] = value[0]
+            continue
         if key.startswith("decoder."):
-            out[key + ".pos_embeds" if key == "decoder.pos_embed" else key] = (
-                value[0] if key == "decoder.pos_embed" else value
-            )
+            out[key] = value
             continue
         for official, (encoder, projector) in LMIM_ENCODERS.items():
             if key.startswith(projector):
