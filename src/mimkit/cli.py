@@ -41,15 +41,25 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _knn(args: argparse.Namespace) -> int:
+def _view_and_dtype(info: dict, env) -> tuple:
+    """What every evaluation of a loaded encoder needs: its image size, its evaluation view (the
+    checkpoint's normalisation and crop) and the autocast dtype of the device."""
     from types import SimpleNamespace
 
     import torch
 
+    from mimkit.data.transforms import eval_view
+
+    size = info["img_size"]
+    data = SimpleNamespace(mean=info["mean"], std=info["std"], crop_pct=info["crop_pct"])
+    dtype = torch.bfloat16 if env.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return size, eval_view(size, data), dtype
+
+
+def _knn(args: argparse.Namespace) -> int:
     from mimkit.checkpoint import load_encoder
     from mimkit.configs import EvalConfig
     from mimkit.data.sources import build_source
-    from mimkit.data.transforms import eval_view
     from mimkit.eval.knn import knn_evaluate, loo_nn_evaluate
     from mimkit.train.distributed import init_distributed
 
@@ -66,15 +76,13 @@ def _knn(args: argparse.Namespace) -> int:
             f"mimkit knn --protocol {args.protocol} needs {needs}; this checkpoint's config names no default"
         )
     settings = cfg.eval if cfg else EvalConfig()
-    size = info["img_size"]
-    data = SimpleNamespace(mean=info["mean"], std=info["std"], crop_pct=info["crop_pct"])
-    dtype = torch.bfloat16 if env.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    size, view, dtype = _view_and_dtype(info, env)
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers, autocast_dtype=dtype)
     if loo:
         result = loo_nn_evaluate(
             encoder,
             build_source(val, image_size=size),
-            eval_view(size, data),
+            view,
             env,
             pool=args.pool or "mean_prenorm",
             **common,
@@ -85,7 +93,7 @@ def _knn(args: argparse.Namespace) -> int:
             encoder,
             build_source(train, image_size=size),
             build_source(val, image_size=size),
-            eval_view(size, data),
+            view,
             env,
             k=args.k or settings.k,
             temperature=args.temperature or settings.temperature,
@@ -109,13 +117,14 @@ def _knn(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_config(kind: str, checkpoint: str, recipe: str | None, overrides: list[str], out: str | None):
-    """A linear-probe or fine-tune config for ``checkpoint``: the recipe (default: the small generic one),
-    then the checkpoint's own labelled data where the overrides name none, then the overrides."""
-    from mimkit.checkpoint import load_encoder
+def _task_config(
+    kind: str, checkpoint: str, info: dict, recipe: str | None, overrides: list[str], out: str | None
+):
+    """A linear-probe or fine-tune config for ``checkpoint`` (``info``: what load_encoder said of it): the
+    recipe (default: the small generic one), then the checkpoint's own labelled data where the overrides
+    name none, then the overrides."""
     from mimkit.configs import build_config
 
-    _, info = load_encoder(checkpoint)
     given = {o.split("=", 1)[0] for o in overrides}
     base = build_config(recipe or kind)
     run = out or f"{Path(checkpoint).with_suffix('')}-{kind}"
@@ -130,17 +139,19 @@ def _task_config(kind: str, checkpoint: str, recipe: str | None, overrides: list
 
 
 def _train_task(args: argparse.Namespace) -> int:
+    from mimkit.checkpoint import load_encoder
     from mimkit.configs import to_yaml
     from mimkit.eval.classify import train_classifier
 
+    loaded = load_encoder(args.checkpoint, args.weights or "student")
     overrides = [*([f"method.weights={args.weights}"] if args.weights else []), *args.overrides]
-    cfg = _task_config(args.command, args.checkpoint, args.config, overrides, args.out)
+    cfg = _task_config(args.command, args.checkpoint, loaded[1], args.config, overrides, args.out)
     if args.resume:
         cfg.run.resume = args.resume
     if args.print_config:
         print(to_yaml(cfg))
         return 0
-    summary = train_classifier(cfg)
+    summary = train_classifier(cfg, loaded=loaded)
     if "top1" in summary:
         line = f"{args.command} ({cfg.optim.epochs} epochs) on {summary['val']}: top-1 {summary['top1']:.2f}%"
         line += f", top-5 {summary['top5']:.2f}%" if "top5" in summary else ""
@@ -152,15 +163,10 @@ def _train_task(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    """k-NN, linear probe and fine-tune for each checkpoint, one table."""
-    from types import SimpleNamespace
-
-    import torch
-
+    """k-NN, linear probe and fine-tune for each checkpoint, one table; each checkpoint is read once."""
     from mimkit.checkpoint import load_encoder
     from mimkit.configs import build_config
     from mimkit.data.sources import build_source
-    from mimkit.data.transforms import eval_view
     from mimkit.eval.classify import train_classifier, write_table
     from mimkit.eval.knn import knn_evaluate
     from mimkit.train.distributed import init_distributed
@@ -181,14 +187,12 @@ def _eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"{checkpoint}: names no labelled data; give --train and --val")
         row = {"checkpoint": str(checkpoint), "method": info["method"], "weights": args.weights}
         if "knn" in protocols:
-            size = info["img_size"]
-            data = SimpleNamespace(mean=info["mean"], std=info["std"], crop_pct=info["crop_pct"])
-            dtype = torch.bfloat16 if env.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+            size, view, dtype = _view_and_dtype(info, env)
             result = knn_evaluate(
                 encoder.to(env.device),
                 build_source(train, image_size=size),
                 build_source(val, image_size=size),
-                eval_view(size, data),
+                view,
                 env,
                 pool=args.pool,
                 num_workers=args.num_workers,
@@ -214,8 +218,8 @@ def _eval(args: argparse.Namespace) -> int:
                 "run.resume=none",
                 *args.overrides,
             ]
-            cfg_task = _task_config(kind, checkpoint, None, overrides, str(out / f"{index}-{kind}"))
-            result = train_classifier(cfg_task, env)
+            cfg_task = _task_config(kind, checkpoint, info, None, overrides, str(out / f"{index}-{kind}"))
+            result = train_classifier(cfg_task, env, loaded=(encoder, info))
             rows.append({**row, "protocol": kind, "budget": f"{epochs} epochs", **_tops(result)})
     if env.is_main:
         print(write_table(rows, out), end="")

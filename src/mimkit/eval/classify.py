@@ -294,9 +294,13 @@ def classify(
     return topk_accuracy(logits, labels)
 
 
-def train_classifier(cfg: Config, env: Any = None) -> dict[str, Any]:
+def train_classifier(
+    cfg: Config, env: Any = None, loaded: tuple[ViTEncoder, dict] | None = None
+) -> dict[str, Any]:
     """Train a linear probe or fine-tune (``cfg.method``) with the engine, then report top-1/top-5 on
-    eval.val. Writes the run folder like ``pretrain`` (last.pt, metrics.jsonl, tb/, summary.json)."""
+    eval.val. Writes the run folder like ``pretrain`` (last.pt, metrics.jsonl, tb/, summary.json).
+    ``loaded``: the (encoder, info) of ``load_encoder`` when the caller has read the checkpoint already;
+    it is used if it holds the weights the config asks for."""
     from mimkit.checkpoint import load_encoder
     from mimkit.train.distributed import barrier, init_distributed
     from mimkit.train.engine import Trainer
@@ -310,7 +314,10 @@ def train_classifier(cfg: Config, env: Any = None) -> dict[str, Any]:
     if not cfg.eval.val:
         raise ConfigError(f"{task.name} needs 'eval.val': labelled images to measure the accuracy on")
     env = env or init_distributed(cfg.run.device)
-    encoder, info = load_encoder(task.checkpoint, task.weights)
+    if loaded is not None and loaded[1]["weights"] == task.weights:
+        encoder, info = loaded
+    else:
+        encoder, info = load_encoder(task.checkpoint, task.weights)
     # the encoder's own input normalisation; the image size is the checkpoint's unless fine-tuning sets one
     cfg.data.mean, cfg.data.std = tuple(info["mean"]), tuple(info["std"])
     size = getattr(task, "img_size", None) or info["img_size"]
