@@ -269,3 +269,18 @@ def test_evaluations_take_exports_and_teachers(tiny_checkpoint, tmp_path, capsys
     args = ["finetune", tiny_checkpoint, "--weights", "teacher", "--out", str(tmp_path / "t"), *TASK]
     assert main(args) == 2
     assert "has no 'teacher' weights; it has: student" in capsys.readouterr().err
+
+
+def test_fine_tuning_with_mixup_repeats_exactly(tiny_checkpoint, tmp_path):
+    """Mixup draws from NumPy in the main process; the run's seed fixes it, so two runs agree."""
+    import numpy as np
+
+    states = []
+    for name in ("a", "b"):
+        np.random.seed(len(name) + len(states))  # whatever came before the run must not matter
+        cfg = build_config(
+            "finetune", [*TASK, f"method.checkpoint={tiny_checkpoint}", f"run.out={tmp_path / name}"]
+        )
+        train_classifier(cfg)
+        states.append(torch.load(tmp_path / name / "last.pt", weights_only=True)["model"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -50,6 +50,14 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def seed_all(seed: int) -> None:
+    """Seed every generator a training step may draw from: torch (CPU and CUDA), Python and NumPy (timm's
+    Mixup draws its mixing weights from NumPy in the main process)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(_from_bytes(state["torch"]))
     version, internal, gauss = state["python"]

@@ -24,6 +24,7 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 from torchvision.transforms import v2 as T
 
+from mimkit.checkpoint import seed_all
 from mimkit.configs import Config, ConfigError
 from mimkit.data.loader import ViewDataset
 from mimkit.data.sources import ImageSource, build_source
@@ -331,8 +332,9 @@ def train_classifier(
             "Mixup/CutMix pair images within a batch: 'optim.batch_size' must be even; "
             f"got {cfg.optim.batch_size}"
         )
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)  # the same head on every rank
     module = TASKS[task.name].build(encoder, info, task, num_classes)
+    seed_all(cfg.run.seed + env.rank)  # drop path and Mixup differ across ranks, and repeat across runs
     out = run_dir(cfg)
     trainer = Trainer(module, cfg, env, out)
     dtype = autocast_dtype(trainer)

@@ -168,7 +168,7 @@ class Trainer:
         if len(rngs) == self.env.world_size:
             checkpoint.set_rng_state(rngs[self.env.rank])
         else:  # another world size: the data order still resumes exactly, the masks cannot
-            torch.manual_seed(self.cfg.run.seed + self.env.rank + 7919 * self.step)
+            checkpoint.seed_all(self.cfg.run.seed + self.env.rank + 7919 * self.step)
 
     # ---- the loop -----------------------------------------------------------------------------------
     def fit(

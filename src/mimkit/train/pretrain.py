@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mimkit.checkpoint import resolve_checkpoint
+from mimkit.checkpoint import resolve_checkpoint, seed_all
 from mimkit.configs import Config, to_yaml
 from mimkit.data.loader import ViewDataset
 from mimkit.data.sources import ImageSource, build_source
@@ -44,7 +44,7 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
     out = run_dir(cfg)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     method = build_method(cfg)
-    torch.manual_seed(cfg.run.seed + env.rank)  # masks differ across ranks
+    seed_all(cfg.run.seed + env.rank)  # masks differ across ranks
     source = build_source(cfg.data.train, image_size=cfg.model.img_size, max_images=cfg.data.max_images)
     dataset = ViewDataset(source, method.train_transform(cfg.data), seed=cfg.run.seed)
     trainer = Trainer(method, cfg, env, out)
