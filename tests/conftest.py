@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+import mimkit
 from mimkit.configs import Config, build_config
 
 torch.set_num_threads(2)
@@ -31,6 +33,13 @@ TINY = [
     "run.log_every=2",
     "eval.knn=false",
 ]
+
+
+def subprocess_env(threads: int = 1) -> dict[str, str]:
+    """The environment for a child process that must import the same mimkit as the tests (not whichever
+    one is installed), with ``threads`` CPU threads."""
+    paths = [str(Path(mimkit.__file__).resolve().parents[1]), os.getcwd()]
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def tiny_config(out: Path | str, *overrides: str) -> Config:

@@ -2,12 +2,15 @@ import json
 import subprocess
 import sys
 
+import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
 from mimkit.cli import main
-from tests.conftest import TINY
+from mimkit.configs import to_dict
+from mimkit.methods import build_method
+from tests.conftest import TINY, tiny_config
 
 
 def test_pretrain_knn_and_export_from_the_command_line(tmp_path, capsys):
@@ -84,3 +87,68 @@ def test_python_dash_m_and_print_config():
         check=True,
     )
     assert "epochs: 7" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--k", "0", "--k must be at least 1; got 0"),
+        ("--k", "-5", "--k must be at least 1; got -5"),
+        ("--temperature", "0", "--temperature must be > 0; got 0.0"),
+        ("--temperature", "-0.07", "--temperature must be > 0; got -0.07"),
+    ],
+)
+def test_knn_options_of_zero_are_errors_not_the_defaults(tmp_path, capsys, option, value, message):
+    # checked before the checkpoint is read
+    assert main(["knn", str(tmp_path / "missing"), option, value]) == 2
+    assert f"mimkit: error: {message}\n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            [*TINY, "method=latent_mim", "method.num_vis=16"],
+            "'method.num_vis' must lie in [1, 15] for 16 patches; got 16",
+        ),
+        ([*TINY, "model.img_size=18"], "'model.img_size' (18) must be divisible by 'model.patch_size' (4)"),
+        (
+            [*TINY, "method.decoder_num_heads=3"],
+            "'method.decoder_embed_dim' (32) must be divisible by 'method.decoder_num_heads' (3)",
+        ),
+        (["model.arch=vit_bsae"], "'model.arch' must be one of"),
+        (["method=linprobe"], "'linprobe' is an evaluation, not a pre-training method"),
+    ],
+)
+def test_pretrain_print_config_runs_the_checks_training_runs(capsys, overrides, message):
+    assert main(["pretrain", "--print-config", *overrides]) == 2
+    captured = capsys.readouterr()
+    assert f"mimkit: error: {message}" in captured.err and captured.out == ""
+
+
+def untrained_run(folder) -> str:
+    """A run folder whose last.pt holds a freshly built tiny MAE: enough for linprobe / finetune to load."""
+    cfg = tiny_config(folder)
+    folder.mkdir(parents=True)
+    torch.save({"config": to_dict(cfg), "model": build_method(cfg).state_dict()}, folder / "last.pt")
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "command, overrides, message",
+    [
+        ("linprobe", [], "linprobe needs 'eval.val': labelled images to measure the accuracy on"),
+        (
+            "finetune",
+            ["eval.val=synthetic:8", "optim.batch_size=7"],
+            "Mixup/CutMix pair images within a batch: 'optim.batch_size' must be even; got 7",
+        ),
+        ("finetune", ["eval.val=synthetic:8", "method.img_size=0"], "'method.img_size' must be at least 1"),
+    ],
+)
+def test_task_print_config_runs_the_checks_training_runs(tmp_path, capsys, command, overrides, message):
+    run = untrained_run(tmp_path / "run")  # its config names no eval.val
+    assert main([command, run, "--print-config", *overrides]) == 2
+    captured = capsys.readouterr()
+    assert f"mimkit: error: {message}" in captured.err and captured.out == ""
+    assert main([command, run, "--print-config", "eval.val=synthetic:8"]) == 0

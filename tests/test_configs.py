@@ -1,6 +1,7 @@
 import pytest
 
 from mimkit.configs import RECIPE_DIR, ConfigError, build_config
+from mimkit.methods import build_method
 
 
 def test_unknown_override_names_the_nearest_key():
@@ -101,3 +102,166 @@ def test_lut_refuses_settings_it_would_ignore():
         build_config(None, ["method=lut", "method.min_crop_scale=0.5"])
     with pytest.raises(ConfigError, match=r"mask_ratio.*>= 0.5"):
         build_config(None, ["method=lut", "method.mask_ratio=0.4"])
+
+
+def test_clip_grad_must_be_positive_or_null_and_is_applied_at_its_value(tiny, monkeypatch):
+    import torch
+
+    from mimkit.train.distributed import init_distributed
+    from mimkit.train.engine import Trainer
+
+    # a negative norm would flip the gradients (gradient ascent); 0 would silently not clip
+    for value in ("-1.0", "0.0"):
+        with pytest.raises(
+            ConfigError, match=rf"'optim.clip_grad' must be > 0 \(or null for no clipping\); got {value}"
+        ):
+            tiny(f"optim.clip_grad={value}")
+    seen = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils,
+        "clip_grad_norm_",
+        lambda params, max_norm: seen.append(max_norm) or clip(params, max_norm),
+    )
+    cfg = tiny("optim.clip_grad=0.5")
+    trainer = Trainer(build_method(cfg), cfg, init_distributed("cpu"), cfg.run.out)
+    trainer.micro_step({"image": torch.randn(8, 3, 16, 16)}, boundary=True)
+    trainer.optimizer_step(progress=0.0)
+    assert seen == [0.5]
+
+
+@pytest.mark.parametrize(
+    "key, valid, built",
+    [
+        ("depth", 1, lambda enc: len(enc.blocks)),
+        ("patch_size", 8, lambda enc: enc.patch_size),
+        ("embed_dim", 32, lambda enc: enc.embed_dim),
+        ("num_heads", 1, lambda enc: enc.blocks[0].attn.num_heads),
+    ],
+)
+def test_model_sizes_below_one_are_errors_not_the_archs_defaults(tiny, key, valid, built):
+    for bad in (0, -2):
+        with pytest.raises(
+            ConfigError, match=rf"'model.{key}' must be at least 1 \(or null for the arch's\); got {bad}"
+        ):
+            tiny(f"model.{key}={bad}")
+    assert built(build_method(tiny(f"model.{key}={valid}")).encoder) == valid
+
+
+def test_model_shapes_are_checked_with_the_config(tiny):
+    with pytest.raises(
+        ConfigError, match=r"'model.img_size' \(16\) must be divisible by 'model.patch_size' \(5\)"
+    ):
+        tiny("model.patch_size=5")
+    with pytest.raises(
+        ConfigError, match=r"'model.embed_dim' \(64\) must be divisible by 'model.num_heads' \(3\)"
+    ):
+        tiny("model.num_heads=3")
+    with pytest.raises(ConfigError, match=r"'model.embed_dim' must be divisible by 4 .*; got 6"):
+        tiny("model.embed_dim=6", "model.num_heads=1")
+    with pytest.raises(
+        ConfigError, match=r"'model.arch' must be one of .*; got 'vit_bsae'; did you mean 'vit_base'"
+    ):
+        tiny("model.arch=vit_bsae")
+
+
+@pytest.mark.parametrize("method", ["mae", "lut", "latent_mim"])
+def test_decoder_depth_must_not_be_negative(tiny, method):
+    with pytest.raises(ConfigError, match=r"'method.decoder_depth' must be >= 0; got -1"):
+        tiny(f"method={method}", "method.decoder_depth=-1")
+    with pytest.raises(
+        ConfigError,
+        match=r"'method.decoder_embed_dim' \(32\) must be divisible by 'method.decoder_num_heads' \(3\)",
+    ):
+        tiny(f"method={method}", "method.decoder_num_heads=3")
+    assert len(build_method(tiny(f"method={method}", "method.decoder_depth=0")).decoder.blocks) == 0
+
+
+def test_checkpoint_minutes_may_be_zero_or_infinite_but_not_negative(tiny):
+    with pytest.raises(
+        ConfigError, match=r"'run.checkpoint_minutes' must be >= 0 \(0: at every logged step\); got -1.0"
+    ):
+        tiny("run.checkpoint_minutes=-1")
+    assert tiny("run.checkpoint_minutes=0").run.checkpoint_minutes == 0  # what tests/test_ddp.py runs with
+    assert tiny("run.checkpoint_minutes=.inf").run.checkpoint_minutes == float("inf")  # epoch ends only
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.weight_decay=-0.05", r"'optim.weight_decay' must be >= 0; got -0.05"),
+        ("optim.lr=-1e-3", r"'optim.lr' must be > 0 \(or null to scale optim.blr\); got -0.001"),
+        ("optim.blr=0", r"'optim.blr' must be > 0; got 0.0"),
+        ("optim.min_lr=-1", r"'optim.min_lr' must be >= 0; got -1.0"),
+        ("optim.min_lr_frac=1.5", r"'optim.min_lr_frac' must lie in \[0, 1\]; got 1.5"),
+        ("optim.betas=[1.0,0.95]", r"'optim.betas' must both lie in \[0, 1\); got \[1.0, 0.95\]"),
+        ("optim.momentum=1", r"'optim.momentum' must lie in \[0, 1\); got 1.0"),
+        ("optim.lr_ref_batch=0", r"'optim.lr_ref_batch' must be at least 1; got 0"),
+        ("eval.temperature=0", r"'eval.temperature' must be > 0; got 0.0"),
+        ("eval.every_epochs=-1", r"'eval.every_epochs' must be >= 0 \(0: only at the end\); got -1"),
+        ("data.std=[0.2,0.0,0.2]", r"'data.std' must be > 0 in every channel; got \[0.2, 0.0, 0.2\]"),
+        ("data.max_images=0", r"'data.max_images' must be at least 1 \(or null\); got 0"),
+        ("run.stop_at_step=0", r"'run.stop_at_step' must be at least 1 \(or null\); got 0"),
+        ("model.drop_path=1", r"'model.drop_path' must lie in \[0, 1\); got 1.0"),
+        ("model.mlp_ratio=0", r"'model.mlp_ratio' must be > 0; got 0.0"),
+        ("method.min_crop_scale=0", r"'method.min_crop_scale' must lie in \(0, 1\]; got 0.0"),
+    ],
+)
+def test_out_of_range_values_name_the_key(tiny, override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny(override)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.warmup_epochs=nan", r"'optim.warmup_epochs' must be a finite number; got nan"),
+        ("optim.lr=inf", r"'optim.lr' must be a finite number; got inf"),
+        ("optim.blr=nan", r"'optim.blr' must be a finite number; got nan"),
+        ("optim.min_lr=nan", r"'optim.min_lr' must be a finite number; got nan"),
+        ("optim.clip_grad=inf", r"'optim.clip_grad' must be a finite number; got inf"),
+        ("optim.betas=[nan,0.95]", r"'optim.betas' must be finite numbers; got \(nan, 0.95\)"),
+        ("run.checkpoint_minutes=nan", r"'run.checkpoint_minutes' must be a finite number; got nan"),
+        ("eval.temperature=nan", r"'eval.temperature' must be a finite number; got nan"),
+        ("method.mask_ratio=nan", r"'method.mask_ratio' must be a finite number; got nan"),
+    ],
+)
+def test_non_finite_floats_are_errors(tiny, override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny(override)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method.num_vis=16"], r"'method.num_vis' must lie in \[1, 15\] for 16 patches; got 16"),
+        (["method.num_vis=0"], r"'method.num_vis' must lie in \[1, 15\] for 16 patches; got 0"),
+        (["method.ema_momentum=1.5"], r"'method.ema_momentum' must lie in \[0, 1\]; got 1.5"),
+    ],
+)
+def test_latent_mim_settings_are_checked_against_the_model_with_the_config(tiny, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny("method=latent_mim", *overrides)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.head_depth=-1", r"'method.head_depth' must be >= 0; got -1"),
+        ("method.w_bc=-0.25", r"'method.w_bc' must be >= 0; got -0.25"),
+        ("method.head_hidden_dim=0", r"'method.head_hidden_dim' must be at least 1; got 0"),
+        ("method.ema_momentum=-0.1", r"'method.ema_momentum' must lie in \[0, 1\]; got -0.1"),
+    ],
+)
+def test_lut_head_settings_are_checked_with_the_config(tiny, override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny("method=lut", override)
+
+
+def test_fine_tune_settings_that_training_would_refuse():
+    base = ["method.checkpoint=x", "eval.val=synthetic:8"]
+    with pytest.raises(ConfigError, match=r"'optim.batch_size' must be even; got 7"):
+        build_config("finetune", [*base, "optim.batch_size=7"])
+    assert build_config("finetune", [*base, "optim.batch_size=7", "method.mixup=0", "method.cutmix=0"])
+    with pytest.raises(ConfigError, match=r"'method.img_size' must be at least 1 .*; got 0"):
+        build_config("finetune", [*base, "method.img_size=0"])

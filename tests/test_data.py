@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,141 @@ def test_a_batch_with_no_readable_image_is_an_error(tiny, tmp_path):
         path.write_bytes(b"broken")
     with pytest.raises(ValueError, match=r"every image of a batch was unreadable; the first: .*img"):
         pretrain(tiny(f"data.train={tmp_path / 'imgs'}", "optim.epochs=1", "optim.warmup_epochs=0"))
+
+
+def write_solid(folder: Path, colours: list[tuple[int, int, int]], size: int = 16) -> list[Path]:
+    """One solid-colour PNG per colour in ``folder`` (created, empty if no colours)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, colour in enumerate(colours):
+        path = folder / f"img{i}.png"
+        Image.fromarray(np.full((size, size, 3), colour, dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_an_empty_class_folder_keeps_the_labels_of_the_others(tmp_path, capfd):
+    write_solid(tmp_path / "a", [(255, 0, 0)])
+    (tmp_path / "b").mkdir()
+    write_solid(tmp_path / "c", [(0, 0, 255)] * 2)
+    (tmp_path / ".hidden").mkdir()
+    src = build_source(str(tmp_path))
+    assert src.classes == ("a", "b", "c") and [src.load(i)[1] for i in range(3)] == [0, 2, 2]
+    assert f"warning: class folder '{tmp_path / 'b'}' has no images; class 'b' keeps label 1" in (
+        capfd.readouterr().err
+    )
+
+
+def test_training_and_evaluation_sources_must_name_the_same_classes(tmp_path):
+    from mimkit.data.sources import check_same_classes
+
+    write_solid(tmp_path / "A" / "a", [(255, 0, 0)])
+    write_solid(tmp_path / "A" / "b", [(0, 255, 0)])
+    write_solid(tmp_path / "A" / "c", [(0, 0, 255)])
+    write_solid(tmp_path / "B" / "a", [(255, 0, 0)])
+    write_solid(tmp_path / "B" / "c", [(0, 0, 255)])
+    A, B = build_source(str(tmp_path / "A")), build_source(str(tmp_path / "B"))
+    message = f"classes differ between '{A.name}' (a, b, c) and '{B.name}' (a, c): only in '{A.name}': b"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_same_classes(A, B)
+    check_same_classes(A, A)
+    check_same_classes(build_source("demo:train", max_images=64), build_source("demo:val"))
+    check_same_classes(build_source("synthetic:64"), build_source("synthetic:32"))
+
+    def npz(name: str, labels: list[int], class_names: list[str] | None = None):
+        arrays = {"x": np.zeros((len(labels), 4, 4, 3), np.uint8), "y": np.asarray(labels)}
+        if class_names is not None:
+            arrays["class_names"] = np.asarray(class_names)
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        return build_source(str(tmp_path / f"{name}.npz"))
+
+    # names stored in the files are compared by name and order
+    with pytest.raises(ValueError, match=r"\(a, b, c\) and .* \(b, a, c\): the same names in another order"):
+        check_same_classes(npz("n1", [0, 1, 2], ["a", "b", "c"]), npz("n2", [0, 1, 2], ["b", "a", "c"]))
+    # names numbered from the labels: a split may lack the top labels, but not reach past the other's classes
+    full, short = npz("d1", [0, 1, 2, 3]), npz("d2", [0, 1])
+    assert full.classes_from_labels and short.classes == ("0", "1")
+    check_same_classes(full, short)
+    check_same_classes(short, full)
+    check_same_classes(A, short)
+    with pytest.raises(ValueError, match=r"'.*d1\.npz' has labels up to 3 but '.*A' names only 3 classes"):
+        check_same_classes(A, full)
+
+
+def test_npz_parts_naming_different_classes_are_an_error(tmp_path):
+    for i, names in enumerate((["a", "b"], ["b", "a"])):
+        np.savez(
+            tmp_path / f"p{i}.npz", x=np.zeros((2, 4, 4, 3), np.uint8), y=np.arange(2), class_names=names
+        )
+    with pytest.raises(ValueError, match=r"npz files name different classes: .*p0\.npz \(a, b\); .*p1\.npz"):
+        build_source(str(tmp_path / "p*.npz"))
+
+
+def test_a_bad_npz_is_one_clear_error(tmp_path):
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.zeros((64, 8, 8, 3), np.uint8), y=np.arange(64))
+    np.save(tmp_path / "one_array.npy", np.zeros(3))
+    bad = {
+        "truncated": (good.read_bytes()[: good.stat().st_size // 2], "BadZipFile: File is not a zip file"),
+        "random": (np.random.default_rng(0).bytes(300), "not a zip archive, which a .npz is"),
+        "empty": (b"", "the file is empty"),
+        "one_array": (
+            (tmp_path / "one_array.npy").read_bytes(),
+            r"a single array \(\.npy\), not named arrays",
+        ),
+    }
+    for name, (data, reason) in bad.items():
+        path = tmp_path / f"{name}.npz"
+        path.write_bytes(data)
+        with pytest.raises(
+            ValueError, match=rf"^{re.escape(str(path))}: not a readable \.npz file \({reason}\)$"
+        ):
+            build_source(str(path))
+
+
+def _decoded(path: Path) -> torch.Tensor:
+    src = build_source(str(path.parent))
+    assert src.files == [str(path)]
+    return src.load(0)[0]
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits(tmp_path):
+    """Microscopy-style 16-bit grey PNG and TIFF (both byte orders): round(v / 257) in all 3 channels,
+    where Pillow's own RGB conversion clips nearly every pixel to 255."""
+    values = np.linspace(0, 65535, 16 * 20).round().astype(np.uint16).reshape(16, 20)
+    expected = torch.from_numpy(np.round(values / 257).astype(np.uint8)).expand(3, 16, 20)
+    images = {
+        "png/img.png": Image.fromarray(values),
+        "tif/img.tif": Image.fromarray(values),
+        "tif_big_endian/img.tiff": Image.frombytes("I;16B", (20, 16), values.astype(">u2").tobytes()),
+        "tif_int32/img.tif": Image.fromarray(values.astype(np.int32)),
+    }
+    for name, image in images.items():
+        path = tmp_path / name
+        path.parent.mkdir()
+        image.save(path)
+        with Image.open(path) as check:  # the modes Pillow reads these files back in
+            assert check.mode == {"png": "I;16", "tif": "I;16", "tif_big_endian": "I;16B"}.get(
+                path.parent.name, "I"
+            )
+        img = _decoded(path)
+        assert img.dtype == torch.uint8 and img.shape == (3, 16, 20), name
+        assert torch.equal(img, expected), name
+        assert (img == 255).float().mean() < 0.01, name
+
+
+def test_float_and_wide_integer_images_are_scaled_or_named(tmp_path):
+    from mimkit.data.sources import UnreadableImage
+
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    (tmp_path / "f").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "f" / "img.tif")
+    assert torch.equal(
+        _decoded(tmp_path / "f" / "img.tif")[1], torch.from_numpy(np.rint(ramp * 255.0).astype(np.uint8))
+    )
+    (tmp_path / "wide").mkdir()
+    Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "wide" / "img.tif")
+    with pytest.raises(
+        UnreadableImage, match=r"img\.tif: 32-bit integer pixels \(mode I\) range 70000\.\.70000"
+    ):
+        _decoded(tmp_path / "wide" / "img.tif")

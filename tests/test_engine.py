@@ -145,3 +145,76 @@ def test_nan_loss_stops_with_the_step_and_a_checkpoint(tiny, tmp_path):
     # the saved weights are those after step 2, untouched by the NaN
     assert any(not torch.equal(before[k], saved["model"][f"method.{k}"]) for k in before)
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+class OverflowingGradient(torch.autograd.Function):
+    """Identity forward; the backward overflows to inf: a finite loss whose update spoils the weights
+    (AdamW then writes inf / inf = NaN)."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1e39
+
+
+class OverflowAt(Exploding):
+    def forward(self, batch):
+        out = self.method(batch)
+        self.calls += 1
+        if self.calls == self.at:
+            return type(out)(OverflowingGradient.apply(out.loss), out.metrics)
+        return out
+
+
+def test_a_step_that_spoils_the_weights_keeps_the_last_good_checkpoint(tiny, tmp_path):
+    """The loss of step 5 is finite but its update writes NaN weights: the run stops at the next sync and
+    never writes them; last.pt stays the one saved at step 4."""
+    from mimkit.data import ViewDataset, build_source
+
+    cfg = tiny("run.checkpoint_minutes=0", "run.log_every=2")  # saves at steps 2 and 4
+    method = build_method(cfg)
+    trainer = Trainer(OverflowAt(method, at_step=5), cfg, init_distributed("cpu"), tmp_path / "spoiled")
+    data = ViewDataset(build_source("synthetic:64", image_size=16), method.train_transform(cfg.data))
+    with pytest.raises(
+        NonFiniteLoss, match=r"optimizer step 5 made the weights non-finite.*last\.pt \(step 4\)"
+    ):
+        trainer.fit(data)
+    assert not all(torch.isfinite(p).all() for p in method.parameters())  # the update did spoil them
+    saved = checkpoint.load(tmp_path / "spoiled" / "last.pt")
+    assert saved["step"] == 4
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_a_checkpoint_with_non_finite_weights(tiny, tmp_path):
+    pretrain(tiny("run.stop_at_step=1"))
+    path = tmp_path / "run" / "last.pt"
+    state = checkpoint.load(path)
+    state["model"]["encoder.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    torch.save(state, path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"last\.pt: holds non-finite weights"):
+        pretrain(tiny())
+
+
+def test_resumed_runs_log_each_step_once_and_count_every_session(tiny, tmp_path):
+    """A session killed after logging step 6 but before saving (last.pt at step 4) leaves rows that the
+    resumed run would log again: they are dropped. The summary counts both sessions and is strict JSON."""
+    import json
+
+    straight = pretrain(tiny("run.log_every=1", out="straight"))
+    pretrain(tiny("run.log_every=1", "run.stop_at_step=4"))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    rows = metrics.read_text().splitlines()
+    # what a killed session leaves: rows past the checkpoint, and half a line
+    metrics.write_text(
+        "\n".join([*rows, rows[-1].replace('"step": 4', '"step": 5'), '{"step": 6, "lo']) + "\n"
+    )
+    second = pretrain(tiny("run.log_every=1"))
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in line]
+    assert steps == list(range(1, 17))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())  # strict JSON: no NaN
+    assert summary == json.loads(json.dumps(summary), parse_constant=lambda c: pytest.fail(c))
+    assert second["sessions"] == 2 and straight["sessions"] == 1
+    assert second["images_seen"] == straight["images_seen"] == 16 * 8

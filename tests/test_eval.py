@@ -284,3 +284,104 @@ def test_fine_tuning_with_mixup_repeats_exactly(tiny_checkpoint, tmp_path):
         train_classifier(cfg)
         states.append(torch.load(tmp_path / name / "last.pt", weights_only=True)["model"])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def _colour_folders(root, classes: dict[str, list[tuple[int, int, int]]]):
+    """An ImageFolder of 16 px solid-colour PNGs: {class name: colours}; an empty list makes an empty
+    class folder."""
+    import numpy as np
+    from PIL import Image
+
+    for name, colours in classes.items():
+        (root / name).mkdir(parents=True)
+        for i, colour in enumerate(colours):
+            Image.fromarray(np.full((16, 16, 3), colour, np.uint8)).save(root / name / f"img{i}.png")
+    return root
+
+
+RED, GREEN, BLUE = (220, 20, 20), (20, 220, 20), (20, 20, 220)
+
+
+def _knn_inputs():
+    from mimkit.configs import DataConfig
+    from mimkit.data.transforms import eval_view
+
+    return tiny_encoder(), eval_view(16, DataConfig(crop_pct=1.0)), init_distributed("cpu")
+
+
+def test_knn_labels_classes_by_name_when_a_val_class_folder_is_empty(tmp_path, capfd):
+    """A query of class c is the exact copy of a bank image of class c, so 1-NN is right on every query,
+    provided c has the same label in both folders although the val folder of b is empty."""
+    import re
+
+    from mimkit.data.sources import build_source
+    from mimkit.eval.knn import knn_evaluate
+
+    train = build_source(
+        str(_colour_folders(tmp_path / "train", {"a": [RED] * 2, "b": [GREEN] * 2, "c": [BLUE] * 2}))
+    )
+    val = build_source(str(_colour_folders(tmp_path / "val", {"a": [RED], "b": [], "c": [BLUE]})))
+    encoder, view, env = _knn_inputs()
+    result = knn_evaluate(encoder, train, val, view, env, k=1, batch_size=4)
+    assert result["top1"] == 100.0  # not 50: c would read as b's label
+    assert (result["val_images"], result["skipped_images"]) == (2, 0)
+    assert f"class folder '{tmp_path / 'val' / 'b'}' has no images" in capfd.readouterr().err
+    # a val folder without the class at all: one line naming both sources and the difference
+    (tmp_path / "val" / "b").rmdir()
+    val = build_source(str(tmp_path / "val"))
+    message = (
+        f"classes differ between '{train.name}' (a, b, c) and '{val.name}' (a, c): only in '{train.name}': b"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        knn_evaluate(encoder, train, val, view, env, k=1)
+
+
+def test_knn_names_and_counts_unreadable_images(tmp_path, capfd):
+    from mimkit.data.sources import build_source
+    from mimkit.eval.knn import knn_evaluate, loo_nn_evaluate
+
+    train = build_source(str(_colour_folders(tmp_path / "train", {"a": [RED] * 3, "b": [GREEN] * 3})))
+    val = build_source(str(_colour_folders(tmp_path / "val", {"a": [RED] * 2, "b": [GREEN] * 2})))
+    broken = [tmp_path / "train" / "a" / "img1.png", tmp_path / "val" / "b" / "img0.png"]
+    for path in broken:
+        path.write_bytes(b"\x89PNG broken")
+    encoder, view, env = _knn_inputs()
+    capfd.readouterr()
+    result = knn_evaluate(encoder, train, val, view, env, k=1, batch_size=2)
+    assert (result["skipped_images"], result["train_images"], result["val_images"]) == (2, 5, 3)
+    err = capfd.readouterr().err
+    assert all(f"warning: skipped unreadable image {path}" in err for path in broken)
+    loo = loo_nn_evaluate(encoder, val, view, env, batch_size=2)
+    assert (loo["skipped_images"], loo["val_images"]) == (1, 3)
+    assert f"warning: skipped unreadable image {broken[1]}" in capfd.readouterr().err
+
+
+def test_a_bad_npz_given_to_knn_is_one_line(tiny_checkpoint, tmp_path, capfd):
+    bad = tmp_path / "broken.npz"
+    bad.write_bytes(b"PK\x03\x04 cut short")
+    assert main(["knn", tiny_checkpoint, "--train", str(bad), "--val", "synthetic:16"]) == 2
+    err = capfd.readouterr().err
+    assert (
+        err.startswith(f"mimkit: error: {bad}: not a readable .npz file (BadZipFile: ")
+        and err.count("\n") == 1
+    )
+
+
+def test_probe_and_fine_tune_check_that_train_and_val_name_the_same_classes(tiny_checkpoint, tmp_path):
+    for task in ("linprobe", "finetune"):
+        cfg = build_config(
+            task,
+            [
+                *TASK,
+                f"method.checkpoint={tiny_checkpoint}",
+                "eval.val=demo:val",
+                f"run.out={tmp_path / task}",
+            ],
+        )
+        with pytest.raises(
+            ValueError,
+            match=r"^classes differ between 'synthetic:64' \(class0, .*, class9\) and 'demo:val' "
+            r"\(airplane, .*, truck\): only in 'synthetic:64': class0, ",
+        ):
+            train_classifier(cfg)
+        assert not (tmp_path / task / "last.pt").exists()  # checked before any training

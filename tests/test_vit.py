@@ -28,6 +28,14 @@ def test_unknown_arch_names_the_nearest():
         build_encoder("vit_bas")
 
 
+@pytest.mark.parametrize("key", ["patch_size", "embed_dim", "depth", "num_heads"])
+def test_sizes_of_zero_are_errors_not_the_archs_defaults(key):
+    sizes = dict(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2)
+    with pytest.raises(ValueError, match=rf"^{key} must be at least 1; got 0$"):
+        build_encoder("vit_tiny", **{**sizes, key: 0})
+    assert len(build_encoder("vit_tiny", **{**sizes, "depth": 1}).blocks) == 1
+
+
 def test_encoder_conventions():
     enc = tiny_encoder()
     assert not enc.pos_embed.requires_grad

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,21 +13,68 @@ import numpy as np
 import torch
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the file."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A well-formed checkpoint that pickles types outside the allowed set (a safe load refuses them)."""
+
+
 def save_atomic(state: dict, path: str | Path) -> Path:
-    """Write to a temporary file beside ``path`` then rename, so a crash never leaves half a checkpoint."""
+    """Write to a temporary file beside ``path`` then rename, so a crash never leaves half a checkpoint. A
+    failed write (full disk, no permission) removes its temporary file and names the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        # the rename is atomic only once the data is on disk
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint '{path}': {_first_line(err)}") from err
     return path
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files (``.NAME.tmp*``: checkpoints, summaries, metrics) that a process killed
+    while writing left in ``folder``. Only call it while holding the folder's run lock: then no other
+    process is writing there."""
+    stale = sorted(Path(folder).glob(".*.tmp*")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def load(path: str | Path) -> dict:
+    """A checkpoint read with torch's safe loader. A file that is truncated or not a checkpoint at all is
+    a :class:`CheckpointError` naming it; a well-formed file that pickles types outside the allowed set is
+    an :class:`UnsafeCheckpoint`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if refused:
+            raise UnsafeCheckpoint(
+                f"{path}: holds a pickled '{refused.group(1)}', which a safe load refuses"
+            ) from err
+        raise CheckpointError(f"{path}: truncated or not a checkpoint ({_first_line(err)})") from err
+    except (EOFError, RuntimeError, OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: truncated or not a checkpoint ({_first_line(err)})") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__}, not a dict)")
+    return state
 
 
 def _to_bytes(t: torch.Tensor) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,13 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides.append(f"run.resume={args.resume}")
     cfg = build_config(args.config, overrides)
     if args.print_config:
+        import torch
+
+        from mimkit.methods import build_method
+
+        # what building the method checks, on the meta device: no memory, no initialisation, no data
+        with torch.device("meta"):
+            build_method(cfg)
         print(to_yaml(cfg))
         return 0
     summary = pretrain(cfg)
@@ -63,6 +71,11 @@ def _knn(args: argparse.Namespace) -> int:
     from mimkit.eval.knn import knn_evaluate, loo_nn_evaluate
     from mimkit.train.distributed import init_distributed
 
+    # unset options (None) follow the run's settings; 0 is not "unset"
+    if args.k is not None and args.k < 1:
+        raise ConfigError(f"--k must be at least 1; got {args.k}")
+    if args.temperature is not None and not args.temperature > 0:
+        raise ConfigError(f"--temperature must be > 0; got {args.temperature}")
     env = init_distributed(args.device)
     encoder, info = load_encoder(args.checkpoint, args.weights)
     encoder.to(env.device)
@@ -95,8 +108,8 @@ def _knn(args: argparse.Namespace) -> int:
             build_source(val, image_size=size),
             view,
             env,
-            k=args.k or settings.k,
-            temperature=args.temperature or settings.temperature,
+            k=settings.k if args.k is None else args.k,
+            temperature=settings.temperature if args.temperature is None else args.temperature,
             pool=args.pool or settings.pool,
             **common,
         )
@@ -149,6 +162,11 @@ def _train_task(args: argparse.Namespace) -> int:
     if args.resume:
         cfg.run.resume = args.resume
     if args.print_config:
+        # what train_classifier checks before it reads any data, beyond the config's own checks
+        if not cfg.eval.val:
+            raise ConfigError(
+                f"{cfg.method.name} needs 'eval.val': labelled images to measure the accuracy on"
+            )
         print(to_yaml(cfg))
         return 0
     summary = train_classifier(cfg, loaded=loaded)
@@ -349,18 +367,37 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from mimkit.train.distributed import cleanup
-    from mimkit.train.engine import NonFiniteLoss
+    from mimkit.train.engine import NonFiniteLoss, RunInterrupted
+    from mimkit.train.runlock import RunFolderError
 
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe (`mimkit recipes | head`) is handled below
+        return code
     except NonFiniteLoss as err:
         print(f"mimkit: stopped: {err}", file=sys.stderr)
         return 3
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except RunInterrupted as err:
+        print(f"mimkit: {err}", file=sys.stderr)
+        return 128 + err.signal
+    except (ConfigError, ValueError, RunFolderError) as err:
         print(f"mimkit: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # the reader of our output went away: say nothing more, and keep Python's exit-time flush quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as err:  # a missing or unwritable path, a full disk: the message names the path
+        print(f"mimkit: error: {_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mimkit: interrupted; resume with --resume auto", file=sys.stderr)
         return 130
     finally:
         cleanup()
+
+
+def _os_error(err: OSError) -> str:
+    if err.filename is not None and err.strerror:
+        return f"'{err.filename}': {err.strerror}"
+    return str(err)

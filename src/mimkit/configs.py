@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,8 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32
     compile: bool = False
-    checkpoint_minutes: float = 20.0  # also rewrite last.pt this often within an epoch
+    # also rewrite last.pt this often within an epoch (0: at every logged step; .inf: at epoch ends only)
+    checkpoint_minutes: float = 20.0
     resume: str = "auto"  # auto (continue out/last.pt if present) | none | path to a checkpoint
     log_every: int = 20  # optimizer steps between logged scalars
     progress: bool = True
@@ -116,6 +118,8 @@ CHOICES = {
     "run.precision": ("auto", "bf16", "fp16", "fp32"),
     "eval.pool": ("cls", "mean", "mean_prenorm"),
 }
+# float keys for which +inf has a meaning (checkpoint_minutes: never within an epoch)
+MAY_BE_INFINITE = ("run.checkpoint_minutes",)
 
 
 def recipe_path(recipe: str | Path) -> Path:
@@ -284,7 +288,80 @@ def _offending_key(given: dict[str, Any], schema: Config) -> str:
     return "?"
 
 
+def num_patches(model: ModelConfig) -> int:
+    """Patches per image of the encoder that ``model`` describes (the arch's patch size when unset)."""
+    from mimkit.models.vit import ARCHS
+
+    patch = model.patch_size if model.patch_size is not None else ARCHS[model.arch].patch_size
+    return (model.img_size // patch) ** 2
+
+
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """NaN passes every range check (its comparisons are all false), so every float is checked first."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.")
+            continue
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v) and not (v > 0 and key in MAY_BE_INFINITE):
+                what = "finite numbers" if isinstance(value, tuple) else "a finite number"
+                raise ConfigError(f"'{key}' must be {what}; got {value}")
+
+
+def _validate_model(model: ModelConfig) -> None:
+    """What building the encoder would refuse, found before anything is built."""
+    from mimkit.models.vit import ARCHS
+
+    if model.arch not in ARCHS:
+        near = difflib.get_close_matches(model.arch, ARCHS, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"'model.arch' must be one of {', '.join(ARCHS)}; got {model.arch!r}{hint}")
+    for name in ("patch_size", "embed_dim", "depth", "num_heads"):
+        value = getattr(model, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"'model.{name}' must be at least 1 (or null for the arch's); got {value}")
+    arch = ARCHS[model.arch]
+    patch = model.patch_size if model.patch_size is not None else arch.patch_size
+    dim = model.embed_dim if model.embed_dim is not None else arch.embed_dim
+    heads = model.num_heads if model.num_heads is not None else arch.num_heads
+    if model.img_size % patch:
+        raise ConfigError(
+            f"'model.img_size' ({model.img_size}) must be divisible by 'model.patch_size' ({patch})"
+        )
+    if dim % heads:
+        raise ConfigError(f"'model.embed_dim' ({dim}) must be divisible by 'model.num_heads' ({heads})")
+    if dim % 4:
+        raise ConfigError(f"'model.embed_dim' must be divisible by 4 (the sin-cos position table); got {dim}")
+    if model.mlp_ratio <= 0:
+        raise ConfigError(f"'model.mlp_ratio' must be > 0; got {model.mlp_ratio}")
+    if not 0 <= model.drop_path < 1:
+        raise ConfigError(f"'model.drop_path' must lie in [0, 1); got {model.drop_path}")
+
+
+def _validate_optim(optim: OptimConfig) -> None:
+    if optim.clip_grad is not None and optim.clip_grad <= 0:
+        raise ConfigError(f"'optim.clip_grad' must be > 0 (or null for no clipping); got {optim.clip_grad}")
+    if optim.lr is not None and optim.lr <= 0:
+        raise ConfigError(f"'optim.lr' must be > 0 (or null to scale optim.blr); got {optim.lr}")
+    if optim.blr <= 0:
+        raise ConfigError(f"'optim.blr' must be > 0; got {optim.blr}")
+    if optim.min_lr < 0:
+        raise ConfigError(f"'optim.min_lr' must be >= 0; got {optim.min_lr}")
+    if not 0 <= optim.min_lr_frac <= 1:
+        raise ConfigError(f"'optim.min_lr_frac' must lie in [0, 1]; got {optim.min_lr_frac}")
+    if optim.weight_decay < 0:
+        raise ConfigError(f"'optim.weight_decay' must be >= 0; got {optim.weight_decay}")
+    if not all(0 <= b < 1 for b in optim.betas):
+        raise ConfigError(f"'optim.betas' must both lie in [0, 1); got {list(optim.betas)}")
+    if not 0 <= optim.momentum < 1:
+        raise ConfigError(f"'optim.momentum' must lie in [0, 1); got {optim.momentum}")
+
+
 def validate(cfg: Config) -> None:
+    """Every value that training would refuse, or would use in a way that makes no sense, is an error
+    here, so that ``--print-config`` and a run that has not read its data yet fail the same way."""
+    _check_finite(cfg)
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -297,10 +374,16 @@ def validate(cfg: Config) -> None:
         "eval.k",
         "run.log_every",
         "model.img_size",
+        "optim.lr_ref_batch",
     ]
     for key in positive:
         if _get(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1; got {_get(cfg, key)}")
+    for key in ("run.stop_at_step", "data.max_images"):
+        if _get(cfg, key) is not None and _get(cfg, key) < 1:
+            raise ConfigError(f"'{key}' must be at least 1 (or null); got {_get(cfg, key)}")
+    _validate_model(cfg.model)
+    _validate_optim(cfg.optim)
     if cfg.optim.warmup_epochs < 0 or cfg.optim.warmup_epochs > cfg.optim.epochs:
         raise ConfigError(
             f"'optim.warmup_epochs' must lie in [0, optim.epochs={cfg.optim.epochs}]; "
@@ -310,11 +393,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'data.num_workers' must be >= 0; got {cfg.data.num_workers}")
     if not 0 < cfg.data.crop_pct <= 1:
         raise ConfigError(f"'data.crop_pct' must lie in (0, 1]; got {cfg.data.crop_pct}")
-    if hasattr(cfg.method, "validate"):
-        try:
+    if not all(s > 0 for s in cfg.data.std):
+        raise ConfigError(f"'data.std' must be > 0 in every channel; got {list(cfg.data.std)}")
+    if cfg.run.checkpoint_minutes < 0:
+        minutes = cfg.run.checkpoint_minutes
+        raise ConfigError(f"'run.checkpoint_minutes' must be >= 0 (0: at every logged step); got {minutes}")
+    if cfg.eval.temperature <= 0:
+        raise ConfigError(f"'eval.temperature' must be > 0; got {cfg.eval.temperature}")
+    if cfg.eval.every_epochs < 0:
+        raise ConfigError(
+            f"'eval.every_epochs' must be >= 0 (0: only at the end); got {cfg.eval.every_epochs}"
+        )
+    try:
+        if hasattr(cfg.method, "validate"):
             cfg.method.validate()
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+        # checks that read other sections too (e.g. the number of patches of the model)
+        if hasattr(cfg.method, "validate_with"):
+            cfg.method.validate_with(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def to_dict(cfg: Config) -> dict:

@@ -9,6 +9,7 @@ batches the uninterrupted run would have seen.
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -118,6 +119,14 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return self.per_rank - self.start
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT and SIGTERM to the main process, which saves at the next step boundary
+    and needs its workers until then (a Ctrl-C reaches the whole process group). Workers still end with
+    the main process."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: ViewDataset,
     sampler: EpochSampler,
@@ -140,4 +149,5 @@ def make_loader(
         # its own generator: starting an iterator draws a worker seed, which must not move the global
         # generator that the masks come from (a resumed run starts a different number of iterators)
         generator=torch.Generator().manual_seed(dataset.seed),
+        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
     )

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +33,8 @@ class UnreadableImage(Exception):
 class ImageSource:
     classes: tuple[str, ...] = ()
     name: str = ""
+    # True when the class names are only the label numbers "0".."max label" (a .npz without 'class_names')
+    classes_from_labels: bool = False
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -44,8 +50,17 @@ class ImageSource:
 class ArraySource(ImageSource):
     """Images held in memory as a uint8 [N, H, W, C] array (workers share it copy-on-write)."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray | None, classes: Sequence[str], name: str) -> None:
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray | None,
+        classes: Sequence[str],
+        name: str,
+        *,
+        classes_from_labels: bool = False,
+    ) -> None:
         self.x, self.y, self.classes, self.name = x, y, tuple(classes), name
+        self.classes_from_labels = classes_from_labels
 
     def __len__(self) -> int:
         return len(self.x)
@@ -56,12 +71,27 @@ class ArraySource(ImageSource):
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...]]:
-    with np.load(path, allow_pickle=False) as f:
-        if "x" not in f:
-            raise ValueError(f"{path}: expected an array 'x' (uint8 [N, H, W, 3]); found {sorted(f.files)}")
-        x = f["x"]
-        y = f.get("y")
-        classes = tuple(str(c) for c in f["class_names"]) if "class_names" in f else ()
+    """The arrays of one .npz; ``classes`` is empty when the file stores no 'class_names'. A file that
+    cannot be read as a .npz at all (truncated, not a zip, a .npy under another name) is one ValueError
+    naming it, since it is the source that is wrong, not one image."""
+    try:
+        with open(path, "rb") as head:
+            magic = head.read(6)
+        if not magic.startswith((b"PK", b"\x93NUMPY")):  # else NumPy would try it as a pickle
+            raise ValueError("not a zip archive, which a .npz is" if magic else "the file is empty")
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("a single array (.npy), not named arrays")
+        with f:
+            files = sorted(f.files)
+            x = f["x"] if "x" in files else None
+            y = f["y"] if "y" in files else None
+            classes = tuple(str(c) for c in f["class_names"]) if "class_names" in files else ()
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        reason = str(err) if type(err) is ValueError else f"{type(err).__name__}: {err}"
+        raise ValueError(f"{path}: not a readable .npz file ({reason})") from err
+    if x is None:
+        raise ValueError(f"{path}: expected an array 'x' (uint8 [N, H, W, 3]); found {files}")
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(f"{path}: 'x' must be uint8 [N, H, W, 3]; got {x.dtype} {list(x.shape)}")
     if x.shape[-1] == 1:
@@ -70,12 +100,13 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...
         if y.shape != (len(x),):
             raise ValueError(f"{path}: 'y' must have shape [{len(x)}] to match 'x'; got {list(y.shape)}")
         y = y.astype(np.int64)
-        if not classes:
-            classes = tuple(str(c) for c in range(int(y.max()) + 1))
     return x, y, classes
 
 
 def npz_source(paths: Sequence[Path]) -> ArraySource:
+    """One source of the concatenated files. Without 'class_names' in any of them, the classes are named
+    "0".."max label" (:attr:`ImageSource.classes_from_labels`), which :func:`check_same_classes` compares
+    by how far the labels reach rather than by name."""
     parts = [_read_npz(p) for p in paths]
     shapes = {p[0].shape[1:] for p in parts}
     if len(shapes) > 1:
@@ -87,8 +118,64 @@ def npz_source(paths: Sequence[Path]) -> ArraySource:
         raise ValueError(f"some npz files have labels 'y' and some do not: {', '.join(map(str, paths))}")
     x = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     y = np.concatenate([p[1] for p in parts]) if all(labelled) else None
-    classes = max((p[2] for p in parts), key=len)
-    return ArraySource(x, y, classes, ",".join(str(p) for p in paths))
+    named = {p[2] for p in parts if p[2]}
+    if len(named) > 1:
+        listed = "; ".join(f"{path} ({_listing(p[2])})" for path, p in zip(paths, parts, strict=True) if p[2])
+        raise ValueError(f"npz files name different classes: {listed}")
+    from_labels = not named and y is not None and len(y) > 0
+    classes: tuple[str, ...] = ()
+    if named:
+        classes = named.pop()
+    elif from_labels:
+        classes = tuple(str(c) for c in range(int(y.max()) + 1))
+    return ArraySource(x, y, classes, ",".join(str(p) for p in paths), classes_from_labels=from_labels)
+
+
+def _listing(names: Sequence[str], limit: int = 12) -> str:
+    """Names joined by commas; a long list shows its ends and its length."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:5])}, ..., {', '.join(names[-2:])} ({len(names)} classes)"
+
+
+def check_same_classes(train: ImageSource, evaluated: ImageSource) -> None:
+    """Labels are class indices, so the source a model or memory bank learns from and the source it is
+    measured on must name the same classes in the same order: otherwise every label after the first
+    difference means another class, and the accuracy is wrong without any error.
+
+    Names numbered from the labels (a .npz without 'class_names': "0".."max label") only say how far the
+    labels reach, and a split may lack the top labels. Such a list therefore matches another numbered list
+    of any length, and a named list at least as long as it (every label is then a class of the other);
+    store 'class_names' in the .npz to have it checked by name."""
+    a, b = train.classes, evaluated.classes
+    if a == b:
+        return
+    numbered = [s for s in (train, evaluated) if s.classes_from_labels]
+    if len(numbered) == 2:
+        return
+    if numbered:
+        counted = numbered[0]
+        other = evaluated if counted is train else train
+        if len(counted.classes) <= len(other.classes):
+            return
+        reason = (
+            f"'{counted.name}' has labels up to {len(counted.classes) - 1} but '{other.name}' names only "
+            f"{len(other.classes)} classes"
+        )
+    else:
+        only_a = [c for c in a if c not in set(b)]
+        only_b = [c for c in b if c not in set(a)]
+        reason = "; ".join(
+            f"only in '{name}': {_listing(only)}"
+            for name, only in ((train.name, only_a), (evaluated.name, only_b))
+            if only
+        )
+        reason = reason or "the same names in another order"
+        reason += " (labels are indices into these lists, so they would mean different classes)"
+    raise ValueError(
+        f"classes differ between '{train.name}' ({_listing(a)}) and '{evaluated.name}' "
+        f"({_listing(b)}): {reason}"
+    )
 
 
 def demo_source(split: str) -> ArraySource:
@@ -128,15 +215,50 @@ def _decode(path: str) -> torch.Tensor:
 
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = _to_rgb(im, path)
+    except UnreadableImage:
+        raise
     except Exception as err:
         raise UnreadableImage(f"{path}: {type(err).__name__}: {err}") from err
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
+def _to_rgb(im: Any, path: str) -> np.ndarray:
+    """uint8 [H, W, 3] of a PIL image. Pillow's own ``convert("RGB")`` clips 16-bit and 32-bit grey
+    pixels to 255 (a 16-bit microscopy image comes out almost white), so those modes are scaled here:
+    ``I;16*`` and ``I`` with values in 0..65535 by round(v / 257), ``F`` with values in 0..1 by
+    round(v * 255); other ``I`` or ``F`` ranges have no agreed meaning and are unreadable (named and
+    skipped) rather than guessed."""
+    mode = im.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return np.asarray(im.convert("RGB"))
+    values = np.asarray(im)
+    if values.size == 0:
+        raise UnreadableImage(f"{path}: no pixels")
+    if mode == "F":
+        lo, hi = float(values.min()), float(values.max())
+        if not (np.isfinite(values).all() and lo >= 0.0 and hi <= 1.0):
+            raise UnreadableImage(
+                f"{path}: float pixels (mode F) must lie in 0..1 to be scaled to 8 bits; found {lo:g}..{hi:g}"
+            )
+        grey = np.rint(values.astype(np.float64) * 255.0).astype(np.uint8)
+    else:
+        wide = values.astype(np.int64)
+        lo, hi = int(wide.min()), int(wide.max())
+        if lo < 0 or hi > 65535:
+            raise UnreadableImage(
+                f"{path}: 32-bit integer pixels (mode {mode}) range {lo}..{hi}, outside the 16-bit 0..65535 "
+                "that is scaled to 8 bits; convert the image to 8 or 16 bits"
+            )
+        grey = ((wide + 128) // 257).astype(np.uint8)  # round(v / 257): 257 is odd, so no ties
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
 class FolderSource(ImageSource):
     """ImageFolder layout (one sub-folder per class, labels in sorted folder order) or a flat folder of
-    images (no labels). Files are found recursively inside each class folder."""
+    images (no labels). Files are found recursively inside each class folder. Every non-hidden sub-folder
+    is a class, an empty one too (with a warning): the label of a class depends on its name alone, so a
+    split that happens to have no images of one class keeps the labels of the others."""
 
     def __init__(self, root: Path) -> None:
         self.root, self.name = root, str(root)
@@ -145,13 +267,22 @@ class FolderSource(ImageSource):
         files: list[str] = []
         labels: list[int] = []
         classes: list[str] = []
-        for d in class_dirs:
+        empty: list[tuple[int, os.DirEntry]] = []
+        for label, d in enumerate(class_dirs):
             found = _images_under(d.path)
-            if found:
-                labels.extend([len(classes)] * len(found))
-                classes.append(d.name)
-                files.extend(found)
-        if not files:  # flat layout
+            labels.extend([label] * len(found))
+            files.extend(found)
+            if not found:
+                empty.append((label, d))
+        if files:
+            classes = [d.name for d in class_dirs]
+            for label, d in empty:
+                print(
+                    f"warning: class folder '{d.path}' has no images; class '{d.name}' keeps label {label}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        else:  # flat layout
             files = [e.path for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
             labels = [-1] * len(files)
         if not files:
@@ -186,6 +317,7 @@ class Subset(ImageSource):
     def __init__(self, source: ImageSource, n: int) -> None:
         self.source, self.n = source, min(n, len(source))
         self.classes, self.name = source.classes, f"{source.name}[:{self.n}]"
+        self.classes_from_labels = source.classes_from_labels
 
     def __len__(self) -> int:
         return self.n

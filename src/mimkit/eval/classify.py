@@ -57,6 +57,8 @@ class LinearProbeConfig:
             raise ValueError(f"'method.pool' must be one of {', '.join(POOLS)}; got {self.pool!r}")
         if self.cache_passes < 0:
             raise ValueError(f"'method.cache_passes' must be >= 0; got {self.cache_passes}")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
 
 
 @dataclass
@@ -86,6 +88,20 @@ class FinetuneConfig:
             raise ValueError(f"'method.layer_decay' must lie in (0, 1]; got {self.layer_decay}")
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"'method.drop_path' must lie in [0, 1); got {self.drop_path}")
+        if self.img_size is not None and self.img_size < 1:
+            raise ValueError(
+                f"'method.img_size' must be at least 1 (or null for the checkpoint's); got {self.img_size}"
+            )
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
+
+    def validate_with(self, cfg: Config) -> None:
+        """Mixup and CutMix pair the images of a batch."""
+        if (self.mixup > 0 or self.cutmix > 0) and cfg.optim.batch_size % 2:
+            raise ValueError(
+                "Mixup/CutMix pair images within a batch: 'optim.batch_size' must be even; "
+                f"got {cfg.optim.batch_size}"
+            )
 
 
 class FeatureDataset(ViewDataset):
@@ -195,7 +211,10 @@ class FineTune(nn.Module):
         if cfg.model_ema:
             from timm.utils import ModelEmaV2
 
-            self.ema = ModelEmaV2(model, decay=cfg.model_ema_decay)
+            # the copy is a submodule (so checkpoints save and resume it) but only ever moves by update():
+            # without gradients it stays out of the optimizer and out of DDP's reduction buckets, which
+            # would otherwise wait for gradients it never gets
+            self.ema = ModelEmaV2(model, decay=cfg.model_ema_decay).requires_grad_(False)
 
     def logits(self, images: torch.Tensor, ema: bool = False) -> torch.Tensor:
         return (self.ema.module if ema else self.model)(images)
@@ -301,11 +320,15 @@ def train_classifier(
     """Train a linear probe or fine-tune (``cfg.method``) with the engine, then report top-1/top-5 on
     eval.val. Writes the run folder like ``pretrain`` (last.pt, metrics.jsonl, tb/, summary.json).
     ``loaded``: the (encoder, info) of ``load_encoder`` when the caller has read the checkpoint already;
-    it is used if it holds the weights the config asks for."""
+    it is used if it holds the weights the config asks for. data.train and eval.val must name the same
+    classes (checked before training: a label is a class index, so otherwise the accuracy is wrong)."""
     from mimkit.checkpoint import load_encoder
+    from mimkit.data.sources import check_same_classes
     from mimkit.train.distributed import barrier, init_distributed
     from mimkit.train.engine import Trainer
+    from mimkit.train.log import write_json
     from mimkit.train.pretrain import autocast_dtype, run_dir, start_run
+    from mimkit.train.runlock import RunLock
 
     task = cfg.method
     if task.name not in TASKS:
@@ -325,6 +348,10 @@ def train_classifier(
     source = build_source(cfg.data.train, image_size=size, max_images=cfg.data.max_images)
     if not source.has_labels:
         raise ConfigError(f"data.train '{source.name}' has no labels; {task.name} needs them")
+    val = build_source(cfg.eval.val, image_size=size)
+    if not val.has_labels:
+        raise ConfigError(f"eval.val '{val.name}' has no labels; {task.name} needs them to measure accuracy")
+    check_same_classes(source, val)
     num_classes = task.num_classes or len(source.classes)
     mixing = task.name == "finetune" and (task.mixup > 0 or task.cutmix > 0)
     if mixing and cfg.optim.batch_size % 2:
@@ -336,33 +363,34 @@ def train_classifier(
     module = TASKS[task.name].build(encoder, info, task, num_classes)
     seed_all(cfg.run.seed + env.rank)  # drop path and Mixup differ across ranks, and repeat across runs
     out = run_dir(cfg)
-    trainer = Trainer(module, cfg, env, out)
-    dtype = autocast_dtype(trainer)
-    eval_kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, dtype=dtype)
-    if getattr(task, "cached", False):
-        dataset = cached_features(module, source, cfg, env, dtype)
-    else:
-        dataset = ViewDataset(source, module.train_transform(cfg.data), seed=cfg.run.seed)
-    start_run(
-        cfg,
-        trainer,
-        out,
-        f"mimkit: {task.name} of {task.checkpoint} ({info['method']}, {task.weights}) on {source.name} "
-        f"({len(dataset)} samples, {num_classes} classes), effective batch {trainer.eff_batch}, lr "
-        f"{trainer.base_lr:.3g}; writing to {out}",
-    )
-    summary: dict[str, Any] = {"protocol": task.name, "checkpoint": task.checkpoint, "weights": task.weights}
-    summary.update(trainer.fit(dataset))
-    val = build_source(cfg.eval.val, image_size=size)
-    view = eval_view(size, cfg.data)
-    if not summary["stopped_early"]:
-        summary.update({"method": info["method"], "val": val.name, "epochs": cfg.optim.epochs})
-        summary.update(classify(module, module.logits, val, view, env, **eval_kwargs))
-        if getattr(module, "ema", None) is not None:
-            ema = classify(module, lambda x: module.logits(x, ema=True), val, view, env, **eval_kwargs)
-            summary.update({f"ema_{k}": v for k, v in ema.items()})
-    if env.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    with RunLock(out, env):  # one run per folder, for the whole run
+        trainer = Trainer(module, cfg, env, out)
+        dtype = autocast_dtype(trainer)
+        eval_kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, dtype=dtype)
+        if getattr(task, "cached", False):
+            dataset = cached_features(module, source, cfg, env, dtype)
+        else:
+            dataset = ViewDataset(source, module.train_transform(cfg.data), seed=cfg.run.seed)
+        start_run(
+            cfg,
+            trainer,
+            out,
+            f"mimkit: {task.name} of {task.checkpoint} ({info['method']}, {task.weights}) on {source.name} "
+            f"({len(dataset)} samples, {num_classes} classes), effective batch {trainer.eff_batch}, lr "
+            f"{trainer.base_lr:.3g}; writing to {out}",
+        )
+        summary: dict[str, Any] = {"protocol": task.name, "checkpoint": task.checkpoint}
+        summary["weights"] = task.weights
+        summary.update(trainer.fit(dataset))
+        view = eval_view(size, cfg.data)
+        if not summary["stopped_early"]:
+            summary.update({"method": info["method"], "val": val.name, "epochs": cfg.optim.epochs})
+            summary.update(classify(module, module.logits, val, view, env, **eval_kwargs))
+            if getattr(module, "ema", None) is not None:
+                ema = classify(module, lambda x: module.logits(x, ema=True), val, view, env, **eval_kwargs)
+                summary.update({f"ema_{k}": v for k, v in ema.items()})
+        if env.is_main:
+            write_json(out / "summary.json", summary)
     barrier(env)
     return summary
 

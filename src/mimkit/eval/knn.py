@@ -4,6 +4,7 @@ Latent MIM reference's "NN" figure, a leave-one-out 1-nearest-neighbour within t
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
-from mimkit.data.sources import ImageSource
+from mimkit.data.sources import ImageSource, check_same_classes
 from mimkit.train.distributed import DistEnv, all_gather_rows
 
 
@@ -28,10 +29,13 @@ def extract_features(
     autocast_dtype: torch.dtype | None = None,
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     out_dim: int | None = None,
+    skipped: list[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [N, D] (float32, on the CPU) and labels [N] of every image, in source order; under DDP
-    each rank encodes a shard and all ranks receive everything. ``encode`` replaces
-    ``encoder.features(images, pool)`` (a classifier's logits, say; ``out_dim`` is then their width)."""
+    """Features [N, D] (float32, on the CPU) and labels [N] of every readable image, in source order;
+    under DDP each rank encodes a shard and all ranks receive everything. ``encode`` replaces
+    ``encoder.features(images, pool)`` (a classifier's logits, say; ``out_dim`` is then their width).
+    Each unreadable image is named on stderr (by the rank that met it) and left out; ``skipped``, when
+    given, receives this rank's messages (:func:`count_all` totals them over the ranks)."""
     was_training = encoder.training
     encoder.eval()
     sampler = EpochSampler(len(dataset), shuffle=False, rank=env.rank, world_size=env.world_size, pad=False)
@@ -45,6 +49,10 @@ def extract_features(
     )
     feats, labels, indices = [], [], []
     for batch in loader:
+        for message in batch.get("skipped", []):
+            print(f"warning: skipped unreadable image {message}", file=sys.stderr, flush=True)
+        if skipped is not None:
+            skipped.extend(batch.get("skipped", []))
         if "label" not in batch:
             continue
         images = batch["image"].to(env.device, non_blocking=True)
@@ -61,6 +69,13 @@ def extract_features(
     feats_t, labels_t, index_t = (all_gather_rows(t, env) for t in (feats_t, labels_t, index_t))
     order = torch.argsort(index_t)
     return feats_t[order].cpu(), labels_t[order].cpu()
+
+
+def count_all(n: int, env: DistEnv) -> int:
+    """The sum of ``n`` over the ranks (every rank must call it)."""
+    if not env.enabled:
+        return n
+    return int(all_gather_rows(torch.tensor([n], device=env.device), env).sum())
 
 
 @torch.no_grad()
@@ -115,6 +130,16 @@ def topk_accuracy(
     return out
 
 
+def check_knn_sources(
+    train: ImageSource, val: ImageSource, hint: str = "use an ImageFolder layout or .npz files with 'y'"
+) -> None:
+    """Both sources labelled, with the same classes; ``hint`` says how to fix a missing label."""
+    for role, source in (("memory bank", train), ("query set", val)):
+        if not source.has_labels:
+            raise ValueError(f"k-NN needs labels, but the {role} '{source.name}' has none ({hint})")
+    check_same_classes(train, val)
+
+
 def knn_evaluate(
     encoder: nn.Module,
     train: ImageSource,
@@ -129,16 +154,18 @@ def knn_evaluate(
     num_workers: int = 0,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Top-1/top-5 of a k-NN classifier with ``train`` as the memory bank and ``val`` as the queries."""
-    for role, source in (("memory bank", train), ("query set", val)):
-        if not source.has_labels:
-            raise ValueError(
-                f"k-NN needs labels, but the {role} '{source.name}' has none "
-                "(use an ImageFolder layout or .npz files with 'y')"
-            )
+    """Top-1/top-5 of a k-NN classifier with ``train`` as the memory bank and ``val`` as the queries; both
+    must name the same classes (:func:`check_same_classes`). Unreadable images are named on stderr, left
+    out, and counted in ``skipped_images``."""
+    check_knn_sources(train, val)
     kwargs = dict(pool=pool, batch_size=batch_size, num_workers=num_workers, autocast_dtype=autocast_dtype)
-    bank, bank_labels = extract_features(encoder, ViewDataset(train, transform), env, **kwargs)
-    queries, query_labels = extract_features(encoder, ViewDataset(val, transform), env, **kwargs)
+    skipped: list[str] = []
+    bank, bank_labels = extract_features(
+        encoder, ViewDataset(train, transform), env, skipped=skipped, **kwargs
+    )
+    queries, query_labels = extract_features(
+        encoder, ViewDataset(val, transform), env, skipped=skipped, **kwargs
+    )
     num_classes = max(len(train.classes), len(val.classes), int(bank_labels.max()) + 1)
     scores = knn_predict(bank, bank_labels, queries, num_classes=num_classes, k=k, temperature=temperature)
     return {
@@ -150,6 +177,7 @@ def knn_evaluate(
         "val": val.name,
         "train_images": len(bank),
         "val_images": len(queries),
+        "skipped_images": count_all(len(skipped), env),
         **topk_accuracy(scores, query_labels),
     }
 
@@ -167,16 +195,19 @@ def loo_nn_evaluate(
 ) -> dict[str, Any]:
     """Latent MIM's NN accuracy: each image of ``val`` is labelled by its nearest other image of ``val``
     (cosine; by default the mean of the patch tokens before the final norm, as the reference). No memory
-    bank and no vote; top-1 only."""
+    bank and no vote; top-1 only. Unreadable images are named on stderr, left out, and counted in
+    ``skipped_images``."""
     if not val.has_labels:
         raise ValueError(f"nearest-neighbour accuracy needs labels, but '{val.name}' has none")
     kwargs = dict(pool=pool, batch_size=batch_size, num_workers=num_workers, autocast_dtype=autocast_dtype)
-    feats, labels = extract_features(encoder, ViewDataset(val, transform), env, **kwargs)
+    skipped: list[str] = []
+    feats, labels = extract_features(encoder, ViewDataset(val, transform), env, skipped=skipped, **kwargs)
     hit = (labels[loo_nearest(feats)] == labels).float().mean().item()
     return {
         "protocol": "lmim_nn",
         "pool": pool,
         "val": val.name,
         "val_images": len(feats),
+        "skipped_images": count_all(len(skipped), env),
         "top1": round(100.0 * hit, 3),
     }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import re
 import sys
 from collections.abc import Iterable
@@ -80,17 +81,15 @@ def read(source: str | Path | dict, *, trust: bool = False) -> dict[str, Any]:
     if isinstance(source, dict):
         return source
     if trust:
-        return torch.load(source, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(source, map_location="cpu", weights_only=False)
+        except (EOFError, RuntimeError, pickle.UnpicklingError) as err:
+            raise checkpoint.CheckpointError(f"{source}: truncated or not a checkpoint ({err})") from err
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         return checkpoint.load(source)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # the message of a refused global is long; keep its first line
-        first = str(err).strip().splitlines()[0]
-        raise ValueError(
-            f"{source}: could not be read safely ({first}); pass trust=True if you trust its origin"
-        ) from err
+    except checkpoint.UnsafeCheckpoint as err:  # a corrupt file is a CheckpointError and passes through
+        raise checkpoint.UnsafeCheckpoint(f"{err}; pass trust=True if you trust its origin") from err
 
 
 # ---- Latent MIM ---------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mimkit.checkpoint import load_encoder
+from mimkit.checkpoint import CheckpointError, load_encoder
 
 
 def export_encoder(checkpoint: str | Path, out: str | Path, weights: str = "student") -> dict:
@@ -42,12 +42,18 @@ def load_export(path: Path) -> tuple:
 
     from mimkit.models.vit import ViTEncoder
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for a bad header
+        raise CheckpointError(f"{path}: truncated or not a safetensors file ({err})") from err
     if meta.get("format") != "mimkit-encoder":
-        raise ValueError(f"{path}: not a mimkit encoder export (no 'format: mimkit-encoder' metadata)")
+        raise CheckpointError(f"{path}: not a mimkit encoder export (no 'format: mimkit-encoder' metadata)")
     encoder = ViTEncoder(**json.loads(meta["encoder"]))
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as err:
+        raise CheckpointError(f"{path}: truncated or not a safetensors file ({err})") from err
     encoder.load_state_dict(state)
     info = {
         "method": meta.get("method"),

@@ -60,6 +60,25 @@ class Method(nn.Module):
         return cls(encoder_from_config(model_cfg), method_cfg)
 
 
+def validate_decoder(cfg: Any) -> None:
+    """The ``method.decoder_*`` settings MAE and Latent MIM share. Depth 0 is a valid decoder (the input
+    and prediction layers alone); the width carries a sin-cos position table, hence the multiple of 4."""
+    if cfg.decoder_depth < 0:
+        raise ValueError(f"'method.decoder_depth' must be >= 0; got {cfg.decoder_depth}")
+    if cfg.decoder_num_heads < 1:
+        raise ValueError(f"'method.decoder_num_heads' must be at least 1; got {cfg.decoder_num_heads}")
+    if cfg.decoder_embed_dim < 1 or cfg.decoder_embed_dim % 4:
+        raise ValueError(
+            f"'method.decoder_embed_dim' must be a positive multiple of 4 (the sin-cos position table); "
+            f"got {cfg.decoder_embed_dim}"
+        )
+    if cfg.decoder_depth > 0 and cfg.decoder_embed_dim % cfg.decoder_num_heads:
+        raise ValueError(
+            f"'method.decoder_embed_dim' ({cfg.decoder_embed_dim}) must be divisible by "
+            f"'method.decoder_num_heads' ({cfg.decoder_num_heads})"
+        )
+
+
 def encoder_from_config(model_cfg: Any, **extra: Any) -> ViTEncoder:
     """The encoder of ``model_cfg``; ``extra``: what a method fixes itself (Latent MIM's positions)."""
     return build_encoder(

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2 as T
 
+from mimkit.configs import num_patches
 from mimkit.data.transforms import BICUBIC, Views, to_normalized
 from mimkit.masking import visible_target_split
-from mimkit.methods.base import Method, StepOutput, encoder_from_config
+from mimkit.methods.base import Method, StepOutput, encoder_from_config, validate_decoder
 from mimkit.methods.ema import EMATeacher
 from mimkit.models.decoders import CrossDecoder
 from mimkit.models.heads import mlp_head
@@ -43,7 +44,9 @@ REFERENCE_VISIBLE_FRACTION = 20 / 196
 class LatentMIMConfig:
     name: str = "latent_mim"
     num_vis: int | None = None  # visible patches per image; None: ~10.2% of them (20 of 196)
-    patch_gap: int | None = None  # px between cells; None: patch_size // 4 (4 for 16-px patches)
+    # px added to each patch's cell, the patch cut at a random offset in [0, gap) inside it; None:
+    # patch_size // 4 (4 for 16-px patches; 1 for 4-px ones, where the offset is always 0: no jitter)
+    patch_gap: int | None = None
     min_crop_scale: float = 0.2  # RandomResizedCrop(scale=(min_crop_scale, 1))
     mask_target: bool = True  # the target encoder sees only the masked patches
     loss: str = "infonce_patches"  # infonce_patches | norm_l2 (the direct-regression ablation)
@@ -77,6 +80,23 @@ class LatentMIMConfig:
             raise ValueError(
                 f"'method.proj_depth' must be >= 1 (the projector is always on); got {self.proj_depth}"
             )
+        if not 0 <= self.ema_momentum <= 1:
+            raise ValueError(f"'method.ema_momentum' must lie in [0, 1]; got {self.ema_momentum}")
+        if self.avg_sim_coeff < 0:
+            raise ValueError(f"'method.avg_sim_coeff' must be >= 0; got {self.avg_sim_coeff}")
+        validate_decoder(self)
+
+    def validate_with(self, cfg: Any) -> None:
+        """The visible patches must fit the model's grid."""
+        self.visible_patches(num_patches(cfg.model))
+
+    def visible_patches(self, length: int) -> int:
+        """Visible patches per image out of ``length``: method.num_vis, or the reference's fraction; at
+        least one patch must be visible and one predicted."""
+        n = self.num_vis if self.num_vis is not None else max(1, round(length * REFERENCE_VISIBLE_FRACTION))
+        if not 0 < n < length:
+            raise ValueError(f"'method.num_vis' must lie in [1, {length - 1}] for {length} patches; got {n}")
+        return n
 
 
 def infonce_patches(pred: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
@@ -138,13 +158,7 @@ class LatentMIM(Method):
         self.cfg = cfg
         self.encoder = encoder
         dim, length = encoder.embed_dim, encoder.num_patches
-        self.num_vis = (
-            cfg.num_vis if cfg.num_vis is not None else max(1, round(length * REFERENCE_VISIBLE_FRACTION))
-        )
-        if not 0 < self.num_vis < length:
-            raise ValueError(
-                f"'method.num_vis' must lie in [1, {length - 1}] for {length} patches; got {self.num_vis}"
-            )
+        self.num_vis = cfg.visible_patches(length)
         self.patch_gap = cfg.patch_gap if cfg.patch_gap is not None else encoder.patch_size // 4
         # the reference's projector: Linear (no bias), LayerNorm (torch's eps 1e-5), GELU; a last LayerNorm
         hidden = cfg.proj_hidden_dim or (4096 if dim >= 384 else 8 * dim)

@@ -59,6 +59,13 @@ class LUTConfig(MAEConfig):
             raise ValueError(
                 f"'method.mask_ratio' must be >= 0.5 for LUT's two disjoint views; got {self.mask_ratio}"
             )
+        for key in ("head_depth", "pred_depth", "crop_padding", "w_mae", "w_bc"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"'method.{key}' must be >= 0; got {getattr(self, key)}")
+        if self.head_hidden_dim < 1:
+            raise ValueError(f"'method.head_hidden_dim' must be at least 1; got {self.head_hidden_dim}")
+        if not 0 <= self.ema_momentum <= 1:
+            raise ValueError(f"'method.ema_momentum' must lie in [0, 1]; got {self.ema_momentum}")
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

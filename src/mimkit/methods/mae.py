@@ -9,7 +9,7 @@ import torch
 
 from mimkit.data.transforms import Views, mae_crop
 from mimkit.masking import random_masking
-from mimkit.methods.base import Method, StepOutput
+from mimkit.methods.base import Method, StepOutput, validate_decoder
 from mimkit.models.decoders import MAEDecoder
 from mimkit.models.vit import ViTEncoder, patchify
 
@@ -27,6 +27,9 @@ class MAEConfig:
     def validate(self) -> None:
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"'method.mask_ratio' must lie in [0, 1); got {self.mask_ratio}")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
+        validate_decoder(self)
 
 
 def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:

@@ -251,11 +251,17 @@ def build_encoder(
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise ValueError(f"unknown encoder arch {arch!r} (known: {', '.join(ARCHS)}){hint}")
     a = ARCHS[arch]
-    p = patch_size or a.patch_size
+    # None (not 0, which is an error) takes the arch's value
+    p = a.patch_size if patch_size is None else patch_size
+    d = a.embed_dim if embed_dim is None else embed_dim
+    n = a.depth if depth is None else depth
+    h = a.num_heads if num_heads is None else num_heads
+    sizes = {"img_size": img_size, "patch_size": p, "embed_dim": d, "depth": n, "num_heads": h}
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1; got {value}")
     if img_size % p:
         raise ValueError(f"img_size {img_size} is not divisible by patch_size {p}")
-    d = embed_dim or a.embed_dim
-    h = num_heads or a.num_heads
     if d % h:
         raise ValueError(f"embed_dim {d} is not divisible by num_heads {h}")
     return ViTEncoder(
@@ -263,7 +269,7 @@ def build_encoder(
         img_size=img_size,
         patch_size=p,
         embed_dim=d,
-        depth=depth or a.depth,
+        depth=n,
         num_heads=h,
         mlp_ratio=mlp_ratio,
         drop_path_rate=drop_path_rate,

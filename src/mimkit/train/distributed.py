@@ -55,13 +55,26 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+def broadcast_object(obj: object, env: DistEnv) -> object:
+    """Rank 0's object, on every rank."""
+    if not env.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def broadcast_flag(flag: bool, env: DistEnv) -> bool:
     """Rank 0's decision, on every rank (for actions all ranks must take together)."""
-    if not env.enabled:
-        return flag
-    box = [flag]
-    dist.broadcast_object_list(box, src=0)
-    return bool(box[0])
+    return bool(broadcast_object(flag, env))
+
+
+def any_rank_each(flags: torch.Tensor, env: DistEnv) -> list[bool]:
+    """For each entry of a boolean vector, whether it is true on any rank; one host sync."""
+    values = flags.to(torch.int32)
+    if env.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def any_rank(flag: torch.Tensor, env: DistEnv) -> bool:

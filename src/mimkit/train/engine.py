@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,14 @@ from torch.nn.parallel import DistributedDataParallel
 from mimkit import checkpoint
 from mimkit.configs import Config, diff, to_dict
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
-from mimkit.train.distributed import DistEnv, all_gather_rows, any_rank, broadcast_flag, gather_objects
+from mimkit.train.distributed import (
+    DistEnv,
+    all_gather_rows,
+    any_rank,
+    any_rank_each,
+    broadcast_flag,
+    gather_objects,
+)
 from mimkit.train.log import RunLogger
 from mimkit.train.optim import build_optimizer, effective_batch, lr_at, resolve_lr
 
@@ -27,7 +36,29 @@ RESUMABLE_CHANGES = ("run.", "eval.", "data.num_workers", "recipe")
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; the message gives the step and the checkpoint to resume from."""
+    """The loss, or the weights after an optimizer step, became NaN or inf; the message gives the step
+    and the last good checkpoint. A checkpoint with non-finite weights is never written."""
+
+
+class RunInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run at a step boundary, after saving; ``signal`` is the number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signal = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A device-side boolean: whether every entry of every tensor is finite (no host sync). The max-abs
+    norm of each tensor is inf or NaN exactly when the tensor holds one (a 2-norm would overflow on large
+    finite weights)."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    norms = torch._foreach_norm(tensors, float("inf"))
+    return torch.isfinite(torch.stack(norms)).all()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -66,8 +97,15 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.iter = 0  # micro-batches done in the current epoch
         self.step = 0  # optimizer steps done
-        self.skipped = 0  # unreadable images met by this rank
-        self._nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)
+        self.skipped: set[str] = set()  # unreadable images met by this rank, one message per file
+        # what earlier sessions of this run did, so that summaries count the whole run
+        self.totals = {"images_seen": 0, "seconds": 0.0, "sessions": 0}
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)  # a loss of this step
+        self._weights_bad = torch.zeros((), dtype=torch.bool, device=env.device)  # after the last step
+        self._stop_signal: int | None = None  # set by the signal handler, acted on at a step boundary
+        self._stop_now = False  # every rank's agreement to stop after the current step
+        self.last_saved: tuple[Path, int] | None = None  # the last good checkpoint and its step
+        self._session: _Session | None = None  # the fit() in progress
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_count = 0
 
@@ -103,8 +141,13 @@ class Trainer:
         self._metric_count += 1
 
     def optimizer_step(self, progress: float) -> None:
-        """Apply the accumulated gradients; stop the run (with a checkpoint) if any loss was not finite."""
-        if any_rank(self._nonfinite, self.env):  # one host sync per step, before the weights are spoiled
+        """Apply the accumulated gradients. One host sync per step reads, from every rank: whether a loss
+        of this step was not finite (the run stops with the weights before it saved), whether the last
+        step left non-finite weights (the run stops without saving them) and whether a stop signal came."""
+        loss_bad, weights_bad, stop = self._sync_flags()
+        if weights_bad:
+            raise self._spoiled_weights_error(self.step)
+        if loss_bad:
             self.iter -= self.cfg.optim.accum_iter  # resume at the start of this accumulation cycle
             self.optimizer.zero_grad(set_to_none=True)
             path = self.save()
@@ -120,10 +163,34 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self._nonfinite.zero_()
+        # a finite but huge loss can still overflow the update: checked on the device, read at the next
+        # sync (or before any save)
+        self._weights_bad = ~all_finite([p.detach() for p in self.module.parameters()])
+        self._stop_now = stop
         self.step += 1
         after_step = getattr(self.module, "after_step", None)
         if after_step is not None:
             after_step(progress)
+
+    def _sync_flags(self) -> tuple[bool, bool, bool]:
+        local_stop = self._stop_signal is not None
+        flags = [self._nonfinite, self._weights_bad]
+        if self.env.enabled:  # a signal may have reached only some ranks
+            flags.append(torch.tensor(local_stop, device=self.env.device))
+        values = any_rank_each(torch.stack(flags), self.env)
+        return values[0], values[1], local_stop or (len(values) > 2 and values[2])
+
+    def _spoiled_weights_error(self, step: int) -> NonFiniteLoss:
+        if self.last_saved is not None:
+            path, saved_step = self.last_saved
+            kept = f"the last good checkpoint, {path} (step {saved_step}), is kept. Resume from it"
+        else:
+            kept = "no checkpoint had been written yet. Start again"
+        return NonFiniteLoss(
+            f"optimizer step {step} made the weights non-finite although its loss was finite (the update "
+            f"overflowed); they were not saved: {kept} after lowering the learning rate, raising warmup or "
+            "setting optim.clip_grad."
+        )
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -136,14 +203,20 @@ class Trainer:
             "step": self.step,
             "config": to_dict(self.cfg),
             "rng": gather_objects(checkpoint.rng_state(), self.env),
+            "skipped": sorted(set().union(*gather_objects(self.skipped, self.env))),
+            "totals": self.run_totals(),
         }
 
     def save(self, name: str = "last.pt") -> Path:
-        """Every rank must call this together (RNG states are gathered); rank 0 writes."""
+        """Every rank must call this together (RNG states are gathered); rank 0 writes. Weights that are
+        not finite are never written: the run stops and the last good checkpoint stays."""
+        if any_rank(self._weights_bad, self.env):
+            raise self._spoiled_weights_error(self.step)
         state = self.state_dict()
         path = self.out_dir / name
         if self.env.is_main:
             checkpoint.save_atomic(state, path)
+        self.last_saved = (path, self.step)
         return path
 
     def resume(self, path: str | Path) -> None:
@@ -163,7 +236,15 @@ class Trainer:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if not bool(all_finite([p.detach() for p in self.module.parameters()])):
+            raise checkpoint.CheckpointError(
+                f"{path}: holds non-finite weights; resume from an earlier checkpoint or start over "
+                "with --resume none"
+            )
         self.epoch, self.iter, self.step = state["epoch"], state["iter"], state["step"]
+        self.skipped = set(state.get("skipped", ()))
+        self.totals = {**self.totals, **state.get("totals", {})}
+        self.last_saved = (Path(path), self.step)
         rngs = state["rng"]
         if len(rngs) == self.env.world_size:
             checkpoint.set_rng_state(rngs[self.env.rank])
@@ -175,7 +256,85 @@ class Trainer:
         self, dataset: ViewDataset, on_epoch_end: Callable[[int], dict[str, float]] | None = None
     ) -> dict[str, Any]:
         """Train to ``optim.epochs`` (or ``run.stop_at_step``); ``on_epoch_end(epoch)`` may return scalars
-        to log (a periodic evaluation)."""
+        to log (a periodic evaluation). SIGINT and SIGTERM stop the run at the next step boundary, after
+        saving (:class:`RunInterrupted`)."""
+        cfg = self.cfg
+        loader, iters = self._loader(dataset)
+        log = RunLogger(
+            self.out_dir,
+            enabled=self.env.is_main,
+            total=cfg.optim.epochs * iters,
+            initial=self.epoch * iters + self.iter,
+            progress=cfg.run.progress,
+            resume_step=self.step,
+        )
+        session = self._session = _Session(log)
+        stopped_early = False
+        try:
+            with self._stop_signals_deferred():
+                while self.epoch < cfg.optim.epochs and not stopped_early:
+                    stopped_early = self._epoch(loader, iters, session)
+                    if stopped_early:
+                        self.save()
+                        break
+                    self.epoch, self.iter = self.epoch + 1, 0
+                    scalars = on_epoch_end(self.epoch) if on_epoch_end is not None else None
+                    if scalars:
+                        log.scalars(self.step, scalars, epoch=self.epoch)
+                    self.save()
+                    session.last_save = time.monotonic()
+        finally:
+            log.close()
+            session.take_window()
+            self.totals, self._session = self.run_totals(), None
+        return self._summary(session, stopped_early)
+
+    def run_totals(self) -> dict[str, Any]:
+        """Images, seconds and sessions of the whole run: earlier sessions' plus this one's so far."""
+        if self._session is None:
+            return dict(self.totals)
+        session = self._session
+        return {
+            "images_seen": self.totals["images_seen"] + session.images_seen + session.window_images,
+            "seconds": self.totals["seconds"] + time.perf_counter() - session.started,
+            "sessions": self.totals["sessions"] + 1,
+        }
+
+    def _epoch(self, loader: Any, iters: int, session: _Session) -> bool:
+        """The rest of the current epoch; True when ``run.stop_at_step`` was reached."""
+        cfg, env = self.cfg, self.env
+        accum, stop_at, total = cfg.optim.accum_iter, cfg.run.stop_at_step, cfg.optim.epochs * iters
+        loader.sampler.set_epoch(self.epoch, start=self.iter * cfg.optim.batch_size)
+        # micro-batches left over at the end of an epoch (iters % accum) are dropped, as in the references:
+        # their gradients are cleared here
+        self.optimizer.zero_grad(set_to_none=True)
+        for batch in loader:
+            self._report_skipped(batch)
+            it = self.epoch * iters + self.iter
+            if self.iter % accum == 0:
+                self.set_lr(lr_at(it / iters, **self.schedule))
+                self.start_step(it / total)
+            boundary = (self.iter + 1) % accum == 0
+            self.micro_step(to_device(batch, env.device), boundary=boundary)
+            session.window_images += len(batch["label"]) * env.world_size
+            self.iter += 1
+            session.log.advance()
+            if not boundary:
+                continue
+            self.optimizer_step(progress=it / total)
+            if self.step % cfg.run.log_every == 0 or self.step == stop_at:
+                session.last_loss = self._log(session, iters)
+                due = time.monotonic() - session.last_save > cfg.run.checkpoint_minutes * 60
+                if broadcast_flag(due, env):
+                    self.save()
+                    session.last_save = time.monotonic()
+            if self._stop_now:
+                self._stop_for_signal(session, iters)
+            if stop_at is not None and self.step >= stop_at:
+                return True
+        return False
+
+    def _loader(self, dataset: ViewDataset) -> tuple[Any, int]:
         cfg, env = self.cfg, self.env
         bs, accum = cfg.optim.batch_size, cfg.optim.accum_iter
         sampler = EpochSampler(len(dataset), seed=cfg.run.seed, rank=env.rank, world_size=env.world_size)
@@ -194,95 +353,91 @@ class Trainer:
             drop_last=True,
             pin_memory=env.device.type == "cuda",
         )
-        total = cfg.optim.epochs * iters
-        log = RunLogger(
-            self.out_dir,
-            enabled=env.is_main,
-            total=total,
-            initial=self.epoch * iters + self.iter,
-            progress=cfg.run.progress,
-        )
-        min_lr = max(cfg.optim.min_lr, cfg.optim.min_lr_frac * self.base_lr)
-        schedule = dict(
+        return loader, iters
+
+    @property
+    def schedule(self) -> dict[str, float]:
+        optim = self.cfg.optim
+        min_lr = max(optim.min_lr, optim.min_lr_frac * self.base_lr)
+        return dict(
             lr=self.base_lr,
             min_lr=min_lr,
-            warmup_epochs=cfg.optim.warmup_epochs,
-            epochs=cfg.optim.epochs,
-            warmup_from=min_lr if cfg.optim.warmup_from_min_lr else 0.0,
+            warmup_epochs=optim.warmup_epochs,
+            epochs=optim.epochs,
+            warmup_from=min_lr if optim.warmup_from_min_lr else 0.0,
         )
-        start_time = window_start = time.perf_counter()
-        last_save, window_images, images_seen, last_loss = time.monotonic(), 0, 0, math.nan
-        stop_at = cfg.run.stop_at_step
-        stopped_early = False
+
+    # ---- signals ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_signals_deferred(self) -> Iterator[None]:
+        """While training, SIGINT and SIGTERM (what clusters send before preemption) only ask the run to
+        stop at the next step boundary; a second SIGINT interrupts at once. Outside the main thread
+        signals cannot be caught, and the defaults stay."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT and self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            if self.env.is_main:
+                print(
+                    f"\nmimkit: {signal.Signals(signum).name} received; saving at the end of this step "
+                    "(Ctrl-C again to interrupt now)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, request_stop)
         try:
-            while self.epoch < cfg.optim.epochs and not stopped_early:
-                sampler.set_epoch(self.epoch, start=self.iter * bs)
-                # micro-batches left over at the end of an epoch (iters % accum) are dropped, as in the
-                # references: their gradients are cleared here
-                self.optimizer.zero_grad(set_to_none=True)
-                for batch in loader:
-                    self._report_skipped(batch)
-                    it = self.epoch * iters + self.iter
-                    if self.iter % accum == 0:
-                        self.set_lr(lr_at(it / iters, **schedule))
-                        self.start_step(it / total)
-                    boundary = (self.iter + 1) % accum == 0
-                    self.micro_step(to_device(batch, env.device), boundary=boundary)
-                    window_images += len(batch["label"]) * env.world_size
-                    self.iter += 1
-                    log.advance()
-                    if not boundary:
-                        continue
-                    self.optimizer_step(progress=it / total)
-                    if self.step % cfg.run.log_every == 0 or self.step == stop_at:
-                        last_loss = self._log(log, window_images, time.perf_counter() - window_start, iters)
-                        images_seen += window_images
-                        window_start, window_images = time.perf_counter(), 0
-                        due = time.monotonic() - last_save > cfg.run.checkpoint_minutes * 60
-                        if broadcast_flag(due, env):
-                            self.save()
-                            last_save = time.monotonic()
-                    if stop_at is not None and self.step >= stop_at:
-                        stopped_early = True
-                        break
-                if stopped_early:
-                    self.save()
-                    break
-                self.epoch, self.iter = self.epoch + 1, 0
-                if on_epoch_end is not None:
-                    scalars = on_epoch_end(self.epoch)
-                    if scalars:
-                        log.scalars(self.step, scalars, epoch=self.epoch)
-                self.save()
-                last_save = time.monotonic()
+            yield
         finally:
-            log.close()
-        images_seen += window_images
-        seconds = time.perf_counter() - start_time
-        skipped_total = (
-            int(all_gather_rows(torch.tensor([self.skipped]), env).sum()) if env.enabled else self.skipped
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _stop_for_signal(self, session: _Session, iters: int) -> None:
+        if session.window_images:
+            session.last_loss = self._log(session, iters)
+        path = self.save()
+        signum = self._stop_signal or signal.SIGTERM  # another rank's signal
+        raise RunInterrupted(
+            f"stopped by {signal.Signals(signum).name} at step {self.step} (epoch {self.epoch}); saved "
+            f"{path}. Run the same command again to resume (--resume auto).",
+            int(signum),
         )
+
+    def _summary(self, session: _Session, stopped_early: bool) -> dict[str, Any]:
+        env = self.env
+        skipped = set().union(*gather_objects(self.skipped, env))
+        seconds, images = self.totals["seconds"], self.totals["images_seen"]
         summary = {
             "epochs_done": self.epoch,
             "steps": self.step,
             "stopped_early": stopped_early,
-            "images_seen": images_seen,
+            # the whole run, over every session that resumed it
+            "images_seen": images,
             "seconds": round(seconds, 2),
-            "images_per_s": round(images_seen / seconds, 1) if seconds > 0 else None,
-            "last_logged_loss": last_loss,
-            "skipped_images": skipped_total,
+            "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
+            "sessions": self.totals["sessions"],
+            "last_logged_loss": session.last_loss if math.isfinite(session.last_loss) else None,
+            "skipped_images": len(skipped),
         }
         if env.enabled:
             summary["ranks_in_sync"] = self.ranks_in_sync()
         return summary
 
     def _report_skipped(self, batch: dict[str, Any]) -> None:
-        """Unreadable images are named and counted; a batch with none left is an error (the ranks of a
-        DDP run must step together, and a folder of broken files should not train silently)."""
+        """Unreadable images are named (once per file) and counted; a batch with none left is an error
+        (the ranks of a DDP run must step together, and a folder of broken files should not train
+        silently)."""
         skipped = batch.pop("skipped")
-        self.skipped += len(skipped)
         for message in skipped:
-            print(f"warning: skipped unreadable image {message}", file=sys.stderr, flush=True)
+            if message not in self.skipped:
+                self.skipped.add(message)
+                print(f"warning: skipped unreadable image {message}", file=sys.stderr, flush=True)
         if "label" not in batch:
             raise ValueError(f"every image of a batch was unreadable; the first: {skipped[0]}")
 
@@ -296,7 +451,9 @@ class Trainer:
         gathered = all_gather_rows(sums[None], self.env)
         return bool((gathered == gathered[0]).all())
 
-    def _log(self, log: RunLogger, images: int, seconds: float, iters: int) -> float:
+    def _log(self, session: _Session, iters: int) -> float:
+        """Log the mean of the metrics since the last log step (one host sync); returns the loss."""
+        images, seconds = session.take_window()
         if not self._metric_count:
             return math.nan
         keys = list(self._metric_sums)
@@ -306,5 +463,25 @@ class Trainer:
         # the unscaled lr (groups may carry a layer-decay lr_scale below 1)
         scalars["lr"] = max(group["lr"] for group in self.optimizer.param_groups)
         scalars["img/s"] = images / seconds if seconds > 0 else 0.0
-        log.scalars(self.step, scalars, epoch=self.epoch + self.iter / iters)
+        session.log.scalars(self.step, scalars, epoch=self.epoch + self.iter / iters)
         return scalars["loss"]
+
+
+class _Session:
+    """What one call of :meth:`Trainer.fit` measures: throughput windows, images seen, time since the
+    last save; added to the run's totals (in every checkpoint, and when it ends)."""
+
+    def __init__(self, log: RunLogger) -> None:
+        self.log = log
+        self.started = self.window_start = time.perf_counter()
+        self.last_save = time.monotonic()
+        self.window_images = self.images_seen = 0
+        self.last_loss = math.nan
+
+    def take_window(self) -> tuple[int, float]:
+        """Images and seconds since the last call."""
+        now = time.perf_counter()
+        images, seconds = self.window_images, now - self.window_start
+        self.images_seen += images
+        self.window_start, self.window_images = now, 0
+        return images, seconds

@@ -4,6 +4,8 @@ metrics.jsonl file, all from rank 0."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,10 @@ class RunLogger:
         initial: int,
         progress: bool,
         tensorboard: bool = True,
+        resume_step: int = 0,
     ) -> None:
+        """``resume_step``: the optimizer step the run (re)starts from; what an earlier session logged after
+        it (before being killed) is dropped, so that no step appears twice."""
         self.enabled = enabled
         self.total, self.done, self.started, self.start_done = total, initial, time.monotonic(), initial
         self.bar = None
@@ -31,12 +36,14 @@ class RunLogger:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(out_dir / "metrics.jsonl", resume_step)
         self.jsonl = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(out_dir / "tb"))
+                # TensorBoard hides the events an earlier session wrote after resume_step
+                self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1)
             except ImportError:  # tensorboard is a declared dependency; stay usable without it
                 self.writer = None
         if progress:
@@ -76,6 +83,46 @@ class RunLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the rows of a metrics file up to ``last_step`` (and any unreadable tail is dropped: a kill
+    mid-write leaves half a line). Rewritten atomically, and only when something is dropped."""
+    if not path.is_file():
+        return
+    kept, dropped = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            dropped = True
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            dropped = True
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Strict JSON (NaN and inf become null, which every reader accepts), written atomically."""
+    text = json.dumps(_finite(data), indent=2, default=str, allow_nan=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -11,15 +10,17 @@ from typing import Any
 
 import torch
 
-from mimkit.checkpoint import resolve_checkpoint, seed_all
+from mimkit.checkpoint import remove_stale_temporaries, resolve_checkpoint, seed_all
 from mimkit.configs import Config, to_yaml
 from mimkit.data.loader import ViewDataset
 from mimkit.data.sources import ImageSource, build_source
 from mimkit.data.transforms import eval_view
-from mimkit.eval.knn import knn_evaluate, loo_nn_evaluate
+from mimkit.eval.knn import check_knn_sources, knn_evaluate, loo_nn_evaluate
 from mimkit.methods import build_method
 from mimkit.train.distributed import DistEnv, barrier, init_distributed
 from mimkit.train.engine import Trainer
+from mimkit.train.log import write_json
+from mimkit.train.runlock import RunLock
 
 
 def run_dir(cfg: Config) -> Path:
@@ -40,8 +41,14 @@ def autocast_dtype(trainer: Trainer) -> torch.dtype | None:
 
 
 def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
+    """Pre-train ``cfg.method`` on ``cfg.data.train`` in the run folder, which it locks for the run."""
     env = env or init_distributed(cfg.run.device)
     out = run_dir(cfg)
+    with RunLock(out, env):
+        return _pretrain(cfg, env, out)
+
+
+def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     method = build_method(cfg)
     seed_all(cfg.run.seed + env.rank)  # masks differ across ranks
@@ -89,24 +96,27 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
         for name, probe in probes.items():
             summary[name] = probe(method.encoder)
     if env.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_json(out / "summary.json", summary)
     barrier(env)
     return summary
 
 
 def start_run(cfg: Config, trainer: Trainer, out: Path, description: str) -> None:
-    """The run folder and its config.yaml, the resolved config and a one-line description on stderr, and
-    the resume (``run.resume``) when there is something to resume."""
+    """The resume (``run.resume``) when there is something to resume, then the run folder's config.yaml,
+    the resolved config and a one-line description on stderr. The caller holds the folder's
+    :class:`RunLock`, so temporary files found there are left over from a killed writer."""
     env = trainer.env
     resume_from = find_resume(cfg, out)
+    if resume_from is not None:
+        trainer.resume(resume_from)  # a refused resume leaves the folder as it was
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for path in remove_stale_temporaries(out):
+            print(f"note: removed {path}, left by a process killed while writing it", file=sys.stderr)
         (out / "config.yaml").write_text(to_yaml(cfg))
         print(to_yaml(cfg), file=sys.stderr)
         print(description, file=sys.stderr)
-    if resume_from is not None:
-        trainer.resume(resume_from)
-        if env.is_main:
+        if resume_from is not None:
             print(
                 f"mimkit: resumed {resume_from} at epoch {trainer.epoch}, step {trainer.step}",
                 file=sys.stderr,
@@ -128,6 +138,8 @@ def knn_probe(
         bank = build_source(cfg.eval.train or cfg.data.train, image_size=size, max_images=cfg.data.max_images)
     if queries is None:
         queries = build_source(cfg.eval.val, image_size=size)
+    # checked now rather than when the first evaluation runs, possibly after the whole training
+    check_knn_sources(bank, queries, hint="eval.train, else data.train, and eval.val; or set eval.knn=false")
     return partial(
         knn_evaluate,
         train=bank,

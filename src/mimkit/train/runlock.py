@@ -1,0 +1,104 @@
+"""One run per folder: an advisory lock on ``OUT/.lock`` held for the life of a run.
+
+Two runs writing one folder would resume each other's checkpoints and interleave their logs. The lock is
+an ``flock`` on a file in the run folder: the kernel releases it when the holding process ends, however it
+ends (kill -9 included), so a stale lock never blocks a new run. The file records who holds it, for the
+error the second run prints. Under torchrun, rank 0 takes the lock and every rank gets its answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from mimkit.train.distributed import DistEnv, broadcast_object
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there are not locked
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".lock"
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used: another process holds its lock, or it cannot be written."""
+
+
+class RunLock:
+    """``with RunLock(out, env):`` holds ``out/.lock`` (creating ``out``), else :class:`RunFolderError`."""
+
+    def __init__(self, folder: str | Path, env: DistEnv | None = None) -> None:
+        self.folder, self.env = Path(folder), env
+        self._file = None
+
+    def acquire(self) -> None:
+        error = None
+        if self.env is None or self.env.is_main:
+            error = self._acquire_here()
+        if self.env is not None:
+            error = broadcast_object(error, self.env)
+        if error is not None:
+            raise RunFolderError(error)
+
+    def _acquire_here(self) -> str | None:
+        """None when the lock is ours, else the message that says who holds it."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            handle = open(self.folder / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115
+        except OSError as err:
+            return f"cannot use run folder '{self.folder}': {err.strerror or err}"
+        if fcntl is None:
+            self._file = handle
+            return None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            return (
+                f"run folder '{self.folder}' is in use by another run ({describe(holder)}); wait for it to "
+                "end, or give this run another --out"
+            )
+        handle.seek(0)
+        handle.truncate()
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv),
+        }
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        self._file = handle
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            if fcntl is not None:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def describe(holder: str) -> str:
+    try:
+        info = json.loads(holder)
+        return f"pid {info['pid']} on {info['host']} since {info['since']}: {info['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"

@@ -1,0 +1,99 @@
+"""Checkpoint files as a hostile user leaves them: truncated, random, empty, half-written, on a full disk."""
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimkit import checkpoint
+from mimkit.cli import main
+from mimkit.train.pretrain import pretrain
+from tests.conftest import TINY, tiny_config
+
+
+def _broken_files(tmp_path, good):
+    data = good.read_bytes()
+    files = {
+        "truncated": data[: len(data) // 2],
+        "random": os.urandom(4096),
+        "empty": b"",
+    }
+    for name, content in files.items():
+        (tmp_path / f"{name}.pt").write_bytes(content)
+    return [tmp_path / f"{name}.pt" for name in files]
+
+
+@pytest.fixture
+def good_run(tmp_path):
+    out = tmp_path / "good"
+    pretrain(tiny_config(out, "run.stop_at_step=1"))
+    return out
+
+
+def test_load_names_a_broken_file(tmp_path, good_run):
+    for path in _broken_files(tmp_path, good_run / "last.pt"):
+        with pytest.raises(checkpoint.CheckpointError, match=rf"{path.name}: truncated or not a checkpoint"):
+            checkpoint.load(path)
+
+
+@pytest.mark.parametrize("command", ["resume", "knn", "export", "finetune", "linprobe"])
+def test_every_command_reports_a_broken_checkpoint_in_one_line(tmp_path, good_run, capsys, command):
+    for path in _broken_files(tmp_path, good_run / "last.pt"):
+        if command == "resume":
+            argv = ["pretrain", "--out", str(tmp_path / "r"), "--resume", str(path), *TINY]
+        else:
+            argv = [command, str(path)]
+        assert main(argv) == 2, (command, path.name)
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines()[-1].startswith(f"mimkit: error: {path}: truncated or not a checkpoint"), err
+        assert "Traceback" not in err and "untrusted" not in err and "trust=True" not in err
+
+
+def test_auto_resume_names_a_broken_last_pt(tmp_path, good_run, capsys):
+    (good_run / "last.pt").write_bytes((good_run / "last.pt").read_bytes()[:1000])
+    assert main(["pretrain", "--out", str(good_run), *TINY]) == 2
+    assert f"{good_run / 'last.pt'}: truncated or not a checkpoint" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_no_known_layout_is_named(tmp_path, capsys):
+    torch.save({}, tmp_path / "empty_dict.pt")
+    assert (
+        main(["knn", str(tmp_path / "empty_dict.pt"), "--train", "synthetic:8", "--val", "synthetic:8"]) == 2
+    )
+    assert "empty_dict.pt: not an official MAE / LUT / Latent MIM layout" in capsys.readouterr().err
+
+
+def test_a_broken_safetensors_export_is_named(tmp_path, capsys):
+    path = tmp_path / "enc.safetensors"
+    path.write_bytes(os.urandom(256))
+    assert main(["knn", str(path), "--train", "synthetic:8", "--val", "synthetic:8"]) == 2
+    assert f"{path}: truncated or not a safetensors file" in capsys.readouterr().err
+
+
+def test_a_failed_write_leaves_no_temporary_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = checkpoint.save_atomic({"step": 1}, tmp_path / "last.pt")
+
+    def disk_full(state, f):
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"could not write checkpoint '.*last\.pt': .*No space"
+    ):
+        checkpoint.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert checkpoint.load(path)["step"] == 1
+
+
+def test_a_run_removes_temporaries_that_a_killed_writer_left(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in (".last.pt.tmp4242", ".summary.json.tmp", ".metrics.jsonl.tmp"):
+        (out / name).write_bytes(b"half")
+    assert main(["pretrain", "--out", str(out), *TINY, "run.stop_at_step=1"]) == 0
+    assert not list(out.glob(".*.tmp*"))
+    assert "removed" in capsys.readouterr().err
