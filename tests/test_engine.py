@@ -147,45 +147,84 @@ def test_nan_loss_stops_with_the_step_and_a_checkpoint(tiny, tmp_path):
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 
 
-class OverflowingGradient(torch.autograd.Function):
-    """Identity forward; the backward overflows to inf: a finite loss whose update spoils the weights
-    (AdamW then writes inf / inf = NaN)."""
+class ScaledGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``scale``: a finite loss whose update
+    overflows."""
 
     @staticmethod
-    def forward(ctx, loss):
+    def forward(ctx, loss, scale):
+        ctx.scale = scale
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * 1e39
+        return grad * ctx.scale, None
 
 
 class OverflowAt(Exploding):
+    def __init__(self, method, at_step, scale):
+        super().__init__(method, at_step)
+        self.scale = scale
+
     def forward(self, batch):
         out = self.method(batch)
         self.calls += 1
         if self.calls == self.at:
-            return type(out)(OverflowingGradient.apply(out.loss), out.metrics)
+            return type(out)(ScaledGradient.apply(out.loss, self.scale), out.metrics)
         return out
 
 
-def test_a_step_that_spoils_the_weights_keeps_the_last_good_checkpoint(tiny, tmp_path):
-    """The loss of step 5 is finite but its update writes NaN weights: the run stops at the next sync and
-    never writes them; last.pt stays the one saved at step 4."""
+@pytest.mark.parametrize(
+    "scale, spoiled",
+    [
+        (1e39, "weights"),  # inf gradients: AdamW writes inf / inf = NaN weights
+        (1e25, "optimizer"),  # finite gradients whose squares overflow: the weights stay finite but freeze
+    ],
+)
+def test_a_step_that_spoils_the_state_keeps_the_last_good_checkpoint(tiny, tmp_path, scale, spoiled):
+    """The loss of step 5 is finite but its update overflows: the run stops at the next sync and never
+    writes that state; last.pt stays the one saved at step 4, finite throughout."""
     from mimkit.data import ViewDataset, build_source
 
     cfg = tiny("run.checkpoint_minutes=0", "run.log_every=2")  # saves at steps 2 and 4
     method = build_method(cfg)
-    trainer = Trainer(OverflowAt(method, at_step=5), cfg, init_distributed("cpu"), tmp_path / "spoiled")
+    module = OverflowAt(method, at_step=5, scale=scale)
+    trainer = Trainer(module, cfg, init_distributed("cpu"), tmp_path / "spoiled")
     data = ViewDataset(build_source("synthetic:64", image_size=16), method.train_transform(cfg.data))
-    with pytest.raises(
-        NonFiniteLoss, match=r"optimizer step 5 made the weights non-finite.*last\.pt \(step 4\)"
-    ):
+    stop = r"optimizer step 5 made the weights or the optimizer state non-finite.*last\.pt \(step 4\)"
+    with pytest.raises(NonFiniteLoss, match=stop):
         trainer.fit(data)
-    assert not all(torch.isfinite(p).all() for p in method.parameters())  # the update did spoil them
+    moments = [t for s in trainer.optimizer.state.values() for t in s.values() if t.dim()]
+    weights_finite = all(torch.isfinite(p).all() for p in method.parameters())
+    assert weights_finite == (spoiled == "optimizer")  # the update did spoil one or the other
+    assert not all(torch.isfinite(t).all() for t in moments)
     saved = checkpoint.load(tmp_path / "spoiled" / "last.pt")
     assert saved["step"] == 4
-    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    tensors = [
+        *saved["model"].values(),
+        *(t for s in saved["optimizer"]["state"].values() for t in s.values()),
+    ]
+    assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+def test_a_signal_after_the_last_step_still_stops_the_run(tiny, tmp_path):
+    """SIGTERM during the last epoch-end evaluation: training is saved, and what follows fit() (the final
+    evaluation of a run) does not start."""
+    import os
+    import signal
+
+    from mimkit.data import ViewDataset, build_source
+    from mimkit.train.engine import RunInterrupted
+
+    cfg = tiny("optim.epochs=1")
+    method = build_method(cfg)
+    trainer = Trainer(method, cfg, init_distributed("cpu"), tmp_path / "late")
+    data = ViewDataset(build_source("synthetic:64", image_size=16), method.train_transform(cfg.data))
+    with pytest.raises(RunInterrupted, match=r"stopped by SIGTERM at step 8 .*last\.pt") as stopped:
+        trainer.fit(data, on_epoch_end=lambda epoch: os.kill(os.getpid(), signal.SIGTERM))
+    assert stopped.value.signal == signal.SIGTERM
+    assert checkpoint.load(tmp_path / "late" / "last.pt")["step"] == 8
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
 
 
 def test_resume_refuses_a_checkpoint_with_non_finite_weights(tiny, tmp_path):
@@ -194,7 +233,9 @@ def test_resume_refuses_a_checkpoint_with_non_finite_weights(tiny, tmp_path):
     state = checkpoint.load(path)
     state["model"]["encoder.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
     torch.save(state, path)
-    with pytest.raises(checkpoint.CheckpointError, match=r"last\.pt: holds non-finite weights"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"last\.pt: holds non-finite weights or optimizer state"
+    ):
         pretrain(tiny())
 
 

@@ -124,3 +124,18 @@ def test_a_closed_output_pipe_ends_quietly(tmp_path):
     )
     os.close(write_end)
     assert result.returncode == 141 and result.stderr == ""
+
+
+def test_a_run_killed_hard_does_not_leave_its_folder_locked(tmp_path):
+    """kill -9 leaves no chance to clean up, and loader workers outlive their parent for a few seconds:
+    the lock must go with the parent (the workers drop their inherited copy of it)."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mimkit", "pretrain", "--out", str(out), *TINY, "optim.epochs=30"]
+    cmd += ["run.log_every=1", "data.num_workers=2"]
+    process = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(threads=2)
+    )
+    _wait_for_rows(out / "metrics.jsonl", 2, process)
+    process.kill()
+    process.wait(timeout=30)
+    assert main(["pretrain", "--out", str(out), *TINY, "optim.epochs=30", "run.stop_at_step=1"]) == 0

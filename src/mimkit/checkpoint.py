@@ -6,11 +6,17 @@ import os
 import pickle
 import random
 import re
+import shutil
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+# the temporary names save_atomic and the run logs write (nothing else of a user's is matched)
+STALE = re.compile(r"\.(?:[^/]+\.pt|summary\.json|metrics\.jsonl)\.tmp\d*")
 
 
 class CheckpointError(ValueError):
@@ -35,18 +41,37 @@ def save_atomic(state: dict, path: str | Path) -> Path:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write checkpoint '{path}': {_first_line(err)}") from err
+        raise CheckpointError(
+            f"could not write checkpoint '{path}': {_first_line(err)}{_free_space(path.parent)}"
+        ) from err
     return path
 
 
+def _free_space(folder: Path) -> str:
+    """How much room the folder's disk has left (torch reports a full disk as an 'unexpected pos')."""
+    try:
+        return f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free on its disk)"
+    except OSError:
+        return ""
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporary files (``.NAME.tmp*``: checkpoints, summaries, metrics) that a process killed
-    while writing left in ``folder``. Only call it while holding the folder's run lock: then no other
-    process is writing there."""
-    stale = sorted(Path(folder).glob(".*.tmp*")) if Path(folder).is_dir() else []
+    """Delete the temporary files (``.NAME.tmpPID`` of a checkpoint, ``.summary.json.tmp``,
+    ``.metrics.jsonl.tmp``) that a process killed while writing left in ``folder``. Only call it while
+    holding the folder's run lock: then no other process is writing there."""
+    folder = Path(folder)
+    stale = sorted(p for p in folder.iterdir() if STALE.fullmatch(p.name)) if folder.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def _damage(path: Path, err: BaseException) -> str:
+    """What is wrong with a file torch could not load, in plain words (torch's own messages suggest
+    loading it unsafely, which is no help for damaged bytes)."""
+    if not zipfile.is_zipfile(path):
+        return f"not a complete PyTorch archive; {type(err).__name__}"
+    return f"a damaged archive: {_first_line(err)}"
 
 
 def _first_line(err: BaseException) -> str:
@@ -61,17 +86,19 @@ def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: truncated or not a checkpoint (an empty file)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+        with warnings.catch_warnings():  # damaged bytes can look like an odd pickle protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the safe unpickler raises many types on damaged bytes
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if refused:
+        if isinstance(err, pickle.UnpicklingError) and refused:
             raise UnsafeCheckpoint(
                 f"{path}: holds a pickled '{refused.group(1)}', which a safe load refuses"
             ) from err
-        raise CheckpointError(f"{path}: truncated or not a checkpoint ({_first_line(err)})") from err
-    except (EOFError, RuntimeError, OSError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"{path}: truncated or not a checkpoint ({_first_line(err)})") from err
+        raise CheckpointError(f"{path}: truncated or not a checkpoint ({_damage(path, err)})") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__}, not a dict)")
     return state

@@ -375,10 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # inside the try: a closed pipe (`mimkit recipes | head`) is handled below
         return code
     except NonFiniteLoss as err:
-        print(f"mimkit: stopped: {err}", file=sys.stderr)
+        if _is_main_rank():  # every rank stops at the same step; one says so
+            print(f"mimkit: stopped: {err}", file=sys.stderr)
         return 3
     except RunInterrupted as err:
-        print(f"mimkit: {err}", file=sys.stderr)
+        if _is_main_rank():
+            print(f"mimkit: {err}", file=sys.stderr)
         return 128 + err.signal
     except (ConfigError, ValueError, RunFolderError) as err:
         print(f"mimkit: error: {err}", file=sys.stderr)
@@ -395,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         cleanup()
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _os_error(err: OSError) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -47,6 +48,9 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # a group still alive when the interpreter exits can abort the process ("terminate called
+        # without an active exception"): the group we made is closed at exit, whoever calls us
+        atexit.register(cleanup)
     return DistEnv(rank, world_size, local_rank, device)
 
 
@@ -69,12 +73,12 @@ def broadcast_flag(flag: bool, env: DistEnv) -> bool:
     return bool(broadcast_object(flag, env))
 
 
-def any_rank_each(flags: torch.Tensor, env: DistEnv) -> list[bool]:
-    """For each entry of a boolean vector, whether it is true on any rank; one host sync."""
-    values = flags.to(torch.int32)
+def max_over_ranks(values: torch.Tensor, env: DistEnv) -> list[int]:
+    """The element-wise maximum of an integer vector over the ranks, as Python ints; one host sync."""
     if env.enabled:
+        values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]
+    return [int(v) for v in values.tolist()]
 
 
 def any_rank(flag: torch.Tensor, env: DistEnv) -> bool:

@@ -24,9 +24,9 @@ from mimkit.train.distributed import (
     DistEnv,
     all_gather_rows,
     any_rank,
-    any_rank_each,
     broadcast_flag,
     gather_objects,
+    max_over_ranks,
 )
 from mimkit.train.log import RunLogger
 from mimkit.train.optim import build_optimizer, effective_batch, lr_at, resolve_lr
@@ -51,14 +51,20 @@ class RunInterrupted(RuntimeError):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+@torch.no_grad()
 def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A device-side boolean: whether every entry of every tensor is finite (no host sync). The max-abs
     norm of each tensor is inf or NaN exactly when the tensor holds one (a 2-norm would overflow on large
-    finite weights)."""
+    finite weights); ``_foreach_norm`` is the multi-tensor kernel torch's own gradient clipping uses."""
     if not tensors:
         return torch.ones((), dtype=torch.bool)
     norms = torch._foreach_norm(tensors, float("inf"))
     return torch.isfinite(torch.stack(norms)).all()
+
+
+def optimizer_tensors(states: Any) -> list[torch.Tensor]:
+    """The float tensors of an optimizer's per-parameter states (AdamW's moments and step counts)."""
+    return [t for entry in states for t in entry.values() if torch.is_tensor(t) and t.is_floating_point()]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -101,9 +107,10 @@ class Trainer:
         # what earlier sessions of this run did, so that summaries count the whole run
         self.totals = {"images_seen": 0, "seconds": 0.0, "sessions": 0}
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)  # a loss of this step
-        self._weights_bad = torch.zeros((), dtype=torch.bool, device=env.device)  # after the last step
-        self._stop_signal: int | None = None  # set by the signal handler, acted on at a step boundary
-        self._stop_now = False  # every rank's agreement to stop after the current step
+        # weights or optimizer state left non-finite by the last update
+        self._state_bad = torch.zeros((), dtype=torch.bool, device=env.device)
+        self._stop_signal = 0  # set by the signal handler, acted on at a step boundary
+        self._stop_now = 0  # the signal every rank agreed to stop on after the current step (0: none)
         self.last_saved: tuple[Path, int] | None = None  # the last good checkpoint and its step
         self._session: _Session | None = None  # the fit() in progress
         self._metric_sums: dict[str, torch.Tensor] = {}
@@ -144,8 +151,8 @@ class Trainer:
         """Apply the accumulated gradients. One host sync per step reads, from every rank: whether a loss
         of this step was not finite (the run stops with the weights before it saved), whether the last
         step left non-finite weights (the run stops without saving them) and whether a stop signal came."""
-        loss_bad, weights_bad, stop = self._sync_flags()
-        if weights_bad:
+        loss_bad, state_bad, self._stop_now = self._sync_flags()
+        if state_bad:
             raise self._spoiled_weights_error(self.step)
         if loss_bad:
             self.iter -= self.cfg.optim.accum_iter  # resume at the start of this accumulation cycle
@@ -163,22 +170,30 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self._nonfinite.zero_()
-        # a finite but huge loss can still overflow the update: checked on the device, read at the next
-        # sync (or before any save)
-        self._weights_bad = ~all_finite([p.detach() for p in self.module.parameters()])
-        self._stop_now = stop
+        # a finite but huge loss can still overflow the update (AdamW's second moment first: the weights
+        # then stop moving rather than turn NaN): checked on the device, read at the next sync or save
+        self._state_bad = ~all_finite(self._trained_state())
         self.step += 1
         after_step = getattr(self.module, "after_step", None)
         if after_step is not None:
             after_step(progress)
 
-    def _sync_flags(self) -> tuple[bool, bool, bool]:
-        local_stop = self._stop_signal is not None
-        flags = [self._nonfinite, self._weights_bad]
-        if self.env.enabled:  # a signal may have reached only some ranks
-            flags.append(torch.tensor(local_stop, device=self.env.device))
-        values = any_rank_each(torch.stack(flags), self.env)
-        return values[0], values[1], local_stop or (len(values) > 2 and values[2])
+    def _sync_flags(self) -> tuple[bool, bool, int]:
+        """(a loss of this step was not finite, the last update left non-finite state, the stop signal
+        or 0), the same on every rank, in one host sync."""
+        flags = torch.stack([self._nonfinite, self._state_bad]).to(torch.int32)
+        if not self.env.enabled:
+            loss_bad, state_bad = flags.tolist()
+            return bool(loss_bad), bool(state_bad), self._stop_signal
+        # a signal may reach only some ranks: the largest signal number wins on all of them
+        flags = torch.cat([flags, flags.new_full((1,), self._stop_signal)])
+        loss_bad, state_bad, signum = max_over_ranks(flags, self.env)
+        return bool(loss_bad), bool(state_bad), signum
+
+    def _trained_state(self) -> list[torch.Tensor]:
+        return [p.detach() for p in self.module.parameters()] + optimizer_tensors(
+            self.optimizer.state.values()
+        )
 
     def _spoiled_weights_error(self, step: int) -> NonFiniteLoss:
         if self.last_saved is not None:
@@ -187,7 +202,8 @@ class Trainer:
         else:
             kept = "no checkpoint had been written yet. Start again"
         return NonFiniteLoss(
-            f"optimizer step {step} made the weights non-finite although its loss was finite (the update "
+            f"optimizer step {step} made the weights or the optimizer state non-finite although its loss was "
+            "finite (the update "
             f"overflowed); they were not saved: {kept} after lowering the learning rate, raising warmup or "
             "setting optim.clip_grad."
         )
@@ -210,7 +226,7 @@ class Trainer:
     def save(self, name: str = "last.pt") -> Path:
         """Every rank must call this together (RNG states are gathered); rank 0 writes. Weights that are
         not finite are never written: the run stops and the last good checkpoint stays."""
-        if any_rank(self._weights_bad, self.env):
+        if any_rank(self._state_bad, self.env):
             raise self._spoiled_weights_error(self.step)
         state = self.state_dict()
         path = self.out_dir / name
@@ -233,14 +249,15 @@ class Trainer:
         if noted and self.env.is_main:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in noted.items())
             print(f"note: resuming {path} with changed settings: {listed}", file=sys.stderr)
+        floats = [t for t in state["model"].values() if t.is_floating_point()]
+        if not bool(all_finite(floats + optimizer_tensors(state["optimizer"]["state"].values()))):
+            raise checkpoint.CheckpointError(
+                f"{path}: holds non-finite weights or optimizer state; resume from an earlier checkpoint or "
+                "start over with --resume none"
+            )
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        if not bool(all_finite([p.detach() for p in self.module.parameters()])):
-            raise checkpoint.CheckpointError(
-                f"{path}: holds non-finite weights; resume from an earlier checkpoint or start over "
-                "with --resume none"
-            )
         self.epoch, self.iter, self.step = state["epoch"], state["iter"], state["step"]
         self.skipped = set(state.get("skipped", ()))
         self.totals = {**self.totals, **state.get("totals", {})}
@@ -283,6 +300,7 @@ class Trainer:
                         log.scalars(self.step, scalars, epoch=self.epoch)
                     self.save()
                     session.last_save = time.monotonic()
+                self._stop_if_signalled_late()
         finally:
             log.close()
             session.take_window()
@@ -325,7 +343,7 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or self.step == stop_at:
                 session.last_loss = self._log(session, iters)
                 due = time.monotonic() - session.last_save > cfg.run.checkpoint_minutes * 60
-                if broadcast_flag(due, env):
+                if not self._stop_now and broadcast_flag(due, env):  # a stop saves below
                     self.save()
                     session.last_save = time.monotonic()
             if self._stop_now:
@@ -379,7 +397,7 @@ class Trainer:
         previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
 
         def request_stop(signum: int, frame: Any) -> None:
-            if signum == signal.SIGINT and self._stop_signal is not None:
+            if signum == signal.SIGINT and self._stop_signal:
                 raise KeyboardInterrupt
             self._stop_signal = signum
             if self.env.is_main:
@@ -401,9 +419,19 @@ class Trainer:
     def _stop_for_signal(self, session: _Session, iters: int) -> None:
         if session.window_images:
             session.last_loss = self._log(session, iters)
-        path = self.save()
-        signum = self._stop_signal or signal.SIGTERM  # another rank's signal
-        raise RunInterrupted(
+        raise self._interrupted(self._stop_now, self.save())
+
+    def _stop_if_signalled_late(self) -> None:
+        """A signal after the last step's sync (during the final save or evaluation) still stops the run
+        here, before what follows training; every rank agrees first."""
+        signum = self._stop_signal
+        if self.env.enabled:
+            signum = max_over_ranks(torch.tensor([signum], device=self.env.device), self.env)[0]
+        if signum:
+            raise self._interrupted(signum, self.last_saved[0] if self.last_saved else self.save())
+
+    def _interrupted(self, signum: int, path: Path) -> RunInterrupted:
+        return RunInterrupted(
             f"stopped by {signal.Signals(signum).name} at step {self.step} (epoch {self.epoch}); saved "
             f"{path}. Run the same command again to resume (--resume auto).",
             int(signum),

@@ -2,7 +2,8 @@
 
 Two runs writing one folder would resume each other's checkpoints and interleave their logs. The lock is
 an ``flock`` on a file in the run folder: the kernel releases it when the holding process ends, however it
-ends (kill -9 included), so a stale lock never blocks a new run. The file records who holds it, for the
+ends (kill -9 included), so a stale lock never blocks a new run (forked loader workers close their copy
+of it). The file records who holds it, for the
 error the second run prints. Under torchrun, rank 0 takes the lock and every rank gets its answer.
 """
 
@@ -24,6 +25,24 @@ except ImportError:  # not on Windows: runs there are not locked
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".lock"
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a loader worker): let go of the inherited lock. An flock belongs to the open
+    file, which a fork shares, so a worker outliving a killed run would otherwise keep it. The descriptor
+    is pointed at /dev/null rather than closed, so the child's copy of the file object stays harmless."""
+    if not _HELD:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd in _HELD:
+        os.dup2(null, fd)
+    os.close(null)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 class RunFolderError(RuntimeError):
@@ -58,7 +77,7 @@ class RunLock:
             return None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip()
             handle.close()
@@ -66,6 +85,14 @@ class RunLock:
                 f"run folder '{self.folder}' is in use by another run ({describe(holder)}); wait for it to "
                 "end, or give this run another --out"
             )
+        except OSError as err:  # a file system without locks (some network mounts): run, but say so
+            print(
+                f"warning: cannot lock run folder '{self.folder}' ({err.strerror or err}); a second run "
+                "started on it would not be stopped",
+                file=sys.stderr,
+            )
+            self._file = handle
+            return None
         handle.seek(0)
         handle.truncate()
         record = {
@@ -77,10 +104,12 @@ class RunLock:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         self._file = handle
+        _HELD.add(handle.fileno())
         return None
 
     def release(self) -> None:
         if self._file is not None:
+            _HELD.discard(self._file.fileno())
             if fcntl is not None:
                 fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
