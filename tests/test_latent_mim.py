@@ -13,7 +13,7 @@ from mimkit.interop.official import lmim_to_mimkit, mimkit_to_lmim
 from mimkit.masking import visible_target_split
 from mimkit.methods import build_method, cosine_momentum
 from mimkit.methods.latent_mim import cosine_decay, infonce_patches
-from mimkit.models.vit import gap_patchify, patchify
+from mimkit.models.patches import gap_patchify, patchify
 from mimkit.train.optim import param_groups
 from mimkit.train.pretrain import pretrain
 from tests import reference

@@ -4,8 +4,9 @@ import torch
 from torch import nn
 
 from mimkit.masking import random_masking
+from mimkit.models.patches import patchify, unpatchify
 from mimkit.models.pos_embed import sincos_2d
-from mimkit.models.vit import ARCHS, build_encoder, patchify, unpatchify
+from mimkit.models.vit import ARCHS, build_encoder
 
 
 def tiny_encoder(**kw):

@@ -33,7 +33,8 @@ from mimkit.methods.base import Method, StepOutput, encoder_from_config, validat
 from mimkit.methods.ema import EMATeacher
 from mimkit.models.decoders import CrossDecoder
 from mimkit.models.heads import mlp_head
-from mimkit.models.vit import ViTEncoder, gap_patchify, mae_init_
+from mimkit.models.patches import gap_patchify
+from mimkit.models.vit import ViTEncoder, mae_init_
 
 LOSSES = ("infonce_patches", "norm_l2")
 # the reference's 20 visible patches of 196, for other grids (None: round(L * 20 / 196))

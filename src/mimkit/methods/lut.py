@@ -25,7 +25,8 @@ from mimkit.methods.base import StepOutput
 from mimkit.methods.ema import EMATeacher
 from mimkit.methods.mae import MAE, MAEConfig, mae_loss
 from mimkit.models.heads import mlp_head
-from mimkit.models.vit import ViTEncoder, mae_init_, patchify
+from mimkit.models.patches import patchify
+from mimkit.models.vit import ViTEncoder, mae_init_
 
 
 @dataclass

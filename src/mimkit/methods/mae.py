@@ -11,7 +11,8 @@ from mimkit.data.transforms import Views, mae_crop
 from mimkit.masking import random_masking
 from mimkit.methods.base import Method, StepOutput, validate_decoder
 from mimkit.models.decoders import MAEDecoder
-from mimkit.models.vit import ViTEncoder, patchify
+from mimkit.models.patches import patchify
+from mimkit.models.vit import ViTEncoder
 
 
 @dataclass
