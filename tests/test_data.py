@@ -111,6 +111,66 @@ def test_augmentation_depends_only_on_seed_epoch_and_index():
         assert torch.equal(b0["image"], b2["image"])
 
 
+def test_a_resumed_epoch_deals_out_the_rest_of_the_global_order():
+    """``start`` counts the samples all ranks took together; from any multiple of the world size the ranks
+    share out exactly the rest of the (padded) order, each rank's share being the tail of its whole-epoch
+    shard, so an uninterrupted run is dealt what DistributedSampler deals."""
+    for size in (10, 12, 64):
+        for world in (1, 2, 3, 4):
+            ranks = [EpochSampler(size, seed=1, rank=r, world_size=world) for r in range(world)]
+            order = ranks[0].order()
+            assert len(order) == ranks[0].total >= size and sorted(set(order)) == list(range(size))
+            whole = [s.indices() for s in ranks]
+            assert whole == [order[r::world] for r in range(world)]
+            for start in range(0, len(order) + 1, world):
+                rest = []
+                for r, s in enumerate(ranks):
+                    s.set_epoch(0, start=start)
+                    assert s.indices() == whole[r][start // world :] and len(s) == len(s.indices())
+                    rest += s.indices()
+                assert sorted(rest) == sorted(order[start:])
+    # taken on one process, the rest of the epoch on two: nothing repeated, nothing skipped
+    one, two = EpochSampler(64, seed=3), [EpochSampler(64, seed=3, rank=r, world_size=2) for r in range(2)]
+    one.set_epoch(5)
+    first = [i for _, i in one][:24]
+    for s in two:
+        s.set_epoch(5, start=24)
+    assert sorted(first + [i for s in two for _, i in s]) == list(range(64))
+    with pytest.raises(ValueError, match=r"multiple of the world size 2; got 3"):
+        two[0].set_epoch(0, start=3)
+
+
+def test_mask_noise_depends_only_on_seed_epoch_and_index():
+    """A sample's mask noise is the same whatever its batch, its place in the order and the number of
+    loader workers; another epoch or run seed draws another one; and drawn after the image, it leaves the
+    image view as it is without it."""
+    from mimkit.data.transforms import MaskNoise, mae_crop
+
+    src = build_source("synthetic:16", image_size=16)
+    crop = mae_crop(8, 0.2, _data())
+    dataset = ViewDataset(src, Views(image=crop, noise=MaskNoise(4)), seed=5)
+    expected = {i: dataset[(3, i)]["noise"] for i in range(16)}
+    assert all(n.shape == (4,) and n.dtype == torch.float32 for n in expected.values())
+    for batch_size, workers, order_seed in ((2, 0, 0), (8, 0, 1), (2, 2, 2), (8, 2, 0)):
+        torch.manual_seed(100 + workers)  # the global generator does not matter
+        sampler = EpochSampler(16, seed=order_seed)
+        sampler.set_epoch(3)
+        loader = make_loader(dataset, sampler, batch_size=batch_size, num_workers=workers, drop_last=True)
+        seen = 0
+        for batch in loader:
+            assert batch["noise"].shape == (batch_size, 4)
+            for index, noise in zip(batch["index"].tolist(), batch["noise"], strict=True):
+                assert torch.equal(noise, expected[index]), (batch_size, workers, index)
+                seen += 1
+        assert seen == 16
+    assert not torch.equal(dataset[(4, 7)]["noise"], expected[7])
+    other_run = ViewDataset(src, Views(image=crop, noise=MaskNoise(4)), seed=6)
+    assert not torch.equal(other_run[(3, 7)]["noise"], expected[7])
+    without = ViewDataset(src, Views(image=crop), seed=5)
+    for index in range(16):
+        assert torch.equal(without[(3, index)]["image"], dataset[(3, index)]["image"])
+
+
 def _data():
     from mimkit.configs import DataConfig
 

@@ -78,6 +78,19 @@ def _weights(run_dir):
     return checkpoint.load(run_dir / "last.pt")["model"]
 
 
+def assert_trained_alike(state: dict, expected: dict, atol: float = 1e-6) -> None:
+    """Weights of two runs that differ by rounding only agree to ``atol``, except the attention's key
+    biases: softmax ignores a shift, so their true gradient is 0 and what moves them is rounding, which
+    AdamW's division by the root of the second moment lifts to a good part of the lr at every step (they
+    do not change what the model computes)."""
+    assert state.keys() == expected.keys()
+    for key, value in state.items():
+        want = expected[key]
+        if key.endswith("attn.qkv.bias"):  # [q, k, v]: the query and value biases only
+            value, want = (torch.cat([t.chunk(3)[0], t.chunk(3)[2]]) for t in (value, want))
+        torch.testing.assert_close(value, want, rtol=0, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+
+
 def test_resume_after_an_epoch_gives_the_same_weights(tiny, tmp_path):
     pretrain(tiny(out="straight"))
     steps_per_epoch = 64 // 8
@@ -107,6 +120,59 @@ def test_resume_in_the_middle_of_an_epoch_with_workers(tiny, tmp_path):
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_counts_samples_so_another_batch_or_an_older_checkpoint_resumes(tiny, tmp_path):
+    """The checkpoint holds how many samples of the epoch are done; one from before that count has it
+    derived from its own micro-batch count and batch size. Resumed with batch 4 x 2 accumulation (the same
+    effective batch), both end where the straight run does, up to rounding, and equal to each other."""
+    once = ("optim.epochs=1", "optim.warmup_epochs=0")
+    pretrain(tiny(*once, out="straight"))
+    for out in ("new", "old"):
+        pretrain(tiny(*once, "run.stop_at_step=3", out=out))
+        saved = checkpoint.load(tmp_path / out / "last.pt")
+        assert (saved["iter"], saved["epoch_samples"]) == (3, 24)
+    old = tmp_path / "old" / "last.pt"
+    torch.save({k: v for k, v in checkpoint.load(old).items() if k != "epoch_samples"}, old)
+    for out in ("new", "old"):
+        pretrain(tiny(*once, "optim.batch_size=4", "optim.accum_iter=2", out=out))
+    new, old = (checkpoint.load(tmp_path / out / "last.pt") for out in ("new", "old"))
+    assert (new["step"], new["iter"], new["epoch"]) == (8, 0, 1)
+    for key, value in new["model"].items():
+        assert torch.equal(value, old["model"][key]), key
+    assert_trained_alike(new["model"], _weights(tmp_path / "straight"))  # a mean of 2 means of 4: of 8
+
+
+@pytest.mark.parametrize(
+    "method", [["method=mae"], ["method=lut", "method.head_hidden_dim=32"], ["method=latent_mim"]]
+)
+def test_a_pretraining_step_draws_nothing_from_the_global_generator(tiny, method):
+    """With the loader's mask noise (and no drop path, the default), a step is a function of the batch and
+    the weights alone, so a run resumed on another number of processes needs no generator state."""
+    from mimkit.data import ViewDataset, build_source, collate
+
+    cfg = tiny(*method)
+    model = build_method(cfg).train()
+    data = ViewDataset(build_source("synthetic:4", image_size=16), model.train_transform(cfg.data))
+    batch = collate([data[i] for i in range(4)])
+    state = torch.get_rng_state()
+    model.before_step(0.5)
+    model(batch).loss.backward()
+    model.after_step(0.5)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_resume_refuses_a_position_that_is_not_a_whole_number_of_steps(tiny, tmp_path):
+    pretrain(tiny("run.stop_at_step=3"))
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    message = (
+        r"24 samples of epoch 0 are done, not a whole number of optimizer steps of optim.batch_size=16 x "
+        r"optim.accum_iter=1 x 1 processes = 16 samples. It was saved with optim.batch_size=8 x "
+        r"optim.accum_iter=1 x 1 processes"
+    )
+    with pytest.raises(ValueError, match=message):
+        pretrain(tiny("optim.batch_size=16"))
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
 
 
 def test_resume_refuses_a_different_model(tiny):

@@ -371,3 +371,17 @@ def test_recipes_are_the_released_command_and_the_small_mae_budget():
         mae.optim.blr,
     )
     assert small.eval.lmim_nn and (small.eval.val, small.eval.pool) == (mae.eval.val, mae.eval.pool)
+
+
+def test_the_loaders_noise_sets_the_split_unless_noise_is_given():
+    cfg = build_config(None, LMIM_TINY)
+    model = tiny_lmim()
+    out = model.train_transform(cfg.data)(build_source("demo:train").load(0)[0])
+    assert list(out) == ["patches", "noise"] and out["noise"].shape == (16,)
+    g = torch.Generator().manual_seed(3)
+    batch, a, b = batch_of(), torch.rand(4, 16, generator=g), torch.rand(4, 16, generator=g)
+    with torch.no_grad():
+        given = model(batch, noise=a).loss
+        assert torch.equal(model({**batch, "noise": a}).loss, given)
+        assert torch.equal(model({**batch, "noise": b}, noise=a).loss, given)
+        assert not torch.equal(model({**batch, "noise": b}).loss, given)

@@ -242,3 +242,17 @@ def test_blur_range_scales_with_the_image_size_unless_given():
     assert blur_of("model.img_size=224", "model.patch_size=16") == [0.1, 2.0]
     assert blur_of("model.img_size=32", "model.patch_size=4") == pytest.approx([0.1, 2.0 * 32 / 224])
     assert blur_of("method.blur_sigma=[0.2,0.5]") == [0.2, 0.5]
+
+
+def test_one_loader_noise_per_sample_sets_both_views_unless_noise_is_given():
+    cfg = build_config(None, LUT_TINY)
+    model = tiny_lut()
+    out = model.train_transform(cfg.data)(build_source("demo:train").load(0)[0])
+    assert list(out) == ["view1", "view2", "noise"] and out["noise"].shape == (16,)
+    g = torch.Generator().manual_seed(3)
+    batch, a, b = views(), torch.rand(6, 16, generator=g), torch.rand(6, 16, generator=g)
+    with torch.no_grad():
+        given = model(batch, noise=a).loss
+        assert torch.equal(model({**batch, "noise": a}).loss, given)
+        assert torch.equal(model({**batch, "noise": b}, noise=a).loss, given)
+        assert not torch.equal(model({**batch, "noise": b}).loss, given)

@@ -106,3 +106,19 @@ def test_forward_equals_an_independent_implementation_of_the_reference():
         to_official(model)["model"], imgs, noise, mask_ratio=0.75, norm_pix=True, heads=2, decoder_heads=2
     )
     torch.testing.assert_close(model({"image": imgs}, noise=noise).loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_loaders_noise_sets_the_mask_unless_noise_is_given():
+    """The training view carries the sample's mask noise; ``batch["noise"]`` then sets the mask, and an
+    explicit ``noise`` still wins."""
+    model = tiny_mae()
+    views = model.train_transform(DataConfig(crop_pct=1.0))(build_source("demo:train").load(0)[0])
+    assert views["image"].shape == (3, 16, 16) and views["noise"].shape == (16,)
+    g = torch.Generator().manual_seed(3)
+    imgs = torch.randn(3, 3, 16, 16, generator=g)
+    a, b = torch.rand(3, 16, generator=g), torch.rand(3, 16, generator=g)
+    with torch.no_grad():
+        given = model({"image": imgs}, noise=a).loss
+        assert torch.equal(model({"image": imgs, "noise": a}).loss, given)
+        assert torch.equal(model({"image": imgs, "noise": b}, noise=a).loss, given)
+        assert not torch.equal(model({"image": imgs, "noise": b}).loss, given)

@@ -3,11 +3,13 @@ reproduced exactly: tests fix it, parity checks feed the reference's noise, resu
 
 Convention (MAE reference): ``noise ~ U[0, 1)`` per patch, ``ids_shuffle = argsort(noise)`` (ascending,
 small noise = kept), the first ``int(L * (1 - r))`` shuffled ids are visible, and the binary ``mask`` is in
-the original patch order with 0 = kept, 1 = removed.
+the original patch order with 0 = kept, 1 = removed. MTM (:func:`token_masking`) follows its own
+reference the other way round: the lowest noise is masked.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -125,3 +127,43 @@ def visible_target_split(
     order = torch.argsort(_given_or_drawn(noise, batch, num_patches, generator, device), dim=1)
     masked = order[:, num_visible:]
     return LatentSplit(order[:, :num_visible], masked, masked if mask_target else order)
+
+
+class TokenMask(NamedTuple):
+    ids_keep: torch.Tensor  # [N, K] the non-dropped patch ids, ascending (grid order), K = L - n_drop
+    replace: torch.Tensor  # [N, K] bool: kept patches that are masked (their embedding -> the mask token)
+    mask: torch.Tensor  # [N, L] float, original patch order, 1 = masked (dropped ones included)
+    ids_restore: torch.Tensor  # [N, L] where each patch sits in cat([kept, dropped]), both ascending
+
+
+def token_masking(
+    batch: int,
+    num_patches: int,
+    mask_ratio: float,
+    drop_ratio: float,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> TokenMask:
+    """MAGE / SeiT++ MTM masking: one uniform noise per patch; the ``n_drop = ceil(L * drop_ratio)``
+    lowest are dropped (the encoder never sees them) and the ``n_mask = ceil(L * mask_ratio)`` lowest are
+    masked, so dropped is a subset of masked; masked patches that are kept enter the encoder as the mask
+    token. The counts are exact (a stable argsort, where the reference's threshold could tie); the
+    ceilings are the reference's formula. The kept ids stay in grid order, as the reference keeps them."""
+    if not 0.0 <= mask_ratio <= 1.0:
+        raise ValueError(f"mask_ratio must lie in [0, 1]; got {mask_ratio}")
+    if not 0.0 <= drop_ratio < 1.0:
+        raise ValueError(f"drop_ratio must lie in [0, 1); got {drop_ratio}")
+    if drop_ratio > mask_ratio:
+        raise ValueError(
+            f"drop_ratio ({drop_ratio}) must not exceed mask_ratio ({mask_ratio}): dropped patches are masked"
+        )
+    noise = _given_or_drawn(noise, batch, num_patches, generator, device)
+    n_mask, n_drop = math.ceil(num_patches * mask_ratio), math.ceil(num_patches * drop_ratio)
+    order = torch.argsort(noise, dim=1, stable=True)  # lowest noise first
+    ids_drop = order[:, :n_drop].sort(dim=1).values
+    ids_keep = order[:, n_drop:].sort(dim=1).values
+    mask = torch.zeros(batch, num_patches, device=noise.device).scatter_(1, order[:, :n_mask], 1.0)
+    ids_restore = torch.argsort(torch.cat([ids_keep, ids_drop], dim=1), dim=1)
+    return TokenMask(ids_keep, mask.gather(1, ids_keep).bool(), mask, ids_restore)

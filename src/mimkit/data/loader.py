@@ -1,9 +1,10 @@
 """From a source to batches: a shuffled, rank-sharded and resumable order, per-sample seeded
 augmentation, and corrupt images reported and skipped instead of crashing an epoch.
 
-Every sample's augmentation is a function of (seed, epoch, index) alone, so the batches of an epoch are
-the same whatever the number of workers, and a run resumed in the middle of an epoch sees exactly the
-batches the uninterrupted run would have seen.
+Every sample's augmentation, and its mask noise (a view like the others), is a function of (seed, epoch,
+index) alone, so the batches of an epoch are the same whatever the number of workers, and a run resumed in
+the middle of an epoch, on the same or another number of processes, sees exactly the samples, views and
+masks that the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 class EpochSampler(Sampler[tuple[int, int]]):
     """(epoch, index) pairs: a permutation fixed by (seed, epoch), padded by wrapping to a multiple of the
-    world size and dealt out rank by rank (as DistributedSampler), starting at ``start`` to resume."""
+    world size and dealt out rank by rank (as DistributedSampler). ``start`` resumes an epoch: it counts the
+    samples of that order already taken by all ranks together, and the rest, ``order[start:]``, is dealt
+    out, so a run resumes at the same sample whatever its number of processes. From a multiple of the
+    world size this is DistributedSampler's own shard with its first ``start // world_size`` left out."""
 
     def __init__(
         self,
@@ -93,30 +97,44 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     @property
     def per_rank(self) -> int:
+        """Samples of a whole epoch on this rank."""
         if self.pad:
             return -(-self.size // self.world_size)
         return len(range(self.rank, self.size, self.world_size))
 
+    @property
+    def total(self) -> int:
+        """Samples of a whole epoch on all ranks together (the padded order's length)."""
+        return self.per_rank * self.world_size if self.pad else self.size
+
     def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Deal out ``epoch`` from global position ``start``, a multiple of the world size (a whole number of
+        rounds, so that every rank gets the same number of samples)."""
+        if start < 0 or start % self.world_size:
+            raise ValueError(
+                f"start must be a non-negative multiple of the world size {self.world_size}; got {start}"
+            )
         self.epoch, self.start = epoch, start
 
-    def indices(self) -> list[int]:
+    def order(self) -> list[int]:
+        """The epoch's global order: the permutation, padded by wrapping to :attr:`total`."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
-        if self.pad:
-            total = self.per_rank * self.world_size
-            order = (order * (total // self.size + 1))[:total]
-        return order[self.rank :: self.world_size]
+        return (order * (self.total // self.size + 1))[: self.total]
+
+    def indices(self) -> list[int]:
+        """This rank's share of what is left of the epoch."""
+        return self.order()[self.start :][self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.indices()[self.start :]:
+        for index in self.indices():
             yield self.epoch, index
 
     def __len__(self) -> int:
-        return self.per_rank - self.start
+        return len(range(self.rank, max(0, self.total - self.start), self.world_size))
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

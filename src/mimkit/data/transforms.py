@@ -43,6 +43,23 @@ class Views:
         return f"Views({', '.join(self.pipelines)})"
 
 
+class MaskNoise:
+    """A sample's mask noise ``U[0, 1)`` of shape [num_patches] (the image is ignored), drawn in the loader
+    from the per-sample seeded generator as I-JEPA's mask collator does: a sample's mask is then a function
+    of (seed, epoch, index) alone, whatever its batch, process or world size, so runs resume exactly on
+    another number of processes. Place it after the image pipelines of a :class:`Views` (they run in
+    order), so that it leaves their random draws as they were."""
+
+    def __init__(self, num_patches: int) -> None:
+        self.num_patches = num_patches
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return torch.rand(self.num_patches)
+
+    def __repr__(self) -> str:
+        return f"MaskNoise(num_patches={self.num_patches})"
+
+
 def simple_crop(img_size: int, padding: int) -> T.Compose:
     """DeiT III's "simple random crop" (LUT's views): shorter side to img_size (bicubic), random crop with
     reflect padding, horizontal flip."""

@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.transforms import v2 as T
 
 from mimkit.configs import num_patches
-from mimkit.data.transforms import BICUBIC, Views, to_normalized
+from mimkit.data.transforms import BICUBIC, MaskNoise, Views, to_normalized
 from mimkit.masking import visible_target_split
 from mimkit.methods.base import Method, StepOutput, encoder_from_config, validate_decoder
 from mimkit.methods.ema import EMATeacher
@@ -189,8 +189,9 @@ class LatentMIM(Method):
         return nn.ModuleDict({"encoder": self.encoder, "projector": self.projector})
 
     def train_transform(self, data: Any) -> Views:
-        """{"patches"}: RandomResizedCrop to grid x (patch + gap) px (bicubic), flip, normalize, gapped
-        patches. Evaluation uses the plain img_size view."""
+        """{"patches", "noise"}: RandomResizedCrop to grid x (patch + gap) px (bicubic), flip, normalize,
+        gapped patches; and the sample's noise for its visible/target split. Evaluation uses the plain
+        img_size view."""
         grid, p = self.encoder.grid_size[0], self.encoder.patch_size
         size = grid * (p + self.patch_gap)
         crop = T.RandomResizedCrop(
@@ -199,7 +200,8 @@ class LatentMIM(Method):
         return Views(
             patches=T.Compose(
                 [crop, T.RandomHorizontalFlip(), *to_normalized(data), GapPatches(p, self.patch_gap)]
-            )
+            ),
+            noise=MaskNoise(self.encoder.num_patches),
         )
 
     def before_step(self, progress: float) -> None:
@@ -212,14 +214,17 @@ class LatentMIM(Method):
     def forward(self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> StepOutput:
         patches = batch["patches"]
         n, length = patches.shape[:2]
+        if noise is None:  # the caller's noise wins, else the loader's per-sample noise, else it is drawn
+            noise = batch.get("noise")
         split = visible_target_split(
             n, length, self.num_vis, mask_target=self.cfg.mask_target, noise=noise, device=patches.device
         )
         num_masked = split.masked.shape[1]
         with torch.no_grad():
             target = self.teacher.module
-            targets = target.projector(target.encoder.forward_visible(patches, split.target))[:, -num_masked:]
-        latent = self.projector(self.encoder.forward_visible(patches, split.visible))
+            seen = target.encoder.forward_visible(patches, split.target, units=True)
+            targets = target.projector(seen)[:, -num_masked:]
+        latent = self.projector(self.encoder.forward_visible(patches, split.visible, units=True))
         pred = self.decoder(latent, split.visible, split.masked)[:, 1:]
         if self.cfg.loss == "infonce_patches":
             loss_latent = infonce_patches(pred, targets, self.cfg.tau)

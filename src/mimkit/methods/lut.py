@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from mimkit.data.transforms import Views, simple_crop, strong_colour, to_normalized
+from mimkit.data.transforms import MaskNoise, Views, simple_crop, strong_colour, to_normalized
 from mimkit.masking import disjoint_pair
 from mimkit.methods.base import StepOutput
 from mimkit.methods.ema import EMATeacher
-from mimkit.methods.mae import MAE, MAEConfig, mae_loss
+from mimkit.methods.mae import MAE, MAEConfig, mae_loss, mask_noise
 from mimkit.models.heads import mlp_head
 from mimkit.models.patches import patchify
 from mimkit.models.vit import ViTEncoder, mae_init_
@@ -95,18 +95,21 @@ class LUT(MAE):
         )
 
     def train_transform(self, data: Any) -> Views:
-        """A weak and a strong view, each from its own simple random crop."""
+        """A weak and a strong view, each from its own simple random crop, and one mask noise per sample
+        that both views' disjoint positions come from."""
         size, c = self.encoder.patch_embed.img_size[0], self.cfg
         blur = c.blur_sigma or (0.1, max(0.1, 2.0 * size / 224))
         normalize = to_normalized(data)
         return Views(
             view1=T.Compose([simple_crop(size, c.crop_padding), *normalize]),
             view2=T.Compose([simple_crop(size, c.crop_padding), strong_colour(blur), *normalize]),
+            noise=MaskNoise(self.encoder.num_patches),
         )
 
     def forward(self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> StepOutput:
         x1, x2 = batch["view1"], batch["view2"]
         n = x1.shape[0]
+        noise = mask_noise(batch, noise)
         m1, ids2 = disjoint_pair(
             n, self.encoder.num_patches, self.cfg.mask_ratio, noise=noise, device=x1.device
         )

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mimkit.data.transforms import Views, mae_crop
+from mimkit.data.transforms import MaskNoise, Views, mae_crop
 from mimkit.masking import random_masking
 from mimkit.methods.base import Method, StepOutput, validate_decoder
 from mimkit.models.decoders import MAEDecoder
@@ -45,6 +45,12 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
     return (per_patch * mask).sum() / mask.sum()
 
 
+def mask_noise(batch: dict[str, torch.Tensor], noise: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask noise of a step: the caller's, else the loader's per-sample noise (``batch["noise"]``, a
+    function of (seed, epoch, index), so masks resume exactly), else None (drawn on the device)."""
+    return noise if noise is not None else batch.get("noise")
+
+
 class MAE(Method):
     name = "mae"
     Config = MAEConfig
@@ -64,7 +70,11 @@ class MAE(Method):
         )
 
     def train_transform(self, data: Any) -> Views:
-        return Views(image=mae_crop(self.encoder.patch_embed.img_size[0], self.cfg.min_crop_scale, data))
+        """{"image", "noise"}: MAE's crop, and the sample's mask noise (drawn after the image's draws)."""
+        return Views(
+            image=mae_crop(self.encoder.patch_embed.img_size[0], self.cfg.min_crop_scale, data),
+            noise=MaskNoise(self.encoder.num_patches),
+        )
 
     def reconstruct(self, images: torch.Tensor, noise: torch.Tensor | None = None):
         """Predictions [N, L, p*p*C] and the mask for a batch of normalised images."""
@@ -75,7 +85,8 @@ class MAE(Method):
         return self.decoder(latent, m.ids_restore), m
 
     def forward(self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> StepOutput:
+        """``noise`` [N, L] fixes the mask; else the loader's ``batch["noise"]`` does; else it is drawn."""
         images = batch["image"]
-        pred, m = self.reconstruct(images, noise)
+        pred, m = self.reconstruct(images, mask_noise(batch, noise))
         loss = mae_loss(pred, patchify(images, self.encoder.patch_size), m.mask, self.cfg.norm_pix_loss)
         return StepOutput(loss, {"loss_mim": loss.detach()})

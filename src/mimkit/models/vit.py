@@ -1,6 +1,8 @@
 """The one ViT encoder: timm's VisionTransformer with MAE's fixed sin-cos positions and initialisation,
-plus a forward over a subset of patches. Its state dict is a timm ViT's, key for key, so an exported
-encoder loads into ``timm.create_model(<arch>_patch16_224, num_classes=0, ...)`` with ``strict=True``."""
+a pluggable stem (pixels or token ids, see :mod:`mimkit.models.stems`), the :class:`InputSpec` of what it
+takes, and a forward over a subset of patches. A pixel encoder's state dict is a timm ViT's, key for key,
+so an exported encoder loads into ``timm.create_model(<arch>_patch16_224, num_classes=0, ...)`` with
+``strict=True``."""
 
 from __future__ import annotations
 
@@ -9,13 +11,13 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mimkit.masking import gather_tokens
-from mimkit.models.patches import patchify
+from mimkit.models.input_spec import InputSpec
 from mimkit.models.pos_embed import sincos_2d
+from mimkit.models.stems import PixelStem, Stem, TokenIdStem
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 POOLS = ("cls", "mean", "mean_prenorm")
@@ -57,7 +59,14 @@ def mae_init_(module: nn.Module) -> None:
 
 class ViTEncoder(VisionTransformer):
     """ViT with a frozen 2-D sin-cos position table (in the state dict, as a non-trainable parameter).
-    ``scaled_pos`` lays the table out as Latent MIM does (positions on linspace(0, 1) * grid)."""
+    ``scaled_pos`` lays the table out as Latent MIM does (positions on linspace(0, 1) * grid).
+
+    ``stem`` is "pixels" (images, ``in_chans`` channels), "token_ids" (grids of ``vocab_size`` ids of side
+    ``img_size``, embedded to ``token_dim`` with ``token_dropout``) or a :class:`Stem` of the encoder's
+    geometry; it is held as ``patch_embed``. ``mask_token`` adds a learned, zero-initialised vector that
+    :meth:`forward_visible` puts in place of chosen patch embeddings (absent by default, so a default
+    state dict is unchanged). ``input_spec`` says what the encoder takes; by default the stem's (pixels:
+    ImageNet mean/std)."""
 
     def __init__(
         self,
@@ -72,7 +81,39 @@ class ViTEncoder(VisionTransformer):
         drop_path_rate: float = 0.0,
         in_chans: int = 3,
         scaled_pos: bool = False,
+        stem: str | Stem = "pixels",
+        vocab_size: int | None = None,
+        token_dim: int = 32,
+        token_dropout: float = 0.0,
+        mask_token: bool = False,
+        input_spec: InputSpec | None = None,
     ) -> None:
+        if isinstance(stem, Stem):
+            given = stem
+            side = img_size // patch_size
+            if (stem.grid_size, stem.patch_size[0], stem.embed_dim) != ((side, side), patch_size, embed_dim):
+                raise ValueError(
+                    f"the stem makes a {stem.grid_size} grid of {stem.embed_dim}-d tokens with patch "
+                    f"{stem.patch_size[0]}; the encoder expects ({side}, {side}), {embed_dim}-d, "
+                    f"patch {patch_size}"
+                )
+        elif stem == "pixels":
+            given = None
+            if vocab_size is not None:
+                raise ValueError("vocab_size applies to the token_ids stem; the pixel stem takes images")
+        elif stem == "token_ids":
+            if vocab_size is None:
+                raise ValueError("the token_ids stem needs vocab_size")
+            given = TokenIdStem(
+                vocab_size=vocab_size,
+                img_size=img_size,
+                patch_size=patch_size,
+                embed_dim=embed_dim,
+                token_dim=token_dim,
+                dropout=token_dropout,
+            )
+        else:
+            raise ValueError(f"stem must be 'pixels', 'token_ids' or a Stem; got {stem!r}")
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,
@@ -86,9 +127,11 @@ class ViTEncoder(VisionTransformer):
             qkv_bias=True,
             drop_path_rate=drop_path_rate,
             norm_layer=LayerNorm6,
+            embed_layer=PixelStem if given is None else (lambda **_: given),
         )
         self.arch = arch
         self.scaled_pos = scaled_pos
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_token else None
         # the arguments that rebuild this encoder (saved with exports)
         self.spec = {
             "arch": arch,
@@ -99,7 +142,11 @@ class ViTEncoder(VisionTransformer):
             "num_heads": num_heads,
             "mlp_ratio": mlp_ratio,
             "scaled_pos": scaled_pos,
+            "stem": self.stem.kind,
+            **self.stem.config(),
+            "mask_token": mask_token,
         }
+        self.input_spec = self.stem.input_spec() if input_spec is None else input_spec
         self.pos_embed.requires_grad_(False)
         self.reset_parameters()
 
@@ -107,9 +154,33 @@ class ViTEncoder(VisionTransformer):
     def reset_parameters(self) -> None:
         mae_init_(self)
         self.pos_embed.copy_(sincos_2d(self.embed_dim, self.grid_size, scaled_coords=self.scaled_pos))
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        self.stem.reset_parameters()
         nn.init.normal_(self.cls_token, std=0.02)
+        if self.mask_token is not None:
+            nn.init.zeros_(self.mask_token)
+
+    @property
+    def stem(self) -> Stem:
+        """How the input becomes patch embeddings; timm's name for it is ``patch_embed``."""
+        return self.patch_embed
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """What this encoder takes (saved with checkpoints; read by every consumer)."""
+        return self._input_spec
+
+    @input_spec.setter
+    def input_spec(self, spec: InputSpec) -> None:
+        if not isinstance(spec, InputSpec):
+            raise TypeError(f"input_spec must be an InputSpec; got {type(spec).__name__}")
+        own = self.stem.input_spec()
+        for name in ("kind", "channels", "img_size", "patch_size", "grid", "vocab_size"):
+            if getattr(spec, name) != getattr(own, name):
+                raise ValueError(
+                    f"input_spec.{name} is {getattr(spec, name)!r} but this encoder's stem takes "
+                    f"{getattr(own, name)!r}"
+                )
+        self._input_spec = spec
 
     @property
     def patch_size(self) -> int:
@@ -123,25 +194,44 @@ class ViTEncoder(VisionTransformer):
     def num_patches(self) -> int:
         return self.patch_embed.num_patches
 
-    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """The patch embedding applied to flattened (py, px, c) pixel patches [N, K, p*p*C]: the conv as a
-        Linear, so only the patches that are used get embedded."""
-        w = self.patch_embed.proj.weight
-        return F.linear(patches, w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.patch_embed.proj.bias)
-
     def forward_visible(
-        self, x: torch.Tensor, ids: torch.Tensor | None = None, *, norm: bool = True
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor | None = None,
+        *,
+        units: bool = False,
+        replace: torch.Tensor | None = None,
+        norm: bool = True,
     ) -> torch.Tensor:
-        """Encode a subset of the patches: ``x`` is an image batch [N, C, H, W] or its patches [N, L, p*p*C];
-        ``ids`` [N, K] picks the patches (in any order; positions travel with them). Returns the cls token
-        followed by the K tokens, after the final norm unless ``norm`` is False: [N, 1 + K, D]."""
-        if ids is None and x.dim() == 4 and norm:
+        """Encode a subset of the patches. ``x`` is the stem's raw input (an image batch, a grid of token
+        ids), or with ``units`` its per-patch units [N, L, U] already cut (Latent MIM's gapped patches).
+        ``ids`` [N, K] picks the patches (in any order; positions travel with them); ``replace`` [N, K]
+        (or [N, L] without ids) marks picked patches whose embedding is swapped for the learned
+        ``mask_token`` before positions are added (MAGE / MTM masking). Returns the cls token followed by
+        the K tokens, after the final norm unless ``norm`` is False: [N, 1 + K, D]."""
+        if ids is None and replace is None and not units and norm:
             return self.forward_features(x)
-        patches = patchify(x, self.patch_size) if x.dim() == 4 else x
-        pos = self.pos_embed[:, 1:].expand(patches.shape[0], -1, -1)
+        stem = self.stem
+        u = x if units else stem.units(x)
+        if u.dim() != 3 or u.shape[1:] != (self.num_patches, stem.unit_dim):
+            raise ValueError(
+                f"expected units [N, {self.num_patches}, {stem.unit_dim}] for the {stem.kind} stem; "
+                f"got {tuple(u.shape)}"
+            )
+        pos = self.pos_embed[:, 1:].expand(u.shape[0], -1, -1)
         if ids is not None:
-            patches, pos = gather_tokens(patches, ids), gather_tokens(pos, ids)
-        tokens = self.patch_embed.norm(self.embed_patches(patches)) + pos
+            u, pos = gather_tokens(u, ids), gather_tokens(pos, ids)
+        tokens = stem.embed(u)
+        if replace is not None:
+            if self.mask_token is None:
+                raise ValueError("replace needs a mask token: build the encoder with mask_token=True")
+            if replace.shape != tokens.shape[:2] or replace.dtype != torch.bool:
+                raise ValueError(
+                    f"replace must be a bool tensor of shape {tuple(tokens.shape[:2])}; "
+                    f"got {replace.dtype} {tuple(replace.shape)}"
+                )
+            tokens = torch.where(replace.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        tokens = tokens + pos
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls.to(tokens.dtype), tokens], dim=1)
         x = self.blocks(self.norm_pre(x))
@@ -158,9 +248,13 @@ class ViTEncoder(VisionTransformer):
         return tokens[:, self.num_prefix_tokens :].mean(dim=1)
 
     def timm_spec(self) -> dict[str, Any]:
-        """The timm model name and keyword arguments that build a ViT with this encoder's exact keys."""
+        """The timm model name and keyword arguments that build a ViT with this encoder's exact keys (a
+        ``mask_token``, used in pre-training only, is not one of them)."""
+        if self.stem.kind != "pixels":
+            raise ValueError(f"a {self.stem.kind} encoder has no timm equivalent: timm's ViT takes pixels")
         base = ARCHS[self.arch]
         defaults = {
+            "in_chans": 3,
             "img_size": 224,
             "patch_size": base.patch_size,
             "embed_dim": base.embed_dim,
@@ -183,8 +277,15 @@ def build_encoder(
     mlp_ratio: float = 4.0,
     drop_path_rate: float = 0.0,
     scaled_pos: bool = False,
+    stem: str | Stem = "pixels",
+    vocab_size: int | None = None,
+    token_dim: int = 32,
+    token_dropout: float = 0.0,
+    mask_token: bool = False,
+    input_spec: InputSpec | None = None,
 ) -> ViTEncoder:
-    """A named size (vit_tiny/small/base/large/huge), any field of which can be overridden."""
+    """A named size (vit_tiny/small/base/large/huge), any field of which can be overridden; the stem
+    and the rest as :class:`ViTEncoder` (for token ids ``img_size`` is the id grid's side, in cells)."""
     if arch not in ARCHS:
         import difflib
 
@@ -215,4 +316,10 @@ def build_encoder(
         mlp_ratio=mlp_ratio,
         drop_path_rate=drop_path_rate,
         scaled_pos=scaled_pos,
+        stem=stem,
+        vocab_size=vocab_size,
+        token_dim=token_dim,
+        token_dropout=token_dropout,
+        mask_token=mask_token,
+        input_spec=input_spec,
     )

@@ -216,6 +216,9 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "iter": self.iter,
+            # the data position: samples of the current epoch that all ranks took together, which a run on
+            # another number of processes or per-device batch resumes from
+            "epoch_samples": self.epoch_samples(),
             "step": self.step,
             "config": to_dict(self.cfg),
             "rng": gather_objects(checkpoint.rng_state(), self.env),
@@ -255,18 +258,45 @@ class Trainer:
                 f"{path}: holds non-finite weights or optimizer state; resume from an earlier checkpoint or "
                 "start over with --resume none"
             )
+        position = self._resumed_iter(state, path)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.iter, self.step = state["epoch"], state["iter"], state["step"]
+        self.epoch, self.iter, self.step = state["epoch"], position, state["step"]
         self.skipped = set(state.get("skipped", ()))
         self.totals = {**self.totals, **state.get("totals", {})}
         self.last_saved = (Path(path), self.step)
         rngs = state["rng"]
         if len(rngs) == self.env.world_size:
             checkpoint.set_rng_state(rngs[self.env.rank])
-        else:  # another world size: the data order still resumes exactly, the masks cannot
+        else:
+            # another world size: the data order, views and masks still resume exactly (functions of the
+            # seed, epoch and sample index); what draws from the global generators during a step, which
+            # pre-training's defaults do not (fine-tuning's drop path and Mixup do), is reseeded
             checkpoint.seed_all(self.cfg.run.seed + self.env.rank + 7919 * self.step)
+
+    def epoch_samples(self) -> int:
+        """Samples of the current epoch that all ranks have taken together."""
+        return self.iter * self.cfg.optim.batch_size * self.env.world_size
+
+    def _resumed_iter(self, state: dict[str, Any], path: str | Path) -> int:
+        """The micro-batch position in the checkpoint's epoch under this session's batch size, accumulation
+        and world size, from the samples of the epoch already taken (checkpoints without that count: from
+        their micro-batch position, batch size and world size, one RNG state per rank)."""
+        saved = state["config"]["optim"]
+        saved_world = len(state["rng"])
+        done = state.get("epoch_samples", state["iter"] * saved["batch_size"] * saved_world)
+        bs, accum, world = self.cfg.optim.batch_size, self.cfg.optim.accum_iter, self.env.world_size
+        if done % (bs * accum * world):
+            raise ValueError(
+                f"cannot resume {path} where it stopped: {done} samples of epoch {state['epoch']} are done, "
+                f"not a whole number of optimizer steps of optim.batch_size={bs} x optim.accum_iter={accum} "
+                f"x {world} processes = {bs * accum * world} samples. It was saved with "
+                f"optim.batch_size={saved['batch_size']} x optim.accum_iter={saved.get('accum_iter', 1)} x "
+                f"{saved_world} processes; resume with settings whose product divides {done} (the same "
+                "effective batch does)."
+            )
+        return done // (bs * world)
 
     # ---- the loop -----------------------------------------------------------------------------------
     def fit(
@@ -322,7 +352,7 @@ class Trainer:
         """The rest of the current epoch; True when ``run.stop_at_step`` was reached."""
         cfg, env = self.cfg, self.env
         accum, stop_at, total = cfg.optim.accum_iter, cfg.run.stop_at_step, cfg.optim.epochs * iters
-        loader.sampler.set_epoch(self.epoch, start=self.iter * cfg.optim.batch_size)
+        loader.sampler.set_epoch(self.epoch, start=self.epoch_samples())
         # micro-batches left over at the end of an epoch (iters % accum) are dropped, as in the references:
         # their gradients are cleared here
         self.optimizer.zero_grad(set_to_none=True)
