@@ -9,15 +9,15 @@ import pytest
 
 from mimkit import checkpoint
 from mimkit.configs import build_config
-from mimkit.train.pretrain import pretrain
+from mimkit.runs.pretrain import pretrain
 from tests.conftest import TINY, subprocess_env
 
 SCRIPT = textwrap.dedent("""
     import json, sys
     import torch.distributed as dist
     from mimkit.configs import build_config
-    from mimkit.eval.classify import train_classifier
-    from mimkit.train.pretrain import pretrain
+    from mimkit.runs.classify import train_classifier
+    from mimkit.runs.pretrain import pretrain
     entry, out, *overrides = sys.argv[1:]
     if entry == "pretrain":
         summary = pretrain(build_config(None, overrides))

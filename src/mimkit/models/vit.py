@@ -4,7 +4,7 @@ encoder loads into ``timm.create_model(<arch>_patch16_224, num_classes=0, ...)``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
 from functools import partial
 from typing import Any
 
@@ -13,32 +13,12 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from mimkit.configs import ARCHS, POOLS
 from mimkit.masking import gather_tokens
 from mimkit.models.patches import patchify
 from mimkit.models.pos_embed import sincos_2d
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
-POOLS = ("cls", "mean", "mean_prenorm")
-
-
-@dataclass(frozen=True)
-class Arch:
-    embed_dim: int
-    depth: int
-    num_heads: int
-    patch_size: int
-
-    def timm_name(self, name: str) -> str:
-        return f"{name}_patch{self.patch_size}_224"
-
-
-ARCHS: dict[str, Arch] = {
-    "vit_tiny": Arch(192, 12, 3, 16),
-    "vit_small": Arch(384, 12, 6, 16),
-    "vit_base": Arch(768, 12, 12, 16),
-    "vit_large": Arch(1024, 24, 16, 16),
-    "vit_huge": Arch(1280, 32, 16, 14),
-}
 
 
 @torch.no_grad()
@@ -186,8 +166,6 @@ def build_encoder(
 ) -> ViTEncoder:
     """A named size (vit_tiny/small/base/large/huge), any field of which can be overridden."""
     if arch not in ARCHS:
-        import difflib
-
         near = difflib.get_close_matches(arch, ARCHS, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise ValueError(f"unknown encoder arch {arch!r} (known: {', '.join(ARCHS)}){hint}")
