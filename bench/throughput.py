@@ -16,8 +16,8 @@ import time
 import torch
 
 from mimkit.configs import build_config
+from mimkit.distributed import init_distributed
 from mimkit.methods import build_method
-from mimkit.train.distributed import init_distributed
 from mimkit.train.engine import Trainer
 
 # dense bf16 tensor-core peaks (FLOP/s) for model FLOPs utilisation

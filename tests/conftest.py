@@ -62,7 +62,7 @@ def straight_and_resumed(
     stopped at step ``stop_at`` then resumed; returns both final model state dicts and the straight run's
     summary."""
     from mimkit import checkpoint
-    from mimkit.train.pretrain import pretrain
+    from mimkit.runs.pretrain import pretrain
 
     run = run or pretrain
     summary = run(build_config(None, [*overrides, f"run.out={tmp_path / 'a'}"]))

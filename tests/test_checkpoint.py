@@ -10,7 +10,7 @@ import torch
 
 from mimkit import checkpoint
 from mimkit.cli import main
-from mimkit.train.pretrain import pretrain
+from mimkit.runs.pretrain import pretrain
 from tests.conftest import TINY, tiny_config
 
 

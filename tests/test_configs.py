@@ -107,7 +107,7 @@ def test_lut_refuses_settings_it_would_ignore():
 def test_clip_grad_must_be_positive_or_null_and_is_applied_at_its_value(tiny, monkeypatch):
     import torch
 
-    from mimkit.train.distributed import init_distributed
+    from mimkit.distributed import init_distributed
     from mimkit.train.engine import Trainer
 
     # a negative norm would flip the gradients (gradient ascent); 0 would silently not clip

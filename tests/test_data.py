@@ -8,7 +8,7 @@ from PIL import Image
 
 from mimkit.data import EpochSampler, ViewDataset, Views, build_source, collate, eval_view, make_loader
 from mimkit.data.sources import FolderSource
-from mimkit.train.pretrain import pretrain
+from mimkit.runs.pretrain import pretrain
 
 
 def write_images(folder: Path, n: int, size: int = 16) -> list[Path]:

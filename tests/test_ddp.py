@@ -17,7 +17,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from mimkit import checkpoint
 from mimkit.configs import build_config
 from mimkit.methods.base import Method
-from mimkit.train.pretrain import pretrain
+from mimkit.runs.pretrain import pretrain
 from tests.conftest import TINY, subprocess_env
 from tests.test_engine import assert_trained_alike
 
@@ -27,8 +27,8 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import torch.distributed as dist
     from mimkit.configs import build_config
-    from mimkit.eval.classify import train_classifier
-    from mimkit.train.pretrain import pretrain
+    from mimkit.runs.classify import train_classifier
+    from mimkit.runs.pretrain import pretrain
     entry, out, *overrides = sys.argv[1:]
     if entry == "pretrain":
         summary = pretrain(build_config(None, overrides))
@@ -155,7 +155,7 @@ def recorded_batches(path: Path | str) -> Iterator[None]:
 RECORDED_PRETRAIN = textwrap.dedent("""
     import sys
     from mimkit.configs import build_config
-    from mimkit.train.pretrain import pretrain
+    from mimkit.runs.pretrain import pretrain
     from tests.test_ddp import recorded_batches
     record, out, *overrides = sys.argv[1:]
     with recorded_batches(record):

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from mimkit import checkpoint
+from mimkit.distributed import init_distributed
 from mimkit.methods import build_method
-from mimkit.train.distributed import init_distributed
+from mimkit.runs.pretrain import pretrain
 from mimkit.train.engine import NonFiniteLoss, Trainer
 from mimkit.train.optim import build_optimizer, lr_at, param_groups, resolve_lr
-from mimkit.train.pretrain import pretrain
 
 
 def test_lr_schedule_warmup_then_cosine():

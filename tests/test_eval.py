@@ -6,13 +6,14 @@ import torch
 
 from mimkit.cli import main
 from mimkit.configs import ConfigError, build_config
-from mimkit.eval.classify import FeatureDataset, FineTune, LinearProbe, train_classifier
-from mimkit.methods import build_method
+from mimkit.data.loader import FeatureDataset
+from mimkit.distributed import init_distributed
+from mimkit.methods import FineTune, LinearProbe, build_method
 from mimkit.models.pos_embed import resample_pos_embed
-from mimkit.train.distributed import init_distributed
+from mimkit.runs.classify import train_classifier
+from mimkit.runs.pretrain import pretrain
 from mimkit.train.engine import Trainer
 from mimkit.train.optim import build_optimizer
-from mimkit.train.pretrain import pretrain
 from tests.conftest import TINY, straight_and_resumed
 
 TASK = [

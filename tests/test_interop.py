@@ -1,9 +1,9 @@
 import torch
 
-from mimkit.checkpoint import load_encoder
 from mimkit.configs import build_config
 from mimkit.interop import load_official, to_official
-from mimkit.interop.official import infer_overrides
+from mimkit.interop.load import load_encoder
+from mimkit.interop.mae_lut import infer_overrides
 from mimkit.methods import build_method
 from tests.conftest import TINY
 

@@ -9,13 +9,13 @@ from mimkit.configs import ConfigError, build_config
 from mimkit.data import build_source
 from mimkit.eval.knn import loo_nearest
 from mimkit.interop import load_official, to_official
-from mimkit.interop.official import lmim_to_mimkit, mimkit_to_lmim
+from mimkit.interop.latent_mim import lmim_to_mimkit, mimkit_to_lmim
 from mimkit.masking import visible_target_split
 from mimkit.methods import build_method, cosine_momentum
 from mimkit.methods.latent_mim import cosine_decay, infonce_patches
 from mimkit.models.patches import gap_patchify, patchify
+from mimkit.runs.pretrain import pretrain
 from mimkit.train.optim import param_groups
-from mimkit.train.pretrain import pretrain
 from tests import reference
 from tests.conftest import TINY, straight_and_resumed
 

@@ -10,7 +10,7 @@ from mimkit.interop import load_official, to_official
 from mimkit.masking import disjoint_pair
 from mimkit.methods import build_method, cosine_momentum
 from mimkit.methods.ema import EMATeacher
-from mimkit.train.pretrain import pretrain
+from mimkit.runs.pretrain import pretrain
 from tests import reference
 from tests.conftest import TINY, straight_and_resumed
 

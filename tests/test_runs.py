@@ -17,12 +17,12 @@ from PIL import Image
 from mimkit import checkpoint
 from mimkit.cli import main
 from mimkit.configs import build_config
-from mimkit.train.pretrain import pretrain
+from mimkit.runs.pretrain import pretrain
 from tests.conftest import TINY, subprocess_env
 
 
 def test_a_second_run_on_a_locked_folder_names_the_holder_and_touches_nothing(tmp_path, capsys):
-    from mimkit.train.runlock import RunLock
+    from mimkit.runs.lock import RunLock
 
     out = tmp_path / "run"
     with RunLock(out):

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, RNG capture, and reading an encoder back from a run or an export."""
+"""Checkpoint files: atomic writes, safe reads that name a damaged file, RNG capture. Pure I/O: what a
+checkpoint holds is read by :mod:`mimkit.interop.load`."""
 
 from __future__ import annotations
 
@@ -152,35 +153,3 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     return path
-
-
-def load_encoder(path: str | Path, weights: str = "student"):
-    """An encoder from a mimkit run (folder or .pt), a mimkit safetensors export or an official MAE / LUT
-    checkpoint, and the settings an evaluation needs (image size, normalisation). Returns (encoder, info)."""
-    from mimkit.configs import build_config
-    from mimkit.interop.official import official_method, read
-    from mimkit.methods import build_method
-
-    path = resolve_checkpoint(path)
-    if path.suffix == ".safetensors":
-        from mimkit.interop.timm import load_export
-
-        return load_export(path)
-    ckpt = read(path)
-    if "config" in ckpt and "model" in ckpt:
-        cfg = build_config(ckpt["config"])
-        method = build_method(cfg)
-        method.load_state_dict(ckpt["model"])
-    else:
-        method, cfg = official_method(ckpt, source=path)
-    info = {
-        "method": cfg.method.name,
-        "img_size": cfg.model.img_size,
-        "mean": list(cfg.data.mean),
-        "std": list(cfg.data.std),
-        "crop_pct": cfg.data.crop_pct,
-        "step": ckpt.get("step"),
-        "weights": weights,
-        "config": cfg,
-    }
-    return method.export_encoder(weights), info

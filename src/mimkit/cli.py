@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from mimkit.configs import RECIPE_DIR, ConfigError
+from mimkit.configs import POOLS, RECIPE_DIR, ConfigError, build_config, to_yaml
+from mimkit.distributed import cleanup
+from mimkit.interop.load import export_encoder, load_encoder
+from mimkit.runs.classify import check_task, task_config, train_classifier
+from mimkit.runs.evaluate import evaluation_table, knn
+from mimkit.runs.lock import RunFolderError
+from mimkit.runs.pretrain import check_buildable, pretrain
+from mimkit.train.engine import NonFiniteLoss, RunInterrupted
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from mimkit.configs import build_config, to_yaml
-    from mimkit.train.pretrain import pretrain
-
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"run.out={args.out}")
@@ -22,13 +25,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides.append(f"run.resume={args.resume}")
     cfg = build_config(args.config, overrides)
     if args.print_config:
-        import torch
-
-        from mimkit.methods import build_method
-
-        # what building the method checks, on the meta device: no memory, no initialisation, no data
-        with torch.device("meta"):
-            build_method(cfg)
+        check_buildable(cfg)
         print(to_yaml(cfg))
         return 0
     summary = pretrain(cfg)
@@ -49,124 +46,42 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _view_and_dtype(info: dict, env) -> tuple:
-    """What every evaluation of a loaded encoder needs: its image size, its evaluation view (the
-    checkpoint's normalisation and crop) and the autocast dtype of the device."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from mimkit.data.transforms import eval_view
-
-    size = info["img_size"]
-    data = SimpleNamespace(mean=info["mean"], std=info["std"], crop_pct=info["crop_pct"])
-    dtype = torch.bfloat16 if env.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return size, eval_view(size, data), dtype
-
-
 def _knn(args: argparse.Namespace) -> int:
-    from mimkit.checkpoint import load_encoder
-    from mimkit.configs import EvalConfig
-    from mimkit.data.sources import build_source
-    from mimkit.eval.knn import knn_evaluate, loo_nn_evaluate
-    from mimkit.train.distributed import init_distributed
-
-    # unset options (None) follow the run's settings; 0 is not "unset"
-    if args.k is not None and args.k < 1:
-        raise ConfigError(f"--k must be at least 1; got {args.k}")
-    if args.temperature is not None and not args.temperature > 0:
-        raise ConfigError(f"--temperature must be > 0; got {args.temperature}")
-    env = init_distributed(args.device)
-    encoder, info = load_encoder(args.checkpoint, args.weights)
-    encoder.to(env.device)
-    cfg = info.get("config")
-    loo = args.protocol == "lmim_nn"
-    train = args.train or (cfg and (cfg.eval.train or cfg.data.train))
-    val = args.val or (cfg and cfg.eval.val)
-    if not val or (not loo and not train):
-        needs = "--val (the evaluation set)" if loo else "--train (memory bank) and --val (queries)"
-        raise ConfigError(
-            f"mimkit knn --protocol {args.protocol} needs {needs}; this checkpoint's config names no default"
-        )
-    settings = cfg.eval if cfg else EvalConfig()
-    size, view, dtype = _view_and_dtype(info, env)
-    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, autocast_dtype=dtype)
-    if loo:
-        result = loo_nn_evaluate(
-            encoder,
-            build_source(val, image_size=size),
-            view,
-            env,
-            pool=args.pool or "mean_prenorm",
-            **common,
-        )
-        line = f"leave-one-out 1-NN ({result['pool']}) on {result['val']}: top-1 {result['top1']:.2f}%"
+    result = knn(
+        args.checkpoint,
+        protocol=args.protocol,
+        train=args.train,
+        val=args.val,
+        weights=args.weights,
+        pool=args.pool,
+        k=args.k,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        out=args.out,
+    )
+    if args.protocol == "lmim_nn":
+        print(f"leave-one-out 1-NN ({result['pool']}) on {result['val']}: top-1 {result['top1']:.2f}%")
     else:
-        result = knn_evaluate(
-            encoder,
-            build_source(train, image_size=size),
-            build_source(val, image_size=size),
-            view,
-            env,
-            k=settings.k if args.k is None else args.k,
-            temperature=settings.temperature if args.temperature is None else args.temperature,
-            pool=args.pool or settings.pool,
-            **common,
-        )
-        line = (
+        top5 = f", top-5 {result['top5']:.2f}%" if "top5" in result else ""
+        print(
             f"k-NN (k={result['k']}, T={result['temperature']}, {result['pool']}) on {result['val']}: "
-            f"top-1 {result['top1']:.2f}%" + (f", top-5 {result['top5']:.2f}%" if "top5" in result else "")
+            f"top-1 {result['top1']:.2f}%{top5}"
         )
-    result = {"checkpoint": str(args.checkpoint), "weights": args.weights, **result}
-    if env.is_main:
-        print(line)
-        out = Path(args.out) if args.out else None
-        if out is None and Path(args.checkpoint).is_dir():
-            out = Path(args.checkpoint) / f"{args.protocol}.json"
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2))
-            print(f"written to {out}")
+    if "written_to" in result:
+        print(f"written to {result['written_to']}")
     return 0
 
 
-def _task_config(
-    kind: str, checkpoint: str, info: dict, recipe: str | None, overrides: list[str], out: str | None
-):
-    """A linear-probe or fine-tune config for ``checkpoint`` (``info``: what load_encoder said of it): the
-    recipe (default: the small generic one), then the checkpoint's own labelled data where the overrides
-    name none, then the overrides."""
-    from mimkit.configs import build_config
-
-    given = {o.split("=", 1)[0] for o in overrides}
-    base = build_config(recipe or kind)
-    run = out or f"{Path(checkpoint).with_suffix('')}-{kind}"
-    defaults = [f"method.checkpoint={checkpoint}", f"run.out={run}"]
-    source_cfg = info.get("config")
-    if source_cfg is not None:
-        if "data.train" not in given and base.data.train == "demo:train":
-            defaults.append(f"data.train={source_cfg.eval.train or source_cfg.data.train}")
-        if "eval.val" not in given and not base.eval.val and source_cfg.eval.val:
-            defaults.append(f"eval.val={source_cfg.eval.val}")
-    return build_config(recipe or kind, [*defaults, *overrides])
-
-
 def _train_task(args: argparse.Namespace) -> int:
-    from mimkit.checkpoint import load_encoder
-    from mimkit.configs import to_yaml
-    from mimkit.eval.classify import train_classifier
-
     loaded = load_encoder(args.checkpoint, args.weights or "student")
     overrides = [*([f"method.weights={args.weights}"] if args.weights else []), *args.overrides]
-    cfg = _task_config(args.command, args.checkpoint, loaded[1], args.config, overrides, args.out)
+    cfg = task_config(args.command, args.checkpoint, loaded[1], args.config, overrides, args.out)
     if args.resume:
         cfg.run.resume = args.resume
     if args.print_config:
-        # what train_classifier checks before it reads any data, beyond the config's own checks
-        if not cfg.eval.val:
-            raise ConfigError(
-                f"{cfg.method.name} needs 'eval.val': labelled images to measure the accuracy on"
-            )
+        check_task(cfg)
         print(to_yaml(cfg))
         return 0
     summary = train_classifier(cfg, loaded=loaded)
@@ -181,77 +96,27 @@ def _train_task(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    """k-NN, linear probe and fine-tune for each checkpoint, one table; each checkpoint is read once."""
-    from mimkit.checkpoint import load_encoder
-    from mimkit.configs import build_config
-    from mimkit.data.sources import build_source
-    from mimkit.eval.classify import train_classifier, write_table
-    from mimkit.eval.knn import knn_evaluate
-    from mimkit.train.distributed import init_distributed
-
-    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
-    unknown = sorted(set(protocols) - {"knn", "linprobe", "finetune"})
-    if unknown:
-        raise ConfigError(f"--protocols takes knn, linprobe and finetune; got {', '.join(unknown)}")
-    out = Path(args.out)
-    env = init_distributed(args.device)
-    rows = []
-    for index, checkpoint in enumerate(args.checkpoints):
-        encoder, info = load_encoder(checkpoint, args.weights)
-        cfg = info.get("config")
-        train = args.train or (cfg and (cfg.eval.train or cfg.data.train))
-        val = args.val or (cfg and cfg.eval.val)
-        if not train or not val:
-            raise ConfigError(f"{checkpoint}: names no labelled data; give --train and --val")
-        row = {"checkpoint": str(checkpoint), "method": info["method"], "weights": args.weights}
-        if "knn" in protocols:
-            size, view, dtype = _view_and_dtype(info, env)
-            result = knn_evaluate(
-                encoder.to(env.device),
-                build_source(train, image_size=size),
-                build_source(val, image_size=size),
-                view,
-                env,
-                pool=args.pool,
-                num_workers=args.num_workers,
-                autocast_dtype=dtype,
-            )
-            rows.append(
-                {**row, "protocol": "knn", "budget": f"k={result['k']}, {args.pool}", **_tops(result)}
-            )
-        for kind, epochs in (("linprobe", args.linprobe_epochs), ("finetune", args.finetune_epochs)):
-            if kind not in protocols:
-                continue
-            # the recipe's schedule compressed to the budget (warmup keeps its share of the epochs)
-            recipe = build_config(kind).optim
-            warmup = recipe.warmup_epochs * epochs / recipe.epochs
-            overrides = [
-                f"data.train={train}",
-                f"eval.val={val}",
-                f"method.weights={args.weights}",
-                f"optim.epochs={epochs}",
-                f"optim.warmup_epochs={warmup:.6g}",
-                f"data.num_workers={args.num_workers}",
-                f"run.device={args.device}",
-                "run.resume=none",
-                *args.overrides,
-            ]
-            cfg_task = _task_config(kind, checkpoint, info, None, overrides, str(out / f"{index}-{kind}"))
-            result = train_classifier(cfg_task, env, loaded=(encoder, info))
-            rows.append({**row, "protocol": kind, "budget": f"{epochs} epochs", **_tops(result)})
-    if env.is_main:
-        print(write_table(rows, out), end="")
-        print(f"written to {out / 'table.md'} and {out / 'table.json'}")
+    markdown, _ = evaluation_table(
+        args.checkpoints,
+        protocols=tuple(p.strip() for p in args.protocols.split(",") if p.strip()),
+        train=args.train,
+        val=args.val,
+        weights=args.weights,
+        pool=args.pool,
+        linprobe_epochs=args.linprobe_epochs,
+        finetune_epochs=args.finetune_epochs,
+        num_workers=args.num_workers,
+        device=args.device,
+        out=args.out,
+        overrides=args.overrides,
+    )
+    if markdown:
+        print(markdown, end="")
+        print(f"written to {Path(args.out) / 'table.md'} and {Path(args.out) / 'table.json'}")
     return 0
 
 
-def _tops(result: dict) -> dict:
-    return {"top1": result["top1"], "top5": result.get("top5")}
-
-
 def _export(args: argparse.Namespace) -> int:
-    from mimkit.interop.timm import export_encoder
-
     out = args.out or str(Path(args.checkpoint).with_suffix("")) + f"-{args.weights}.safetensors"
     spec = export_encoder(args.checkpoint, out, args.weights)
     kwargs = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
@@ -302,13 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="student", help="student | teacher (methods with an EMA teacher)")
     p.add_argument(
         "--pool",
-        choices=("cls", "mean", "mean_prenorm"),
-        help="default: the run's eval.pool, else cls (lmim_nn: mean_prenorm)",
+        choices=POOLS,
+        help="default: the run's eval.pool, else its method's (lmim_nn: mean_prenorm)",
     )
     p.add_argument("--k", type=int, help="default: the run's eval.k, else 20")
     p.add_argument("--temperature", type=float, help="default: the run's eval.temperature, else 0.07")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument(
+        "--num-workers", type=int, help="loader processes (default: the cores this process may use)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file for the result (default: RUN/<protocol>.json for a run folder)")
     p.set_defaults(func=_knn)
@@ -335,10 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="labelled training images (default: each run's)")
     p.add_argument("--val", help="labelled evaluation images (default: each run's eval.val)")
     p.add_argument("--weights", default="student", help="student | teacher")
-    p.add_argument("--pool", default="mean", choices=("cls", "mean", "mean_prenorm"), help="k-NN features")
+    p.add_argument(
+        "--pool", choices=POOLS, help="k-NN feature (default: the run's eval.pool, else its method's)"
+    )
     p.add_argument("--linprobe-epochs", type=int, default=90, help="linear probe budget (cached features)")
     p.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning budget")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument(
+        "--num-workers", type=int, help="loader processes (default: the cores this process may use)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/eval", help="folder for table.md, table.json and the runs")
     p.add_argument(
@@ -366,10 +237,6 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from mimkit.train.distributed import cleanup
-    from mimkit.train.engine import NonFiniteLoss, RunInterrupted
-    from mimkit.train.runlock import RunFolderError
-
     try:
         code = args.func(args)
         sys.stdout.flush()  # inside the try: a closed pipe (`mimkit recipes | head`) is handled below

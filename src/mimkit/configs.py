@@ -15,9 +15,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 RECIPE_DIR = Path(__file__).parent / "recipes"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A named encoder size."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int
+
+    def timm_name(self, name: str) -> str:
+        return f"{name}_patch{self.patch_size}_224"
+
+
+ARCHS: dict[str, Arch] = {
+    "vit_tiny": Arch(192, 12, 3, 16),
+    "vit_small": Arch(384, 12, 6, 16),
+    "vit_base": Arch(768, 12, 12, 16),
+    "vit_large": Arch(1024, 24, 16, 16),
+    "vit_huge": Arch(1280, 32, 16, 14),
+}
+# one vector per image: the cls token, the mean of the patch tokens, or that mean before the final norm
+POOLS = ("cls", "mean", "mean_prenorm")
 
 
 class ConfigError(ValueError):
@@ -41,7 +68,7 @@ class DataConfig:
     train: str = (
         "demo:train"  # demo:train | demo:val | synthetic[:N] | folder | file.npz | glob, comma-separated
     )
-    num_workers: int = 4
+    num_workers: int | None = None  # loader processes; None: the cores this process may use, per local rank
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then center-crop img_size
@@ -116,7 +143,7 @@ CHOICES = {
     "optim.lr_rule": ("linear", "sqrt"),
     "optim.name": ("adamw", "lars"),
     "run.precision": ("auto", "bf16", "fp16", "fp32"),
-    "eval.pool": ("cls", "mean", "mean_prenorm"),
+    "eval.pool": POOLS,
 }
 # float keys for which +inf has a meaning (checkpoint_minutes: never within an epoch)
 MAY_BE_INFINITE = ("run.checkpoint_minutes",)
@@ -136,12 +163,14 @@ def recipe_path(recipe: str | Path) -> Path:
     raise ConfigError(f"recipe '{recipe}' is neither a file nor a shipped recipe ({', '.join(names)}){hint}")
 
 
-def _method_classes() -> dict[str, type]:
-    """Pre-training methods, and the evaluations that train (their config is a ``method`` section too)."""
-    from mimkit.eval.classify import TASKS
-    from mimkit.methods import METHODS
+# what the ``method`` section may be: name -> config dataclass; filled by mimkit.methods (a leaf cannot
+# import the methods; importing any part of mimkit imports them)
+METHOD_CONFIGS: dict[str, type] = {}
 
-    return {name: cls.Config for name, cls in {**METHODS, **TASKS}.items()}
+
+def register_method_config(name: str, config: type) -> None:
+    """Make ``method.name=<name>`` build ``config`` (a dataclass with a ``name`` field)."""
+    METHOD_CONFIGS[name] = config
 
 
 def _valid_keys(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -200,9 +229,6 @@ def build_config(
     recipe: str | Path | dict | None = None, overrides: list[str] | dict | None = None
 ) -> Config:
     """Resolve a recipe (path, shipped name or dict) plus overrides into a typed :class:`Config`."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     origin = "config"
     if recipe is None:
         base: dict = {}
@@ -235,7 +261,7 @@ def build_config(
             raise ConfigError(f"overrides: {err}") from err
     base, extra = _normalise_method(base), _normalise_method(extra)
 
-    methods = _method_classes()
+    methods = METHOD_CONFIGS
     name = extra.get("method", {}).get("name") or base.get("method", {}).get("name") or "mae"
     if name not in methods:
         near = difflib.get_close_matches(str(name), methods, n=1)
@@ -272,8 +298,6 @@ def build_config(
 
 def _offending_key(given: dict[str, Any], schema: Config) -> str:
     """The first given key that does not merge on its own (OmegaConf does not always say which)."""
-    from omegaconf import OmegaConf
-
     for key, value in given.items():
         tree: dict[str, Any] = {}
         node = tree
@@ -290,8 +314,6 @@ def _offending_key(given: dict[str, Any], schema: Config) -> str:
 
 def num_patches(model: ModelConfig) -> int:
     """Patches per image of the encoder that ``model`` describes (the arch's patch size when unset)."""
-    from mimkit.models.vit import ARCHS
-
     patch = model.patch_size if model.patch_size is not None else ARCHS[model.arch].patch_size
     return (model.img_size // patch) ** 2
 
@@ -311,8 +333,6 @@ def _check_finite(obj: Any, prefix: str = "") -> None:
 
 def _validate_model(model: ModelConfig) -> None:
     """What building the encoder would refuse, found before anything is built."""
-    from mimkit.models.vit import ARCHS
-
     if model.arch not in ARCHS:
         near = difflib.get_close_matches(model.arch, ARCHS, n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
@@ -389,7 +409,7 @@ def validate(cfg: Config) -> None:
             f"'optim.warmup_epochs' must lie in [0, optim.epochs={cfg.optim.epochs}]; "
             f"got {cfg.optim.warmup_epochs}"
         )
-    if cfg.data.num_workers < 0:
+    if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
         raise ConfigError(f"'data.num_workers' must be >= 0; got {cfg.data.num_workers}")
     if not 0 < cfg.data.crop_pct <= 1:
         raise ConfigError(f"'data.crop_pct' must lie in (0, 1]; got {cfg.data.crop_pct}")
@@ -419,8 +439,6 @@ def to_dict(cfg: Config) -> dict:
 
 
 def to_yaml(cfg: Config) -> str:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 

@@ -9,6 +9,7 @@ masks that the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from mimkit.checkpoint import seed_all
 from mimkit.data.sources import ImageSource, UnreadableImage
 
 
@@ -27,9 +29,7 @@ def seeded(seed: int) -> Iterator[None]:
     """Run a block with torch's, Python's and NumPy's CPU generators seeded (timm's RandAugment draws from
     NumPy), then put their states back."""
     torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
+    seed_all(seed)
     try:
         yield
     finally:
@@ -62,6 +62,23 @@ class ViewDataset(Dataset):
         sample["label"] = label
         sample["index"] = index
         return sample
+
+
+class FeatureDataset(ViewDataset):
+    """Cached features in the loader's (epoch, index) protocol; nothing random is left to seed, and the
+    tensors are in memory, so the engine reads them in-process."""
+
+    in_memory = True
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
+        self.features, self.labels, self.seed = features, labels, seed
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        index = key[1] if isinstance(key, tuple) else key
+        return {"features": self.features[index], "label": int(self.labels[index]), "index": index}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -145,15 +162,27 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def default_workers() -> int:
+    """Loader processes when none are asked for: the cores this process may use, shared among the
+    processes torchrun started on this machine (more workers than cores only adds contention)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def make_loader(
     dataset: ViewDataset,
     sampler: EpochSampler,
     *,
     batch_size: int,
-    num_workers: int,
+    num_workers: int | None,
     drop_last: bool,
     pin_memory: bool = False,
 ) -> DataLoader:
+    if num_workers is None:
+        num_workers = default_workers()
     return DataLoader(
         dataset,
         batch_size=batch_size,

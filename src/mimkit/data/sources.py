@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEMO_FILE = Path(__file__).parent / "demo" / "cifar10_demo.npz"
@@ -211,8 +212,6 @@ class SyntheticSource(ImageSource):
 def _decode(path: str) -> torch.Tensor:
     # PIL rather than torchvision.io: torchvision deprecates its decoders from 0.29 on, and PIL reads
     # every format ImageFolder users have
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             arr = _to_rgb(im, path)

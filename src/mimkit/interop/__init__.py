@@ -1,6 +1,15 @@
 """Moving weights in and out of mimkit: timm exports, and the official MAE / LUT / Latent MIM layouts."""
 
+from mimkit.interop.load import export_encoder, load_encoder, load_method
 from mimkit.interop.official import load_official, to_official
-from mimkit.interop.timm import export_encoder, load_export
+from mimkit.interop.timm import load_export, save_export
 
-__all__ = ["export_encoder", "load_export", "load_official", "to_official"]
+__all__ = [
+    "export_encoder",
+    "load_encoder",
+    "load_export",
+    "load_method",
+    "load_official",
+    "save_export",
+    "to_official",
+]

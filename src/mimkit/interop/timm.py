@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mimkit.checkpoint import CheckpointError, load_encoder
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mimkit.checkpoint import CheckpointError
+from mimkit.methods import default_pool
+from mimkit.models.vit import ViTEncoder
 
 
-def export_encoder(checkpoint: str | Path, out: str | Path, weights: str = "student") -> dict:
+def save_export(encoder: ViTEncoder, info: dict, out: str | Path, weights: str = "student") -> dict:
     """Write the encoder as a safetensors state dict that the matching timm ViT loads with strict=True;
-    the metadata holds the timm name and arguments."""
-    from safetensors.torch import save_file
-
-    encoder, info = load_encoder(checkpoint, weights)
+    the metadata holds the timm name and arguments, and what an evaluation needs."""
     spec = encoder.timm_spec()
     state = {k: v.detach().contiguous().clone() for k, v in encoder.state_dict().items()}
     meta = {
@@ -37,11 +39,6 @@ def export_encoder(checkpoint: str | Path, out: str | Path, weights: str = "stud
 
 def load_export(path: Path) -> tuple:
     """The encoder of a mimkit export and what an evaluation needs (image size, normalisation)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from mimkit.models.vit import ViTEncoder
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -63,5 +60,6 @@ def load_export(path: Path) -> tuple:
         "crop_pct": float(meta.get("crop_pct", 0.875)),
         "weights": meta.get("weights"),
         "step": None,
+        "probe_pool": default_pool(meta.get("method")),
     }
     return encoder, info

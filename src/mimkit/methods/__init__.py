@@ -1,16 +1,30 @@
-"""The methods, by name. A method is one file that says what is different about it."""
+"""The catalogue of methods: pre-training methods and the evaluations that train (linear probe,
+fine-tune), by name. A method is one file that says what is different about it; importing this package
+registers every method's config with :mod:`mimkit.configs`."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from mimkit.configs import register_method_config
 from mimkit.methods.base import Method, StepOutput, encoder_from_config
 from mimkit.methods.ema import EMATeacher, cosine_momentum
+from mimkit.methods.finetune import FineTune, FinetuneConfig
 from mimkit.methods.latent_mim import LatentMIM, LatentMIMConfig
+from mimkit.methods.linprobe import LinearProbe, LinearProbeConfig
 from mimkit.methods.lut import LUT, LUTConfig
 from mimkit.methods.mae import MAE, MAEConfig, mae_loss
 
+# pre-training methods; and the classifiers that evaluate an encoder (their `method` section names the
+# checkpoint to evaluate)
 METHODS: dict[str, type[Method]] = {MAE.name: MAE, LUT.name: LUT, LatentMIM.name: LatentMIM}
+TASKS: dict[str, type[LinearProbe] | type[FineTune]] = {
+    LinearProbe.name: LinearProbe,
+    FineTune.name: FineTune,
+}
+
+for _name, _cls in {**METHODS, **TASKS}.items():
+    register_method_config(_name, _cls.Config)
 
 
 def build_method(cfg: Any) -> Method:
@@ -22,19 +36,32 @@ def build_method(cfg: Any) -> Method:
     return METHODS[cfg.method.name].build(cfg.model, cfg.method)
 
 
+def default_pool(method: str | None) -> str:
+    """The feature an evaluation reads from an encoder pre-trained by ``method`` when its run says
+    nothing: the cls token for MAE and LUT (MAE's linear probe), the mean of the patch tokens for Latent
+    MIM (whose cls token is trained only as decoder context)."""
+    return METHODS[method].probe_pool if method in METHODS else "cls"
+
+
 __all__ = [
     "LUT",
     "MAE",
     "METHODS",
+    "TASKS",
     "EMATeacher",
+    "FineTune",
+    "FinetuneConfig",
     "LUTConfig",
     "LatentMIM",
     "LatentMIMConfig",
+    "LinearProbe",
+    "LinearProbeConfig",
     "MAEConfig",
     "Method",
     "StepOutput",
     "build_method",
     "cosine_momentum",
+    "default_pool",
     "encoder_from_config",
     "mae_loss",
 ]

@@ -22,6 +22,7 @@ class Method(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    probe_pool: ClassVar[str] = "cls"  # the feature evaluations read by default (methods.default_pool)
     encoder: ViTEncoder
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:

@@ -153,6 +153,7 @@ class GapPatches:
 class LatentMIM(Method):
     name = "latent_mim"
     Config = LatentMIMConfig
+    probe_pool = "mean"  # its cls token is trained only as decoder context
 
     def __init__(self, encoder: ViTEncoder, cfg: LatentMIMConfig) -> None:
         super().__init__()

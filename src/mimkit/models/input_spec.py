@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from mimkit.configs import DataConfig, ModelConfig
+from mimkit.configs import ARCHS, DataConfig, ModelConfig
 
 KINDS = ("pixels", "token_ids", "token_embeddings")
 
@@ -154,7 +154,6 @@ class InputSpec:
     def from_config(cls, model: ModelConfig, data: DataConfig) -> InputSpec:
         """The pixel spec of mimkit's ``model`` and ``data`` config sections (a patch size of None is the
         arch's)."""
-        from mimkit.models.vit import ARCHS  # vit.py imports this module
 
         patch = model.patch_size
         if patch is None:

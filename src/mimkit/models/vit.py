@@ -6,7 +6,7 @@ so an exported encoder loads into ``timm.create_model(<arch>_patch16_224, num_cl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
 from functools import partial
 from typing import Any
 
@@ -14,33 +14,13 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from mimkit.configs import ARCHS, POOLS
 from mimkit.masking import gather_tokens
 from mimkit.models.input_spec import InputSpec
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.models.stems import PixelStem, Stem, TokenIdStem
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
-POOLS = ("cls", "mean", "mean_prenorm")
-
-
-@dataclass(frozen=True)
-class Arch:
-    embed_dim: int
-    depth: int
-    num_heads: int
-    patch_size: int
-
-    def timm_name(self, name: str) -> str:
-        return f"{name}_patch{self.patch_size}_224"
-
-
-ARCHS: dict[str, Arch] = {
-    "vit_tiny": Arch(192, 12, 3, 16),
-    "vit_small": Arch(384, 12, 6, 16),
-    "vit_base": Arch(768, 12, 12, 16),
-    "vit_large": Arch(1024, 24, 16, 16),
-    "vit_huge": Arch(1280, 32, 16, 14),
-}
 
 
 @torch.no_grad()
@@ -287,8 +267,6 @@ def build_encoder(
     """A named size (vit_tiny/small/base/large/huge), any field of which can be overridden; the stem
     and the rest as :class:`ViTEncoder` (for token ids ``img_size`` is the id grid's side, in cells)."""
     if arch not in ARCHS:
-        import difflib
-
         near = difflib.get_close_matches(arch, ARCHS, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise ValueError(f"unknown encoder arch {arch!r} (known: {', '.join(ARCHS)}){hint}")

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mimkit import checkpoint
 from mimkit.configs import Config, diff, to_dict
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
-from mimkit.train.distributed import (
+from mimkit.distributed import (
     DistEnv,
     all_gather_rows,
     any_rank,
@@ -75,6 +75,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("run.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
     return precision
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``run.precision`` on ``device`` (None: fp32); every run and evaluation uses
+    this one rule."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device))
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

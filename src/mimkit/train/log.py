@@ -39,7 +39,7 @@ class RunLogger:
         truncate_jsonl(out_dir / "metrics.jsonl", resume_step)
         self.jsonl = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
-            try:
+            try:  # imported here: tensorboard costs a second to import and a run may go without it
                 from torch.utils.tensorboard import SummaryWriter
 
                 # TensorBoard hides the events an earlier session wrote after resume_step

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import Lars, param_groups_weight_decay
 from torch import nn
 
 
@@ -55,8 +55,6 @@ def build_optimizer(module: nn.Module, optim: Any, lr: float, device: torch.devi
     if optim.name == "lars":
         # MAE's LARS: the trust ratio scales the update of every tensor of 2 or more dimensions, with or
         # without weight decay; 1-D tensors (biases, norms) are neither adapted nor decayed
-        from timm.optim import Lars
-
         lars_groups = []
         for group in groups:
             for ndim_gt1 in (True, False):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from mimkit.train.distributed import DistEnv, broadcast_object
+from mimkit.distributed import DistEnv, broadcast_object
 
 try:
     import fcntl

@@ -10,34 +10,25 @@ from typing import Any
 
 import torch
 
-from mimkit.checkpoint import remove_stale_temporaries, resolve_checkpoint, seed_all
-from mimkit.configs import Config, to_yaml
+from mimkit.checkpoint import seed_all
+from mimkit.configs import Config
 from mimkit.data.loader import ViewDataset
 from mimkit.data.sources import ImageSource, build_source
 from mimkit.data.transforms import eval_view
+from mimkit.distributed import DistEnv, barrier, init_distributed
 from mimkit.eval.knn import check_knn_sources, knn_evaluate, loo_nn_evaluate
 from mimkit.methods import build_method
-from mimkit.train.distributed import DistEnv, barrier, init_distributed
-from mimkit.train.engine import Trainer
+from mimkit.runs.folder import run_dir, start_run
+from mimkit.runs.lock import RunLock
+from mimkit.train.engine import Trainer, autocast_dtype
 from mimkit.train.log import write_json
-from mimkit.train.runlock import RunLock
 
 
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.run.out or f"runs/{cfg.recipe or cfg.method.name}")
-
-
-def find_resume(cfg: Config, out: Path) -> Path | None:
-    if cfg.run.resume == "none":
-        return None
-    if cfg.run.resume == "auto":
-        last = out / "last.pt"
-        return last if last.is_file() else None
-    return resolve_checkpoint(cfg.run.resume)
-
-
-def autocast_dtype(trainer: Trainer) -> torch.dtype | None:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.precision)
+def check_buildable(cfg: Config) -> None:
+    """What building the method checks beyond the config, without memory, initialisation or data: the
+    method is built on the meta device."""
+    with torch.device("meta"):
+        build_method(cfg)
 
 
 def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
@@ -51,7 +42,7 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
 def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     method = build_method(cfg)
-    seed_all(cfg.run.seed + env.rank)  # masks differ across ranks
+    seed_all(cfg.run.seed + env.rank)  # drop path differs across ranks (masks come from per-sample seeds)
     source = build_source(cfg.data.train, image_size=cfg.model.img_size, max_images=cfg.data.max_images)
     dataset = ViewDataset(source, method.train_transform(cfg.data), seed=cfg.run.seed)
     trainer = Trainer(method, cfg, env, out)
@@ -69,7 +60,7 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     probes: dict[str, Callable[[torch.nn.Module], dict[str, Any]]] = {}
     if cfg.eval.val and (cfg.eval.knn or cfg.eval.lmim_nn):
         queries = build_source(cfg.eval.val, image_size=cfg.model.img_size)
-        dtype = autocast_dtype(trainer)
+        dtype = autocast_dtype(trainer.precision, env.device)
         if cfg.eval.knn:
             bank = None if cfg.eval.train else source
             probes["knn"] = knn_probe(cfg, env, dtype, bank=bank, queries=queries)
@@ -99,28 +90,6 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
         write_json(out / "summary.json", summary)
     barrier(env)
     return summary
-
-
-def start_run(cfg: Config, trainer: Trainer, out: Path, description: str) -> None:
-    """The resume (``run.resume``) when there is something to resume, then the run folder's config.yaml,
-    the resolved config and a one-line description on stderr. The caller holds the folder's
-    :class:`RunLock`, so temporary files found there are left over from a killed writer."""
-    env = trainer.env
-    resume_from = find_resume(cfg, out)
-    if resume_from is not None:
-        trainer.resume(resume_from)  # a refused resume leaves the folder as it was
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for path in remove_stale_temporaries(out):
-            print(f"note: removed {path}, left by a process killed while writing it", file=sys.stderr)
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        print(to_yaml(cfg), file=sys.stderr)
-        print(description, file=sys.stderr)
-        if resume_from is not None:
-            print(
-                f"mimkit: resumed {resume_from} at epoch {trainer.epoch}, step {trainer.step}",
-                file=sys.stderr,
-            )
 
 
 def knn_probe(

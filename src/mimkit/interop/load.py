@@ -1,0 +1,55 @@
+"""From a file to something to evaluate: a mimkit run or checkpoint, a mimkit export, or an official MAE /
+LUT / Latent MIM checkpoint, each recognised by what it holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mimkit.checkpoint import resolve_checkpoint
+from mimkit.configs import Config, build_config
+from mimkit.interop.official import official_method, read
+from mimkit.interop.timm import load_export, save_export
+from mimkit.methods import Method, build_method, default_pool
+from mimkit.models.vit import ViTEncoder
+
+
+def load_method(path: str | Path) -> tuple[Method, Config, dict[str, Any]]:
+    """The method of a mimkit run (folder or .pt) or of an official checkpoint, its config, and the raw
+    checkpoint (for what else it holds: step, input spec)."""
+    path = resolve_checkpoint(path)
+    ckpt = read(path)
+    if "config" in ckpt and "model" in ckpt:
+        cfg = build_config(ckpt["config"])
+        method = build_method(cfg)
+        method.load_state_dict(ckpt["model"])
+        return method, cfg, ckpt
+    method, cfg = official_method(ckpt, source=path)
+    return method, cfg, ckpt
+
+
+def load_encoder(path: str | Path, weights: str = "student") -> tuple[ViTEncoder, dict[str, Any]]:
+    """An encoder from a mimkit run (folder or .pt), a mimkit safetensors export or an official checkpoint,
+    and the settings an evaluation needs (image size, normalisation, default feature)."""
+    path = resolve_checkpoint(path)
+    if path.suffix == ".safetensors":
+        return load_export(path)
+    method, cfg, ckpt = load_method(path)
+    info = {
+        "method": cfg.method.name,
+        "img_size": cfg.model.img_size,
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "crop_pct": cfg.data.crop_pct,
+        "step": ckpt.get("step"),
+        "weights": weights,
+        "probe_pool": default_pool(cfg.method.name),
+        "config": cfg,
+    }
+    return method.export_encoder(weights), info
+
+
+def export_encoder(checkpoint: str | Path, out: str | Path, weights: str = "student") -> dict:
+    """:func:`~mimkit.interop.timm.save_export` of the encoder in ``checkpoint``."""
+    encoder, info = load_encoder(checkpoint, weights)
+    return save_export(encoder, info, out, weights)

@@ -1,0 +1,119 @@
+"""`mimkit linprobe` and `mimkit finetune`: train a classifier on a checkpoint's encoder with the engine,
+then report its accuracy; the run folder is like pre-training's (last.pt, metrics.jsonl, tb/,
+summary.json, exact resume)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mimkit.checkpoint import seed_all
+from mimkit.configs import Config, ConfigError, build_config
+from mimkit.data.loader import ViewDataset
+from mimkit.data.sources import build_source, check_same_classes
+from mimkit.data.transforms import eval_view
+from mimkit.distributed import DistEnv, barrier, init_distributed
+from mimkit.eval.features import classify
+from mimkit.interop.load import load_encoder
+from mimkit.methods import TASKS
+from mimkit.methods.linprobe import cached_features
+from mimkit.models.vit import ViTEncoder
+from mimkit.runs.folder import run_dir, start_run
+from mimkit.runs.lock import RunLock
+from mimkit.train.engine import Trainer, autocast_dtype
+from mimkit.train.log import write_json
+
+
+def task_config(
+    kind: str, checkpoint: str, info: dict, recipe: str | None, overrides: list[str], out: str | None
+) -> Config:
+    """A linear-probe or fine-tune config for ``checkpoint`` (``info``: what load_encoder said of it): the
+    recipe (default: the small generic one), then the checkpoint's own labelled data where the overrides
+    name none, then the overrides."""
+    given = {o.split("=", 1)[0] for o in overrides}
+    base = build_config(recipe or kind)
+    run = out or f"{Path(checkpoint).with_suffix('')}-{kind}"
+    defaults = [f"method.checkpoint={checkpoint}", f"run.out={run}"]
+    source_cfg = info.get("config")
+    if source_cfg is not None:
+        if "data.train" not in given and base.data.train == "demo:train":
+            defaults.append(f"data.train={source_cfg.eval.train or source_cfg.data.train}")
+        if "eval.val" not in given and not base.eval.val and source_cfg.eval.val:
+            defaults.append(f"eval.val={source_cfg.eval.val}")
+    return build_config(recipe or kind, [*defaults, *overrides])
+
+
+def check_task(cfg: Config) -> None:
+    """What :func:`train_classifier` checks before it reads any data, beyond the config's own checks."""
+    task = cfg.method
+    if task.name not in TASKS:
+        raise ConfigError(f"'method' must be linprobe or finetune here; got {task.name!r}")
+    if not task.checkpoint:
+        raise ConfigError(f"{task.name} needs 'method.checkpoint': the run, checkpoint or export to evaluate")
+    if not cfg.eval.val:
+        raise ConfigError(f"{task.name} needs 'eval.val': labelled images to measure the accuracy on")
+
+
+def train_classifier(
+    cfg: Config, env: DistEnv | None = None, loaded: tuple[ViTEncoder, dict] | None = None
+) -> dict[str, Any]:
+    """Train a linear probe or fine-tune (``cfg.method``) with the engine, then report top-1/top-5 on
+    eval.val. Writes the run folder like ``pretrain`` (last.pt, metrics.jsonl, tb/, summary.json).
+    ``loaded``: the (encoder, info) of ``load_encoder`` when the caller has read the checkpoint already;
+    it is used if it holds the weights the config asks for. data.train and eval.val must name the same
+    classes (checked before training: a label is a class index, so otherwise the accuracy is wrong)."""
+
+    check_task(cfg)
+    task = cfg.method
+    env = env or init_distributed(cfg.run.device)
+    if loaded is not None and loaded[1]["weights"] == task.weights:
+        encoder, info = loaded
+    else:
+        encoder, info = load_encoder(task.checkpoint, task.weights)
+    # the encoder's own input normalisation; the image size is the checkpoint's unless fine-tuning sets one
+    cfg.data.mean, cfg.data.std = tuple(info["mean"]), tuple(info["std"])
+    size = getattr(task, "img_size", None) or info["img_size"]
+    source = build_source(cfg.data.train, image_size=size, max_images=cfg.data.max_images)
+    if not source.has_labels:
+        raise ConfigError(f"data.train '{source.name}' has no labels; {task.name} needs them")
+    val = build_source(cfg.eval.val, image_size=size)
+    if not val.has_labels:
+        raise ConfigError(f"eval.val '{val.name}' has no labels; {task.name} needs them to measure accuracy")
+    check_same_classes(source, val)
+    num_classes = task.num_classes or len(source.classes)
+    torch.manual_seed(cfg.run.seed)  # the same head on every rank
+    module = TASKS[task.name].build(encoder, info, task, num_classes)
+    seed_all(cfg.run.seed + env.rank)  # drop path and Mixup differ across ranks, and repeat across runs
+    out = run_dir(cfg)
+    with RunLock(out, env):  # one run per folder, for the whole run
+        trainer = Trainer(module, cfg, env, out)
+        dtype = autocast_dtype(trainer.precision, env.device)
+        eval_kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, dtype=dtype)
+        if getattr(task, "cached", False):
+            dataset = cached_features(module, source, cfg, env, dtype)
+        else:
+            dataset = ViewDataset(source, module.train_transform(cfg.data), seed=cfg.run.seed)
+        start_run(
+            cfg,
+            trainer,
+            out,
+            f"mimkit: {task.name} of {task.checkpoint} ({info['method']}, {task.weights}) on {source.name} "
+            f"({len(dataset)} samples, {num_classes} classes), effective batch {trainer.eff_batch}, lr "
+            f"{trainer.base_lr:.3g}; writing to {out}",
+        )
+        summary: dict[str, Any] = {"protocol": task.name, "checkpoint": task.checkpoint}
+        summary["weights"] = task.weights
+        summary.update(trainer.fit(dataset))
+        view = eval_view(size, cfg.data)
+        if not summary["stopped_early"]:
+            summary.update({"method": info["method"], "val": val.name, "epochs": cfg.optim.epochs})
+            summary.update(classify(module, module.logits, val, view, env, **eval_kwargs))
+            if getattr(module, "ema", None) is not None:
+                ema = classify(module, lambda x: module.logits(x, ema=True), val, view, env, **eval_kwargs)
+                summary.update({f"ema_{k}": v for k, v in ema.items()})
+        if env.is_main:
+            write_json(out / "summary.json", summary)
+    barrier(env)
+    return summary
