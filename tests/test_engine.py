@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from mimkit import checkpoint
+from mimkit.data.loader import per_sample_uniform
 from mimkit.distributed import init_distributed
 from mimkit.methods import build_method
+from mimkit.methods.base import BatchTransform, Trainable
 from mimkit.runs.pretrain import pretrain
 from mimkit.train.engine import NonFiniteLoss, Trainer
-from mimkit.train.optim import build_optimizer, lr_at, param_groups, resolve_lr
+from mimkit.train.optim import build_optimizers, lr_at, resolve_lr
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -39,7 +41,7 @@ def _group_names(module, groups):
 
 def test_weight_decay_groups(tiny):
     method = build_method(tiny())
-    opt = build_optimizer(method, tiny().optim, 1e-3, torch.device("cpu"))
+    opt = build_optimizers(method, tiny().optim, 1e-3, torch.device("cpu"))["main"]
     decay = {
         n
         for g, names in zip(opt.param_groups, _group_names(method, opt.param_groups), strict=True)
@@ -64,7 +66,7 @@ def test_weight_decay_groups(tiny):
     everything = decay | no_decay
     assert "encoder.pos_embed" not in everything and "decoder.pos_embed" not in everything  # frozen
     # the paper recipes decay the 3-D tokens, as the reference code does
-    groups = param_groups(method, 0.05, method.no_weight_decay_names(decay_tokens=True))
+    groups = method.param_groups(0.05, decay_tokens=True)
     decayed = {
         n
         for g, names in zip(groups, _group_names(method, groups), strict=True)
@@ -181,7 +183,9 @@ def test_resume_refuses_a_different_model(tiny):
         pretrain(tiny("model.depth=3"))
 
 
-class Exploding(torch.nn.Module):
+class Exploding(Trainable):
+    """Wraps a method; its loss goes NaN at one call."""
+
     def __init__(self, method, at_step):
         super().__init__()
         self.method, self.calls, self.at = method, 0, at_step
@@ -325,3 +329,103 @@ def test_resumed_runs_log_each_step_once_and_count_every_session(tiny, tmp_path)
     assert summary == json.loads(json.dumps(summary), parse_constant=lambda c: pytest.fail(c))
     assert second["sessions"] == 2 and straight["sessions"] == 1
     assert second["images_seen"] == straight["images_seen"] == 16 * 8
+
+
+class ColourStage(BatchTransform):
+    """A device-side stage: a per-sample brightness shift drawn from each sample's seed, then a frozen
+    channel mix (the kind of frozen module TokenAdapt is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Linear(3, 3, bias=False)
+        with torch.no_grad():
+            self.mix.weight.copy_(torch.eye(3) + 0.1)
+
+    def forward(self, batch):
+        shift = per_sample_uniform(batch["seed"], 1)[:, :, None, None] - 0.5
+        views = {k: v for k, v in batch.items() if k in ("image", "view1", "view2")}
+        return {**batch, **{k: self.mix((v + shift).movedim(1, -1)).movedim(-1, 1) for k, v in views.items()}}
+
+
+def with_stage(cls):
+    class WithStage(cls):
+        def batch_transform(self):
+            return ColourStage()
+
+    return WithStage
+
+
+def test_the_batch_stage_draws_from_each_samples_seed():
+    stage = ColourStage()
+    images, seeds = torch.randn(8, 3, 4, 4), torch.arange(100, 108) * 7919
+    full = stage({"image": images, "seed": seeds})["image"]
+    assert torch.equal(stage({"image": images, "seed": seeds})["image"], full)  # reproducible
+    pair = stage({"image": images[2:4], "seed": seeds[2:4]})["image"]
+    assert torch.equal(pair, full[2:4])  # a sample's draw does not depend on its batch
+    other = stage({"image": images, "seed": seeds + 1})["image"]
+    assert not torch.allclose(other, full)
+    draws = per_sample_uniform(torch.arange(4096), 8)
+    assert draws.min() >= 0 and draws.max() < 1 and abs(draws.mean().item() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("name", ["mae", "lut"])
+def test_the_batch_stage_stays_out_of_optimizer_teacher_and_checkpoint(tiny, tmp_path, name):
+    from mimkit.data import ViewDataset, build_source
+    from mimkit.methods import METHODS
+
+    extra = ["method.head_hidden_dim=32"] if name == "lut" else []
+    cfg = tiny(f"method={name}", "optim.epochs=1", *extra)
+    method = with_stage(METHODS[name]).build(cfg.model, cfg.method)
+    trainer = Trainer(method, cfg, init_distributed("cpu"), tmp_path / "stage")
+    stage = trainer.batch_transform
+    before = stage.mix.weight.detach().clone()
+    optimized = {id(p) for o in trainer.optimizers.values() for g in o.param_groups for p in g["params"]}
+    assert id(stage.mix.weight) not in optimized and not stage.mix.weight.requires_grad
+    data = ViewDataset(build_source("synthetic:64", image_size=16), method.train_transform(cfg.data))
+    seen = []
+    stage.register_forward_hook(lambda module, args, out: seen.append(len(out["seed"])))
+    trainer.fit(data)
+    assert sum(seen) == 64  # every training batch went through it
+    assert torch.equal(stage.mix.weight, before)  # frozen
+    saved = checkpoint.load(tmp_path / "stage" / "last.pt")["model"]
+    assert not any("mix" in key for key in saved)  # not in the checkpoint, nor (LUT) in the teacher
+    assert len(saved) == len(method.state_dict())
+
+
+class TwoOptimizers(Exploding):
+    """The decoder gets an optimizer of its own (as a VQ tokenizer's discriminator would)."""
+
+    def param_groups(self, weight_decay, decay_tokens):
+        groups = super().param_groups(weight_decay, decay_tokens)
+        decoder = {id(p) for p in self.method.decoder.parameters()}
+        split = []
+        for group in groups:
+            for own in (False, True):
+                params = [p for p in group["params"] if (id(p) in decoder) == own]
+                if params:
+                    split.append({**group, "params": params, **({"optimizer": "second"} if own else {})})
+        return split
+
+
+def test_a_module_may_declare_a_second_optimizer_which_is_stepped_saved_and_resumed(tiny, tmp_path):
+    from mimkit.data import ViewDataset, build_source
+
+    cfg = tiny("optim.epochs=1", "run.stop_at_step=2")
+    method = build_method(cfg)
+    trainer = Trainer(TwoOptimizers(method, at_step=0), cfg, init_distributed("cpu"), tmp_path / "two")
+    assert set(trainer.optimizers) == {"main", "second"}
+    main_ids = {id(p) for g in trainer.optimizers["main"].param_groups for p in g["params"]}
+    assert not main_ids & {id(p) for p in method.decoder.parameters()}
+    data = ViewDataset(build_source("synthetic:64", image_size=16), method.train_transform(cfg.data))
+    trainer.fit(data)
+    saved = checkpoint.load(tmp_path / "two" / "last.pt")
+    second = saved["optimizers"]["second"]["state"]
+    assert second and all(int(s["step"]) == 2 for s in second.values())  # stepped with the main one
+    resumed = Trainer(
+        TwoOptimizers(build_method(cfg), at_step=0), cfg, init_distributed("cpu"), tmp_path / "r"
+    )
+    resumed.resume(tmp_path / "two" / "last.pt")
+    for key, value in trainer.optimizers["second"].state_dict()["state"].items():
+        assert torch.equal(
+            resumed.optimizers["second"].state_dict()["state"][key]["exp_avg"], value["exp_avg"]
+        )

@@ -9,11 +9,12 @@ from mimkit.configs import ConfigError, build_config
 from mimkit.data.loader import FeatureDataset
 from mimkit.distributed import init_distributed
 from mimkit.methods import FineTune, LinearProbe, build_method
+from mimkit.methods.base import Trainable
 from mimkit.models.pos_embed import resample_pos_embed
 from mimkit.runs.classify import train_classifier
 from mimkit.runs.pretrain import pretrain
 from mimkit.train.engine import Trainer
-from mimkit.train.optim import build_optimizer
+from mimkit.train.optim import build_optimizers
 from tests.conftest import TINY, straight_and_resumed
 
 TASK = [
@@ -87,7 +88,9 @@ def test_lars_follows_maes_rule():
     layer.weight.grad, layer.bias.grad = torch.randn(3, 4), torch.randn(3)
     w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
     optim = build_config(None, ["optim.name=lars", "optim.weight_decay=0"]).optim
-    opt = build_optimizer(layer, optim, lr=2.0, device=torch.device("cpu"))
+    module = Trainable()
+    module.layer = layer
+    opt = build_optimizers(module, optim, lr=2.0, device=torch.device("cpu"))["main"]
     opt.step()
     trust = 0.001 * w.norm() / layer.weight.grad.norm()
     torch.testing.assert_close(

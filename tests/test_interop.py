@@ -39,7 +39,7 @@ def test_encoder_only_release_loads_with_a_fresh_decoder(tmp_path, capsys):
         assert torch.equal(loaded.encoder.state_dict()[key], value)
     # an official file is also an input of the evaluations
     encoder, info = load_encoder(tmp_path / "mae_pretrain.pth")
-    assert info["img_size"] == 16 and encoder.embed_dim == 64
+    assert encoder.input_spec.img_size == 16 and info["input_spec"] is encoder.input_spec
 
 
 def test_official_sizes_are_inferred_from_the_weights():

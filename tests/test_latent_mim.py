@@ -15,7 +15,6 @@ from mimkit.methods import build_method, cosine_momentum
 from mimkit.methods.latent_mim import cosine_decay, infonce_patches
 from mimkit.models.patches import gap_patchify, patchify
 from mimkit.runs.pretrain import pretrain
-from mimkit.train.optim import param_groups
 from tests import reference
 from tests.conftest import TINY, straight_and_resumed
 
@@ -218,7 +217,7 @@ def test_latent_mim_trains_on_a_small_fixed_batch():
 
 def test_weight_decay_follows_the_reference_rule():
     model = tiny_lmim()
-    groups = param_groups(model, 0.05, model.no_weight_decay_names(decay_tokens=True))
+    groups = model.param_groups(0.05, decay_tokens=True)
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
     decayed_names = {names[i] for i in decayed}

@@ -57,11 +57,41 @@ class ViewDataset(Dataset):
             img, label = self.source.load(index)
         except UnreadableImage as err:
             return {"skipped": str(err)}
-        with seeded(sample_seed(self.seed, epoch, index)):
+        seed = sample_seed(self.seed, epoch, index)
+        with seeded(seed):
             sample = self.transform(img)
         sample["label"] = label
         sample["index"] = index
+        sample["seed"] = seed  # for device-side batch transforms (per_sample_uniform)
         return sample
+
+
+def _signed(value: int) -> int:
+    """A 64-bit constant as torch's int64 holds it."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch shifts arithmetically)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 (multiplications wrap modulo 2^64)."""
+    z = (z ^ _shift_right(z, 30)) * _signed(0xBF58476D1CE4E5B9)
+    z = (z ^ _shift_right(z, 27)) * _signed(0x94D049BB133111EB)
+    return z ^ _shift_right(z, 31)
+
+
+def per_sample_uniform(seeds: torch.Tensor, count: int) -> torch.Tensor:
+    """[N, count] uniform numbers in [0, 1), row n a function of ``seeds[n]`` alone (SplitMix64 of the
+    hashed seed and a counter): device-side transforms draw from them, so a sample's draw does not depend
+    on its batch, its rank or the device's generator, and a run resumes exactly on any number of
+    processes."""
+    golden = _signed(0x9E3779B97F4A7C15)
+    counter = torch.arange(1, count + 1, device=seeds.device, dtype=torch.int64)
+    z = _splitmix64(_splitmix64(seeds.to(torch.int64) * golden)[:, None] + counter * golden)
+    return _shift_right(z, 40).to(torch.float32) / float(1 << 24)
 
 
 class FeatureDataset(ViewDataset):

@@ -15,7 +15,12 @@ BICUBIC = InterpolationMode.BICUBIC
 
 
 def to_normalized(data: Any) -> list[Callable]:
-    """uint8 -> float in [0, 1] -> (x - mean) / std."""
+    """uint8 -> float in [0, 1] -> (x - mean) / std. ``data``: anything with ``mean`` and ``std``, a data
+    config or an encoder's input spec; a spec of token inputs takes no images, which is said here rather
+    than as a shape error deep in the encoder."""
+    kind = getattr(data, "kind", "pixels")
+    if kind != "pixels":
+        raise ValueError(f"this encoder takes {kind}, not images; image views and evaluations need pixels")
     return [T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(data.mean), std=list(data.std))]
 
 
@@ -91,7 +96,9 @@ def strong_colour(blur_sigma: tuple[float, float]) -> T.Compose:
 
 
 def eval_view(img_size: int, data: Any) -> Views:
-    """{"image"}: resize the shorter side to img_size / crop_pct, center-crop img_size, normalize."""
+    """{"image"}: resize the shorter side to img_size / crop_pct, center-crop img_size, normalize.
+    ``data``: anything with ``mean``, ``std`` and ``crop_pct``; evaluations of an encoder pass its input
+    spec (and its ``eval_size``), so they see what it was trained on whatever a recipe says."""
     return Views(
         image=T.Compose(
             [

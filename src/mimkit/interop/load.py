@@ -3,6 +3,7 @@ LUT / Latent MIM checkpoint, each recognised by what it holds."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,18 +12,27 @@ from mimkit.configs import Config, build_config
 from mimkit.interop.official import official_method, read
 from mimkit.interop.timm import load_export, save_export
 from mimkit.methods import Method, build_method, default_pool
+from mimkit.models.input_spec import InputSpec
 from mimkit.models.vit import ViTEncoder
 
 
 def load_method(path: str | Path) -> tuple[Method, Config, dict[str, Any]]:
     """The method of a mimkit run (folder or .pt) or of an official checkpoint, its config, and the raw
-    checkpoint (for what else it holds: step, input spec)."""
+    checkpoint (for what else it holds: the step). Its encoders state the checkpoint's saved input spec; a
+    mimkit checkpoint from before specs were saved (said on stderr), or an official one, the spec of the
+    config it is rebuilt from."""
     path = resolve_checkpoint(path)
     ckpt = read(path)
     if "config" in ckpt and "model" in ckpt:
         cfg = build_config(ckpt["config"])
         method = build_method(cfg)
         method.load_state_dict(ckpt["model"])
+        if "input_spec" in ckpt:
+            spec = InputSpec.from_dict(ckpt["input_spec"])
+            for encoder in method.encoders().values():  # a teacher takes what its student takes
+                encoder.input_spec = spec
+        else:
+            print(f"note: {path} predates saved input specs; inferred from its config", file=sys.stderr)
         return method, cfg, ckpt
     method, cfg = official_method(ckpt, source=path)
     return method, cfg, ckpt
@@ -30,23 +40,22 @@ def load_method(path: str | Path) -> tuple[Method, Config, dict[str, Any]]:
 
 def load_encoder(path: str | Path, weights: str = "student") -> tuple[ViTEncoder, dict[str, Any]]:
     """An encoder from a mimkit run (folder or .pt), a mimkit safetensors export or an official checkpoint,
-    and the settings an evaluation needs (image size, normalisation, default feature)."""
+    with its ``input_spec`` (what an evaluation feeds it: size, normalisation, crop; also ``info
+    ["input_spec"]``), and what else an evaluation needs (the method, its default feature, the config)."""
     path = resolve_checkpoint(path)
     if path.suffix == ".safetensors":
         return load_export(path)
     method, cfg, ckpt = load_method(path)
+    encoder = method.export_encoder(weights)
     info = {
         "method": cfg.method.name,
-        "img_size": cfg.model.img_size,
-        "mean": list(cfg.data.mean),
-        "std": list(cfg.data.std),
-        "crop_pct": cfg.data.crop_pct,
+        "input_spec": encoder.input_spec,
         "step": ckpt.get("step"),
         "weights": weights,
         "probe_pool": default_pool(cfg.method.name),
         "config": cfg,
     }
-    return method.export_encoder(weights), info
+    return encoder, info
 
 
 def export_encoder(checkpoint: str | Path, out: str | Path, weights: str = "student") -> dict:

@@ -28,12 +28,13 @@ for _name, _cls in {**METHODS, **TASKS}.items():
 
 
 def build_method(cfg: Any) -> Method:
-    """The method named by ``cfg.method.name``, with its encoder built from ``cfg.model``."""
+    """The method named by ``cfg.method.name``, with its encoder built from ``cfg.model`` and stating the
+    input of ``cfg.data``."""
     if cfg.method.name not in METHODS:
         raise ValueError(
             f"'{cfg.method.name}' is an evaluation, not a pre-training method: run `mimkit {cfg.method.name}`"
         )
-    return METHODS[cfg.method.name].build(cfg.model, cfg.method)
+    return METHODS[cfg.method.name].build(cfg.model, cfg.method, cfg.data)
 
 
 def default_pool(method: str | None) -> str:

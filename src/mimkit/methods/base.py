@@ -1,5 +1,6 @@
-"""What every method shares: a step returns a loss and metrics; an EMA teacher, if any, moves after the
-optimizer step; the encoder is what evaluation and export use."""
+"""What the engine trains, and what every method shares: a step returns a loss and metrics; hooks run
+before and after each optimizer step; a method declares its parameter groups (and so its optimizers) and
+may add a device-side batch transform; an EMA teacher is one reusable piece (:class:`MomentumMethod`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
+from mimkit.methods.ema import EMATeacher
+from mimkit.models.input_spec import InputSpec
 from mimkit.models.vit import ViTEncoder, build_encoder
 
 
@@ -17,13 +21,20 @@ class StepOutput(NamedTuple):
     metrics: dict[str, torch.Tensor]  # detached scalars, logged every log step (no host sync per step)
 
 
-class Method(nn.Module):
-    """A ViT encoder + a way to pick visible tokens + a target + a loss."""
+class BatchTransform(nn.Module):
+    """A device-side stage between the loader and the method, for augmentations that are cheaper batched
+    on the GPU (uint8 crops and colour, CutMix/Mixup, token augmentations). It reads ``batch["seed"]``,
+    each sample's seed from (run seed, epoch, index), so it is reproducible and resumes exactly on any
+    number of processes. The engine holds it apart from the method: its modules are frozen and stay out
+    of the optimizer, the EMA teacher and the checkpoint."""
 
-    name: ClassVar[str]
-    Config: ClassVar[type]
-    probe_pool: ClassVar[str] = "cls"  # the feature evaluations read by default (methods.default_pool)
-    encoder: ViTEncoder
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class Trainable(nn.Module):
+    """What the engine calls on what it trains (a pre-training method, a linear probe, a fine-tune); the
+    defaults are no-ops, so the engine never probes for optional hooks."""
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         raise NotImplementedError
@@ -35,6 +46,33 @@ class Method(nn.Module):
 
     def after_step(self, progress: float) -> None:
         """Called after every optimizer step with the fraction of training done; EMA teachers move here."""
+
+    def no_weight_decay_names(self, decay_tokens: bool) -> set[str]:
+        """Full names of parameters excluded from weight decay beyond 1-D tensors and biases."""
+        if decay_tokens:
+            return set()
+        return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in {"cls_token", "mask_token"}}
+
+    def param_groups(self, weight_decay: float, decay_tokens: bool) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: timm's rule (no decay for 1-D tensors and biases) plus
+        :meth:`no_weight_decay_names`; frozen tensors are left out. A group may carry ``lr_scale`` (layer
+        decay) and ``optimizer``: groups naming another optimizer than "main" get one of their own (a
+        discriminator's), stepped with the main one."""
+        names = sorted(self.no_weight_decay_names(decay_tokens))
+        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=names)
+
+    def batch_transform(self) -> BatchTransform | None:
+        """A new device-side stage for training batches, or None; not registered as a submodule."""
+        return None
+
+
+class Method(Trainable):
+    """A ViT encoder + a way to pick visible tokens + a target + a loss."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    probe_pool: ClassVar[str] = "cls"  # the feature evaluations read by default (methods.default_pool)
+    encoder: ViTEncoder
 
     def train_transform(self, data: Any) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
         """The training views: from a uint8 [C, H, W] image to the batch entries forward() reads."""
@@ -50,15 +88,37 @@ class Method(nn.Module):
             raise ValueError(f"method '{self.name}' has no '{weights}' weights; it has: {', '.join(choices)}")
         return choices[weights]
 
-    def no_weight_decay_names(self, decay_tokens: bool) -> set[str]:
-        """Full names of parameters excluded from weight decay beyond 1-D tensors and biases."""
-        if decay_tokens:
-            return set()
-        return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in {"cls_token", "mask_token"}}
-
     @classmethod
-    def build(cls, model_cfg: Any, method_cfg: Any) -> Method:
-        return cls(encoder_from_config(model_cfg), method_cfg)
+    def build(cls, model_cfg: Any, method_cfg: Any, data_cfg: Any = None) -> Method:
+        return cls(encoder_from_config(model_cfg, data_cfg), method_cfg)
+
+
+class MomentumMethod(Method):
+    """A method with an EMA teacher of some of its modules (:meth:`online`): LUT's context encoder, Latent
+    MIM's target encoder. The teacher follows a cosine momentum schedule, moves after each optimizer step
+    (or before its first micro-batch: ``teacher_moves = "before"``, as Latent MIM's reference), and its
+    encoder is offered for evaluation and export as 'teacher'."""
+
+    teacher_moves: ClassVar[str] = "after"
+    teacher: EMATeacher
+
+    def online(self) -> nn.ModuleDict:
+        """The modules the teacher copies and follows (a view; not registered twice)."""
+        raise NotImplementedError
+
+    def init_teacher(self, base_momentum: float, *, include_buffers: bool = True) -> None:
+        self.teacher = EMATeacher(self.online(), base_momentum, include_buffers=include_buffers)
+
+    def before_step(self, progress: float) -> None:
+        if self.teacher_moves == "before":
+            self.teacher.update(self.online(), progress)
+
+    def after_step(self, progress: float) -> None:
+        if self.teacher_moves == "after":
+            self.teacher.update(self.online(), progress)
+
+    def encoders(self) -> dict[str, ViTEncoder]:
+        return {"student": self.encoder, "teacher": self.teacher.module.encoder}
 
 
 def validate_decoder(cfg: Any) -> None:
@@ -80,9 +140,11 @@ def validate_decoder(cfg: Any) -> None:
         )
 
 
-def encoder_from_config(model_cfg: Any, **extra: Any) -> ViTEncoder:
-    """The encoder of ``model_cfg``; ``extra``: what a method fixes itself (Latent MIM's positions)."""
-    return build_encoder(
+def encoder_from_config(model_cfg: Any, data_cfg: Any = None, **extra: Any) -> ViTEncoder:
+    """The encoder of ``model_cfg``, stating the input of ``data_cfg`` (its normalisation and evaluation
+    crop; None: the stem's default) so that checkpoints and evaluations read it from the encoder rather
+    than from the config; ``extra``: what a method fixes itself (Latent MIM's positions)."""
+    encoder = build_encoder(
         model_cfg.arch,
         img_size=model_cfg.img_size,
         patch_size=model_cfg.patch_size,
@@ -93,3 +155,6 @@ def encoder_from_config(model_cfg: Any, **extra: Any) -> ViTEncoder:
         drop_path_rate=model_cfg.drop_path,
         **extra,
     )
+    if data_cfg is not None:  # set after building, so that a bad geometry is named by build_encoder
+        encoder.input_spec = InputSpec.from_config(model_cfg, data_cfg)
+    return encoder

@@ -5,7 +5,7 @@ one engine; its settings are the config's ``method`` section (``method=finetune`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -19,8 +19,9 @@ from torch import nn
 from torchvision.transforms import v2 as T
 
 from mimkit.configs import Config
-from mimkit.data.transforms import Views
-from mimkit.methods.base import StepOutput
+from mimkit.data.transforms import Views, eval_view
+from mimkit.methods.base import StepOutput, Trainable
+from mimkit.models.input_spec import InputSpec
 from mimkit.models.pos_embed import resample_pos_embed
 from mimkit.models.vit import LayerNorm6, ViTEncoder
 
@@ -68,7 +69,7 @@ class FinetuneConfig:
             )
 
 
-class FineTune(nn.Module):
+class FineTune(Trainable):
     """The encoder as a classifier: learnable positions (resampled if the size changes), mean pooling +
     fc_norm or the cls token, a Linear head (trunc-normal std 2e-5), drop path, layer-wise lr decay (timm's
     groups), Mixup/CutMix with label smoothing in the step, and an optional model EMA."""
@@ -76,7 +77,11 @@ class FineTune(nn.Module):
     name: ClassVar[str] = "finetune"
     Config: ClassVar[type] = FinetuneConfig
 
-    def __init__(self, encoder: ViTEncoder, cfg: FinetuneConfig, num_classes: int) -> None:
+    def __init__(
+        self, encoder: ViTEncoder, cfg: FinetuneConfig, num_classes: int, input_spec: InputSpec | None = None
+    ) -> None:
+        """``input_spec``: what the classifier takes (the encoder's by default, or a task's with another
+        evaluation crop), at the fine-tuning size."""
         super().__init__()
         self.cfg, self.num_classes = cfg, num_classes
         spec = {**encoder.spec, "drop_path_rate": cfg.drop_path}
@@ -86,6 +91,11 @@ class FineTune(nn.Module):
         state = encoder.state_dict()
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.grid_size)
         model.load_state_dict(state)
+        given = input_spec or encoder.input_spec
+        size = spec["img_size"]
+        if size != given.img_size:  # the same normalisation and crop at the new size
+            given = replace(given, img_size=size, eval_size=size, grid=None)
+        model.input_spec = given
         model.pos_embed.requires_grad_(True)
         if cfg.pool == "avg":
             model.global_pool, model.norm, model.fc_norm = "avg", nn.Identity(), LayerNorm6(model.embed_dim)
@@ -126,7 +136,7 @@ class FineTune(nn.Module):
         if self.ema is not None:
             self.ema.update(self.model)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
+    def param_groups(self, weight_decay: float, decay_tokens: bool = False) -> list[dict]:
         """timm's layer-decay groups: stem (cls, positions, patch embedding) id 0, block i -> i + 1, the
         rest (fc_norm, head) last; no decay for 1-D tensors, positions and cls (the MAE recipe)."""
         return param_groups_layer_decay(
@@ -138,10 +148,10 @@ class FineTune(nn.Module):
 
     def train_transform(self, data: Any) -> Views:
         """timm's training transform: RandomResizedCrop (bicubic), flip, RandAugment, normalize, random
-        erasing (on PIL images, as timm expects)."""
-        size = self.model.patch_embed.img_size[0]
+        erasing (on PIL images, as timm expects), at the size and normalisation of the model's input spec."""
+        spec = self.model.input_spec
         timm_transform = create_transform(
-            size,
+            spec.img_size,
             is_training=True,
             scale=(self.cfg.min_crop_scale, 1.0),
             auto_augment=self.cfg.rand_augment,
@@ -149,15 +159,21 @@ class FineTune(nn.Module):
             re_prob=self.cfg.reprob,
             re_mode="pixel",
             re_count=1,
-            mean=tuple(data.mean),
-            std=tuple(data.std),
+            mean=spec.mean,
+            std=spec.std,
         )
         _posterize_compat(timm_transform)
         return Views(image=T.Compose([T.ToPILImage(), timm_transform]))
 
+    def eval_transform(self, data: Any) -> Views:
+        """The evaluation view: the model's input spec, centre-cropped at ``data.crop_pct`` (the
+        checkpoint's unless the run gives another; see :func:`mimkit.runs.classify.task_config`)."""
+        spec = replace(self.model.input_spec, crop_pct=data.crop_pct)
+        return eval_view(spec.eval_size, spec)
+
     @classmethod
     def build(cls, encoder: ViTEncoder, info: dict, cfg: FinetuneConfig, num_classes: int) -> FineTune:
-        return cls(encoder, cfg, num_classes)
+        return cls(encoder, cfg, num_classes, info.get("input_spec"))
 
 
 def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:

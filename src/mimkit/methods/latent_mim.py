@@ -29,8 +29,7 @@ from torchvision.transforms import v2 as T
 from mimkit.configs import num_patches
 from mimkit.data.transforms import BICUBIC, MaskNoise, Views, to_normalized
 from mimkit.masking import visible_target_split
-from mimkit.methods.base import Method, StepOutput, encoder_from_config, validate_decoder
-from mimkit.methods.ema import EMATeacher
+from mimkit.methods.base import MomentumMethod, StepOutput, encoder_from_config, validate_decoder
 from mimkit.models.decoders import CrossDecoder
 from mimkit.models.heads import mlp_head
 from mimkit.models.patches import gap_patchify
@@ -150,9 +149,10 @@ class GapPatches:
         return f"GapPatches(patch_size={self.patch_size}, gap={self.gap})"
 
 
-class LatentMIM(Method):
+class LatentMIM(MomentumMethod):
     name = "latent_mim"
     Config = LatentMIMConfig
+    teacher_moves = "before"
     probe_pool = "mean"  # its cls token is trained only as decoder context
 
     def __init__(self, encoder: ViTEncoder, cfg: LatentMIMConfig) -> None:
@@ -178,15 +178,14 @@ class LatentMIM(Method):
             use_visual_cue=cfg.visual_cue,
         )
         # every parameter follows by EMA (the frozen position tables stay equal); there are no buffers
-        self.teacher = EMATeacher(self.online(), cfg.ema_momentum, include_buffers=False)
+        self.init_teacher(cfg.ema_momentum, include_buffers=False)
         self.register_buffer("sim_target", torch.tensor(float(cfg.sim_init)), persistent=False)
 
     @classmethod
-    def build(cls, model_cfg: Any, method_cfg: Any) -> LatentMIM:
-        return cls(encoder_from_config(model_cfg, scaled_pos=True), method_cfg)
+    def build(cls, model_cfg: Any, method_cfg: Any, data_cfg: Any = None) -> LatentMIM:
+        return cls(encoder_from_config(model_cfg, data_cfg, scaled_pos=True), method_cfg)
 
     def online(self) -> nn.ModuleDict:
-        """The modules the target encoder copies and follows (a view; not registered twice)."""
         return nn.ModuleDict({"encoder": self.encoder, "projector": self.projector})
 
     def train_transform(self, data: Any) -> Views:
@@ -209,7 +208,7 @@ class LatentMIM(Method):
         """The reference moves the target encoder inside forward, on the first micro-batch of each optimizer
         step, before computing targets (so with the weights of the step before), and reads the similarity
         target at the same point; this is that point."""
-        self.teacher.update(self.online(), progress)
+        super().before_step(progress)
         self.sim_target.fill_(cosine_decay(self.cfg.sim_init, self.cfg.sim_end, progress))
 
     def forward(self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> StepOutput:
@@ -251,6 +250,3 @@ class LatentMIM(Method):
         decoder's input projection."""
         embeds = {n for n, p in self.named_parameters() if p.requires_grad and "embed" in n}
         return super().no_weight_decay_names(decay_tokens) | embeds
-
-    def encoders(self) -> dict[str, ViTEncoder]:
-        return {"student": self.encoder, "teacher": self.teacher.module.encoder}

@@ -5,7 +5,7 @@ one engine trains it; its settings are the config's ``method`` section (``method
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +19,7 @@ from mimkit.data.sources import ImageSource
 from mimkit.data.transforms import BICUBIC, Views, eval_view, to_normalized
 from mimkit.distributed import DistEnv
 from mimkit.eval.features import extract_features
-from mimkit.methods.base import StepOutput
+from mimkit.methods.base import StepOutput, Trainable
 from mimkit.models.vit import ViTEncoder
 
 
@@ -45,7 +45,7 @@ class LinearProbeConfig:
             raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
 
 
-class LinearProbe(nn.Module):
+class LinearProbe(Trainable):
     """A frozen encoder (always in eval mode, no gradient), then BatchNorm1d(affine=False, eps 1e-6) and a
     Linear layer (trunc-normal std 0.01). Batches carry images, or cached features under 'features'."""
 
@@ -81,16 +81,23 @@ class LinearProbe(nn.Module):
         loss = F.cross_entropy(logits.float(), batch["label"])
         return StepOutput(loss, {"train_acc": (logits.argmax(1) == batch["label"]).float().mean()})
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
+    def param_groups(self, weight_decay: float, decay_tokens: bool = False) -> list[dict]:
         return [{"params": list(self.head.parameters()), "weight_decay": weight_decay}]
 
     def train_transform(self, data: Any) -> Views:
-        """MAE's probe augmentation: RandomResizedCrop (bicubic) and flip."""
-        size = self.encoder.patch_embed.img_size[0]
+        """MAE's probe augmentation: RandomResizedCrop (bicubic) and flip, at the size and normalisation of
+        the encoder's input spec (what it was pre-trained on, whatever ``data`` says)."""
+        spec = self.encoder.input_spec
         crop = T.RandomResizedCrop(
-            size, scale=(self.cfg.min_crop_scale, 1.0), interpolation=BICUBIC, antialias=True
+            spec.img_size, scale=(self.cfg.min_crop_scale, 1.0), interpolation=BICUBIC, antialias=True
         )
-        return Views(image=T.Compose([crop, T.RandomHorizontalFlip(), *to_normalized(data)]))
+        return Views(image=T.Compose([crop, T.RandomHorizontalFlip(), *to_normalized(spec)]))
+
+    def eval_transform(self, data: Any) -> Views:
+        """The evaluation view: the encoder's input spec, centre-cropped at ``data.crop_pct`` (the spec's
+        unless the run gives another; see :func:`mimkit.runs.classify.task_config`)."""
+        spec = replace(self.encoder.input_spec, crop_pct=data.crop_pct)
+        return eval_view(spec.eval_size, spec)
 
     @classmethod
     def build(cls, encoder: ViTEncoder, info: dict, cfg: LinearProbeConfig, num_classes: int) -> LinearProbe:
@@ -107,9 +114,7 @@ def cached_features(
     feats, labels = [], []
     for p in range(passes):
         transform = (
-            module.train_transform(cfg.data)
-            if module.cfg.cache_passes
-            else eval_view(module.encoder.patch_embed.img_size[0], cfg.data)
+            module.train_transform(cfg.data) if module.cfg.cache_passes else module.eval_transform(cfg.data)
         )
         f, y = extract_features(
             module.encoder,

@@ -21,8 +21,7 @@ from torchvision.transforms import v2 as T
 
 from mimkit.data.transforms import MaskNoise, Views, simple_crop, strong_colour, to_normalized
 from mimkit.masking import disjoint_pair
-from mimkit.methods.base import StepOutput
-from mimkit.methods.ema import EMATeacher
+from mimkit.methods.base import MomentumMethod, StepOutput
 from mimkit.methods.mae import MAE, MAEConfig, mae_loss, mask_noise
 from mimkit.models.heads import mlp_head
 from mimkit.models.patches import patchify
@@ -74,7 +73,7 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 2 - 2 * (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(dim=-1)
 
 
-class LUT(MAE):
+class LUT(MomentumMethod, MAE):
     name = "lut"
     Config = LUTConfig
 
@@ -86,10 +85,9 @@ class LUT(MAE):
         self.predictor = mlp_head(cfg.pred_depth, dim, cfg.head_hidden_dim, dim, **heads)
         mae_init_(self.head)
         mae_init_(self.predictor)
-        self.teacher = EMATeacher(self.student(), cfg.ema_momentum)
+        self.init_teacher(cfg.ema_momentum)
 
-    def student(self) -> nn.ModuleDict:
-        """The modules the teacher copies and follows (a view; not registered twice)."""
+    def online(self) -> nn.ModuleDict:
         return nn.ModuleDict(
             {"encoder": self.encoder, "decoder": self.decoder, "head": self.head, "predictor": self.predictor}
         )
@@ -134,9 +132,3 @@ class LUT(MAE):
             "ema_momentum": self.teacher.momentum.clone(),
         }
         return StepOutput(loss, metrics)
-
-    def after_step(self, progress: float) -> None:
-        self.teacher.update(self.student(), progress)
-
-    def encoders(self) -> dict[str, ViTEncoder]:
-        return {"student": self.encoder, "teacher": self.teacher.module.encoder}

@@ -4,6 +4,8 @@ summary.json, exact resume)."""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +15,12 @@ from mimkit.checkpoint import seed_all
 from mimkit.configs import Config, ConfigError, build_config
 from mimkit.data.loader import ViewDataset
 from mimkit.data.sources import build_source, check_same_classes
-from mimkit.data.transforms import eval_view
 from mimkit.distributed import DistEnv, barrier, init_distributed
 from mimkit.eval.features import classify
 from mimkit.interop.load import load_encoder
 from mimkit.methods import TASKS
 from mimkit.methods.linprobe import cached_features
+from mimkit.models.input_spec import InputSpec
 from mimkit.models.vit import ViTEncoder
 from mimkit.runs.folder import run_dir, start_run
 from mimkit.runs.lock import RunLock
@@ -30,12 +32,24 @@ def task_config(
     kind: str, checkpoint: str, info: dict, recipe: str | None, overrides: list[str], out: str | None
 ) -> Config:
     """A linear-probe or fine-tune config for ``checkpoint`` (``info``: what load_encoder said of it): the
-    recipe (default: the small generic one), then the checkpoint's own labelled data where the overrides
-    name none, then the overrides."""
+    recipe (default: the small generic one), then what the checkpoint says where the overrides say nothing
+    (its evaluation crop, its own labelled data), then the overrides. The crop is the encoder's input
+    spec's, not the recipe's, unless ``data.crop_pct`` is given; the normalisation is always the spec's
+    (:func:`train_classifier` sets it)."""
     given = {o.split("=", 1)[0] for o in overrides}
     base = build_config(recipe or kind)
     run = out or f"{Path(checkpoint).with_suffix('')}-{kind}"
     defaults = [f"method.checkpoint={checkpoint}", f"run.out={run}"]
+    spec: InputSpec = info["input_spec"]
+    if "data.crop_pct" not in given:
+        defaults.append(f"data.crop_pct={spec.crop_pct}")
+    ignored = sorted(given & {"data.mean", "data.std"})
+    if ignored:
+        print(
+            f"note: {' and '.join(ignored)} not used: an encoder is fed the normalisation it was trained on "
+            f"(mean {list(spec.mean)}, std {list(spec.std)})",
+            file=sys.stderr,
+        )
     source_cfg = info.get("config")
     if source_cfg is not None:
         if "data.train" not in given and base.data.train == "demo:train":
@@ -63,7 +77,10 @@ def train_classifier(
     eval.val. Writes the run folder like ``pretrain`` (last.pt, metrics.jsonl, tb/, summary.json).
     ``loaded``: the (encoder, info) of ``load_encoder`` when the caller has read the checkpoint already;
     it is used if it holds the weights the config asks for. data.train and eval.val must name the same
-    classes (checked before training: a label is a class index, so otherwise the accuracy is wrong)."""
+    classes (checked before training: a label is a class index, so otherwise the accuracy is wrong).
+    The views follow the encoder's input spec: its size (unless fine-tuning sets one) and normalisation,
+    and the evaluation crop ``data.crop_pct`` (the spec's when the config comes from :func:`task_config`
+    without one given)."""
 
     check_task(cfg)
     task = cfg.method
@@ -72,9 +89,12 @@ def train_classifier(
         encoder, info = loaded
     else:
         encoder, info = load_encoder(task.checkpoint, task.weights)
-    # the encoder's own input normalisation; the image size is the checkpoint's unless fine-tuning sets one
-    cfg.data.mean, cfg.data.std = tuple(info["mean"]), tuple(info["std"])
-    size = getattr(task, "img_size", None) or info["img_size"]
+    spec = encoder.input_spec
+    if spec.kind != "pixels":
+        raise ConfigError(f"{task.checkpoint}: its encoder takes {spec.kind}; {task.name} trains on images")
+    # recorded in the run's config: the normalisation the views use (the encoder's, always)
+    cfg.data.mean, cfg.data.std = spec.mean, spec.std
+    size = getattr(task, "img_size", None) or spec.img_size
     source = build_source(cfg.data.train, image_size=size, max_images=cfg.data.max_images)
     if not source.has_labels:
         raise ConfigError(f"data.train '{source.name}' has no labels; {task.name} needs them")
@@ -84,7 +104,9 @@ def train_classifier(
     check_same_classes(source, val)
     num_classes = task.num_classes or len(source.classes)
     torch.manual_seed(cfg.run.seed)  # the same head on every rank
-    module = TASKS[task.name].build(encoder, info, task, num_classes)
+    # what the classifier takes: the encoder's input, evaluated at this run's crop
+    task_spec = replace(spec, crop_pct=cfg.data.crop_pct)
+    module = TASKS[task.name].build(encoder, {**info, "input_spec": task_spec}, task, num_classes)
     seed_all(cfg.run.seed + env.rank)  # drop path and Mixup differ across ranks, and repeat across runs
     out = run_dir(cfg)
     with RunLock(out, env):  # one run per folder, for the whole run
@@ -106,7 +128,7 @@ def train_classifier(
         summary: dict[str, Any] = {"protocol": task.name, "checkpoint": task.checkpoint}
         summary["weights"] = task.weights
         summary.update(trainer.fit(dataset))
-        view = eval_view(size, cfg.data)
+        view = module.eval_transform(cfg.data)
         if not summary["stopped_early"]:
             summary.update({"method": info["method"], "val": val.name, "epochs": cfg.optim.epochs})
             summary.update(classify(module, module.logits, val, view, env, **eval_kwargs))

@@ -1,12 +1,12 @@
 """`mimkit knn` and `mimkit eval`: evaluations of a checkpoint's encoder. The defaults every evaluation
 shares live here: the data (the run's own), the feature (the run's eval.pool, else the method's), the
-evaluation view (the checkpoint's normalisation and crop) and the autocast dtype (the engine's rule)."""
+evaluation view (the encoder's input spec: size, normalisation, crop) and the autocast dtype (the engine's
+rule)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from mimkit.configs import ConfigError, EvalConfig, build_config
@@ -15,16 +15,17 @@ from mimkit.data.transforms import Views, eval_view
 from mimkit.distributed import DistEnv, init_distributed
 from mimkit.eval.knn import knn_evaluate, loo_nn_evaluate
 from mimkit.interop.load import load_encoder
+from mimkit.models.input_spec import InputSpec
 from mimkit.runs.classify import task_config, train_classifier
 from mimkit.train.engine import autocast_dtype
 
 PROTOCOLS = ("knn", "linprobe", "finetune")
 
 
-def evaluation_view(info: dict[str, Any]) -> tuple[int, Views]:
-    """The image size and the evaluation view of a loaded encoder: its checkpoint's normalisation and crop."""
-    data = SimpleNamespace(mean=info["mean"], std=info["std"], crop_pct=info["crop_pct"])
-    return info["img_size"], eval_view(info["img_size"], data)
+def evaluation_view(spec: InputSpec) -> tuple[int, Views]:
+    """The image size and the evaluation view of an encoder: what its input spec says (size,
+    normalisation, crop), so an evaluation sees what the encoder was trained on."""
+    return spec.eval_size, eval_view(spec.eval_size, spec)
 
 
 def labelled_data(info: dict[str, Any], train: str | None, val: str | None) -> tuple[str | None, str | None]:
@@ -75,7 +76,7 @@ def knn(
             f"mimkit knn --protocol {protocol} needs {needs}; this checkpoint's config names no default"
         )
     settings = info["config"].eval if info.get("config") else EvalConfig()
-    size, view = evaluation_view(info)
+    size, view = evaluation_view(encoder.input_spec)
     common = dict(
         batch_size=batch_size, num_workers=num_workers, autocast_dtype=autocast_dtype("auto", env.device)
     )
@@ -136,7 +137,7 @@ def evaluation_table(
             raise ConfigError(f"{checkpoint}: names no labelled data; give --train and --val")
         row = {"checkpoint": str(checkpoint), "method": info["method"], "weights": weights}
         if "knn" in protocols:
-            size, view = evaluation_view(info)
+            size, view = evaluation_view(encoder.input_spec)
             feature = pool or default_feature(info)
             result = knn_evaluate(
                 encoder.to(env.device),

@@ -14,10 +14,11 @@ from mimkit.checkpoint import seed_all
 from mimkit.configs import Config
 from mimkit.data.loader import ViewDataset
 from mimkit.data.sources import ImageSource, build_source
-from mimkit.data.transforms import eval_view
 from mimkit.distributed import DistEnv, barrier, init_distributed
 from mimkit.eval.knn import check_knn_sources, knn_evaluate, loo_nn_evaluate
 from mimkit.methods import build_method
+from mimkit.models.vit import ViTEncoder
+from mimkit.runs.evaluate import evaluation_view
 from mimkit.runs.folder import run_dir, start_run
 from mimkit.runs.lock import RunLock
 from mimkit.train.engine import Trainer, autocast_dtype
@@ -57,7 +58,7 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     )
 
     summary: dict[str, Any] = {"method": cfg.method.name, "run": str(out)}
-    probes: dict[str, Callable[[torch.nn.Module], dict[str, Any]]] = {}
+    probes: dict[str, Callable[[ViTEncoder], dict[str, Any]]] = {}
     if cfg.eval.val and (cfg.eval.knn or cfg.eval.lmim_nn):
         queries = build_source(cfg.eval.val, image_size=cfg.model.img_size)
         dtype = autocast_dtype(trainer.precision, env.device)
@@ -98,10 +99,10 @@ def knn_probe(
     dtype: torch.dtype | None = None,
     bank: ImageSource | None = None,
     queries: ImageSource | None = None,
-) -> Callable[[torch.nn.Module], dict[str, Any]]:
-    """k-NN accuracy of an encoder with the config's eval settings; the sources are read once. The memory
-    bank is eval.train, else the training images (pass the sources already read to avoid reading them
-    twice)."""
+) -> Callable[[ViTEncoder], dict[str, Any]]:
+    """k-NN accuracy of an encoder with the config's eval settings, in the view of the encoder's input
+    spec; the sources are read once. The memory bank is eval.train, else the training images (pass the
+    sources already read to avoid reading them twice)."""
     size = cfg.model.img_size
     if bank is None:
         bank = build_source(cfg.eval.train or cfg.data.train, image_size=size, max_images=cfg.data.max_images)
@@ -109,11 +110,10 @@ def knn_probe(
         queries = build_source(cfg.eval.val, image_size=size)
     # checked now rather than when the first evaluation runs, possibly after the whole training
     check_knn_sources(bank, queries, hint="eval.train, else data.train, and eval.val; or set eval.knn=false")
-    return partial(
+    evaluate = partial(
         knn_evaluate,
         train=bank,
         val=queries,
-        transform=eval_view(size, cfg.data),
         env=env,
         k=cfg.eval.k,
         temperature=cfg.eval.temperature,
@@ -122,18 +122,20 @@ def knn_probe(
         num_workers=cfg.data.num_workers,
         autocast_dtype=dtype,
     )
+    return lambda encoder: evaluate(encoder, transform=evaluation_view(encoder.input_spec)[1])
 
 
 def nn_probe(
     cfg: Config, env: DistEnv, dtype: torch.dtype | None, queries: ImageSource
-) -> Callable[[torch.nn.Module], dict[str, Any]]:
-    """Latent MIM's leave-one-out 1-NN accuracy on eval.val (its own pooling: before the final norm)."""
-    return partial(
+) -> Callable[[ViTEncoder], dict[str, Any]]:
+    """Latent MIM's leave-one-out 1-NN accuracy on eval.val (its own pooling: before the final norm), in
+    the view of the encoder's input spec."""
+    evaluate = partial(
         loo_nn_evaluate,
         val=queries,
-        transform=eval_view(cfg.model.img_size, cfg.data),
         env=env,
         batch_size=cfg.eval.batch_size,
         num_workers=cfg.data.num_workers,
         autocast_dtype=dtype,
     )
+    return lambda encoder: evaluate(encoder, transform=evaluation_view(encoder.input_spec)[1])

@@ -28,8 +28,9 @@ from mimkit.distributed import (
     gather_objects,
     max_over_ranks,
 )
+from mimkit.methods.base import Trainable
 from mimkit.train.log import RunLogger
-from mimkit.train.optim import build_optimizer, effective_batch, lr_at, resolve_lr
+from mimkit.train.optim import build_optimizers, effective_batch, lr_at, resolve_lr
 
 # settings that may change when a run is resumed (they do not change what is being trained)
 RESUMABLE_CHANGES = ("run.", "eval.", "data.num_workers", "recipe")
@@ -88,7 +89,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 class Trainer:
-    def __init__(self, module: nn.Module, cfg: Config, env: DistEnv, out_dir: str | Path) -> None:
+    def __init__(self, module: Trainable, cfg: Config, env: DistEnv, out_dir: str | Path) -> None:
         self.cfg, self.env, self.out_dir = cfg, env, Path(out_dir)
         if env.enabled and env.device.type == "cuda":
             # BatchNorm heads see the global batch, as in the references (SyncBN has no CPU kernels: on
@@ -98,7 +99,14 @@ class Trainer:
         self.precision = resolve_precision(cfg.run.precision, env.device)
         self.eff_batch = effective_batch(cfg.optim, env.world_size)
         self.base_lr = resolve_lr(cfg.optim, self.eff_batch)
-        self.optimizer = build_optimizer(self.module, cfg.optim, self.base_lr, env.device)
+        # "main", and any other optimizer the module's parameter groups name (a discriminator's)
+        self.optimizers = build_optimizers(self.module, cfg.optim, self.base_lr, env.device)
+        self.optimizer = self.optimizers["main"]
+        # a device-side stage for training batches; held here, so its frozen modules stay out of the
+        # optimizer, the EMA teacher and the checkpoint
+        self.batch_transform = module.batch_transform()
+        if self.batch_transform is not None:
+            self.batch_transform = self.batch_transform.to(env.device).requires_grad_(False).eval()
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.precision == "fp16")
         if env.enabled:
             ids = [env.device.index] if env.device.type == "cuda" else None
@@ -130,18 +138,24 @@ class Trainer:
         return contextlib.nullcontext()
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
 
     def start_step(self, progress: float) -> None:
         """Before the first micro-batch of an optimizer step: the method's own schedules (and teachers that
         move before the step) read ``progress``, the fraction of data iterations done."""
-        before_step = getattr(self.module, "before_step", None)
-        if before_step is not None:
-            before_step(progress)
+        self.module.before_step(progress)
 
     def micro_step(self, batch: dict[str, Any], *, boundary: bool) -> None:
         """Forward and backward of one micro-batch; gradients are averaged over accum_iter micro-batches."""
+        if self.batch_transform is not None:
+            with torch.no_grad():
+                batch = self.batch_transform(batch)
         sync = contextlib.nullcontext() if boundary or not self.env.enabled else self.model.no_sync()
         with sync:
             with self.autocast():
@@ -162,7 +176,7 @@ class Trainer:
             raise self._spoiled_weights_error(self.step)
         if loss_bad:
             self.iter -= self.cfg.optim.accum_iter  # resume at the start of this accumulation cycle
-            self.optimizer.zero_grad(set_to_none=True)
+            self.zero_grad()
             path = self.save()
             raise NonFiniteLoss(
                 f"loss is not finite at step {self.step + 1} (epoch {self.epoch}, micro-batch {self.iter}); "
@@ -170,19 +184,19 @@ class Trainer:
                 "the learning rate, raising warmup or switching run.precision."
             )
         if self.cfg.optim.clip_grad:
-            self.scaler.unscale_(self.optimizer)
+            for optimizer in self.optimizers.values():
+                self.scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.clip_grad)
-        self.scaler.step(self.optimizer)
+        for optimizer in self.optimizers.values():
+            self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         self._nonfinite.zero_()
         # a finite but huge loss can still overflow the update (AdamW's second moment first: the weights
         # then stop moving rather than turn NaN): checked on the device, read at the next sync or save
         self._state_bad = ~all_finite(self._trained_state())
         self.step += 1
-        after_step = getattr(self.module, "after_step", None)
-        if after_step is not None:
-            after_step(progress)
+        self.module.after_step(progress)
 
     def _sync_flags(self) -> tuple[bool, bool, int]:
         """(a loss of this step was not finite, the last update left non-finite state, the stop signal
@@ -197,9 +211,8 @@ class Trainer:
         return bool(loss_bad), bool(state_bad), signum
 
     def _trained_state(self) -> list[torch.Tensor]:
-        return [p.detach() for p in self.module.parameters()] + optimizer_tensors(
-            self.optimizer.state.values()
-        )
+        states = [state for optimizer in self.optimizers.values() for state in optimizer.state.values()]
+        return [p.detach() for p in self.module.parameters()] + optimizer_tensors(states)
 
     def _spoiled_weights_error(self, step: int) -> NonFiniteLoss:
         if self.last_saved is not None:
@@ -216,9 +229,10 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items() if k != "main"},
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "iter": self.iter,
@@ -231,6 +245,14 @@ class Trainer:
             "skipped": sorted(set().union(*gather_objects(self.skipped, self.env))),
             "totals": self.run_totals(),
         }
+        # what the trained encoder takes (a method's or a probe's ``encoder``, a fine-tune's ``model``), so
+        # that whoever reads the checkpoint feeds it the input it was trained on, not a config's guess
+        for name in ("encoder", "model"):
+            spec = getattr(getattr(self.module, name, None), "input_spec", None)
+            if spec is not None:
+                state["input_spec"] = spec.to_dict()
+                break
+        return state
 
     def save(self, name: str = "last.pt") -> Path:
         """Every rank must call this together (RNG states are gathered); rank 0 writes. Weights that are
@@ -259,7 +281,9 @@ class Trainer:
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in noted.items())
             print(f"note: resuming {path} with changed settings: {listed}", file=sys.stderr)
         floats = [t for t in state["model"].values() if t.is_floating_point()]
-        if not bool(all_finite(floats + optimizer_tensors(state["optimizer"]["state"].values()))):
+        saved_states = [state["optimizer"], *state.get("optimizers", {}).values()]
+        moments = optimizer_tensors(entry for saved in saved_states for entry in saved["state"].values())
+        if not bool(all_finite(floats + moments)):
             raise checkpoint.CheckpointError(
                 f"{path}: holds non-finite weights or optimizer state; resume from an earlier checkpoint or "
                 "start over with --resume none"
@@ -267,6 +291,8 @@ class Trainer:
         position = self._resumed_iter(state, path)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for name, saved in state.get("optimizers", {}).items():
+            self.optimizers[name].load_state_dict(saved)
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iter, self.step = state["epoch"], position, state["step"]
         self.skipped = set(state.get("skipped", ()))
@@ -361,7 +387,7 @@ class Trainer:
         loader.sampler.set_epoch(self.epoch, start=self.epoch_samples())
         # micro-batches left over at the end of an epoch (iters % accum) are dropped, as in the references:
         # their gradients are cleared here
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         for batch in loader:
             self._report_skipped(batch)
             it = self.epoch * iters + self.iter

@@ -6,8 +6,10 @@ import math
 from typing import Any
 
 import torch
-from timm.optim import Lars, param_groups_weight_decay
-from torch import nn
+from timm.optim import Lars
+from torch.optim import Optimizer
+
+from mimkit.methods.base import Trainable
 
 
 def effective_batch(optim: Any, world_size: int) -> int:
@@ -36,22 +38,20 @@ def lr_at(
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / span))
 
 
-def param_groups(module: nn.Module, weight_decay: float, no_decay: set[str]) -> list[dict]:
-    """timm's rule (no decay for 1-D tensors and biases) plus the named exclusions; frozen tensors
-    (the sin-cos tables) are left out. A module may supply its own groups (layer decay, heads)."""
-    custom = getattr(module, "param_groups", None)
-    if callable(custom):
-        return custom(weight_decay)
-    return param_groups_weight_decay(module, weight_decay, no_weight_decay_list=sorted(no_decay))
+def build_optimizers(module: Trainable, optim: Any, lr: float, device: torch.device) -> dict[str, Optimizer]:
+    """One optimizer per name the module's parameter groups give (``group["optimizer"]``, default
+    "main"), each of ``optim.name``'s kind; per-group settings (lr_scale, weight_decay, betas) pass
+    through."""
+    by_name: dict[str, list[dict]] = {}
+    for group in module.param_groups(optim.weight_decay, optim.decay_tokens):
+        group = dict(group)
+        by_name.setdefault(group.pop("optimizer", "main"), []).append(group)
+    if "main" not in by_name:
+        raise ValueError("the module declares no parameter group for the 'main' optimizer")
+    return {name: _optimizer(groups, optim, lr, device) for name, groups in by_name.items()}
 
 
-def build_optimizer(module: nn.Module, optim: Any, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    no_decay = (
-        module.no_weight_decay_names(optim.decay_tokens)
-        if hasattr(module, "no_weight_decay_names")
-        else set()
-    )
-    groups = param_groups(module, optim.weight_decay, no_decay)
+def _optimizer(groups: list[dict], optim: Any, lr: float, device: torch.device) -> Optimizer:
     if optim.name == "lars":
         # MAE's LARS: the trust ratio scales the update of every tensor of 2 or more dimensions, with or
         # without weight decay; 1-D tensors (biases, norms) are neither adapted nor decayed
