@@ -5,7 +5,6 @@ rule)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from mimkit.interop.load import load_encoder
 from mimkit.models.input_spec import InputSpec
 from mimkit.runs.classify import task_config, train_classifier
 from mimkit.train.engine import autocast_dtype
+from mimkit.train.log import write_json
 
 PROTOCOLS = ("knn", "linprobe", "finetune")
 
@@ -102,7 +102,7 @@ def knn(
     )
     if target is not None and env.is_main:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(result, indent=2))
+        write_json(target, result)
         result["written_to"] = str(target)
     return result
 
@@ -197,5 +197,5 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> str:
     markdown = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(markdown)
-    (out / "table.json").write_text(json.dumps(rows, indent=2))
+    write_json(out / "table.json", rows)
     return markdown

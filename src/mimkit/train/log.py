@@ -102,16 +102,20 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
         else:
             dropped = True
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        replace_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def write_json(path: Path, data: Any) -> None:
     """Strict JSON (NaN and inf become null, which every reader accepts), written atomically."""
     text = json.dumps(_finite(data), indent=2, default=str, allow_nan=False)
+    replace_text(path, text + "\n")
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write beside ``path`` then rename over it, so a reader (or a kill) never sees half a file; the
+    temporary is one the next run removes if a kill leaves it (checkpoint.remove_stale_temporaries)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
