@@ -35,6 +35,12 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Token datasets' decoded caches go to a temporary folder, not the user's ~/.cache."""
+    monkeypatch.setenv("MIMKIT_CACHE", str(tmp_path_factory.getbasetemp() / "mimkit-cache"))
+
+
 def subprocess_env(threads: int = 1) -> dict[str, str]:
     """The environment for a child process that must import the same mimkit as the tests (not whichever
     one is installed), with ``threads`` CPU threads."""

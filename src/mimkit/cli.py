@@ -1,23 +1,28 @@
-"""The ``mimkit`` command: pretrain, knn, linprobe, finetune, eval, export, recipes."""
+"""The ``mimkit`` command: pretrain, knn, linprobe, finetune, eval, export, recipes; tokenizer,
+tokenize and tokens for token datasets."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
-from mimkit.configs import POOLS, RECIPE_DIR, ConfigError, build_config, to_yaml
+from mimkit.configs import POOLS, RECIPE_DIR, Config, ConfigError, build_config, to_yaml
 from mimkit.distributed import cleanup
 from mimkit.interop.load import export_encoder, load_encoder
 from mimkit.runs.classify import check_task, task_config, train_classifier
 from mimkit.runs.evaluate import evaluation_table, knn
 from mimkit.runs.lock import RunFolderError
 from mimkit.runs.pretrain import check_buildable, pretrain
+from mimkit.runs.tokenize import decode_grid, encode_ids, tokenize, train_tokenizer
+from mimkit.tokens.dataset import convert, info, verify
 from mimkit.train.engine import NonFiniteLoss, RunInterrupted
 
 
-def _pretrain(args: argparse.Namespace) -> int:
+def _run_config(args: argparse.Namespace) -> Config | None:
+    """The config of a training command; None when it was only to be printed (--print-config)."""
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"run.out={args.out}")
@@ -27,6 +32,13 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.print_config:
         check_buildable(cfg)
         print(to_yaml(cfg))
+        return None
+    return cfg
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    cfg = _run_config(args)
+    if cfg is None:
         return 0
     summary = pretrain(cfg)
     knn = summary.get("knn")
@@ -129,11 +141,80 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    cfg = _run_config(args)
+    if cfg is None:
+        return 0
+    summary = train_tokenizer(cfg)
+    print(f"run folder: {summary['run']}")
+    return 0
+
+
+def _tokenizer_encode(args: argparse.Namespace) -> int:
+    result = encode_ids(args.tokenizer, args.data, args.out, max_images=args.max_images, device=args.device)
+    print(f"wrote {result['images']} id grids {result['grid']} to {result['path']}")
+    return 0
+
+
+def _tokenizer_decode(args: argparse.Namespace) -> int:
+    result = decode_grid(
+        args.tokenizer, args.tokens, args.out, images=args.images, count=args.count, device=args.device
+    )
+    quality = (
+        f" (PSNR {result['psnr']:.2f} dB over {result['psnr_images']} images)" if "psnr" in result else ""
+    )
+    print(f"wrote {result['png']}{quality}")
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    report = tokenize(
+        args.tokenizer,
+        args.data,
+        args.out,
+        to=args.to,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        max_images=args.max_images,
+    )
+    print(json.dumps(report, indent=2) if args.json else f"token dataset: {report['dataset']}")
+    return 0
+
+
+def _tokens(args: argparse.Namespace) -> int:
+    if args.action == "convert":
+        dataset = convert(args.src, args.dst, to=args.to)
+        print(f"wrote {len(dataset)} records to {dataset.path} ({args.to} format)")
+        return 0
+    result = info(args.src) if args.action == "info" else verify(args.src)
+    if args.json or args.action == "verify":
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        for key, value in result.items():
+            print(f"{key:18s} {value}")
+    return 1 if args.action == "verify" and result.get("bad_records") else 0
+
+
 def _recipes(args: argparse.Namespace) -> int:
     for path in sorted(RECIPE_DIR.glob("*.yaml")):
         first = path.read_text().splitlines()[0].lstrip("# ").strip() if path.read_text() else ""
         print(f"{path.stem:32s} {first}")
     return 0
+
+
+def _run_arguments(p: argparse.ArgumentParser, recipe: str, example: str) -> None:
+    """The arguments of a command that trains from a recipe in a run folder."""
+    p.add_argument(
+        "--config", "-c", default=recipe, help="recipe: a YAML file or a shipped name (mimkit recipes)"
+    )
+    p.add_argument("--out", help="run folder (run.out)")
+    p.add_argument(
+        "--resume", help="auto (default: continue OUT/last.pt if present) | none | checkpoint path"
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=example)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,15 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pre-train an encoder (default: MAE on the embedded demo data)")
-    p.add_argument(
-        "--config", "-c", default="demo", help="recipe: a YAML file or a shipped name (mimkit recipes)"
-    )
-    p.add_argument("--out", help="run folder (run.out)")
-    p.add_argument(
-        "--resume", help="auto (default: continue OUT/last.pt if present) | none | checkpoint path"
-    )
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.epochs=10 method=mae")
+    _run_arguments(p, "demo", "e.g. optim.epochs=10 method=mae")
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("knn", help="k-NN (or Latent MIM's 1-NN) accuracy of a checkpoint's encoder")
@@ -222,6 +295,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output .safetensors path")
     p.add_argument("--weights", default="student", help="student | teacher")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("tokenizer", help="train a VQ image tokenizer; encode and decode with it")
+    tok = p.add_subparsers(dest="action", required=True)
+    t = tok.add_parser("train", help="train a tokenizer (a run folder, resumable), then prune its codebook")
+    _run_arguments(t, "tokenizer_cifar10", "e.g. data.train=images/ optim.epochs=20")
+    t.set_defaults(func=_tokenizer_train)
+    t = tok.add_parser("encode", help="id grids of images, as a .npz (ids, y)")
+    t.add_argument("tokenizer", help="tokenizer run folder or its tokenizer.pt")
+    t.add_argument("data", help="images: a folder, .npz file(s), demo:train, ...")
+    t.add_argument("--out", required=True, help="output .npz")
+    t.add_argument("--max-images", type=int)
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=_tokenizer_encode)
+    t = tok.add_parser("decode", help="a PNG of token records decoded back to images")
+    t.add_argument("tokenizer", help="tokenizer run folder or its tokenizer.pt")
+    t.add_argument("tokens", help="a token dataset")
+    t.add_argument("--out", required=True, help="output .png")
+    t.add_argument("--images", help="the images the tokens were made from: originals beside reconstructions")
+    t.add_argument("--count", type=int, default=32)
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=_tokenizer_decode)
+
+    p = sub.add_parser("tokenize", help="images -> a token dataset (resumable by shard), with a report")
+    p.add_argument("tokenizer", help="tokenizer run folder or its tokenizer.pt")
+    p.add_argument("data", help="images: a folder, .npz file(s), demo:train, ... (labels kept)")
+    p.add_argument("out", help="a folder (mimkit format) or NAME-token.data.bin.gz (--to seit)")
+    p.add_argument("--to", choices=("mimkit", "seit"), default="mimkit", help="format (default: mimkit)")
+    p.add_argument("--shard-size", type=int, default=10_000, help="records per shard")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, help="image loader processes (default: the cores available)")
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_tokenize)
+
+    p = sub.add_parser("tokens", help="token datasets: convert between formats, info, verify")
+    tok = p.add_subparsers(dest="action", required=True)
+    t = tok.add_parser("convert", help="SeiT <-> mimkit format")
+    t.add_argument("src", help="a token dataset (SeiT: its NAME-token.data.bin.gz)")
+    t.add_argument("dst", help="a folder (mimkit) or NAME-token.data.bin.gz (seit)")
+    t.add_argument("--to", choices=("mimkit", "seit"), required=True)
+    t.set_defaults(func=_tokens)
+    t = tok.add_parser("info", help="header, records, bytes per image, codebook use")
+    t.add_argument("src")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=_tokens)
+    t = tok.add_parser("verify", help="check every record (exit 1 if any is damaged)")
+    t.add_argument("src")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=_tokens)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=_recipes)

@@ -1,8 +1,10 @@
 """Where images come from: an image folder (ImageFolder layout with labels, or flat without), .npz
-arrays (``x`` uint8 [N, H, W, 3], optional ``y``), the embedded demo set, or synthetic images.
+arrays (``x`` uint8 [N, H, W, 3], optional ``y``), the embedded demo set, synthetic images, or a token
+dataset (images stored as grids of codebook ids, :mod:`mimkit.tokens`).
 
-A source is map-style: ``len(source)``, ``source.load(i) -> (uint8 [3, H, W] tensor, label)``; label is -1
-when the source has none. Problems with the source itself (missing path, no images, wrong arrays) are
+A source is map-style: ``len(source)``, ``source.load(i) -> (uint8 [3, H, W] tensor, label)`` (a token
+source: an int64 [H, W] id grid; ``source.kind`` says which); label is -1 when the source has none.
+Problems with the source itself (missing path, no images, wrong arrays) are
 errors when it is built; a single unreadable image raises :class:`UnreadableImage` from ``load``, which the
 loader reports by path and skips.
 """
@@ -22,6 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mimkit.models.input_spec import InputSpec
+from mimkit.tokens.dataset import TokenDataset, TokenRecordError, is_token_dataset, open_tokens
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEMO_FILE = Path(__file__).parent / "demo" / "cifar10_demo.npz"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -32,6 +37,7 @@ class UnreadableImage(Exception):
 
 
 class ImageSource:
+    kind: str = "pixels"  # what load() returns, in InputSpec's words: "pixels" or "token_ids"
     classes: tuple[str, ...] = ()
     name: str = ""
     # True when the class names are only the label numbers "0".."max label" (a .npz without 'class_names')
@@ -302,6 +308,13 @@ class FolderSource(ImageSource):
             raise UnreadableImage(f"{path}: {err}") from err
 
 
+def _is_tokens(path: str) -> bool:
+    try:
+        return is_token_dataset(os.path.expanduser(path))
+    except OSError:
+        return False
+
+
 def _images_under(folder: str) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -312,9 +325,67 @@ def _images_under(folder: str) -> list[str]:
     return found
 
 
+class TokenSource(ImageSource):
+    """A token dataset (SeiT's format or mimkit's) as a source: ``load(i)`` gives record i's id grid.
+    A damaged record is reported by file and record index and skipped, as an unreadable image is."""
+
+    kind = "token_ids"
+
+    def __init__(self, dataset: TokenDataset) -> None:
+        self.dataset, self.name = dataset, f"tokens:{dataset.path}"
+        self.grid, self.vocab_size = tuple(dataset.grid), dataset.vocab_size
+        labels = dataset.labels
+        if dataset.classes:
+            self.classes = tuple(dataset.classes)
+        elif labels is not None and len(labels):
+            self.classes = tuple(str(c) for c in range(int(labels.max()) + 1))
+            self.classes_from_labels = True
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        try:
+            ids = self.dataset.read(index)
+        except TokenRecordError as err:
+            raise UnreadableImage(str(err)) from err
+        labels = self.dataset.labels
+        return torch.from_numpy(ids), int(labels[index]) if labels is not None else -1
+
+
+def check_input(spec: InputSpec, source: ImageSource) -> None:
+    """An encoder meets the source it is fed before the first batch: images for a pixel encoder, token ids
+    from the same vocabulary, on a grid at least as large as its input, for a token encoder."""
+    if spec.kind == "pixels" and source.kind == "token_ids":
+        raise ValueError(
+            f"this encoder takes pixels, but '{source.name}' is a token dataset; give it images, or "
+            "evaluate a token model on tokens"
+        )
+    if spec.kind == "token_ids":
+        if source.kind != "token_ids":
+            raise ValueError(
+                f"this encoder takes token ids (a {spec.img_size}x{spec.img_size} grid of {spec.vocab_size} "
+                f"codes), but '{source.name}' holds images; tokenize them first with `mimkit tokenize`"
+            )
+        if source.vocab_size != spec.vocab_size:
+            raise ValueError(
+                f"'{source.name}' has {source.vocab_size} codes but the encoder embeds {spec.vocab_size}: "
+                "its ids would mean other codes (was it made by another tokenizer?)"
+            )
+        if min(source.grid) < spec.img_size:
+            raise ValueError(
+                f"'{source.name}' has {source.grid[0]}x{source.grid[1]} id grids, smaller than the "
+                f"encoder's {spec.img_size}x{spec.img_size} input"
+            )
+    if spec.kind == "token_embeddings":
+        raise ValueError("an encoder of token embeddings is fed embedded grids, not a source of ids")
+
+
 class Subset(ImageSource):
     def __init__(self, source: ImageSource, n: int) -> None:
         self.source, self.n = source, min(n, len(source))
+        self.kind = source.kind
+        self.grid, self.vocab_size = getattr(source, "grid", None), getattr(source, "vocab_size", None)
         self.classes, self.name = source.classes, f"{source.name}[:{self.n}]"
         self.classes_from_labels = source.classes_from_labels
 
@@ -329,10 +400,16 @@ class Subset(ImageSource):
 
 def build_source(spec: str, *, image_size: int = 32, max_images: int | None = None) -> ImageSource:
     """``demo:train`` | ``demo:val`` | ``synthetic[:N]`` | a folder | .npz file(s), comma-separated and
-    glob patterns allowed (``cifar10/train_part[0-2].npz``)."""
+    glob patterns allowed (``cifar10/train_part[0-2].npz``) | a token dataset: ``tokens:PATH``, or a path
+    recognised as one (a ``NAME-token.data.bin.gz`` file, or a folder that mimkit's token format or one
+    such file makes)."""
     spec = str(spec).strip()
-    if spec.startswith("demo:"):
-        source: ImageSource = demo_source(spec.split(":", 1)[1])
+    if spec.startswith("tokens:"):
+        source: ImageSource = TokenSource(open_tokens(spec.split(":", 1)[1]))
+    elif "," not in spec and not glob.has_magic(spec) and _is_tokens(spec):
+        source = TokenSource(open_tokens(spec))
+    elif spec.startswith("demo:"):
+        source = demo_source(spec.split(":", 1)[1])
     elif spec == "synthetic" or spec.startswith("synthetic:"):
         size = spec.split(":", 1)[1] if ":" in spec else "256"
         if not size.isdigit() or int(size) < 1:

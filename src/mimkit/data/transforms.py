@@ -95,10 +95,32 @@ def strong_colour(blur_sigma: tuple[float, float]) -> T.Compose:
     )
 
 
+class CenterCropIds:
+    """The centre size x size cells of an id grid [H, W] (SeiT's evaluation crop, 32 -> 28): ids cannot be
+    resized, only cropped."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        h, w = ids.shape[-2:]
+        if h < self.size or w < self.size:
+            raise ValueError(f"cannot centre-crop {self.size}x{self.size} from an id grid of {h}x{w}")
+        top, left = (h - self.size) // 2, (w - self.size) // 2
+        return ids[..., top : top + self.size, left : left + self.size].long()
+
+    def __repr__(self) -> str:
+        return f"CenterCropIds(size={self.size})"
+
+
 def eval_view(img_size: int, data: Any) -> Views:
     """{"image"}: resize the shorter side to img_size / crop_pct, center-crop img_size, normalize.
     ``data``: anything with ``mean``, ``std`` and ``crop_pct``; evaluations of an encoder pass its input
-    spec (and its ``eval_size``), so they see what it was trained on whatever a recipe says."""
+    spec (and its ``eval_size``), so they see what it was trained on whatever a recipe says. A spec of
+    token ids: the centre img_size x img_size cells of the source's id grids (under "image", the entry
+    an encoder reads whatever its input)."""
+    if getattr(data, "kind", "pixels") == "token_ids":
+        return Views(image=CenterCropIds(img_size))
     return Views(
         image=T.Compose(
             [

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
-from mimkit.data.sources import ImageSource
+from mimkit.data.sources import ImageSource, check_input
 from mimkit.distributed import DistEnv, all_gather_rows
 
 
@@ -34,6 +34,9 @@ def extract_features(
     ``encoder.features(images, pool)`` (a classifier's logits, say; ``out_dim`` is then their width).
     Each unreadable image is named on stderr (by the rank that met it) and left out; ``skipped``, when
     given, receives this rank's messages (:func:`count_all` totals them over the ranks)."""
+    spec = getattr(encoder, "input_spec", None)
+    if spec is not None:
+        check_input(spec, dataset.source)
     was_training = encoder.training
     encoder.eval()
     sampler = EpochSampler(len(dataset), shuffle=False, rank=env.rank, world_size=env.world_size, pad=False)

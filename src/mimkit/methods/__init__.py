@@ -14,10 +14,16 @@ from mimkit.methods.latent_mim import LatentMIM, LatentMIMConfig
 from mimkit.methods.linprobe import LinearProbe, LinearProbeConfig
 from mimkit.methods.lut import LUT, LUTConfig
 from mimkit.methods.mae import MAE, MAEConfig, mae_loss
+from mimkit.methods.tokenizer import TokenizerConfig, TokenizerMethod
 
 # pre-training methods; and the classifiers that evaluate an encoder (their `method` section names the
 # checkpoint to evaluate)
-METHODS: dict[str, type[Method]] = {MAE.name: MAE, LUT.name: LUT, LatentMIM.name: LatentMIM}
+METHODS: dict[str, type[Method]] = {
+    MAE.name: MAE,
+    LUT.name: LUT,
+    LatentMIM.name: LatentMIM,
+    TokenizerMethod.name: TokenizerMethod,  # trained by `mimkit tokenizer train`
+}
 TASKS: dict[str, type[LinearProbe] | type[FineTune]] = {
     LinearProbe.name: LinearProbe,
     FineTune.name: FineTune,
@@ -60,6 +66,8 @@ __all__ = [
     "MAEConfig",
     "Method",
     "StepOutput",
+    "TokenizerConfig",
+    "TokenizerMethod",
     "build_method",
     "cosine_momentum",
     "default_pool",

@@ -82,6 +82,10 @@ class Method(Trainable):
         """The encoders a user may evaluate or export, by name; methods with a teacher add 'teacher'."""
         return {"student": self.encoder}
 
+    def input_spec(self) -> InputSpec:
+        """What the method trains on (its encoder's input)."""
+        return self.encoder.input_spec
+
     def export_encoder(self, weights: str = "student") -> ViTEncoder:
         choices = self.encoders()
         if weights not in choices:

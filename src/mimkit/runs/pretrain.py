@@ -13,7 +13,7 @@ import torch
 from mimkit.checkpoint import seed_all
 from mimkit.configs import Config
 from mimkit.data.loader import ViewDataset
-from mimkit.data.sources import ImageSource, build_source
+from mimkit.data.sources import ImageSource, build_source, check_input
 from mimkit.distributed import DistEnv, barrier, init_distributed
 from mimkit.eval.knn import check_knn_sources, knn_evaluate, loo_nn_evaluate
 from mimkit.methods import build_method
@@ -45,6 +45,7 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     method = build_method(cfg)
     seed_all(cfg.run.seed + env.rank)  # drop path differs across ranks (masks come from per-sample seeds)
     source = build_source(cfg.data.train, image_size=cfg.model.img_size, max_images=cfg.data.max_images)
+    check_input(method.input_spec(), source)
     dataset = ViewDataset(source, method.train_transform(cfg.data), seed=cfg.run.seed)
     trainer = Trainer(method, cfg, env, out)
     params = sum(p.numel() for p in method.parameters() if p.requires_grad)

@@ -245,13 +245,15 @@ class Trainer:
             "skipped": sorted(set().union(*gather_objects(self.skipped, self.env))),
             "totals": self.run_totals(),
         }
-        # what the trained encoder takes (a method's or a probe's ``encoder``, a fine-tune's ``model``), so
-        # that whoever reads the checkpoint feeds it the input it was trained on, not a config's guess
+        # what the trained model takes (a method's ``input_spec()``, a probe's ``encoder``, a fine-tune's
+        # ``model``), so that whoever reads the checkpoint feeds it the input it was trained on, not a
+        # config's guess
+        stated = getattr(self.module, "input_spec", None)
+        spec = stated() if callable(stated) else None
         for name in ("encoder", "model"):
-            spec = getattr(getattr(self.module, name, None), "input_spec", None)
-            if spec is not None:
-                state["input_spec"] = spec.to_dict()
-                break
+            spec = spec or getattr(getattr(self.module, name, None), "input_spec", None)
+        if spec is not None:
+            state["input_spec"] = spec.to_dict()
         return state
 
     def save(self, name: str = "last.pt") -> Path:

@@ -1,0 +1,426 @@
+"""Token datasets' lifecycles: train a VQ tokenizer (`mimkit tokenizer train`), turn an image source into
+a token dataset (`mimkit tokenize`), and look at what the tokens keep (`mimkit tokenizer decode`).
+
+Images reach the tokenizer squashed to its square input (SeiT resizes every image to exactly 256 x 256
+before tokenizing, aspect ratio not kept, so that every record has the same grid), bicubic, in the pixel
+normalisation it was trained with.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.transforms import v2 as T
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from mimkit.configs import Config
+from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
+from mimkit.data.sources import ImageSource, Subset, build_source
+from mimkit.data.transforms import BICUBIC, Views, to_normalized
+from mimkit.distributed import DistEnv, barrier, init_distributed, pick_device
+from mimkit.interop.load import load_method
+from mimkit.models.input_spec import InputSpec
+from mimkit.runs.folder import run_dir
+from mimkit.runs.lock import RunLock
+from mimkit.runs.pretrain import pretrain
+from mimkit.tokens.compact import CompactWriter
+from mimkit.tokens.dataset import convert, open_tokens
+from mimkit.tokens.tokenizer import VQTokenizer, load_tokenizer, perplexity, psnr, save_tokenizer
+from mimkit.train.log import write_json
+
+SAMPLE_IMAGES = 256  # reconstruction PSNR and the decoded grid are measured on this many images
+
+
+def tokenizer_view(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Views:
+    """{"image"}: squashed to size x size (bicubic), normalised as the tokenizer was trained."""
+    spec = InputSpec(kind="pixels", channels=len(mean), mean=mean, std=std, img_size=size, patch_size=1)
+    return Views(
+        image=T.Compose([T.Resize((size, size), interpolation=BICUBIC, antialias=True), *to_normalized(spec)])
+    )
+
+
+def image_batches(
+    source: ImageSource,
+    view: Views,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    skipped: list[str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Batches of images ``start..stop`` of a source in order, decoded by loader workers; unreadable images
+    are named on stderr, added to ``skipped`` and left out."""
+    stop = len(source) if stop is None else stop
+    part = _Range(source, start, stop)
+    loader = make_loader(
+        ViewDataset(part, view),
+        EpochSampler(len(part), shuffle=False, pad=False),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        drop_last=False,
+    )
+    for batch in loader:
+        for message in batch["skipped"]:
+            print(f"warning: skipped unreadable image {message}", file=sys.stderr, flush=True)
+        if skipped is not None:
+            skipped.extend(batch["skipped"])
+        if "image" in batch:
+            batch["index"] = batch["index"] + start
+            yield batch
+
+
+class _Range(ImageSource):
+    """Images start..stop of a source (a shard's worth)."""
+
+    def __init__(self, source: ImageSource, start: int, stop: int) -> None:
+        self.source, self.start, self.n = source, start, max(0, stop - start)
+        self.classes, self.name = source.classes, source.name
+
+    def __len__(self) -> int:
+        return self.n
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.source.load(self.start + index)
+
+
+# -- mimkit tokenizer train --------------------------------------------------------------------------
+def train_tokenizer(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
+    """Train (or resume) a tokenizer run, then keep the codes it uses on its training images: the run
+    folder's ``tokenizer.pt`` encodes to compact ids 0..K'-1 (SeiT's 391-row table from 8,192 codes)."""
+    if cfg.method.name != "vq_tokenizer":
+        raise ValueError(
+            f"`mimkit tokenizer train` trains method=vq_tokenizer; the config says '{cfg.method.name}'"
+        )
+    env = env or init_distributed(cfg.run.device)
+    summary = pretrain(cfg, env)
+    if summary.get("stopped_early"):
+        return summary
+    out = run_dir(cfg)
+    if env.is_main:
+        with RunLock(out):
+            summary.update(finish_tokenizer(out, cfg, env.device))
+            write_json(out / "summary.json", summary)
+    barrier(env)
+    return summary
+
+
+def finish_tokenizer(out: Path, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """Count the codes the trained tokenizer gives its training images, prune to the used ones, save
+    ``tokenizer.pt``, and measure PSNR and write ``reconstructions.png`` on the first images."""
+    method, _, _ = load_method(out / "last.pt")
+    tokenizer: VQTokenizer = method.tokenizer.to(device).eval()
+    spec = method.spec
+    source = build_source(cfg.data.train, image_size=cfg.model.img_size, max_images=cfg.data.max_images)
+    view = tokenizer_view(tokenizer.shape.img_size, spec.mean, spec.std)
+    counts = torch.zeros(tokenizer.shape.codebook_size, dtype=torch.long, device=device)
+    start = time.time()
+    progress = tqdm(total=len(source), desc="counting codes", unit="img", disable=not cfg.run.progress)
+    for batch in image_batches(
+        source, view, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers
+    ):
+        ids = tokenizer.encode(batch["image"].to(device))
+        counts += torch.bincount(ids.flatten(), minlength=counts.numel())
+        progress.update(len(ids))
+    progress.close()
+    kept = tokenizer.prune(counts.cpu())
+    quality = reconstruction_report(tokenizer, source, view, spec, out / "reconstructions.png", device)
+    report = {
+        "codebook_size": tokenizer.shape.codebook_size,
+        "codes_used": int(kept.numel()),
+        "perplexity": perplexity(counts),
+        "counted_images": int(counts.sum()) // (tokenizer.shape.grid**2),
+        "count_seconds": round(time.time() - start, 1),
+        **quality,
+    }
+    save_tokenizer(
+        tokenizer,
+        out / "tokenizer.pt",
+        mean=spec.mean,
+        std=spec.std,
+        counts=counts[kept].cpu(),
+        trained_on=source.name,
+        report=report,
+    )
+    print(
+        f"tokenizer: {report['codes_used']} of {report['codebook_size']} codes used (perplexity "
+        f"{report['perplexity']:.1f}), reconstruction PSNR {report['psnr']:.2f} dB on the first "
+        f"{report['psnr_images']} images; wrote {out / 'tokenizer.pt'} and {out / 'reconstructions.png'}",
+        file=sys.stderr,
+    )
+    return {"tokenizer": report}
+
+
+@torch.no_grad()
+def reconstruction_report(
+    tokenizer: VQTokenizer,
+    source: ImageSource,
+    view: Views,
+    spec: Any,
+    grid_png: Path | None,
+    device: torch.device,
+    *,
+    ids: torch.Tensor | None = None,
+    count: int = SAMPLE_IMAGES,
+) -> dict[str, Any]:
+    """PSNR of decode(encode(x)) (or of decode(``ids``), the stored records of the first images) against
+    the tokenizer's view of x, on the [0, 1] scale; a PNG of the first 32 originals beside their
+    reconstructions."""
+    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
+    batch = next(image_batches(Subset(source, count), view, batch_size=count, num_workers=0))
+    images = batch["image"].to(device)
+    ids = tokenizer.encode(images) if ids is None else ids[batch["index"]].to(device)
+    recon = tokenizer.decode(ids) * std + mean
+    originals = images * std + mean
+    values = psnr(recon, originals)
+    if grid_png is not None:
+        pairs = torch.stack([originals[:32], recon[:32]], dim=1).flatten(0, 1).clamp(0, 1).float().cpu()
+        scale = max(1, 96 // pairs.shape[-1])  # small images are shown larger (nearest) to be seen
+        pairs = pairs.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+        save_image(make_grid(pairs, nrow=16, padding=2, pad_value=1.0), grid_png)
+    return {"psnr": float(values.mean()), "psnr_images": len(values)}
+
+
+# -- mimkit tokenize ---------------------------------------------------------------------------------
+def source_bytes(spec: str, source: ImageSource) -> tuple[int, str]:
+    """The bytes the source's images take where they are read from, and what was counted."""
+    if spec.startswith(("demo:", "synthetic")):
+        first = source.load(0)[0]
+        return len(source) * first.numel(), "raw uint8 pixels"
+    files = getattr(source, "files", None)
+    if files is not None:
+        return sum(Path(f).stat().st_size for f in files), "image files"
+    names = [Path(p) for p in source.name.split(",")]
+    if all(p.suffix == ".npz" and p.is_file() for p in names):
+        return sum(p.stat().st_size for p in names), ".npz files (compressed)"
+    first = source.load(0)[0]
+    return len(source) * first.numel(), "raw uint8 pixels"
+
+
+def tokenize(
+    tokenizer_path: str,
+    data: str,
+    dst: str,
+    *,
+    to: str = "mimkit",
+    shard_size: int = 10_000,
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    device: str = "auto",
+    max_images: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize the images of ``data`` into a token dataset at ``dst``. The dataset is written shard by
+    shard in mimkit's format (a run stopped at any point resumes at its first missing shard); with
+    ``to="seit"`` it is converted at the end into SeiT's files, ``dst`` then being the
+    ``NAME-token.data.bin.gz`` path. Ends with a report (printed, and as JSON beside the dataset)."""
+    if to not in ("mimkit", "seit"):
+        raise ValueError(f"--to must be 'mimkit' or 'seit'; got {to!r}")
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1; got {shard_size}")
+    target = Path(dst)
+    if to == "seit" and not target.name.endswith("-token.data.bin.gz"):
+        raise ValueError(f"a SeiT dataset is named NAME-token.data.bin.gz; got '{dst}'")
+    shards_dir = (
+        target if to == "mimkit" else target.with_name(target.name[: -len(".data.bin.gz")] + ".shards")
+    )
+    loaded = load_tokenizer(tokenizer_path)
+    if not loaded.model.pruned:
+        print("note: this tokenizer was not pruned; ids index its whole codebook", file=sys.stderr)
+    dev = pick_device(device, 0)
+    tokenizer = loaded.model.to(dev)
+    source = build_source(data, image_size=tokenizer.shape.img_size, max_images=max_images)
+    view = tokenizer_view(tokenizer.shape.img_size, loaded.mean, loaded.std)
+    grid = tokenizer.shape.grid
+    report_path = (
+        shards_dir / "tokenize_report.json"
+        if to == "mimkit"
+        else target.with_name(target.name.replace("-token.data.bin.gz", "-tokenize_report.json"))
+    )
+    with RunLock(shards_dir):
+        writer = CompactWriter(
+            shards_dir,
+            grid=(grid, grid),
+            vocab_size=tokenizer.vocab_size,
+            codebook=tokenizer.codebook().cpu(),
+            classes=source.classes,
+            meta={
+                "tokenizer": str(Path(tokenizer_path).resolve()),
+                "tokenizer_shape": dict(tokenizer.shape.__dict__),
+                "source": source.name,
+            },
+            shard_size=shard_size,
+        )
+        n_shards = -(-len(source) // shard_size)
+        done = set(writer.done_shards())
+        skipped: list[str] = []
+        start = time.time()
+        bar = tqdm(total=len(source), desc="tokenizing", unit="img", disable=not progress)
+        bar.update(sum(min(shard_size, len(source) - k * shard_size) for k in done if k < n_shards))
+        for k in range(n_shards):
+            if k in done:
+                continue
+            ids_parts, labels_parts = [], []
+            for batch in image_batches(
+                source,
+                view,
+                start=k * shard_size,
+                stop=min(len(source), (k + 1) * shard_size),
+                batch_size=batch_size,
+                num_workers=num_workers,
+                skipped=skipped,
+            ):
+                ids_parts.append(tokenizer.encode(batch["image"].to(dev)).cpu().numpy())
+                labels_parts.append(batch["label"].numpy())
+                bar.update(len(ids_parts[-1]))
+            ids = np.concatenate(ids_parts) if ids_parts else np.zeros((0, grid, grid), np.int64)
+            labels = np.concatenate(labels_parts) if labels_parts else np.zeros(0, np.int64)
+            if not writer.fitted:
+                writer.fit(ids)
+            writer.write_shard(k, ids, labels)
+        bar.close()
+        dataset = writer.finish()
+        seconds = time.time() - start
+        if to == "seit":
+            dataset = convert(shards_dir, target, to="seit")
+        report = tokenize_report(dataset, data, source, tokenizer, loaded, dev, skipped, seconds)
+        write_json(report_path, report)
+        if to == "seit":
+            shutil.rmtree(shards_dir)
+    print(format_report(report, report_path), file=sys.stderr)
+    return report
+
+
+def tokenize_report(
+    dataset: Any,
+    data: str,
+    source: ImageSource,
+    tokenizer: VQTokenizer,
+    loaded: Any,
+    device: torch.device,
+    skipped: list[str],
+    seconds: float,
+) -> dict[str, Any]:
+    """Images, bytes per image in both formats and against the source, codebook use, reconstruction PSNR."""
+    n = len(dataset)
+    counts = np.zeros(dataset.vocab_size, dtype=np.int64)
+    for i in range(n):
+        counts += np.bincount(dataset.read(i).ravel(), minlength=dataset.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        other_to = "seit" if dataset.format == "mimkit" else "mimkit"
+        other_path = Path(tmp) / ("tokens-token.data.bin.gz" if other_to == "seit" else "tokens")
+        other = convert(dataset.path, other_path, to=other_to)
+        sizes = {
+            dataset.format: dataset.stored_bytes() / max(n, 1),
+            other_to: other.stored_bytes() / max(n, 1),
+        }
+        other.close()
+    src_bytes, counted = source_bytes(data, source)
+    quality = reconstruction_report(
+        tokenizer,
+        source,
+        tokenizer_view(tokenizer.shape.img_size, loaded.mean, loaded.std),
+        loaded,
+        None,
+        device,
+    )
+    return {
+        "dataset": str(dataset.path),
+        "format": dataset.format,
+        "images": n,
+        "skipped_images": len(skipped),
+        "grid": list(dataset.grid),
+        "vocab_size": dataset.vocab_size,
+        "bytes_per_image": {"mimkit": sizes["mimkit"], "seit": sizes["seit"]},
+        "mimkit_to_seit": sizes["mimkit"] / sizes["seit"],
+        "source": {
+            "name": source.name,
+            "bytes_per_image": src_bytes / max(len(source), 1),
+            "counted": counted,
+        },
+        "ratio_to_source": sizes[dataset.format] / (src_bytes / max(len(source), 1)),
+        "codes_used": int((counts > 0).sum()),
+        "perplexity": perplexity(torch.from_numpy(counts)),
+        **quality,
+        "seconds": round(seconds, 1),
+    }
+
+
+def format_report(report: dict[str, Any], path: Path) -> str:
+    b = report["bytes_per_image"]
+    return (
+        f"tokenized {report['images']} images ({report['skipped_images']} skipped) into {report['dataset']} "
+        f"in {report['seconds']} s: {report['grid'][0]}x{report['grid'][1]} ids of {report['vocab_size']} "
+        f"codes ({report['codes_used']} used, perplexity {report['perplexity']:.1f}); bytes per image: "
+        f"mimkit {b['mimkit']:.1f}, SeiT {b['seit']:.1f} (mimkit/SeiT {report['mimkit_to_seit']:.3f}), "
+        f"source {report['source']['bytes_per_image']:.1f} ({report['source']['counted']}; tokens are "
+        f"{100 * report['ratio_to_source']:.2f}% of it); reconstruction PSNR {report['psnr']:.2f} dB on "
+        f"{report['psnr_images']} images; report: {path}"
+    )
+
+
+# -- mimkit tokenizer encode / decode ----------------------------------------------------------------
+def encode_ids(
+    tokenizer_path: str, data: str, out: str, *, max_images: int | None = None, device: str = "auto"
+) -> dict[str, Any]:
+    """The id grids of a few images as a .npz (``ids`` [N, h, w], ``y``), for a look or a quick test;
+    a dataset to train on is made by :func:`tokenize`."""
+    loaded = load_tokenizer(tokenizer_path)
+    dev = pick_device(device, 0)
+    tokenizer = loaded.model.to(dev)
+    source = build_source(data, image_size=tokenizer.shape.img_size, max_images=max_images)
+    view = tokenizer_view(tokenizer.shape.img_size, loaded.mean, loaded.std)
+    ids, labels = [], []
+    for batch in image_batches(source, view):
+        ids.append(tokenizer.encode(batch["image"].to(dev)).cpu().numpy().astype(np.int16))
+        labels.append(batch["label"].numpy())
+    grids = np.concatenate(ids)
+    np.savez(out, ids=grids, y=np.concatenate(labels))
+    return {"images": len(grids), "grid": list(grids.shape[1:]), "path": out}
+
+
+# -- mimkit tokenizer decode ------------------------------------------------------------------------
+def decode_grid(
+    tokenizer_path: str,
+    tokens: str,
+    out: str,
+    *,
+    images: str | None = None,
+    count: int = 32,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """A PNG of the first ``count`` records decoded to images; with ``images`` (the source they were made
+    from, same order) each original beside its reconstruction, and their PSNR."""
+    loaded = load_tokenizer(tokenizer_path)
+    dev = pick_device(device, 0)
+    tokenizer = loaded.model.to(dev)
+    dataset = open_tokens(tokens)
+    if tuple(dataset.grid) != (tokenizer.shape.grid,) * 2 or dataset.vocab_size != tokenizer.vocab_size:
+        raise ValueError(
+            f"'{tokens}' has {dataset.grid[0]}x{dataset.grid[1]} grids of {dataset.vocab_size} codes; the "
+            f"tokenizer makes {tokenizer.shape.grid}x{tokenizer.shape.grid} grids of {tokenizer.vocab_size}"
+        )
+    count = min(count, len(dataset))
+    ids = torch.from_numpy(np.stack([dataset.read(i) for i in range(count)]))
+    if images is None:
+        mean = torch.tensor(loaded.mean, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(loaded.std, device=dev).view(1, -1, 1, 1)
+        recon = (tokenizer.decode(ids.to(dev)) * std + mean).clamp(0, 1).float().cpu()
+        scale = max(1, 96 // recon.shape[-1])
+        recon = recon.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+        save_image(make_grid(recon, nrow=8, padding=2, pad_value=1.0), out)
+        return {"images": count, "png": out}
+    source = build_source(images, image_size=tokenizer.shape.img_size)
+    view = tokenizer_view(tokenizer.shape.img_size, loaded.mean, loaded.std)
+    report = reconstruction_report(tokenizer, source, view, loaded, Path(out), dev, ids=ids, count=count)
+    return {**report, "png": out}

@@ -1,0 +1,704 @@
+"""Token-space augmentations of SeiT / SeiT++ on whole batches, on the tensors' device.
+
+Two kinds of input: id grids [B, H, W] (Token-EDA: synonym replacement and block swaps, geometric crops
+and flips) and emb maps [B, D, H, W] of codebook vectors (resized crops, Emb-Noise, ColorAdapt,
+Mixup/CutMix), which :func:`~mimkit.tokens.codebook.requantize` maps back to ids afterwards.
+
+Every random function takes ``generator``: a ``torch.Generator`` on the tensors' device makes the draw
+reproducible; ``None`` uses torch's global RNG. The one exception is :func:`token_mixup`, which is
+timm's ``Mixup`` and draws from numpy's global RNG. Random parameters are drawn by separate
+``*_params`` functions or returned on request, so the deterministic part can be checked on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from timm.data import Mixup
+from torch import nn
+
+from mimkit.tokens.codebook import check_ids, embed, requantize
+
+__all__ = [
+    "COLOUR_CHOICES",
+    "EDA_CHOICES",
+    "ColourChoice",
+    "CropBoxes",
+    "SwapParams",
+    "TokenEDA",
+    "TokenMixup",
+    "TokenRandomResizedCrop",
+    "apply_swap_code",
+    "center_crop",
+    "color_adapt",
+    "colour_choice",
+    "emb_noise",
+    "embed",
+    "hflip",
+    "random_crop",
+    "random_resized_crop",
+    "replace_synonym",
+    "requantize",
+    "resized_crop",
+    "rrc_params",
+    "swap_code",
+    "swap_code_params",
+    "token_eda",
+    "token_mixup",
+]
+
+COLOUR_CHOICES = ("noise", "coloradapt", "identity")
+EDA_CHOICES = ("replace", "swap", "identity")
+
+
+# -------------------------------------------------------------------------------------- shared checks
+
+
+def _device_of(generator: torch.Generator | None, device: torch.device | str | None) -> torch.device:
+    """The device to draw on; a generator on another device would fail inside torch with a vague error."""
+    if device is None:
+        return generator.device if generator is not None else torch.device("cpu")
+    device = torch.device(device)
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"the generator is on '{generator.device}' but the tensors are on '{device}'; "
+            f"create it with torch.Generator(device='{device}')"
+        )
+    return device
+
+
+def _uniform(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=_device_of(generator, device), dtype=dtype)
+
+
+def _pick_exactly(
+    batch: int, fraction: float, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """``int(batch * fraction)`` distinct sample indices drawn uniformly (SeiT's ``randperm`` selection)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    perm = torch.randperm(batch, generator=generator, device=_device_of(generator, device))
+    return perm[: int(batch * fraction)]
+
+
+def _selected_mask(batch: int, chosen: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(batch, dtype=torch.bool, device=chosen.device)
+    mask[chosen] = True
+    return mask
+
+
+def _per_sample(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, ..., 1] to broadcast a per-sample choice against ``like``."""
+    return flags.view(-1, *([1] * (like.ndim - 1)))
+
+
+def _check_probabilities(*probs: float, names: tuple[str, ...]) -> None:
+    if any(p < 0 for p in probs) or sum(probs) > 1 + 1e-9:
+        shown = ", ".join(f"{n}={p}" for n, p in zip(names, probs, strict=True))
+        raise ValueError(f"probabilities must be >= 0 and sum to at most 1, got {shown}")
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    height, width = (size, size) if isinstance(size, int) else size
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    return int(height), int(width)
+
+
+def _check_emb(x: torch.Tensor, what: str = "emb map") -> None:
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(
+            f"expected a floating {what} [B, D, H, W], got shape {tuple(x.shape)} dtype {x.dtype}"
+        )
+
+
+# ------------------------------------------------------------------------------------ Token-EDA (ids)
+
+
+def replace_synonym(
+    ids: torch.Tensor,
+    table: torch.Tensor,
+    prob: float = 0.25,
+    *,
+    generator: torch.Generator | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Replace each id independently with probability ``prob`` by one of its synonyms, picked uniformly
+    among the columns of ``table`` [K, t] (:func:`~mimkit.tokens.codebook.synonym_table`).
+
+    ``counts`` [K] (:func:`~mimkit.tokens.codebook.synonym_counts`) limits the pick to the first
+    ``counts[id]`` columns, so that a synonym list shorter than ``t`` is still sampled uniformly."""
+    if table.ndim != 2 or table.shape[1] < 1:
+        raise ValueError(f"expected a synonym table [K, t], got shape {tuple(table.shape)}")
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"prob must be in [0, 1], got {prob}")
+    table = table.to(ids.device)
+    check_ids(ids, table.shape[0])
+    flat = ids.long()
+    replace = _uniform(tuple(ids.shape), generator, ids.device) < prob
+    position = _uniform(tuple(ids.shape), generator, ids.device)
+    columns = table.shape[1] if counts is None else counts.to(ids.device)[flat]
+    column = (position * columns).long().clamp_(max=table.shape[1] - 1)
+    if counts is not None:
+        column = torch.minimum(column, columns - 1)
+    return torch.where(replace, table[flat, column], flat).to(ids.dtype)
+
+
+class SwapParams(NamedTuple):
+    side: torch.Tensor  # [B] long, block side s (0 = no swap)
+    first: torch.Tensor  # [B, 2] long, (row, col) of the first block's top-left corner
+    second: torch.Tensor  # [B, 2] long, (row, col) of the second block's top-left corner
+
+
+def swap_code_params(
+    batch: int,
+    height: int,
+    width: int,
+    scale: float = 0.25,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> SwapParams:
+    """SwapCode's draw, per sample: side ``s = floor(min(H, W) * U(0, scale))``, then two top-left corners
+    uniform over rows [0, H-1-s] and columns [0, W-1-s] (inclusive), drawn again until they are more than
+    ``s`` apart (Euclidean). Rejection runs in rounds over the whole batch, not a loop per sample."""
+    if not 0.0 <= scale <= 1.0:
+        raise ValueError(f"swap scale must be in [0, 1], got {scale}")
+    device = _device_of(generator, device)
+    short = min(height, width)
+    largest = max(math.ceil(short * scale) - 1, 0)
+    if math.hypot(height - 1 - largest, width - 1 - largest) <= largest:
+        raise ValueError(
+            f"swap scale {scale} allows blocks of side {largest} on a {height}x{width} grid, where no two "
+            f"corners are more than {largest} apart; use a smaller scale"
+        )
+    side = (_uniform((batch,), generator, device, torch.float64) * (short * scale)).floor().long()
+    side = side.clamp_(max=largest)
+    span = torch.stack([height - side, width - side], dim=1)  # number of valid corner rows / columns
+    first = torch.zeros(batch, 2, dtype=torch.long, device=device)
+    second = torch.zeros_like(first)
+    pending = torch.ones(batch, dtype=torch.bool, device=device)
+    while bool(pending.any()):
+        a = (_uniform((batch, 2), generator, device, torch.float64) * span).long()
+        b = (_uniform((batch, 2), generator, device, torch.float64) * span).long()
+        accept = pending & ((a - b).square().sum(1) > side.square())  # |a - b| > s, in integers
+        first[accept], second[accept] = a[accept], b[accept]
+        pending &= ~accept
+    return SwapParams(side, first, second)
+
+
+def apply_swap_code(ids: torch.Tensor, params: SwapParams) -> torch.Tensor:
+    """Exchange each sample's two ``s x s`` blocks of ``ids`` [B, ..., H, W] as SeiT does: the first
+    block is overwritten from the original second block, then the second block from the original first
+    block, so where the blocks overlap the second write wins (defined, if not a true swap)."""
+    batch, height, width = ids.shape[0], ids.shape[-2], ids.shape[-1]
+    device = ids.device
+    side, first, second = (p.to(device) for p in params)
+    rows = torch.arange(height, device=device).view(1, height, 1)
+    cols = torch.arange(width, device=device).view(1, 1, width)
+    s = side.view(batch, 1, 1)
+    r1, c1 = first[:, 0].view(batch, 1, 1), first[:, 1].view(batch, 1, 1)
+    r2, c2 = second[:, 0].view(batch, 1, 1), second[:, 1].view(batch, 1, 1)
+
+    def inside(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return (rows >= r) & (rows < r + s) & (cols >= c) & (cols < c + s)
+
+    into_first, into_second = inside(r1, c1), inside(r2, c2)
+    source_row = torch.where(into_second, rows - r2 + r1, torch.where(into_first, rows - r1 + r2, rows))
+    source_col = torch.where(into_second, cols - c2 + c1, torch.where(into_first, cols - c1 + c2, cols))
+    source = (source_row * width + source_col).view(batch, 1, height * width)
+    flat = ids.reshape(batch, -1, height * width)
+    return flat.gather(2, source.expand(-1, flat.shape[1], -1)).view(ids.shape)
+
+
+def swap_code(
+    ids: torch.Tensor,
+    scale: float = 0.25,
+    *,
+    generator: torch.Generator | None = None,
+    return_params: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SwapParams]:
+    """SwapCode on ids [B, H, W]: per sample, swap two random ``s x s`` blocks (see
+    :func:`swap_code_params` and :func:`apply_swap_code`); ``s = 0`` leaves the sample unchanged."""
+    params = swap_code_params(
+        ids.shape[0], ids.shape[-2], ids.shape[-1], scale, generator=generator, device=ids.device
+    )
+    out = apply_swap_code(ids, params)
+    return (out, params) if return_params else out
+
+
+def token_eda(
+    ids: torch.Tensor,
+    table: torch.Tensor | None,
+    rc_prob: float,
+    sc_prob: float,
+    *,
+    replace_prob: float = 0.25,
+    swap_scale: float = 0.25,
+    counts: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_choice: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Token-EDA: per sample, ReplaceSynonym with probability ``rc_prob``, SwapCode with ``sc_prob``,
+    otherwise unchanged. The choice [B] (0 replace, 1 swap, 2 identity; see ``EDA_CHOICES``) is returned
+    with ``return_choice``. Both ops run on the whole batch and each sample keeps its chosen result."""
+    _check_probabilities(rc_prob, sc_prob, names=("rc_prob", "sc_prob"))
+    if rc_prob > 0 and table is None:
+        raise ValueError("token_eda with rc_prob > 0 needs a synonym table")
+    u = _uniform((ids.shape[0],), generator, ids.device)
+    choice = torch.full_like(u, 2, dtype=torch.long)
+    choice[u < rc_prob + sc_prob] = 1
+    choice[u < rc_prob] = 0
+    out = ids.clone()
+    if rc_prob > 0:
+        replaced = replace_synonym(ids, table, replace_prob, generator=generator, counts=counts)
+        out = torch.where(_per_sample(choice == 0, ids), replaced, out)
+    if sc_prob > 0:
+        swapped = swap_code(ids, swap_scale, generator=generator)
+        out = torch.where(_per_sample(choice == 1, ids), swapped, out)
+    return (out, choice) if return_choice else out
+
+
+# -------------------------------------------------------------------------------- geometric (any map)
+
+
+class CropBoxes(NamedTuple):
+    top: torch.Tensor  # [B] long
+    left: torch.Tensor  # [B] long
+    height: torch.Tensor  # [B] long
+    width: torch.Tensor  # [B] long
+
+
+def rrc_params(
+    batch: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    attempts: int = 10,
+) -> CropBoxes:
+    """Per-sample crop boxes by the algorithm of torchvision's ``RandomResizedCrop.get_params``: up to 10
+    tries of area fraction U(scale) and log-uniform aspect ratio, rounded to whole tokens, the first that
+    fits wins and its offset is uniform; if none fits, the centre crop clamped to the ratio range. All
+    tries of all samples are drawn at once (the random stream differs from torchvision's, not the law)."""
+    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}")
+    device = _device_of(generator, device)
+    f64 = torch.float64
+    area = _uniform((batch, attempts), generator, device, f64) * (scale[1] - scale[0]) + scale[0]
+    area = area * (height * width)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(_uniform((batch, attempts), generator, device, f64) * (log_hi - log_lo) + log_lo)
+    # torch.round, like Python's round, rounds halves to even
+    w = torch.sqrt(area * aspect).round().long()
+    h = torch.sqrt(area / aspect).round().long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first_fit = fits.to(torch.uint8).argmax(1, keepdim=True)  # argmax returns the first maximum
+    found = fits.any(1)
+    w, h = w.gather(1, first_fit).squeeze(1), h.gather(1, first_fit).squeeze(1)
+
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback_w, fallback_h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fallback_w, fallback_h = round(height * max(ratio)), height
+    else:
+        fallback_w, fallback_h = width, height
+    w = torch.where(found, w, fallback_w)
+    h = torch.where(found, h, fallback_h)
+    offsets = _uniform((batch, 2), generator, device, f64)
+    top = torch.where(found, (offsets[:, 0] * (height - h + 1)).long(), (height - h) // 2)
+    left = torch.where(found, (offsets[:, 1] * (width - w + 1)).long(), (width - w) // 2)
+    return CropBoxes(torch.minimum(top, height - h), torch.minimum(left, width - w), h, w)
+
+
+_CUBIC_A = -0.75  # the bicubic kernel parameter of F.interpolate
+
+
+def _cubic_weights(t: torch.Tensor) -> torch.Tensor:
+    """[..., 4] weights of taps at offsets -1, 0, 1, 2 for fractional position ``t`` (Keys, a = -0.75)."""
+    a = _CUBIC_A
+
+    def near(x: torch.Tensor) -> torch.Tensor:  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: torch.Tensor) -> torch.Tensor:  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=-1)
+
+
+def _resize_matrix(start: torch.Tensor, length: torch.Tensor, size_in: int, size_out: int) -> torch.Tensor:
+    """[B, size_out, size_in] matrices that crop [start, start+length) and resize it to ``size_out`` like
+    ``F.interpolate(mode="bicubic", align_corners=False)``: source position (o + 0.5) * length / size_out
+    - 0.5, four taps clamped to the crop (not the image), weights summed where taps coincide."""
+    out = torch.arange(size_out, dtype=torch.float64, device=start.device)
+    source = (out + 0.5) * (length.double() / size_out).unsqueeze(1) - 0.5  # [B, out], crop coordinates
+    base = source.floor()
+    weights = _cubic_weights(source - base)  # [B, out, 4]
+    taps = base.long().unsqueeze(2) + torch.arange(-1, 3, device=start.device)
+    taps = torch.minimum(taps.clamp(min=0), (length - 1).view(-1, 1, 1)) + start.view(-1, 1, 1)
+    matrix = torch.zeros(start.shape[0], size_out, size_in, dtype=torch.float64, device=start.device)
+    return matrix.scatter_add_(2, taps, weights)
+
+
+def resized_crop(x: torch.Tensor, boxes: CropBoxes, size: int | tuple[int, int]) -> torch.Tensor:
+    """Crop each sample of ``x`` [B, C, H, W] to its box and resize it to ``size`` with bicubic
+    interpolation (align_corners False, no antialiasing).
+
+    Equal, up to float rounding, to ``F.interpolate(x[b:b+1, :, box], size, mode="bicubic")`` for each
+    sample, which is what SeiT's token RRC does, but done for the whole batch as two batched matrix
+    products. Torchvision's tensor ``RandomResizedCrop`` differs from this when a crop is larger than
+    ``size``: it antialiases by default. Values overshoot the input range, as bicubic does. With TF32
+    matmuls enabled on a GPU the products lose precision (about 1e-3 relative)."""
+    _check_emb(x, "map")
+    out_h, out_w = _pair(size)
+    height, width = x.shape[-2:]
+    top, left, box_h, box_w = (b.to(x.device) for b in boxes)
+    outside = (
+        (top < 0) | (left < 0) | (box_h < 1) | (box_w < 1) | (top + box_h > height) | (left + box_w > width)
+    )
+    if bool(outside.any()):
+        raise ValueError(f"crop boxes must lie inside the {height}x{width} maps")
+    rows = _resize_matrix(top, box_h, height, out_h).to(x.dtype).unsqueeze(1)  # [B, 1, out_h, H]
+    cols = _resize_matrix(left, box_w, width, out_w).to(x.dtype).unsqueeze(1)  # [B, 1, out_w, W]
+    with torch.autocast(x.device.type, enabled=False):  # in x's own precision, as F.interpolate would be
+        return rows @ x @ cols.transpose(-1, -2)
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    size: int | tuple[int, int],
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    *,
+    generator: torch.Generator | None = None,
+    return_params: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, CropBoxes]:
+    """Token RRC on emb (or one-hot) maps [B, C, H, W]: a box per sample (:func:`rrc_params`), then a
+    bicubic resize to ``size`` (:func:`resized_crop`). Interpolation is linear in the map, so this equals
+    SeiT's RRC of one-hot maps followed by the codebook lookup."""
+    _check_emb(x, "map")
+    boxes = rrc_params(
+        x.shape[0], x.shape[-2], x.shape[-1], scale, ratio, generator=generator, device=x.device
+    )
+    out = resized_crop(x, boxes, size)
+    return (out, boxes) if return_params else out
+
+
+def center_crop(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Central ``size`` crop of the last two dims (a view). The offset is ``(H - size) // 2`` as in
+    SeiT's eval crop; torchvision rounds ``(H - size) / 2`` instead, which differs for odd margins
+    (e.g. 35 -> 28: offset 3 here, 4 there)."""
+    out_h, out_w = _pair(size)
+    height, width = x.shape[-2:]
+    if out_h > height or out_w > width:
+        raise ValueError(f"cannot crop {out_h}x{out_w} from {height}x{width} maps")
+    top, left = (height - out_h) // 2, (width - out_w) // 2
+    return x[..., top : top + out_h, left : left + out_w]
+
+
+def random_crop(
+    x: torch.Tensor,
+    size: int | tuple[int, int],
+    *,
+    generator: torch.Generator | None = None,
+    return_params: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, CropBoxes]:
+    """Plain ``size`` crop at a uniform offset per sample, no resize (SeiT's ``--src`` crop); works on
+    ids [B, H, W] and maps [B, C, H, W]."""
+    out_h, out_w = _pair(size)
+    batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
+    if x.ndim < 3 or out_h > height or out_w > width:
+        raise ValueError(f"cannot crop {out_h}x{out_w} per sample from shape {tuple(x.shape)}")
+    offsets = _uniform((batch, 2), generator, x.device, torch.float64)
+    top = (offsets[:, 0] * (height - out_h + 1)).long().clamp_(max=height - out_h)
+    left = (offsets[:, 1] * (width - out_w + 1)).long().clamp_(max=width - out_w)
+    rows = (top.view(batch, 1) + torch.arange(out_h, device=x.device)).view(batch, out_h, 1)
+    cols = (left.view(batch, 1) + torch.arange(out_w, device=x.device)).view(batch, 1, out_w)
+    flat = x.reshape(batch, -1, height * width)
+    index = (rows * width + cols).view(batch, 1, out_h * out_w).expand(-1, flat.shape[1], -1)
+    out = flat.gather(2, index).view(*x.shape[:-2], out_h, out_w)
+    boxes = CropBoxes(top, left, torch.full_like(top, out_h), torch.full_like(top, out_w))
+    return (out, boxes) if return_params else out
+
+
+def hflip(
+    x: torch.Tensor,
+    p: float = 0.5,
+    *,
+    generator: torch.Generator | None = None,
+    return_selected: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Mirror the last dim of each sample independently with probability ``p``; ``return_selected``
+    also gives the [B] bool mask of the flipped samples."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    flipped = _uniform((x.shape[0],), generator, x.device) < p
+    out = torch.where(_per_sample(flipped, x), x.flip(-1), x)
+    return (out, flipped) if return_selected else out
+
+
+# ---------------------------------------------------------------------------------- colour (emb maps)
+
+
+def emb_noise(
+    x: torch.Tensor,
+    scale: float = 1.0,
+    std: float = 1.0,
+    *,
+    fraction: float = 0.5,
+    generator: torch.Generator | None = None,
+    return_selected: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Emb-Noise: exactly ``int(B * fraction)`` random samples get ``x + scale * N(0, 1)[D, 1, 1] +
+    std * N(0, 1)[D, H, W]`` (a per-channel offset plus per-position noise, in the codebook's absolute
+    units); the others are returned bit-identical. Unlike SeiT, ``x`` itself is not modified.
+    ``return_selected`` also gives the [B] bool mask of the noised samples."""
+    _check_emb(x)
+    batch, dim, height, width = x.shape
+    chosen = _pick_exactly(batch, fraction, generator, x.device)
+    n = chosen.shape[0]
+    offset = torch.randn(n, dim, 1, 1, generator=generator, device=x.device, dtype=x.dtype)
+    noise = torch.randn(n, dim, height, width, generator=generator, device=x.device, dtype=x.dtype)
+    out = x.clone()
+    out[chosen] = x[chosen] + (offset * scale + noise * std)
+    return (out, _selected_mask(batch, chosen)) if return_selected else out
+
+
+def color_adapt(
+    x: torch.Tensor,
+    *,
+    fraction: float = 0.5,
+    eps: float = 1e-5,
+    generator: torch.Generator | None = None,
+    return_selected: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """ColorAdapt (AdaIN with the reversed batch as style): sample i's channels are standardised by their
+    own mean and unbiased std over (H, W) and given those of sample j = B-1-i,
+    ``x' = (x - mu_i) / (sigma_i + eps) * sigma_j + mu_j``; exactly ``int(B * fraction)`` random samples
+    are replaced by x', the others returned bit-identical, ``x`` itself unmodified.
+
+    SeiT has no ``eps``, so a constant channel gives NaN there; here it becomes ``mu_j``."""
+    _check_emb(x)
+    batch, _, height, width = x.shape
+    if height * width < 2:
+        raise ValueError(f"color_adapt needs at least 2 positions per map for a std, got {height}x{width}")
+    chosen = _pick_exactly(batch, fraction, generator, x.device)
+    partner = batch - 1 - chosen
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True)  # unbiased, as torch.std by default
+    out = x.clone()
+    out[chosen] = (x[chosen] - mean[chosen]) / (std[chosen] + eps) * std[partner] + mean[partner]
+    return (out, _selected_mask(batch, chosen)) if return_selected else out
+
+
+def colour_choice(
+    x: torch.Tensor,
+    noise_prob: float,
+    coloradapt_prob: float,
+    *,
+    noise_scale: float = 1.0,
+    noise_std: float = 1.0,
+    eps: float = 1e-5,
+    generator: torch.Generator | None = None,
+    return_choice: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, str]:
+    """One of Emb-Noise (``noise_prob``), ColorAdapt (``coloradapt_prob``) or identity (the rest) for the
+    whole BATCH, as SeiT's ``RandomChoice``; identity returns ``x`` itself. ``return_choice`` also gives
+    the branch's name (one of ``COLOUR_CHOICES``)."""
+    _check_probabilities(noise_prob, coloradapt_prob, names=("noise_prob", "coloradapt_prob"))
+    u = float(_uniform((1,), generator, x.device))
+    if u < noise_prob:
+        choice, out = "noise", emb_noise(x, noise_scale, noise_std, generator=generator)
+    elif u < noise_prob + coloradapt_prob:
+        choice, out = "coloradapt", color_adapt(x, eps=eps, generator=generator)
+    else:
+        choice, out = "identity", x
+    return (out, choice) if return_choice else out
+
+
+# ---------------------------------------------------------------------------------- Mixup / CutMix
+
+
+def _check_mixup_batch(x: torch.Tensor, target: torch.Tensor) -> None:
+    _check_emb(x)
+    if x.shape[0] % 2:
+        raise ValueError(
+            f"token Mixup/CutMix pairs sample i with B-1-i and needs an even batch, got {x.shape[0]}"
+        )
+    if target.shape != (x.shape[0],):
+        raise ValueError(f"expected class ids [B] = [{x.shape[0]}], got shape {tuple(target.shape)}")
+
+
+def token_mixup(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    num_classes: int,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 1.0,
+    label_smoothing: float = 0.1,
+    switch_prob: float = 0.5,
+    prob: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup/CutMix of emb maps [B, D, H, W] with class ids [B] by timm's ``Mixup`` in mode "batch"
+    (one lambda for the batch, partner = reversed batch); returns (mixed maps, soft targets [B, classes]).
+
+    Defaults are SeiT's base path (CutMix only, label smoothing 0.1); TokenAdapt uses mixup_alpha 0.8.
+    timm draws from numpy's global RNG, not a torch generator: seed ``np.random`` to reproduce a draw.
+    ``x`` is not modified (timm mixes in place, so a copy is mixed)."""
+    _check_mixup_batch(x, target)
+    mixer = Mixup(
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        prob=prob,
+        switch_prob=switch_prob,
+        mode="batch",
+        label_smoothing=label_smoothing,
+        num_classes=num_classes,
+    )
+    return mixer(x.clone(), target)
+
+
+# ----------------------------------------------------------------------------------- module wrappers
+
+
+class TokenEDA(nn.Module):
+    """:func:`token_eda` with its synonym table and probabilities held (as non-persistent buffers, so
+    they follow ``.to(device)`` but stay out of checkpoints)."""
+
+    def __init__(
+        self,
+        table: torch.Tensor | None,
+        rc_prob: float = 0.25,
+        sc_prob: float = 0.25,
+        *,
+        replace_prob: float = 0.25,
+        swap_scale: float = 0.25,
+        counts: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        _check_probabilities(rc_prob, sc_prob, names=("rc_prob", "sc_prob"))
+        self.rc_prob, self.sc_prob = rc_prob, sc_prob
+        self.replace_prob, self.swap_scale = replace_prob, swap_scale
+        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("counts", counts, persistent=False)
+
+    def forward(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return token_eda(
+            ids,
+            self.table,
+            self.rc_prob,
+            self.sc_prob,
+            replace_prob=self.replace_prob,
+            swap_scale=self.swap_scale,
+            counts=self.counts,
+            generator=generator,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"rc_prob={self.rc_prob}, sc_prob={self.sc_prob}, replace_prob={self.replace_prob}, "
+            f"swap_scale={self.swap_scale}"
+        )
+
+
+class TokenRandomResizedCrop(nn.Module):
+    """:func:`random_resized_crop` with its size, scale and ratio held."""
+
+    def __init__(
+        self,
+        size: int | tuple[int, int],
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ) -> None:
+        super().__init__()
+        self.size, self.scale, self.ratio = _pair(size), tuple(scale), tuple(ratio)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return random_resized_crop(x, self.size, self.scale, self.ratio, generator=generator)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, scale={self.scale}, ratio={self.ratio}"
+
+
+class ColourChoice(nn.Module):
+    """:func:`colour_choice` with its probabilities and noise magnitudes held."""
+
+    def __init__(
+        self,
+        noise_prob: float = 0.5,
+        coloradapt_prob: float = 0.25,
+        *,
+        noise_scale: float = 1.0,
+        noise_std: float = 1.0,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        _check_probabilities(noise_prob, coloradapt_prob, names=("noise_prob", "coloradapt_prob"))
+        self.noise_prob, self.coloradapt_prob = noise_prob, coloradapt_prob
+        self.noise_scale, self.noise_std, self.eps = noise_scale, noise_std, eps
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return colour_choice(
+            x,
+            self.noise_prob,
+            self.coloradapt_prob,
+            noise_scale=self.noise_scale,
+            noise_std=self.noise_std,
+            eps=self.eps,
+            generator=generator,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"noise_prob={self.noise_prob}, coloradapt_prob={self.coloradapt_prob}, "
+            f"noise_scale={self.noise_scale}, noise_std={self.noise_std}"
+        )
+
+
+class TokenMixup(nn.Module):
+    """:func:`token_mixup` with its settings held; draws from numpy's global RNG (timm)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 1.0,
+        label_smoothing: float = 0.1,
+        switch_prob: float = 0.5,
+        prob: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.mixer = Mixup(
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+            prob=prob,
+            switch_prob=switch_prob,
+            mode="batch",
+            label_smoothing=label_smoothing,
+            num_classes=num_classes,
+        )
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_mixup_batch(x, target)
+        return self.mixer(x.clone(), target)
+
+    def extra_repr(self) -> str:
+        m = self.mixer
+        return (
+            f"num_classes={m.num_classes}, mixup_alpha={m.mixup_alpha}, cutmix_alpha={m.cutmix_alpha}, "
+            f"label_smoothing={m.label_smoothing}, switch_prob={m.switch_prob}, prob={m.mix_prob}"
+        )

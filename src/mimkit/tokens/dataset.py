@@ -1,0 +1,474 @@
+"""Token datasets: N records, each an [H, W] grid of codebook ids in [0, K), with optional labels, class
+names, the codebook itself and a description of the tokenizer that made them.
+
+Two on-disk layouts share one reading interface, :class:`TokenDataset`:
+
+- ``seit``: SeiT's release files, exactly (:mod:`mimkit.tokens.seit`): ``NAME-token.data.bin.gz``,
+  ``NAME-token.index.npy.gz``, ``NAME-label.txt`` and ``codebook.ckpt`` beside them;
+- ``mimkit``: our compact folder (:mod:`mimkit.tokens.compact`): a JSON header, checksummed shards that
+  can be written in parallel and resumed, and the codebook as safetensors.
+
+:func:`open_tokens` tells them apart; :func:`write_tokens`, :func:`convert`, :func:`info` and
+:func:`verify` work on either.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+FORMATS = ("seit", "mimkit")
+# records read at once by convert/info/verify: bounded memory on datasets of any size
+CHUNK = 4096
+# convert/write_tokens fit the compact coder on at most this many records (spread over the dataset)
+FIT_RECORDS = 20_000
+# verify lists at most this many damaged records (their total count is always given)
+MAX_LISTED = 1000
+
+
+class TokenRecordError(ValueError):
+    """A damaged token record or file. The message starts with the file's path and, where one record is
+    at fault, names its index: ``PATH: record 17: checksum mismatch (the bytes are damaged)``."""
+
+
+class TokenDataset(ABC):
+    """A token dataset opened for reading. ``read(i)`` gives record i as a fresh int64 [H, W] array;
+    ``dataset[i]`` gives ``(ids, label)`` (label -1 when the dataset has none), so a dataset can be fed to
+    a DataLoader as it is. Instances pickle without their memory maps and reopen them lazily in the
+    process that reads, so loader workers (fork or spawn) share the page cache rather than copies."""
+
+    path: Path
+    name: str
+    format: str
+    grid: tuple[int, int]
+    vocab_size: int
+    labels: np.ndarray | None
+    classes: tuple[str, ...]
+    codebook: torch.Tensor | None
+    meta: dict[str, Any]
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def read(self, index: int) -> np.ndarray:
+        """Record ``index`` as int64 [H, W]. A damaged record raises :class:`TokenRecordError`; an index
+        outside [-N, N) raises IndexError."""
+
+    def read_many(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Several records as int64 [n, H, W] (formats override this with a faster path)."""
+        out = np.empty((len(indices), *self.grid), dtype=np.int64)
+        for row, index in enumerate(indices):
+            out[row] = self.read(int(index))
+        return out
+
+    @abstractmethod
+    def files(self) -> list[Path]:
+        """Every file of the dataset on disk except the codebook."""
+
+    def stored_bytes(self) -> int:
+        """Bytes on disk of :meth:`files` (the codebook is excluded: it belongs to the tokenizer)."""
+        return sum(p.stat().st_size for p in self.files())
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the memory maps; reading again reopens them."""
+
+    @abstractmethod
+    def drop_cache(self) -> None:
+        """Delete the decoded cache file this dataset reads from, if any (see :func:`open_tokens`)."""
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        ids = self.read(index)
+        return ids, int(self.labels[index]) if self.labels is not None else -1
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
+        """A whole batch at once (DataLoader uses it when present): :meth:`read_many`'s fast path."""
+        ids = self.read_many(indices)
+        labels = self.labels
+        return [(ids[k], int(labels[i]) if labels is not None else -1) for k, i in enumerate(indices)]
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def __enter__(self) -> TokenDataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}('{self.path}', records={len(self)}, grid={self.grid}, "
+            f"vocab_size={self.vocab_size})"
+        )
+
+    def _position(self, index: int) -> int:
+        """``index`` as a position in [0, N), Python-style negatives allowed."""
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"{self.path}: record {index} is out of range (the dataset holds {n} records)")
+        return index + n if index < 0 else index
+
+    def chunks(self, size: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, ids [n, H, W]) over the whole dataset in order, ``size`` records at a time."""
+        for start in range(0, len(self), size):
+            yield start, self.read_many(np.arange(start, min(start + size, len(self))))
+
+
+# ----------------------------------------------------------------------------------------------------
+# small shared pieces
+
+
+def cache_dir() -> Path:
+    """Where both formats keep their decoded caches: ``$MIMKIT_CACHE/tokens``, by default
+    ``~/.cache/mimkit/tokens``."""
+    root = os.environ.get("MIMKIT_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "mimkit") / "tokens"
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` through a temporary file beside it, flushed to disk, then renamed into place, so a
+    crash (or a second writer) never leaves a half-written file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_ids(ids: np.ndarray, vocab_size: int, what: str, *, first_record: int = 0) -> np.ndarray:
+    """``ids`` as int64 [n, H, W] with every id in [0, vocab_size); the error names the first record out
+    of range."""
+    ids = np.asarray(ids)
+    if ids.ndim != 3:
+        raise ValueError(f"{what}: ids must be an [N, H, W] array of integers; got shape {tuple(ids.shape)}")
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"{what}: ids must be integers; got {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    if ids.size:
+        bad = (ids < 0) | (ids >= vocab_size)
+        if bad.any():
+            record = int(np.flatnonzero(bad.reshape(len(ids), -1).any(axis=1))[0])
+            values = ids[record][bad[record]]
+            raise ValueError(
+                f"{what}: record {first_record + record} holds id {int(values[0])}, outside [0, {vocab_size})"
+            )
+    return ids
+
+
+def check_labels(labels: np.ndarray | Sequence[int] | None, n: int, what: str) -> np.ndarray | None:
+    if labels is None:
+        return None
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or len(arr) != n:
+        raise ValueError(f"{what}: {n} records need {n} labels; got shape {tuple(arr.shape)}")
+    if n and arr.dtype.kind not in "iu":
+        raise ValueError(f"{what}: labels must be integers; got {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def check_codebook(codebook: torch.Tensor | np.ndarray | None, what: str) -> torch.Tensor | None:
+    """The codebook as a contiguous float32 [K, D] CPU tensor (both formats store float32)."""
+    if codebook is None:
+        return None
+    cb = torch.as_tensor(codebook)
+    if cb.ndim != 2 or not cb.is_floating_point():
+        raise ValueError(
+            f"{what}: the codebook must be a float [K, D] tensor; got {cb.dtype} {tuple(cb.shape)}"
+        )
+    return cb.detach().to("cpu", torch.float32).contiguous().clone()
+
+
+def order0_stats(counts: np.ndarray) -> tuple[int, float]:
+    """(codes used, perplexity = 2 ** entropy in bits) of an id histogram."""
+    total = counts.sum()
+    if total == 0:
+        return 0, 0.0
+    p = counts[counts > 0] / total
+    return int((counts > 0).sum()), float(2.0 ** (-(p * np.log2(p)).sum()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# detection and opening
+
+
+def _layout(path: Path) -> tuple[str, Path] | None:
+    """("seit", data file) | ("mimkit", folder) | ("mimkit-incomplete", folder) | None."""
+    from mimkit.tokens import compact, seit
+
+    if path.name.endswith(seit.DATA_SUFFIX):
+        return ("seit", path) if path.is_file() else None
+    if path.is_dir():
+        if (path / compact.HEADER).is_file():
+            return "mimkit", path
+        found = sorted(path.glob(f"*{seit.DATA_SUFFIX}"))
+        if len(found) == 1:
+            return "seit", found[0]
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise ValueError(f"{path}: holds {len(found)} SeiT token files ({names}); name one of them")
+        if compact.shard_files(path) or (path / compact.CODEC).is_file():
+            return "mimkit-incomplete", path
+        return None
+    prefixed = path.with_name(path.name + seit.DATA_SUFFIX)
+    if prefixed.is_file():
+        return "seit", prefixed
+    return None
+
+
+def is_token_dataset(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` looks like a token dataset of either format (file names only, nothing is read)."""
+    try:
+        return _layout(Path(path)) is not None
+    except ValueError:
+        return True  # a folder of several SeiT datasets: a token dataset, though an ambiguous one
+
+
+def open_tokens(
+    path: str | os.PathLike[str],
+    *,
+    grid: tuple[int, int] | None = None,
+    vocab_size: int | None = None,
+    cache: bool = True,
+) -> TokenDataset:
+    """Open a token dataset of either format. ``path``: SeiT's ``NAME-token.data.bin.gz`` (or its folder
+    when it holds exactly one, or the ``.../NAME`` prefix), or a folder in mimkit's format. ``grid`` and
+    ``vocab_size`` are needed only where SeiT's files cannot tell them (see :class:`SeitTokens`); for a
+    mimkit folder they are checked against its header. ``cache``: decode the dataset once into a cache
+    file under :func:`cache_dir` that every reading process memory-maps (the fast way to train on it);
+    False reads the stored files directly (mimkit: each record decoded on demand; SeiT: the stream
+    decompressed into this process's memory) - for one pass over the data."""
+    from mimkit.tokens import compact, seit
+
+    p = Path(path).expanduser()
+    layout = _layout(p)
+    if layout is None:
+        raise ValueError(
+            f"'{path}' is not a token dataset: expected SeiT's files (NAME{seit.DATA_SUFFIX} with "
+            f"NAME{seit.INDEX_SUFFIX} beside it) or a mimkit token folder (with {compact.HEADER})"
+        )
+    kind, where = layout
+    if kind == "seit":
+        return seit.SeitTokens(where, grid=grid, vocab_size=vocab_size, cache=cache)
+    if kind == "mimkit-incomplete":
+        n = len(compact.shard_files(where))
+        raise ValueError(
+            f"{where}: an incomplete mimkit token dataset: {n} shard file(s) but no {compact.HEADER} "
+            "(the writer's finish() has not run; resume writing it)"
+        )
+    return compact.CompactTokens(where, grid=grid, vocab_size=vocab_size, cache=cache)
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing and converting
+
+
+def _check_to(to: str) -> None:
+    if to not in FORMATS:
+        raise ValueError(f"unknown token format {to!r}; expected one of {FORMATS}")
+
+
+def _fresh_folder(dst: str | os.PathLike[str]) -> None:
+    """convert/write_tokens start a new mimkit dataset: one already there (finished or not) would be
+    resumed or mixed with the new records, so it is refused."""
+    from mimkit.tokens import compact
+
+    p = Path(dst).expanduser()
+    if p.is_dir() and (
+        (p / compact.HEADER).exists() or (p / compact.CODEC).exists() or compact.shard_files(p)
+    ):
+        raise ValueError(
+            f"{p}: already holds a mimkit token dataset (or part of one); remove it or choose another folder"
+        )
+
+
+def _fit_sample(n: int, limit: int = FIT_RECORDS) -> np.ndarray:
+    """Record indices to fit the compact coder on: all of them, or ``limit`` spread evenly."""
+    if n <= limit:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
+
+
+def write_tokens(
+    dst: str | os.PathLike[str],
+    ids: np.ndarray,
+    labels: np.ndarray | Sequence[int] | None = None,
+    *,
+    to: str = "mimkit",
+    vocab_size: int | None = None,
+    codebook: torch.Tensor | np.ndarray | None = None,
+    classes: Sequence[str] = (),
+    meta: dict[str, Any] | None = None,
+    shard_size: int | None = None,
+) -> TokenDataset:
+    """Write the id grids ``ids`` (int [N, H, W]) as a token dataset in format ``to``. ``vocab_size``:
+    the codebook's rows when a codebook is given, else this, else max id + 1. For SeiT, ``dst`` is
+    ``NAME-token.data.bin.gz`` or a folder (NAME = the folder's name)."""
+    from mimkit.tokens import compact, seit
+
+    _check_to(to)
+    ids = np.asarray(ids)
+    if ids.ndim != 3:
+        raise ValueError(f"{dst}: ids must be an [N, H, W] array of integers; got shape {tuple(ids.shape)}")
+    cb = check_codebook(codebook, str(dst))
+    if cb is not None:
+        if vocab_size is not None and vocab_size != cb.shape[0]:
+            raise ValueError(f"{dst}: vocab_size={vocab_size} but the codebook has {cb.shape[0]} rows")
+        vocab_size = cb.shape[0]
+    if vocab_size is None:
+        vocab_size = int(ids.max()) + 1 if ids.size else 1
+        if to == "seit" and vocab_size > seit.DEFAULT_VOCAB:
+            vocab_size = None  # the writer then names the first record its escape coding cannot hold
+    grid = (int(ids.shape[1]), int(ids.shape[2]))
+    if to == "seit":
+        writer = seit.SeitWriter(
+            dst, grid=grid, vocab_size=vocab_size, codebook=cb, classes=classes, meta=meta
+        )
+        writer.append(ids, labels)
+        return writer.finish()
+    _fresh_folder(dst)
+    writer = compact.CompactWriter(
+        dst,
+        grid=grid,
+        vocab_size=vocab_size,
+        codebook=cb,
+        classes=classes,
+        meta=meta,
+        shard_size=shard_size or compact.SHARD_SIZE,
+    )
+    writer.fit(ids[_fit_sample(len(ids))])
+    labels = check_labels(labels, len(ids), str(dst))
+    for k, start in enumerate(range(0, len(ids), writer.shard_size)):
+        stop = start + writer.shard_size
+        writer.write_shard(k, ids[start:stop], None if labels is None else labels[start:stop])
+    return writer.finish()
+
+
+def convert(
+    src: str | os.PathLike[str] | TokenDataset,
+    dst: str | os.PathLike[str],
+    *,
+    to: str,
+    shard_size: int | None = None,
+) -> TokenDataset:
+    """Copy a token dataset into format ``to`` at ``dst``, keeping ids, labels, class names, codebook and
+    the tokenizer description; reads in chunks, so memory stays bounded on datasets of any size."""
+    from mimkit.tokens import compact, seit
+
+    _check_to(to)
+    # one pass over the records: decoded directly, no cache file made for it
+    source = src if isinstance(src, TokenDataset) else open_tokens(src, cache=False)
+    common = {
+        "grid": source.grid,
+        "vocab_size": source.vocab_size,
+        "codebook": source.codebook,
+        "classes": source.classes,
+        "meta": source.meta,
+    }
+    if to == "seit":
+        writer = seit.SeitWriter(dst, **common)
+        try:
+            for start, ids in source.chunks():
+                labels = None if source.labels is None else source.labels[start : start + len(ids)]
+                writer.append(ids, labels)
+        except BaseException:
+            writer.abort()  # no half-written stream left behind
+            raise
+        return writer.finish()
+    _fresh_folder(dst)
+    cwriter = compact.CompactWriter(dst, shard_size=shard_size or compact.SHARD_SIZE, **common)
+    cwriter.fit(source.read_many(_fit_sample(len(source))))
+    size = cwriter.shard_size
+    for k, start in enumerate(range(0, len(source), size)):
+        stop = min(start + size, len(source))
+        cwriter.write_shard(
+            k,
+            source.read_many(np.arange(start, stop)),
+            None if source.labels is None else source.labels[start:stop],
+        )
+    return cwriter.finish()
+
+
+# ----------------------------------------------------------------------------------------------------
+# inspection
+
+
+def _open(src: str | os.PathLike[str] | TokenDataset) -> TokenDataset:
+    return src if isinstance(src, TokenDataset) else open_tokens(src, cache=False)
+
+
+def info(src: str | os.PathLike[str] | TokenDataset) -> dict[str, Any]:
+    """What a token dataset holds: format, records, grid, vocabulary, codebook shape, labels and classes,
+    bytes per image as stored, codes used and perplexity over all records, and its header/tokenizer
+    description."""
+    ds = _open(src)
+    counts = np.zeros(ds.vocab_size, dtype=np.int64)
+    for _, ids in ds.chunks():
+        counts += np.bincount(ids.ravel(), minlength=ds.vocab_size)
+    used, perplexity = order0_stats(counts)
+    n = len(ds)
+    stored = ds.stored_bytes()
+    result: dict[str, Any] = {
+        "format": ds.format,
+        "path": str(ds.path),
+        "name": ds.name,
+        "records": n,
+        "grid": list(ds.grid),
+        "vocab_size": ds.vocab_size,
+        "codebook": None if ds.codebook is None else list(ds.codebook.shape),
+        "labels": ds.labels is not None,
+        "classes": len(ds.classes),
+        "stored_bytes": stored,
+        "bytes_per_image": stored / n if n else 0.0,
+        "bits_per_token": 8 * stored / (n * math.prod(ds.grid)) if n and math.prod(ds.grid) else 0.0,
+        "codes_used": used,
+        "perplexity": perplexity,
+        "files": [p.name for p in ds.files()],
+        "meta": ds.meta,
+    }
+    header = getattr(ds, "header", None)
+    if header is not None:
+        result["codec"] = header.get("codec", {})
+    return result
+
+
+def verify(src: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check every record of a token dataset without stopping at the first damaged one. mimkit format:
+    each shard's footer and each record's checksum and decoding; SeiT: the gzip stream, the index
+    against the stream, and that each record decodes to H*W ids below the vocabulary size. Returns
+    ``{format, path, records, ok, bad, bad_records: [{record, error}, ...]}`` (at most MAX_LISTED listed;
+    ``bad`` counts them all; ``record`` is None for a problem of a whole file)."""
+    from mimkit.tokens import compact, seit
+
+    p = Path(src).expanduser()
+    layout = _layout(p)
+    if layout is None or layout[0] == "mimkit-incomplete":
+        open_tokens(p)  # raises the detection error with its explanation
+    kind, where = layout  # type: ignore[misc]
+    problems = seit.verify_seit(where) if kind == "seit" else compact.verify_compact(where)
+    records, bad = problems["records"], problems["bad"]
+    n_bad = len({b["record"] for b in bad if b["record"] is not None}) + sum(b["record"] is None for b in bad)
+    return {
+        "format": kind,
+        "path": str(where),
+        "records": records,
+        "ok": records - len({b["record"] for b in bad if b["record"] is not None}),
+        "bad": n_bad,
+        "bad_records": bad[:MAX_LISTED],
+    }

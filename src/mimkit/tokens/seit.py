@@ -1,0 +1,750 @@
+"""SeiT's token dataset files, byte for byte as the official release (naver-ai/seit, ``datasets.py``):
+
+- ``NAME-token.data.bin.gz``: one gzip stream; decompressed, the records back to back in dataset order.
+  A record is its ids row-major, escape-coded: id v < 255 is the byte v, id v >= 255 the two bytes
+  0xFF, v - 255 (so ids 0..510 fit; SeiT's own have 391 codes, 0..390).
+- ``NAME-token.index.npy.gz``: a gzip of a .npy holding N + 1 int64 byte offsets (record i is bytes
+  [offsets[i], offsets[i+1]) of the decompressed stream). Its path is the data path with "data.bin"
+  replaced by "index.npy".
+- ``NAME-label.txt``: one integer label per line; when present, the dataset has as many records.
+- ``codebook.ckpt`` beside them: a bare float [K, D] tensor saved with ``torch.save``.
+- optional ``NAME-class-to-id.json`` ({class name: id}, as the release's imagenet1k-class-to-id.json).
+- optional ``NAME-meta.json``, ours: the grid, vocabulary size and tokenizer description. The official
+  reader never opens it; we read it when present so that no information is lost in a conversion.
+
+Reading decompresses the stream once into a cache file (``$MIMKIT_CACHE/tokens``, default
+``~/.cache/mimkit/tokens``) keyed by the .gz file's absolute path, size and mtime, written through a
+temporary file and a rename; every process (loader workers included) memory-maps that one file, so the
+page cache holds one copy rather than one per worker as the reference's in-memory bytes object does.
+With ``cache=False`` the stream is decompressed into the process's memory instead (no file is made).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import math
+import mmap
+import os
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from mimkit.tokens.dataset import (
+    TokenDataset,
+    TokenRecordError,
+    cache_dir,
+    check_codebook,
+    check_ids,
+    check_labels,
+    write_atomic,
+)
+
+DATA_SUFFIX = "-token.data.bin.gz"
+INDEX_SUFFIX = "-token.index.npy.gz"
+LABEL_SUFFIX = "-label.txt"
+CLASSES_SUFFIX = "-class-to-id.json"
+META_SUFFIX = "-meta.json"
+CODEBOOK = "codebook.ckpt"
+ESCAPE = 0xFF
+MAX_ID = 2 * ESCAPE  # 510: the largest id the escape coding can hold
+# ids a SeiT dataset may hold when neither a codebook nor vocab_size says: the format's limit
+DEFAULT_VOCAB = MAX_ID + 1
+GZIP_LEVEL = 9  # what Python's gzip writes by default
+
+
+# ----------------------------------------------------------------------------------------------------
+# escape coding
+
+
+def encode_records(ids: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """Escape-code int [n, H, W] id grids: (the concatenated bytes, each record's byte length). Ids must
+    lie in 0..510 (the caller checks)."""
+    n = len(ids)
+    flat = ids.reshape(n, math.prod(ids.shape[1:])).astype(np.int64, copy=False)
+    big = flat >= ESCAPE
+    # each id's first byte sits after its own index plus one extra byte per earlier escaped id
+    escaped_before = np.cumsum(big.ravel()) - big.ravel()
+    pos = np.arange(flat.size) + escaped_before
+    out = np.empty(flat.size + int(big.sum()), dtype=np.uint8)
+    values = flat.ravel()
+    out[pos] = np.where(big.ravel(), ESCAPE, values)
+    out[pos[big.ravel()] + 1] = values[big.ravel()] - ESCAPE
+    return out.tobytes(), flat.shape[1] + big.sum(axis=1)
+
+
+def _true_markers(marker: np.ndarray, record_begins: np.ndarray | None = None) -> np.ndarray:
+    """Which 0xFF bytes are escape markers when 0xFF bytes are adjacent: in a run of 0xFF bytes the
+    first is a marker, the next its value (id 510), and so on alternately. ``record_begins``: where the
+    records of a gathered stream begin (a run never continues from one record into the next). Works on
+    the positions of the 0xFF bytes only."""
+    pos = np.flatnonzero(marker)
+    if not len(pos):
+        return marker
+    run_starts = np.empty(len(pos), dtype=bool)
+    run_starts[0] = True
+    run_starts[1:] = pos[1:] != pos[:-1] + 1
+    if record_begins is not None:
+        begins = np.zeros(len(marker), dtype=bool)
+        begins[record_begins] = True
+        run_starts |= begins[pos]
+    j = np.arange(len(pos))
+    first_of_run = np.maximum.accumulate(np.where(run_starts, j, 0))
+    out = marker.copy()
+    out[pos[(j - first_of_run) & 1 == 1]] = False
+    return out
+
+
+def decode_record(rec: np.ndarray) -> np.ndarray:
+    """The ids (int64, flat) of one escape-coded record (uint8 array), vectorised: find the marker
+    bytes, add 255 to the byte after each, drop the markers. Raises ValueError for a record ending in a
+    marker."""
+    marker = rec == ESCAPE
+    ids = rec.astype(np.int64)
+    if not marker.any():
+        return ids
+    if (marker[1:] & marker[:-1]).any():
+        marker = _true_markers(marker)
+    if marker[-1]:
+        raise ValueError("ends in a dangling 0xFF escape byte")
+    ids[1:][marker[:-1]] += ESCAPE
+    return ids[~marker]
+
+
+# ----------------------------------------------------------------------------------------------------
+# paths
+
+
+def split_name(data_path: Path) -> tuple[Path, str]:
+    """(folder, NAME) of ``.../NAME-token.data.bin.gz``."""
+    return data_path.parent, data_path.name[: -len(DATA_SUFFIX)]
+
+
+def index_path(data_path: Path) -> Path:
+    return data_path.with_name(data_path.name.replace("data.bin", "index.npy"))
+
+
+def sibling(data_path: Path, suffix: str) -> Path:
+    folder, name = split_name(data_path)
+    return folder / f"{name}{suffix}"
+
+
+def data_path_for(dst: str | os.PathLike[str]) -> Path:
+    """``NAME-token.data.bin.gz`` as given, or for a folder ``FOLDER/<folder name>-token.data.bin.gz``."""
+    p = Path(dst).expanduser()
+    if p.name.endswith(DATA_SUFFIX):
+        return p
+    if p.suffix:
+        raise ValueError(f"a SeiT dataset is named NAME{DATA_SUFFIX} (or give a folder); got '{dst}'")
+    return p / f"{p.name}{DATA_SUFFIX}"
+
+
+def cache_path(gz: Path) -> Path:
+    """The decompressed stream's cache file: a new .gz (other path, size or mtime) gets a new one."""
+    st = gz.stat()
+    key = hashlib.sha256(f"{gz.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    return cache_dir() / f"{split_name(gz)[1]}-{key}.bin"
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading the small files
+
+
+def load_index(path: Path) -> np.ndarray:
+    """The N + 1 offsets of an index file (pickles refused), as int64."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the index of a SeiT token file is missing")
+    try:
+        arr = np.load(io.BytesIO(gzip.decompress(path.read_bytes())), allow_pickle=False)
+    except (OSError, EOFError, zlib.error, ValueError) as err:
+        raise TokenRecordError(f"{path}: not a gzip-compressed .npy array ({err})") from err
+    if arr.ndim != 1 or arr.dtype.kind not in "iu" or len(arr) < 1:
+        raise TokenRecordError(
+            f"{path}: expected a 1-D integer array of N + 1 offsets; got {arr.dtype} {tuple(arr.shape)}"
+        )
+    return arr.astype(np.int64)
+
+
+def load_labels(path: Path) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        return np.array([int(line) for line in lines], dtype=np.int64)
+    except ValueError:
+        bad = next(i for i, line in enumerate(lines) if not line.strip().lstrip("-").isdigit())
+        raise TokenRecordError(
+            f"{path}: line {bad + 1} (record {bad}) is {lines[bad]!r}, not an integer label"
+        ) from None
+
+
+def load_codebook(path: Path) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        cb = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the safe unpickler raises many types on damaged or unsafe files
+        raise TokenRecordError(f"{path}: not a readable tensor file ({type(err).__name__}: {err})") from err
+    if not isinstance(cb, torch.Tensor) or cb.ndim != 2 or not cb.is_floating_point():
+        what = f"{cb.dtype} {tuple(cb.shape)} tensor" if isinstance(cb, torch.Tensor) else type(cb).__name__
+        raise TokenRecordError(f"{path}: expected a bare float [K, D] codebook tensor; holds a {what}")
+    return cb.to(torch.float32).contiguous()
+
+
+def load_classes(path: Path) -> tuple[str, ...]:
+    if not path.is_file():
+        return ()
+    mapping = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
+        raise TokenRecordError(f"{path}: expected a JSON object of class name -> integer id")
+    ids = sorted(mapping.values())
+    if ids != list(range(len(ids))):
+        raise TokenRecordError(f"{path}: class ids must be 0..{len(ids) - 1}, each once")
+    return tuple(name for name, _ in sorted(mapping.items(), key=lambda kv: kv[1]))
+
+
+def index_problems(offsets: np.ndarray, stream_bytes: int | None) -> list[tuple[int | None, str]]:
+    """What is wrong with an index: [(first record concerned, why)], empty when it fits the stream."""
+    problems: list[tuple[int | None, str]] = []
+    if offsets[0] != 0:
+        problems.append((0, f"record 0 starts at byte {offsets[0]}, not 0"))
+    back = np.flatnonzero(np.diff(offsets) < 0)
+    if len(back):
+        i = int(back[0])
+        problems.append(
+            (i, f"not monotone: record {i} ends at byte {offsets[i + 1]}, before it starts ({offsets[i]})")
+        )
+    if stream_bytes is not None and offsets[-1] != stream_bytes:
+        if offsets[-1] > stream_bytes:
+            i = int(np.flatnonzero(offsets[1:] > stream_bytes)[0])
+            why = (
+                f"records from {i} on end past the stream's {stream_bytes} bytes "
+                f"(its last offset is {offsets[-1]})"
+            )
+        else:
+            i = len(offsets) - 2
+            why = (
+                f"its last offset is {offsets[-1]} but the stream holds {stream_bytes} bytes "
+                f"(record {i} is the last indexed)"
+            )
+        problems.append((i, f"does not match the stream: {why}"))
+    return problems
+
+
+def _decompress_to(gz: Path, out: IO[bytes]) -> int:
+    """Stream-decompress ``gz`` (one or more gzip members) into ``out``; returns the bytes written.
+    Raises EOFError when the stream is cut short (after writing all it held, so the caller knows where
+    it ends) and zlib.error when it is damaged (a bad header, deflate data or CRC)."""
+    total, member, started = 0, zlib.decompressobj(31), False
+    with open(gz, "rb") as f:
+        while chunk := f.read(1 << 20):
+            while chunk:
+                started = True
+                piece = member.decompress(chunk)
+                out.write(piece)
+                total += len(piece)
+                if member.eof:  # the next member, if any, starts in its unused data
+                    chunk, member, started = member.unused_data, zlib.decompressobj(31), False
+                else:
+                    chunk = b""
+    if started and not member.eof:
+        raise EOFError("the gzip stream ends before its end-of-stream marker")
+    return total
+
+
+def _stream_error(gz: Path, err: BaseException, written: int, offsets: np.ndarray) -> TokenRecordError:
+    if isinstance(err, EOFError):
+        inside = int(np.searchsorted(offsets, written, side="right")) - 1
+        where = (
+            f"inside record {inside} of {len(offsets) - 1}"
+            if 0 <= inside < len(offsets) - 1
+            else f"the index expects {offsets[-1]}"
+        )
+        return TokenRecordError(
+            f"{gz}: truncated: the gzip stream ends after {written} decompressed bytes ({where})"
+        )
+    return TokenRecordError(f"{gz}: a damaged gzip stream ({err}); cannot tell which record")
+
+
+class _Counter(io.RawIOBase):
+    """A write sink that counts and forwards (knows how much was written when decompression fails)."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out, self.count = out, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        n = self.out.write(b) or len(b)
+        self.count += n
+        return n
+
+
+def cached_stream(gz: Path, offsets: np.ndarray) -> Path:
+    """The decompressed stream of ``gz`` in the cache, made once (atomically) and reused after."""
+    target = cache_path(gz)
+    if target.is_file():
+        return target
+
+    def write(f: IO[bytes]) -> None:
+        sink = _Counter(f)
+        try:
+            _decompress_to(gz, sink)  # type: ignore[arg-type]
+        except (EOFError, OSError, zlib.error) as err:
+            raise _stream_error(gz, err, sink.count, offsets) from err
+
+    write_atomic(target, write)
+    return target
+
+
+def stream_in_memory(gz: Path, offsets: np.ndarray) -> np.ndarray:
+    """The decompressed stream of ``gz`` as an in-memory uint8 array (``cache=False``)."""
+    sink = _Counter(io.BytesIO())
+    try:
+        _decompress_to(gz, sink)  # type: ignore[arg-type]
+    except (EOFError, OSError, zlib.error) as err:
+        raise _stream_error(gz, err, sink.count, offsets) from err
+    return np.frombuffer(sink.out.getbuffer(), dtype=np.uint8)  # type: ignore[attr-defined]
+
+
+def _map(path: Path) -> np.ndarray:
+    """A read-only memory map of a file as uint8 (an empty array for an empty file)."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    with open(path, "rb") as f:
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# reader
+
+
+class SeitTokens(TokenDataset):
+    """A SeiT token dataset. ``grid``: given, else from ``NAME-meta.json``, else record 0's length, which
+    must then be a square. ``vocab_size``: the codebook's rows when ``codebook.ckpt`` is present, else
+    given, else ``NAME-meta.json``'s, else 511 (the most the escape coding holds). ``cache``: the
+    decompressed stream as a shared cache file (True) or in this process's memory (False)."""
+
+    format = "seit"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        grid: tuple[int, int] | None = None,
+        vocab_size: int | None = None,
+        cache: bool = True,
+    ) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such SeiT token file")
+        self.folder, self.name = split_name(self.path)
+        self.index_path = index_path(self.path)
+        self.label_path = sibling(self.path, LABEL_SUFFIX)
+        self.offsets = load_index(self.index_path)
+        self.labels = load_labels(self.label_path)
+        if self.labels is not None and len(self.labels) + 1 != len(self.offsets):
+            first = min(len(self.labels), len(self.offsets) - 1)
+            raise TokenRecordError(
+                f"{self.index_path}: holds {len(self.offsets)} offsets but {self.label_path.name} has "
+                f"{len(self.labels)} labels (expected {len(self.labels) + 1} offsets); record {first} is the "
+                "first without a counterpart"
+            )
+        self.codebook = load_codebook(self.folder / CODEBOOK)
+        self.classes = load_classes(sibling(self.path, CLASSES_SUFFIX))
+        saved = self._saved_meta()
+        self.meta = saved.get("meta", {})
+        self._buf: np.ndarray | None = None
+        self._memory: np.ndarray | None = None  # the stream held in memory when cache=False
+        if cache:
+            self.cache: Path | None = cached_stream(self.path, self.offsets)
+            stream_bytes = self.cache.stat().st_size
+        else:
+            self.cache = None
+            self._memory = stream_in_memory(self.path, self.offsets)
+            stream_bytes = len(self._memory)
+        problems = index_problems(self.offsets, stream_bytes)
+        if problems:
+            record, why = problems[0]
+            raise TokenRecordError(f"{self.index_path}: record {record}: {why}")
+        self.vocab_size = self._vocab(vocab_size, saved)
+        self.grid = self._grid(grid, saved)
+        self._cells = self.grid[0] * self.grid[1]
+        self._check_vocab = self.vocab_size < DEFAULT_VOCAB and self._cells > 0
+
+    def _saved_meta(self) -> dict[str, Any]:
+        path = sibling(self.path, META_SUFFIX)
+        if not path.is_file():
+            return {}
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise TokenRecordError(f"{path}: not valid JSON ({err})") from err
+        return saved if isinstance(saved, dict) else {}
+
+    def _vocab(self, given: int | None, saved: dict[str, Any]) -> int:
+        if self.codebook is not None:
+            rows = int(self.codebook.shape[0])
+            if given is not None and given != rows:
+                raise ValueError(f"{self.path}: vocab_size={given} but {CODEBOOK} has {rows} rows")
+            return rows
+        vocab = given or saved.get("vocab_size") or DEFAULT_VOCAB
+        if not 1 <= vocab <= DEFAULT_VOCAB:
+            raise ValueError(
+                f"{self.path}: vocab_size must be 1..{DEFAULT_VOCAB} in SeiT's format; got {vocab}"
+            )
+        return int(vocab)
+
+    def _grid(self, given: tuple[int, int] | None, saved: dict[str, Any]) -> tuple[int, int]:
+        if given is not None:
+            return (int(given[0]), int(given[1]))
+        if saved.get("grid"):
+            return (int(saved["grid"][0]), int(saved["grid"][1]))
+        if len(self) == 0:
+            return (0, 0)
+        n = len(self._decode(0))
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(
+                f"{self.path}: record 0 holds {n} ids, not a square grid; pass grid=(H, W) to open it"
+            )
+        return (side, side)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_buf"] = None  # reopened lazily in the process that reads
+        return state
+
+    def _stream(self) -> np.ndarray:
+        if self._buf is None:
+            if self.cache is not None:
+                self._buf = _map(self.cache)
+            else:
+                if self._memory is None:  # the cache was dropped: read into memory from now on
+                    self._memory = stream_in_memory(self.path, self.offsets)
+                self._buf = self._memory
+        return self._buf
+
+    def _decode(self, i: int) -> np.ndarray:
+        buf = self._buf if self._buf is not None else self._stream()
+        try:
+            return decode_record(buf[self.offsets[i] : self.offsets[i + 1]])
+        except ValueError as err:
+            raise TokenRecordError(f"{self.path}: record {i}: {err}") from None
+
+    def read(self, index: int) -> np.ndarray:
+        i = self._position(index)
+        buf = self._buf if self._buf is not None else self._stream()
+        rec = buf[self.offsets[i] : self.offsets[i + 1]]
+        # fast path: every 0xFF taken for a marker. It is exact whenever it yields H*W ids and the record
+        # does not end in 0xFF (a 0xFF value byte, id 510, always leaves it short); else decode carefully
+        marker = rec == ESCAPE
+        ids = rec.astype(np.int64)
+        ids[1:][marker[:-1]] += ESCAPE
+        ids = ids[~marker]
+        if len(ids) != self._cells or (len(rec) and marker[-1]):
+            ids = self._decode(i)
+            if len(ids) != self._cells:
+                raise TokenRecordError(
+                    f"{self.path}: record {i}: decodes to {len(ids)} ids, expected {self._cells} "
+                    f"(grid {self.grid[0]}x{self.grid[1]})"
+                )
+        if self._check_vocab and ids.max() >= self.vocab_size:
+            raise TokenRecordError(
+                f"{self.path}: record {i}: holds id {int(ids.max())}, outside the vocabulary "
+                f"[0, {self.vocab_size})"
+            )
+        return ids.reshape(self.grid)
+
+    def read_many(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Records as int64 [n, H, W], decoded in one NumPy pass over their gathered bytes (markers found
+        as :func:`decode_record` does, runs of 0xFF included, with no carry from one record into the
+        next). A record that does not yield H*W ids, ends in a marker or holds an id outside the
+        vocabulary is decoded again on its own by :meth:`read`, which names the damage."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if len(idx) and not ((idx >= -n) & (idx < n)).all():
+            self._position(int(idx[(idx < -n) | (idx >= n)][0]))  # raises IndexError naming it
+        idx = np.where(idx < 0, idx + n, idx)
+        out = np.empty((len(idx), *self.grid), dtype=np.int64)
+        if not len(idx):
+            return out
+        buf = self._buf if self._buf is not None else self._stream()
+        starts = self.offsets[idx]
+        lengths = self.offsets[idx + 1] - starts
+        sound = lengths >= max(self._cells, 1)  # a sound record has at least H*W bytes
+        if sound.any():
+            lengths = np.where(sound, lengths, 0)
+            # byte k of the gather is starts[r] + (k - where record r begins in the gather)
+            begins = np.cumsum(lengths) - lengths
+            raw = buf[np.repeat(starts - begins, lengths) + np.arange(int(lengths.sum()))]
+            marker = raw == ESCAPE
+            if (marker[1:] & marker[:-1]).any():  # ids 510: 0xFF value bytes among the markers
+                marker = _true_markers(marker, begins[lengths > 0])
+            ids_before = np.concatenate([[0], np.cumsum(~marker)])  # ids kept before each byte
+            per_record = ids_before[begins + lengths] - ids_before[begins]
+            ends_in_marker = marker[np.maximum(begins + lengths - 1, 0)]
+            sound &= (per_record == self._cells) & ~ends_in_marker
+            # uint16 values, a marker's 255 added to the next byte unless that byte begins a record
+            carry = marker[:-1].view(np.uint8) * np.uint8(ESCAPE)
+            carry[begins[(lengths > 0) & (begins > 0)] - 1] = 0
+            values = raw.astype(np.uint16)
+            values[1:] += carry
+            keep = ~marker if sound.all() else ~marker & np.repeat(sound, lengths)
+            out[sound] = values.take(np.flatnonzero(keep)).reshape(-1, *self.grid)
+            if self._check_vocab and sound.any():
+                sound &= out.reshape(len(idx), -1).max(axis=1) < self.vocab_size
+        for row in np.flatnonzero(~sound):  # the careful path, naming any damaged record
+            out[row] = self.read(int(idx[row]))
+        return out
+
+    def files(self) -> list[Path]:
+        names = [
+            self.path,
+            self.index_path,
+            self.label_path,
+            sibling(self.path, CLASSES_SUFFIX),
+            sibling(self.path, META_SUFFIX),
+        ]
+        return [p for p in names if p.is_file()]
+
+    def close(self) -> None:
+        self._buf = None
+
+    def drop_cache(self) -> None:
+        """Close and delete the decompressed cache file (for a dataset that is itself temporary: the
+        cache is otherwise kept, keyed by the .gz file's path, size and mtime, and never cleaned).
+        Reading again decompresses the stream into memory."""
+        self.close()
+        if self.cache is not None:
+            self.cache.unlink(missing_ok=True)
+            self.cache = None  # reading again decompresses into memory
+
+
+# ----------------------------------------------------------------------------------------------------
+# writer
+
+
+class SeitWriter:
+    """Writes a SeiT dataset in chunks (``append``), then the small files and the codebook at
+    ``finish``. Every file is written through a temporary and renamed, and gzip's header carries no
+    timestamp, so the same records give the same bytes. ``dst``: ``NAME-token.data.bin.gz`` or a
+    folder."""
+
+    def __init__(
+        self,
+        dst: str | os.PathLike[str],
+        *,
+        grid: tuple[int, int] | None = None,
+        vocab_size: int | None = None,
+        codebook: torch.Tensor | np.ndarray | None = None,
+        classes: Sequence[str] = (),
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = data_path_for(dst)
+        self.codebook = check_codebook(codebook, str(self.path))
+        if self.codebook is not None:
+            if vocab_size is not None and vocab_size != self.codebook.shape[0]:
+                raise ValueError(
+                    f"{self.path}: vocab_size={vocab_size} but the codebook has {self.codebook.shape[0]} rows"
+                )
+            vocab_size = int(self.codebook.shape[0])
+        self.vocab_size = vocab_size or DEFAULT_VOCAB
+        if self.vocab_size > DEFAULT_VOCAB:
+            raise ValueError(
+                f"{self.path}: SeiT's escape coding holds ids 0..{MAX_ID}; a vocabulary of {self.vocab_size} "
+                "does not fit (use the mimkit format)"
+            )
+        self.grid = tuple(grid) if grid is not None else None
+        self.classes, self.meta = tuple(classes), dict(meta or {})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self._raw = open(self._tmp, "wb")  # noqa: SIM115 - stays open across append() calls
+        self._gz = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, compresslevel=GZIP_LEVEL, mtime=0)
+        self._offsets = [0]
+        self._labels: list[np.ndarray] = []
+        self._has_labels: bool | None = None
+
+    def append(self, ids: np.ndarray, labels: np.ndarray | Sequence[int] | None = None) -> None:
+        """Add records: ids int [n, H, W] in 0..510 (and below the vocabulary size)."""
+        arr = np.asarray(ids)
+        n_before = len(self._offsets) - 1
+        if arr.ndim == 3 and arr.size and arr.dtype.kind in "iu" and (arr.max() > MAX_ID):
+            rec = int(np.flatnonzero((arr.reshape(len(arr), -1) > MAX_ID).any(axis=1))[0])
+            raise ValueError(
+                f"{self.path}: record {n_before + rec} holds id {int(arr[rec].max())}; SeiT's escape coding "
+                f"holds ids 0..{MAX_ID} only (use the mimkit format)"
+            )
+        arr = check_ids(arr, self.vocab_size, str(self.path), first_record=n_before)
+        if self.grid is None:
+            self.grid = (arr.shape[1], arr.shape[2])
+        elif (arr.shape[1], arr.shape[2]) != self.grid:
+            raise ValueError(f"{self.path}: records of grid {arr.shape[1:]} added to a {self.grid} dataset")
+        lab = check_labels(labels, len(arr), str(self.path))
+        if self._has_labels is None:
+            self._has_labels = lab is not None
+        elif self._has_labels != (lab is not None) and len(arr):
+            raise ValueError(f"{self.path}: either every record has a label or none has")
+        data, lengths = encode_records(arr)
+        self._gz.write(data)
+        self._offsets.extend((self._offsets[-1] + np.cumsum(lengths)).tolist())
+        if lab is not None:
+            self._labels.append(lab)
+
+    def finish(self) -> SeitTokens:
+        self._gz.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        os.replace(self._tmp, self.path)
+        offsets = np.asarray(self._offsets, dtype=np.int64)
+
+        def index(f: IO[bytes]) -> None:
+            buf = io.BytesIO()
+            np.save(buf, offsets, allow_pickle=False)
+            f.write(gzip.compress(buf.getvalue(), compresslevel=GZIP_LEVEL, mtime=0))
+
+        write_atomic(index_path(self.path), index)
+        label_path = sibling(self.path, LABEL_SUFFIX)
+        if self._has_labels:
+            labels = np.concatenate(self._labels) if self._labels else np.zeros(0, np.int64)
+            text = "".join(f"{int(v)}\n" for v in labels)
+            write_atomic(label_path, lambda f: f.write(text.encode()))
+        else:
+            label_path.unlink(missing_ok=True)
+        classes_path = sibling(self.path, CLASSES_SUFFIX)
+        if self.classes:
+            mapping = json.dumps({c: i for i, c in enumerate(self.classes)}, indent=1, ensure_ascii=False)
+            write_atomic(classes_path, lambda f: f.write(mapping.encode()))
+        else:
+            classes_path.unlink(missing_ok=True)
+        saved = {"grid": list(self.grid or (0, 0)), "vocab_size": self.vocab_size, "meta": self.meta}
+        meta_text = json.dumps(saved, indent=1, sort_keys=True, default=str)
+        write_atomic(sibling(self.path, META_SUFFIX), lambda f: f.write(meta_text.encode()))
+        if self.codebook is not None:
+            self._write_codebook()
+        return SeitTokens(self.path, grid=self.grid)  # its cache is made here, once
+
+    def _write_codebook(self) -> None:
+        """``codebook.ckpt`` is shared by the datasets of one folder (train and val): an existing one must
+        be the same table; a different one is never silently replaced."""
+        path = self.path.parent / CODEBOOK
+        if path.is_file():
+            existing = load_codebook(path)
+            if (
+                existing is not None
+                and existing.shape == self.codebook.shape
+                and torch.equal(existing, self.codebook)
+            ):
+                return
+            raise ValueError(
+                f"{path}: a different codebook is already there (shared by the SeiT datasets of this "
+                "folder); "
+                "write to another folder"
+            )
+        write_atomic(path, lambda f: torch.save(self.codebook, f))
+
+    def abort(self) -> None:
+        """Drop an unfinished dataset (its temporary stream file)."""
+        self._gz.close()
+        self._raw.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def write_seit(
+    dst: str | os.PathLike[str],
+    ids: np.ndarray,
+    labels: np.ndarray | Sequence[int] | None = None,
+    *,
+    vocab_size: int | None = None,
+    codebook: torch.Tensor | np.ndarray | None = None,
+    classes: Sequence[str] = (),
+    meta: dict[str, Any] | None = None,
+) -> SeitTokens:
+    """All of ``ids`` (int [N, H, W]) as a SeiT dataset at ``dst`` in one call."""
+    writer = SeitWriter(dst, vocab_size=vocab_size, codebook=codebook, classes=classes, meta=meta)
+    writer.append(ids, labels)
+    return writer.finish()
+
+
+# ----------------------------------------------------------------------------------------------------
+# verification
+
+
+def verify_seit(data_path: Path) -> dict[str, Any]:
+    """Every record of a SeiT dataset checked, without stopping at the first bad one: the stream is
+    decompressed as far as it goes (a truncated one is reported and the records past its end listed),
+    the index is checked against it, and each record must decode to H*W ids below the vocabulary
+    size. Returns {"records": N, "bad": [{"record": i or None, "error": why}, ...]}."""
+    bad: list[dict[str, Any]] = []
+
+    def problem(record: int | None, why: str) -> None:
+        bad.append({"record": record, "error": why})
+
+    idx_path = index_path(data_path)
+    offsets = load_index(idx_path)
+    n = len(offsets) - 1
+    label_path = sibling(data_path, LABEL_SUFFIX)
+    labels = load_labels(label_path)
+    if labels is not None and len(labels) != n:
+        problem(None, f"{label_path}: {len(labels)} labels for the {n} records of {idx_path.name}")
+    try:
+        cb = load_codebook(data_path.parent / CODEBOOK)
+    except TokenRecordError as err:
+        problem(None, str(err))
+        cb = None
+    meta_path = sibling(data_path, META_SUFFIX)
+    saved = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    vocab = int(cb.shape[0]) if cb is not None else int(saved.get("vocab_size") or DEFAULT_VOCAB)
+    grid = saved.get("grid")
+    cells = int(grid[0]) * int(grid[1]) if grid else None
+    # decompressed into a private temporary: the cache only ever holds whole streams
+    tmp = cache_dir() / f".verify-{os.getpid()}-{split_name(data_path)[1]}.bin"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    truncated = False
+    try:
+        with open(tmp, "wb") as f:
+            sink = _Counter(f)
+            try:
+                _decompress_to(data_path, sink)  # type: ignore[arg-type]
+            except (EOFError, OSError, zlib.error) as err:
+                problem(None, str(_stream_error(data_path, err, sink.count, offsets)))
+                truncated = True
+        stream = np.fromfile(tmp, dtype=np.uint8)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for _, why in index_problems(offsets, None if truncated else len(stream)):
+        problem(None, f"{idx_path}: {why}")
+    for i in range(n):
+        start, end = int(offsets[i]), int(offsets[i + 1])
+        where = f"{data_path}: record {i}"
+        if not 0 <= start <= end:
+            problem(i, f"{idx_path}: record {i}: offsets {start}..{end} run backwards")
+            continue
+        if end > len(stream):
+            problem(i, f"{where}: lies past the end of the stream ({len(stream)} bytes)")
+            continue
+        try:
+            ids = decode_record(stream[start:end])
+        except ValueError as err:
+            problem(i, f"{where}: {err}")
+            continue
+        if cells is None:  # the first record decides, as when opening
+            side = math.isqrt(len(ids))
+            cells = len(ids) if len(ids) and side * side == len(ids) else -1
+        if len(ids) != cells:
+            expected = cells if cells > 0 else "a square number of"
+            problem(i, f"{where}: decodes to {len(ids)} ids, expected {expected}")
+        elif ids.max() >= vocab:
+            problem(i, f"{where}: holds id {int(ids.max())}, outside the vocabulary [0, {vocab})")
+    return {"records": n, "bad": bad}

@@ -1,0 +1,268 @@
+"""The VQ tokenizer: it learns on real images, resumes exactly, prunes to the codes it uses, and
+`mimkit tokenize` writes datasets that the token source reads back as the tokenizer encoded them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mimkit import checkpoint
+from mimkit.cli import main
+from mimkit.configs import build_config
+from mimkit.data.sources import TokenSource, build_source, check_input, demo_source
+from mimkit.data.transforms import eval_view
+from mimkit.distributed import init_distributed
+from mimkit.eval.knn import knn_evaluate
+from mimkit.models.input_spec import InputSpec
+from mimkit.models.vit import build_encoder
+from mimkit.runs.tokenize import tokenize, tokenizer_view, train_tokenizer
+from mimkit.tokens.dataset import open_tokens
+from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, load_tokenizer, save_tokenizer
+from tests.conftest import straight_and_resumed
+
+TOKENIZER = [
+    "method=vq_tokenizer",
+    "model.arch=vit_tiny",
+    "model.img_size=32",
+    "model.patch_size=4",
+    "model.embed_dim=64",
+    "model.depth=2",
+    "model.num_heads=2",
+    "method.codebook_size=128",
+    "data.train=demo:train",
+    "data.max_images=256",
+    "data.mean=[0,0,0]",
+    "data.std=[1,1,1]",
+    "data.num_workers=0",
+    "data.crop_pct=1.0",
+    "optim.batch_size=32",
+    "optim.lr=2e-3",
+    "optim.warmup_epochs=0",
+    "optim.weight_decay=0",
+    "run.progress=false",
+    "run.log_every=1",
+    "eval.knn=false",
+    "eval.batch_size=128",
+]
+
+
+def small_tokenizer(codebook: int = 64, seed: int = 0) -> VQTokenizer:
+    torch.manual_seed(seed)
+    shape = TokenizerShape(
+        img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, codebook_size=codebook
+    )
+    return VQTokenizer(shape, kmeans_init=False).eval()
+
+
+def test_tokenizer_learns_on_real_images_and_is_pruned(tmp_path: Path) -> None:
+    cfg = build_config(None, [*TOKENIZER, "optim.epochs=4", f"run.out={tmp_path / 'tok'}"])
+    summary = train_tokenizer(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "tok" / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0]["loss_l2"], np.mean([r["loss_l2"] for r in rows[-3:]])
+    assert last < 0.5 * first, (first, last)
+    assert rows[-1]["psnr"] > rows[0]["psnr"] + 3
+    report = summary["tokenizer"]
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert loaded.model.pruned and loaded.model.vocab_size == report["codes_used"] <= 128
+    assert loaded.mean == (0.0, 0.0, 0.0)
+    # compact ids: every kept code is used by the training images, and they cover 0..K'-1
+    source = build_source("demo:train", max_images=256)
+    images = torch.stack(
+        [tokenizer_view(32, loaded.mean, loaded.std)(source.load(i)[0])["image"] for i in range(256)]
+    )
+    ids = loaded.model.encode(images)
+    assert ids.shape == (256, 8, 8) and int(ids.max()) < loaded.model.vocab_size
+    assert torch.equal(torch.unique(ids), torch.arange(loaded.model.vocab_size))
+    assert (tmp_path / "tok" / "reconstructions.png").stat().st_size > 1000
+    spec = checkpoint.load(tmp_path / "tok" / "last.pt")["input_spec"]  # what it takes: [0, 1] pixels
+    assert spec["kind"] == "pixels" and spec["mean"] == [0.0] * 3 and spec["patch_size"] == 4
+
+
+def test_tokenizer_resumes_exactly(tmp_path: Path) -> None:
+    a, b, _ = straight_and_resumed([*TOKENIZER, "optim.epochs=2", "data.max_images=128"], tmp_path, stop_at=5)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert any("_codebook.embed" in k for k in a)  # the EMA codebook is part of what resumed
+
+
+def test_pruned_codes_map_back_to_their_ids_and_decode(tmp_path: Path) -> None:
+    tok = small_tokenizer()
+    counts = torch.zeros(64, dtype=torch.long)
+    counts[[3, 7, 20, 63]] = torch.tensor([5, 1, 9, 2])
+    kept = tok.prune(counts)
+    assert kept.tolist() == [3, 7, 20, 63] and tok.vocab_size == 4
+    assert torch.equal(tok.codebook(), tok.full_codebook()[[3, 7, 20, 63]])
+    ids = tok.encode(torch.rand(5, 3, 32, 32))
+    assert ids.shape == (5, 8, 8) and ids.dtype == torch.long and int(ids.max()) < 4
+    assert tok.decode(ids).shape == (5, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 4\); got 0\.\.4"):
+        tok.decode(torch.full((1, 8, 8), 4).index_fill_(1, torch.tensor([0]), 0))
+    with pytest.raises(ValueError, match="already pruned"):
+        tok.prune(counts)
+    save_tokenizer(tok, tmp_path / "t.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
+    again = load_tokenizer(tmp_path / "t.pt")
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.equal(again.model.encode(x), tok.encode(x))
+    assert torch.equal(again.model.decode(tok.encode(x)), tok.decode(tok.encode(x)))
+
+
+def test_load_tokenizer_names_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(
+        FileNotFoundError, match=r"expected a tokenizer\.pt written by `mimkit tokenizer train`"
+    ):
+        load_tokenizer(tmp_path)
+    checkpoint.save_atomic({"kind": "something", "model": {}}, tmp_path / "x.pt")
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"x.pt: not a mimkit tokenizer \(kind 'something'\)"
+    ):
+        load_tokenizer(tmp_path / "x.pt")
+
+
+@pytest.mark.parametrize("to", ["mimkit", "seit"])
+def test_tokenize_demo_set_reads_back_the_encoded_ids_and_labels(tmp_path: Path, to: str) -> None:
+    tok = small_tokenizer(seed=1)
+    tok.prune(torch.ones(64, dtype=torch.long))
+    save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
+    out = tmp_path / ("demo" if to == "mimkit" else "demo-token.data.bin.gz")
+    report = tokenize(
+        str(tmp_path / "tokenizer.pt"),
+        "demo:val",
+        str(out),
+        to=to,
+        shard_size=200,
+        batch_size=64,
+        num_workers=0,
+        max_images=300,
+        progress=False,
+    )
+    assert report["images"] == 300 and report["skipped_images"] == 0
+    assert report["bytes_per_image"]["mimkit"] > 0 and report["bytes_per_image"]["seit"] > 0
+    source = build_source(f"tokens:{out}")
+    assert isinstance(source, TokenSource) and len(source) == 300 and source.grid == (8, 8)
+    images = demo_source("val")
+    view = tokenizer_view(32, (0.0,) * 3, (1.0,) * 3)
+    expected = tok.encode(torch.stack([view(images.load(i)[0])["image"] for i in range(300)]))
+    got = torch.stack([source.load(i)[0] for i in range(300)])
+    assert torch.equal(got, expected)
+    assert [source.load(i)[1] for i in range(300)] == [images.load(i)[1] for i in range(300)]
+    assert source.classes == images.classes
+    # a token dataset is recognised without the prefix, too
+    assert len(build_source(str(out))) == 300
+
+
+def test_tokenize_resumes_at_the_first_missing_shard(tmp_path: Path) -> None:
+    tok = small_tokenizer(seed=2)
+    tok.prune(torch.ones(64, dtype=torch.long))
+    save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
+    args = {"shard_size": 100, "batch_size": 50, "num_workers": 0, "max_images": 250, "progress": False}
+    tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "a"), **args)
+    full = open_tokens(tmp_path / "a")
+    shards = sorted(p for p in (tmp_path / "a").iterdir() if p.name.startswith("shard-"))
+    assert len(shards) == 3
+    # keep shard 0 only (a run killed after its first shard), then run again
+    for p in (tmp_path / "a").iterdir():
+        if (p.name.startswith("shard-") and p != shards[0]) or p.suffix == ".json":
+            p.unlink()
+    before = shards[0].stat().st_mtime_ns
+    tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "a"), **args)
+    assert shards[0].stat().st_mtime_ns == before  # not rewritten
+    again = open_tokens(tmp_path / "a")
+    assert len(again) == len(full) == 250
+    assert all(np.array_equal(again.read(i), full.read(i)) for i in range(250))
+
+
+def test_input_spec_and_source_must_agree(tmp_path: Path) -> None:
+    tok = small_tokenizer(seed=3)
+    tok.prune(torch.ones(64, dtype=torch.long))
+    save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
+    tokenize(
+        str(tmp_path / "tokenizer.pt"),
+        "demo:val",
+        str(tmp_path / "t"),
+        num_workers=0,
+        max_images=20,
+        progress=False,
+    )
+    tokens = build_source(f"tokens:{tmp_path / 't'}")
+    pixels = InputSpec(kind="pixels", channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, img_size=32, patch_size=4)
+    with pytest.raises(ValueError, match=r"this encoder takes pixels, but 'tokens:.*' is a token dataset"):
+        check_input(pixels, tokens)
+
+    def ids(vocab: int, size: int) -> InputSpec:
+        return InputSpec(kind="token_ids", channels=1, img_size=size, patch_size=1, vocab_size=vocab)
+
+    check_input(ids(64, 8), tokens)
+    check_input(ids(64, 6), tokens)  # a centre crop of the grid
+    with pytest.raises(ValueError, match="has 64 codes but the encoder embeds 391"):
+        check_input(ids(391, 8), tokens)
+    with pytest.raises(ValueError, match="has 8x8 id grids, smaller than the encoder's 16x16 input"):
+        check_input(ids(64, 16), tokens)
+    with pytest.raises(ValueError, match="holds images; tokenize them first with `mimkit tokenize`"):
+        check_input(ids(64, 8), build_source("demo:val"))
+
+
+def test_cli_tokenize_info_verify_and_decode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    tok = small_tokenizer(seed=4)
+    tok.prune(torch.ones(64, dtype=torch.long))
+    save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
+    t = str(tmp_path / "tokenizer.pt")
+    assert (
+        main(["tokenize", t, "demo:val", str(tmp_path / "d"), "--max-images", "40", "--num-workers", "0"])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["tokens", "info", str(tmp_path / "d"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 40
+    assert main(["tokens", "verify", str(tmp_path / "d")]) == 0
+    png = tmp_path / "grid.png"
+    assert (
+        main(["tokenizer", "decode", t, str(tmp_path / "d"), "--out", str(png), "--images", "demo:val"]) == 0
+    )
+    assert png.stat().st_size > 500 and "PSNR" in capsys.readouterr().out
+    assert (
+        main(
+            ["tokens", "convert", str(tmp_path / "d"), str(tmp_path / "s-token.data.bin.gz"), "--to", "seit"]
+        )
+        == 0
+    )
+    assert main(["tokenize", t, "demo:val", str(tmp_path / "x.gz"), "--to", "seit"]) == 2
+    assert "a SeiT dataset is named NAME-token.data.bin.gz" in capsys.readouterr().err
+
+
+def test_knn_of_a_token_encoder_on_token_datasets(tmp_path: Path) -> None:
+    tok = small_tokenizer(seed=5)
+    tok.prune(torch.ones(64, dtype=torch.long))
+    save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
+    for split, n in (("train", 120), ("val", 60)):
+        tokenize(
+            str(tmp_path / "tokenizer.pt"),
+            f"demo:{split}",
+            str(tmp_path / split),
+            num_workers=0,
+            max_images=n,
+            progress=False,
+        )
+    train, val = (build_source(str(tmp_path / split)) for split in ("train", "val"))
+    torch.manual_seed(0)
+    encoder = build_encoder(
+        "vit_tiny",
+        img_size=6,
+        patch_size=2,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        stem="token_ids",
+        vocab_size=64,
+    )
+    env = init_distributed("cpu")
+    view = eval_view(6, encoder.input_spec)  # the centre 6x6 cells of the 8x8 grids
+    result = knn_evaluate(encoder, train, val, view, env, k=5, pool="mean")
+    assert result["val_images"] == 60 and 0 <= result["top1"] <= 100
+    pixel = build_encoder("vit_tiny", img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="this encoder takes pixels, but 'tokens:"):
+        knn_evaluate(pixel, train, val, eval_view(32, pixel.input_spec), env)

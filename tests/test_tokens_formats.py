@@ -1,0 +1,537 @@
+"""Token dataset formats: SeiT's files byte for byte, our compact folder, conversion, inspection and
+damage reports."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mimkit.data.sources import DEMO_FILE
+from mimkit.tokens import compact
+from mimkit.tokens.compact import CompactWriter, RankCoder
+from mimkit.tokens.dataset import (
+    TokenRecordError,
+    convert,
+    info,
+    is_token_dataset,
+    open_tokens,
+    verify,
+    write_tokens,
+)
+
+CLASSES = ("cat", "dog", "ship")
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test decompresses SeiT streams into its own cache folder."""
+    monkeypatch.setenv("MIMKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "tokens"
+
+
+def random_tokens(n: int, grid: tuple[int, int] = (6, 6), vocab: int = 300, seed: int = 0) -> np.ndarray:
+    """Ids with neighbours that often repeat (so the rank coder has something to learn)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (n, *grid))
+    repeat = rng.random((n, *grid)) < 0.4
+    ids[:, :, 1:] = np.where(repeat[:, :, 1:], ids[:, :, :-1], ids[:, :, 1:])
+    return ids
+
+
+def proxy_tokens(n: int = 300) -> np.ndarray:
+    """Realistic-ish tokens: k-means (255 clusters) of the 2x2x3 pixel patches of CIFAR-10 demo
+    images, one id per patch on a 16x16 grid."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    x = np.load(DEMO_FILE)["x_train"][:n].astype(np.float32) / 255
+    patches = x.reshape(n, 16, 2, 16, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 12)
+    km = MiniBatchKMeans(255, random_state=0, n_init=1, batch_size=4096, max_iter=10).fit(patches)
+    return km.predict(patches).reshape(n, 16, 16).astype(np.int64)
+
+
+def codebook(k: int, d: int = 4) -> torch.Tensor:
+    return torch.randn(k, d, generator=torch.Generator().manual_seed(k))
+
+
+# ----------------------------------------------------------------------------------------------------
+# SeiT's format
+
+
+def test_seit_bytes_are_the_official_layout(tmp_path: Path) -> None:
+    ids = np.array([[[0, 254], [255, 390]]])
+    cb = codebook(391)
+    ds = write_tokens(tmp_path / "x-token.data.bin.gz", ids, [7], to="seit", codebook=cb, classes=CLASSES)
+    assert gzip.decompress((tmp_path / "x-token.data.bin.gz").read_bytes()) == b"\x00\xfe\xff\x00\xff\x87"
+    index = np.load(io.BytesIO(gzip.decompress((tmp_path / "x-token.index.npy.gz").read_bytes())))
+    assert index.dtype == np.int64 and index.tolist() == [0, 6]
+    assert (tmp_path / "x-label.txt").read_text() == "7\n"
+    assert json.loads((tmp_path / "x-class-to-id.json").read_text()) == {"cat": 0, "dog": 1, "ship": 2}
+    saved = torch.load(tmp_path / "codebook.ckpt", weights_only=True)
+    assert isinstance(saved, torch.Tensor) and torch.equal(saved, cb)
+    assert ds.read(0).tolist() == [[0, 254], [255, 390]] and ds.read(0).dtype == np.int64
+    assert ds.labels.tolist() == [7] and ds.classes == CLASSES and ds.vocab_size == 391
+
+
+def test_seit_round_trip_is_exact_and_deterministic(tmp_path: Path) -> None:
+    ids = random_tokens(40, vocab=511, seed=1)
+    ids[0, 0, :4] = [510, 510, 255, 509]  # 0xFF 0xFF pairs: markers next to 0xFF values
+    ids[1, -1, -1] = 510  # a record ending in 0xFF as a value byte
+    labels = np.arange(40) % 3
+    a = write_tokens(tmp_path / "a" / "t-token.data.bin.gz", ids, labels, to="seit")
+    write_tokens(tmp_path / "b" / "t-token.data.bin.gz", ids, labels, to="seit")
+    assert all(np.array_equal(a.read(i), ids[i]) for i in range(40))
+    assert np.array_equal(a.read_many([5, 0, 1]), ids[[5, 0, 1]])
+    assert np.array_equal(a.labels, labels) and a.grid == (6, 6) and a.vocab_size == 511
+    for name in ("t-token.data.bin.gz", "t-token.index.npy.gz", "t-label.txt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_seit_writer_refuses_ids_the_escape_coding_cannot_hold(tmp_path: Path) -> None:
+    ids = np.zeros((3, 2, 2), np.int64)
+    ids[1, 1, 0] = 511
+    with pytest.raises(ValueError, match=r"record 1 holds id 511; SeiT's escape coding holds ids 0\.\.510"):
+        write_tokens(tmp_path / "t-token.data.bin.gz", ids, to="seit")
+
+
+def _seit_files(folder: Path, stream: bytes, offsets: list[int], labels: list[int] | None = None) -> Path:
+    """Hand-made SeiT files (to hold what our writer never writes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "h-token.data.bin.gz"
+    data.write_bytes(gzip.compress(stream))
+    buf = io.BytesIO()
+    np.save(buf, np.array(offsets, np.int64))
+    (folder / "h-token.index.npy.gz").write_bytes(gzip.compress(buf.getvalue()))
+    if labels is not None:
+        (folder / "h-label.txt").write_text("".join(f"{v}\n" for v in labels))
+    return data
+
+
+def test_seit_truncated_stream_names_the_file_and_record(tmp_path: Path) -> None:
+    ids = random_tokens(50, vocab=500, seed=2)
+    write_tokens(tmp_path / "t-token.data.bin.gz", ids, to="seit")
+    data = tmp_path / "t-token.data.bin.gz"
+    raw = gzip.decompress(data.read_bytes())
+    data.write_bytes(gzip.compress(raw)[: len(gzip.compress(raw)) // 2])
+    with pytest.raises(
+        TokenRecordError, match=r"t-token\.data\.bin\.gz: truncated: .*\(inside record \d+ of 50\)"
+    ):
+        open_tokens(data)
+    report = verify(data)
+    assert report["bad"] >= 1 and report["ok"] < 50
+    assert "truncated" in report["bad_records"][0]["error"]
+    assert any(b["record"] == 49 and "past the end" in b["error"] for b in report["bad_records"])
+
+
+def test_seit_index_that_does_not_match_the_stream(tmp_path: Path) -> None:
+    stream = bytes([1, 2, 3, 4, 5, 6, 7, 8])  # two 2x2 records
+    data = _seit_files(tmp_path / "long", stream, [0, 4, 9])
+    with pytest.raises(
+        TokenRecordError, match=r"h-token\.index\.npy\.gz: record 1: does not match the stream"
+    ):
+        open_tokens(data)
+    data = _seit_files(tmp_path / "back", stream, [0, 5, 4, 8])
+    with pytest.raises(TokenRecordError, match=r"h-token\.index\.npy\.gz: record 1: not monotone"):
+        open_tokens(data)
+    data = _seit_files(tmp_path / "labels", stream, [0, 4, 8], labels=[1, 2, 3])
+    with pytest.raises(
+        TokenRecordError, match=r"index\.npy\.gz: holds 3 offsets but h-label\.txt has 3 labels"
+    ):
+        open_tokens(data)
+
+
+def test_seit_damaged_records_name_the_record(tmp_path: Path) -> None:
+    # record 0: 4 ids; record 1: 3 ids (a 2x2 grid needs 4); record 2 ends in a dangling escape byte
+    stream = bytes([1, 2, 3, 4]) + bytes([1, 2, 3]) + bytes([1, 2, 3, 0xFF])
+    data = _seit_files(tmp_path, stream, [0, 4, 7, 11])
+    ds = open_tokens(data)
+    assert ds.grid == (2, 2) and ds.read(0).tolist() == [[1, 2], [3, 4]]
+    with pytest.raises(
+        TokenRecordError, match=r"h-token\.data\.bin\.gz: record 1: decodes to 3 ids, expected 4"
+    ):
+        ds.read(1)
+    with pytest.raises(TokenRecordError, match=r"record 2: ends in a dangling 0xFF escape byte"):
+        ds.read(2)
+    with pytest.raises(IndexError, match="record 3 is out of range"):
+        ds.read(3)
+    report = verify(data)
+    assert (report["records"], report["ok"], report["bad"]) == (3, 1, 2)
+    assert [b["record"] for b in report["bad_records"]] == [1, 2]
+
+
+def test_seit_grid_and_vocabulary_checks(tmp_path: Path) -> None:
+    data = _seit_files(tmp_path / "a", bytes([1, 2, 3, 4, 5, 6]), [0, 6])
+    with pytest.raises(ValueError, match=r"record 0 holds 6 ids, not a square grid; pass grid=\(H, W\)"):
+        open_tokens(data)
+    assert open_tokens(data, grid=(2, 3)).read(0).tolist() == [[1, 2, 3], [4, 5, 6]]
+    data = _seit_files(tmp_path / "b", bytes([1, 2, 3, 9]), [0, 4])
+    torch.save(codebook(5), tmp_path / "b" / "codebook.ckpt")
+    with pytest.raises(TokenRecordError, match=r"record 0: holds id 9, outside the vocabulary \[0, 5\)"):
+        open_tokens(data).read(0)
+    torch.save({"not": "a tensor"}, tmp_path / "b" / "codebook.ckpt")
+    with pytest.raises(TokenRecordError, match=r"codebook\.ckpt: expected a bare float \[K, D\] codebook"):
+        open_tokens(data)
+
+
+def test_seit_cache_is_made_once_and_reused(tmp_path: Path, token_cache: Path) -> None:
+    ids = random_tokens(20, seed=3)
+    write_tokens(tmp_path / "t-token.data.bin.gz", ids, to="seit")
+    first = open_tokens(tmp_path / "t-token.data.bin.gz")
+    cached = list(token_cache.glob("*.bin"))
+    assert len(cached) == 1 and first.cache == cached[0]
+    before = cached[0].stat()
+    second = open_tokens(tmp_path / "t-token.data.bin.gz")
+    after = second.cache.stat()
+    assert second.cache == cached[0]
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert np.array_equal(second.read(7), ids[7])
+    assert not any(p.name.startswith(".") for p in token_cache.iterdir())  # no temporaries left
+    first.read(0)  # mapped
+    second.drop_cache()
+    assert not cached[0].exists() and np.array_equal(first.read(7), ids[7])  # a live map outlives unlink
+    assert second.cache is None and np.array_equal(second.read_many([7, 1]), ids[[7, 1]])
+
+
+def test_seit_read_many_is_one_pass_and_falls_back_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = random_tokens(30, vocab=400, seed=13)  # escapes, but no 0xFF value byte (id 510)
+    ds = write_tokens(tmp_path / "a" / "t-token.data.bin.gz", ids, to="seit", vocab_size=400)
+    order = [29, 0, -1, 7, 7]
+    with monkeypatch.context() as m:
+        m.setattr(ds, "read", lambda i: pytest.fail("read_many fell back to records one by one"))
+        assert np.array_equal(ds.read_many(order), ids[order])
+        assert ds.read_many([]).shape == (0, 6, 6)
+    with pytest.raises(IndexError, match="record 30 is out of range"):
+        ds.read_many([1, 30])
+    ids[3, 2, :3] = [510, 255, 510]  # runs of 0xFF bytes: marker, value 0xFF, marker, ...
+    ids[4, -1, -1] = 510  # ends in a 0xFF value byte, next to record 5's first byte
+    ids[5, 0, 0] = 300
+    ds = write_tokens(tmp_path / "b" / "t-token.data.bin.gz", ids, to="seit", vocab_size=511)
+    with monkeypatch.context() as m:
+        m.setattr(ds, "read", lambda i: pytest.fail("read_many fell back to records one by one"))
+        assert np.array_equal(ds.read_many(range(30)), ids)
+    damaged = open_tokens(
+        _seit_files(tmp_path / "c", bytes([1, 2, 3, 4, 1, 2, 3, 0xFF, 5, 6, 7, 8]), [0, 4, 8, 12])
+    )
+    # record 1 ends in a dangling escape byte: never carried into record 2's first id
+    with pytest.raises(TokenRecordError, match=r"h-token\.data\.bin\.gz: record 1: ends in a dangling 0xFF"):
+        damaged.read_many([0, 1, 2])
+    assert np.array_equal(damaged.read_many([2, 0]), [[[5, 6], [7, 8]], [[1, 2], [3, 4]]])
+
+
+def test_seit_without_cache_reads_from_memory(tmp_path: Path, token_cache: Path) -> None:
+    ids = random_tokens(12, seed=14)
+    write_tokens(tmp_path / "t-token.data.bin.gz", ids, to="seit")
+    for p in token_cache.glob("*"):
+        p.unlink()
+    ds = open_tokens(tmp_path / "t-token.data.bin.gz", cache=False)
+    assert ds.cache is None and np.array_equal(ds.read_many(range(12)), ids)
+    assert np.array_equal(pickle.loads(pickle.dumps(ds)).read(5), ids[5])
+    assert list(token_cache.glob("*")) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# our compact format
+
+
+@pytest.mark.parametrize(("vocab", "dtype"), [(256, np.uint8), (300, np.uint16)])
+def test_compact_cache_is_decoded_once_and_shared(
+    tmp_path: Path, token_cache: Path, capsys: pytest.CaptureFixture[str], vocab: int, dtype: type
+) -> None:
+    ids = random_tokens(50, vocab=vocab, seed=15)
+    write_tokens(tmp_path / "c", ids, np.arange(50), vocab_size=vocab, shard_size=16)
+    assert capsys.readouterr().out == ""  # building the cache prints nothing on stdout
+    (cached,) = token_cache.glob("*.npy")
+    assert sorted(p.name for p in token_cache.iterdir()) == [cached.name[:-4] + ".bad.json", cached.name]
+    stored = np.load(cached)
+    assert stored.dtype == dtype and stored.shape == (50, 6, 6) and np.array_equal(stored, ids)
+    before = cached.stat()
+    ds = open_tokens(tmp_path / "c")
+    assert ds.cache == cached and (ds.cache.stat().st_ino, ds.cache.stat().st_mtime_ns) == (
+        before.st_ino,
+        before.st_mtime_ns,
+    )  # reused, not rewritten
+    got = ds.read(17)
+    assert got.dtype == np.int64 and np.array_equal(got, ids[17]) and np.array_equal(ds.read(-1), ids[-1])
+    assert np.array_equal(ds.read_many(np.array([49, 3, -50, 3])), ids[[49, 3, 0, 3]])
+    assert np.array_equal(pickle.loads(pickle.dumps(ds)).read(40), ids[40])
+    with pytest.raises(IndexError, match="record 50 is out of range"):
+        ds.read_many([0, 50])
+    ds.drop_cache()
+    assert list(token_cache.iterdir()) == [] and np.array_equal(ds.read(17), ids[17])
+
+
+def test_compact_cache_follows_a_changed_dataset(tmp_path: Path, token_cache: Path) -> None:
+    first, second = random_tokens(20, seed=16), random_tokens(20, seed=17)
+    old = write_tokens(tmp_path / "c", first)
+    shutil.rmtree(tmp_path / "c")
+    new = write_tokens(tmp_path / "c", second)
+    assert new.cache != old.cache and np.array_equal(open_tokens(tmp_path / "c").read_many(range(20)), second)
+    assert len(list(token_cache.glob("*.npy"))) == 2
+
+
+def test_rank_coder_round_trips_any_grid_shape() -> None:
+    for grid, levels in (((5, 7), None), ((16, 16), None), ((16, 16), 1), ((3, 1), None), ((9, 9), 0)):
+        ids = random_tokens(30, grid=grid, vocab=50, seed=4)
+        coder = RankCoder.fit(ids[:20], 50, levels=levels)
+        coded = coder.encode(ids)
+        back = [
+            coder.assemble(coder.decode_symbols(compact.words(np.frombuffer(b, np.uint8)))) for b in coded
+        ]
+        assert all(np.array_equal(b, i) for b, i in zip(back, ids, strict=True)), (grid, levels)
+
+
+def test_large_vocabularies_are_coded_order0(tmp_path: Path) -> None:
+    ids = random_tokens(12, vocab=3000, seed=11)
+    ds = write_tokens(tmp_path / "c", ids, vocab_size=3000)
+    assert ds.header["codec"]["levels"] == 0 and ds.vocab_size == 3000
+    assert np.array_equal(ds.read_many(range(12)), ids)
+
+
+def test_rank_coder_bytes_are_stable() -> None:
+    """A dataset written today must read the same tomorrow: the coded bytes of a fixed example."""
+    ids = np.arange(64).reshape(1, 8, 8) % 5
+    coder = RankCoder.fit(np.concatenate([ids, ids.transpose(0, 2, 1)]), 5)
+    assert coder.levels == 1 and coder.encode(ids)[0].hex() == "bab085f2e2e7236ac37100cbd213"
+
+
+def test_compact_round_trip_and_stored_layout(tmp_path: Path) -> None:
+    ids = random_tokens(70, seed=5)
+    labels = np.arange(70) % 3
+    cb = codebook(300)
+    ds = write_tokens(
+        tmp_path / "c", ids, labels, codebook=cb, classes=CLASSES, meta={"tok": "x"}, shard_size=32
+    )
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "codebook.safetensors",
+        "codec.npz",
+        "mimkit-tokens.json",
+        "shard-00000.mtok",
+        "shard-00001.mtok",
+        "shard-00002.mtok",
+    ]
+    header = json.loads((tmp_path / "c" / "mimkit-tokens.json").read_text())
+    assert header["format"] == "mimkit-tokens" and header["records"] == 70
+    assert [s["records"] for s in header["shards"]] == [32, 32, 6]
+    assert header["codec"]["name"] == "rank-ans" and header["codec"]["library"].startswith("constriction")
+    assert all(np.array_equal(ds.read(i), ids[i]) for i in range(70))
+    assert np.array_equal(ds.read(-1), ids[-1])
+    assert np.array_equal(ds.read_many([69, 3, 33, 3]), ids[[69, 3, 33, 3]])
+    assert np.array_equal(ds.labels, labels) and ds.classes == CLASSES and ds.meta == {"tok": "x"}
+    assert torch.equal(ds.codebook, cb)
+    assert (
+        ds.stored_bytes()
+        == sum(p.stat().st_size for p in (tmp_path / "c").iterdir())
+        - (tmp_path / "c" / "codebook.safetensors").stat().st_size
+    )
+    again = pickle.loads(pickle.dumps(ds))
+    assert np.array_equal(again.read(40), ids[40])
+
+
+def test_compact_flipped_byte_is_reported_never_decoded(tmp_path: Path, token_cache: Path) -> None:
+    ids = random_tokens(40, seed=6)
+    ds = write_tokens(tmp_path / "c", ids, shard_size=25)
+    ds.drop_cache()  # the cache made from the sound shards is gone: the next one is decoded from damage
+    shard = tmp_path / "c" / "shard-00001.mtok"
+    start, end = ds._rows[30, 0], ds._rows[30, 1]  # record 30 = record 5 of shard 1
+    raw = bytearray(shard.read_bytes())
+    raw[(start + end) // 2] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    for cache in (True, False):
+        ds = open_tokens(tmp_path / "c", cache=cache)
+        assert (ds.cache is not None) == cache
+        with pytest.raises(
+            TokenRecordError, match=r"shard-00001\.mtok: record 30 \(5 of this shard\): checksum mismatch"
+        ):
+            ds.read(30)
+        with pytest.raises(TokenRecordError, match=r"shard-00001\.mtok: record 30 \(5 of this shard\)"):
+            ds.read_many([2, 30])
+        assert np.array_equal(ds.read(31), ids[31]) and np.array_equal(ds.read_many([31, 0]), ids[[31, 0]])
+    (sidecar,) = token_cache.glob("*.bad.json")
+    assert list(json.loads(sidecar.read_text())["bad"]) == ["30"]
+    report = verify(tmp_path / "c")
+    assert (report["records"], report["ok"], report["bad"]) == (40, 39, 1)
+    assert report["bad_records"][0]["record"] == 30
+
+
+def test_compact_truncated_shard(tmp_path: Path) -> None:
+    write_tokens(tmp_path / "c", random_tokens(30, seed=7), shard_size=20)
+    shard = tmp_path / "c" / "shard-00000.mtok"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    with pytest.raises(
+        TokenRecordError, match=r"shard-00000\.mtok: truncated: \d+ bytes, the header says \d+"
+    ):
+        open_tokens(tmp_path / "c")
+    report = verify(tmp_path / "c")
+    assert (report["ok"], report["bad"]) == (10, 20)
+    assert "shard-00000.mtok" in report["bad_records"][0]["error"]
+
+
+def test_compact_resume_by_shard_equals_one_go(tmp_path: Path) -> None:
+    ids, labels = random_tokens(50, seed=8), np.arange(50)
+    common = {"grid": (6, 6), "vocab_size": 300, "classes": CLASSES, "shard_size": 20}
+
+    def write(folder: Path, stop_after: int | None) -> None:
+        writer = CompactWriter(folder, **common)
+        if not writer.fitted:
+            writer.fit(ids)
+        done = set(writer.done_shards())
+        for k in range(3):
+            if k not in done:
+                writer.write_shard(k, ids[20 * k : 20 * k + 20], labels[20 * k : 20 * k + 20])
+            if k == stop_after:
+                return  # killed: no header
+        writer.finish()
+
+    write(tmp_path / "one", None)
+    write(tmp_path / "resumed", stop_after=1)
+    with pytest.raises(
+        ValueError, match=r"incomplete mimkit token dataset: 2 shard file\(s\) but no mimkit-tokens"
+    ):
+        open_tokens(tmp_path / "resumed")
+    (tmp_path / "resumed" / ".shard-00002.mtok.tmp99").write_bytes(b"half")  # a crashed write's leftover
+    assert CompactWriter(tmp_path / "resumed", **common).done_shards() == [0, 1]
+    before = (tmp_path / "resumed" / "shard-00000.mtok").stat().st_mtime_ns
+    write(tmp_path / "resumed", None)
+    assert (tmp_path / "resumed" / "shard-00000.mtok").stat().st_mtime_ns == before  # not rewritten
+    for name in (
+        "mimkit-tokens.json",
+        "codec.npz",
+        "shard-00000.mtok",
+        "shard-00001.mtok",
+        "shard-00002.mtok",
+    ):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    ds = open_tokens(tmp_path / "resumed")
+    assert np.array_equal(ds.read_many(range(50)), ids) and np.array_equal(ds.labels, labels)
+
+
+def test_compact_writer_guards(tmp_path: Path) -> None:
+    writer = CompactWriter(tmp_path / "c", grid=(6, 6), vocab_size=300)
+    with pytest.raises(ValueError, match=r"call fit\(sample\) before writing shards"):
+        writer.write_shard(0, random_tokens(3))
+    writer.fit(random_tokens(10))
+    with pytest.raises(ValueError, match=r"shard-00000\.mtok: record 2 holds id 300, outside \[0, 300\)"):
+        writer.write_shard(0, np.full((3, 6, 6), 2) + (np.arange(3) == 2)[:, None, None] * 298)
+    writer.write_shard(1, random_tokens(3))
+    with pytest.raises(ValueError, match=r"shards \[0\] are missing; write them before finish\(\)"):
+        writer.finish()
+    with pytest.raises(ValueError, match="fitting again would make them unreadable"):
+        writer.fit(random_tokens(10))
+    with pytest.raises(ValueError, match="already holds a mimkit token dataset"):
+        write_tokens(tmp_path / "c", random_tokens(3))
+
+
+def test_compact_writer_refuses_to_resume_another_dataset(tmp_path: Path) -> None:
+    ids, cb = random_tokens(30, seed=12), codebook(300)
+    same = {"grid": (6, 6), "vocab_size": 300, "codebook": cb, "shard_size": 20}
+    writer = CompactWriter(tmp_path / "c", **same)
+    writer.fit(ids)
+    writer.write_shard(0, ids[:20])
+    other_cb = compact.codebook_sha256(codebook(300) * 2)[:12]
+    folder = str(tmp_path / "c").replace("/", "\\/")
+    for changed, why in (
+        (
+            {"grid": (8, 8), "codebook": None},
+            r"grid \(6, 6\) there, \(8, 8\) here; codebook_sha256 \w{12}\.\.\. there, none here",
+        ),
+        ({"vocab_size": 301, "codebook": codebook(301)}, r"vocab_size 300 there, 301 here"),
+        ({"shard_size": 10}, r"shard_size 20 there, 10 here\. Resuming it would mix two datasets"),
+        ({"codebook": codebook(300) * 2}, rf"codebook_sha256 \w{{12}}\.\.\. there, {other_cb}\.\.\. here"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{folder}: holds a token dataset .* other parameters: {why}"):
+            CompactWriter(tmp_path / "c", **{**same, **changed})
+    resumed = CompactWriter(tmp_path / "c", **same)  # the same parameters continue it
+    assert resumed.fitted and resumed.done_shards() == [0]
+    resumed.write_shard(1, ids[20:])
+    ds = resumed.finish()
+    assert not (tmp_path / "c" / compact.WRITING).exists() and ds.header["shard_size"] == 20
+    assert np.array_equal(ds.read_many(range(30)), ids)
+    # a finished folder: the header tells the parameters
+    with pytest.raises(ValueError, match=r"other parameters: shard_size 20 there, 10 here"):
+        CompactWriter(tmp_path / "c", **{**same, "shard_size": 10})
+    with pytest.raises(ValueError, match=r"other parameters: codebook_sha256 \w{12}\.\.\. there, none here"):
+        CompactWriter(tmp_path / "c", **{**same, "codebook": None})
+    assert CompactWriter(tmp_path / "c", **same).done_shards() == [0, 1]
+
+
+def test_compact_is_smaller_than_seit_on_proxy_tokens(tmp_path: Path) -> None:
+    ids = proxy_tokens(300)
+    write_tokens(tmp_path / "s" / "p-token.data.bin.gz", ids, to="seit")
+    c = write_tokens(tmp_path / "c", ids)
+    shards = sum(p.stat().st_size for p in c.files() if p.name.startswith("shard-"))
+    seit_stream = (tmp_path / "s" / "p-token.data.bin.gz").stat().st_size
+    assert shards < 0.95 * seit_stream  # per-record coding beats one gzip stream over all records
+    assert all(np.array_equal(c.read(i), ids[i]) for i in range(0, 300, 7))
+
+
+# ----------------------------------------------------------------------------------------------------
+# both: detection, conversion, inspection, loaders
+
+
+def test_detection_and_open_errors(tmp_path: Path) -> None:
+    write_tokens(tmp_path / "s" / "x-token.data.bin.gz", random_tokens(4), to="seit")
+    write_tokens(tmp_path / "c", random_tokens(4))
+    assert is_token_dataset(tmp_path / "s" / "x-token.data.bin.gz") and is_token_dataset(tmp_path / "s")
+    assert is_token_dataset(tmp_path / "s" / "x") and is_token_dataset(tmp_path / "c")
+    assert open_tokens(tmp_path / "s").format == "seit" and open_tokens(tmp_path / "c").format == "mimkit"
+    (tmp_path / "other").mkdir()
+    assert not is_token_dataset(tmp_path / "other")
+    with pytest.raises(
+        ValueError, match=r"'.*other' is not a token dataset: expected SeiT's files .* mimkit"
+    ):
+        open_tokens(tmp_path / "other")
+
+
+def test_convert_both_ways_keeps_everything(tmp_path: Path) -> None:
+    ids, labels, cb = random_tokens(45, vocab=300, seed=9), np.arange(45) % 3, codebook(300)
+    meta = {"tokenizer": {"patch": 2}}
+    c = write_tokens(tmp_path / "c", ids, labels, codebook=cb, classes=CLASSES, meta=meta, shard_size=16)
+    s = convert(tmp_path / "c", tmp_path / "s" / "cifar-token.data.bin.gz", to="seit")
+    back = convert(s.path, tmp_path / "back", to="mimkit")
+    for ds in (c, s, back):
+        assert np.array_equal(ds.read_many(range(45)), ids), ds.format
+        assert np.array_equal(ds.labels, labels) and ds.classes == CLASSES and ds.meta == meta
+        assert torch.equal(ds.codebook, cb) and ds.grid == (6, 6) and ds.vocab_size == 300
+    unlabelled = convert(
+        write_tokens(tmp_path / "u" / "u-token.data.bin.gz", ids, to="seit"), tmp_path / "u2", to="mimkit"
+    )
+    assert unlabelled.labels is None and unlabelled[3][1] == -1
+
+
+def test_info_and_verify(tmp_path: Path) -> None:
+    ids = np.array([[[0, 1], [1, 1]], [[2, 2], [2, 2]]])
+    c = write_tokens(tmp_path / "c", ids, [0, 1], vocab_size=4)
+    s = write_tokens(tmp_path / "s-token.data.bin.gz", ids, [0, 1], to="seit", vocab_size=4)
+    for ds in (c, s):
+        got = info(ds.path)
+        assert (got["format"], got["records"], got["grid"], got["vocab_size"]) == (ds.format, 2, [2, 2], 4)
+        assert got["codes_used"] == 3 and got["labels"] is True and got["codebook"] is None
+        # counts 1, 3, 4 of 8: perplexity 2 ** H
+        p = np.array([1, 3, 4]) / 8
+        assert got["perplexity"] == pytest.approx(2 ** -(p * np.log2(p)).sum())
+        assert got["bytes_per_image"] == pytest.approx(ds.stored_bytes() / 2)
+        report = verify(ds.path)
+        assert (report["records"], report["ok"], report["bad"], report["bad_records"]) == (2, 2, 0, [])
+
+
+@pytest.mark.parametrize(("to", "cache"), [("seit", True), ("mimkit", True), ("mimkit", False)])
+def test_dataloader_workers_read_the_right_records(tmp_path: Path, to: str, cache: bool) -> None:
+    ids, labels = random_tokens(24, seed=10), np.arange(24) % 3
+    dst = tmp_path / ("t-token.data.bin.gz" if to == "seit" else "c")
+    write_tokens(dst, ids, labels, to=to, shard_size=10)
+    ds = open_tokens(dst, cache=cache)
+    ds.read(0)  # maps opened in the parent: the workers must still read correctly after fork
+    loader = DataLoader(ds, batch_size=5, num_workers=2, multiprocessing_context="fork")
+    got = [(x, y) for x, y in loader]
+    assert torch.equal(torch.cat([x for x, _ in got]), torch.from_numpy(ids))
+    assert torch.equal(torch.cat([y for _, y in got]), torch.from_numpy(labels))
