@@ -9,8 +9,8 @@ are only as steady as the machine is idle.
     python bench/storage.py --proxy 5000                           # k-means proxy tokens (no tokenizer)
 
 ``--images`` are the images the tokens were made from, in the same order (default: CIFAR-10
-train_part3). Proxy tokens: MiniBatchKMeans (511 clusters, seed 0) of the 2x2x3 pixel patches of
-2,000 images of train_part0, then one id per patch of each image (a 16x16 grid; ids 0..510, all within
+train_part3). Proxy tokens: MiniBatchKMeans (510 clusters, seed 0) of the 2x2x3 pixel patches of
+2,000 images of train_part0, then one id per patch of each image (a 16x16 grid; ids 0..509, all within
 SeiT's escape coding).
 """
 
@@ -34,12 +34,12 @@ from mimkit.tokens.dataset import TokenDataset, open_tokens, write_tokens
 from mimkit.tokens.seit import DEFAULT_VOCAB as SEIT_VOCAB
 
 CIFAR = Path("/work/shared/data/cifar10")
-PROXY_CLUSTERS = 511  # ids 0..510: the most SeiT's escape coding holds
+PROXY_CLUSTERS = SEIT_VOCAB  # 510, ids 0..509: the most SeiT's escape coding holds
 PROXY_FIT_IMAGES = 2000
 
 
 def proxy_tokens(images: np.ndarray, fit_file: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [N, H/2, W/2], codebook [511, 12]): k-means of 2x2x3 patches fitted on ``fit_file``. The
+    """(ids [N, H/2, W/2], codebook [510, 12]): k-means of 2x2x3 patches fitted on ``fit_file``. The
     codebook is not stored: both formats' byte counts exclude it."""
     from sklearn.cluster import MiniBatchKMeans
 
@@ -216,7 +216,7 @@ def main() -> None:
         folder = Path(tmp)
         os.environ["MIMKIT_CACHE"] = str(folder / "cache")  # the caches made here go with the folder
         sizes: dict[str, float] = image_bytes(images, folder) if images is not None else {}
-        # SeiT's escape coding holds ids 0..510: a larger vocabulary has no SeiT figures
+        # SeiT's escape coding holds ids 0..509: a larger vocabulary has no SeiT figures
         seit = (
             write_tokens(
                 folder / "seit" / "tokens-token.data.bin.gz", ids, labels, to="seit", vocab_size=vocab

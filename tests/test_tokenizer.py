@@ -19,9 +19,10 @@ from mimkit.distributed import init_distributed
 from mimkit.eval.knn import knn_evaluate
 from mimkit.models.input_spec import InputSpec
 from mimkit.models.vit import build_encoder
-from mimkit.runs.tokenize import tokenize, tokenizer_view, train_tokenizer
+from mimkit.runs.tokenize import decode_grid, import_vitvqgan, tokenize, tokenizer_view, train_tokenizer
 from mimkit.tokens.dataset import open_tokens
 from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, load_tokenizer, save_tokenizer
+from mimkit.tokens.vitvqgan import to_vitvqgan
 from tests.conftest import straight_and_resumed
 
 TOKENIZER = [
@@ -166,7 +167,10 @@ def test_tokenize_resumes_at_the_first_missing_shard(tmp_path: Path) -> None:
     assert len(shards) == 3
     # keep shard 0 only (a run killed after its first shard), then run again
     for p in (tmp_path / "a").iterdir():
-        if (p.name.startswith("shard-") and p != shards[0]) or p.suffix == ".json":
+        if (p.name.startswith("shard-") and p != shards[0]) or p.name in (
+            "mimkit-tokens.json",
+            "tokenize_report.json",
+        ):
             p.unlink()
     before = shards[0].stat().st_mtime_ns
     tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "a"), **args)
@@ -266,3 +270,47 @@ def test_knn_of_a_token_encoder_on_token_datasets(tmp_path: Path) -> None:
     pixel = build_encoder("vit_tiny", img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2)
     with pytest.raises(ValueError, match="this encoder takes pixels, but 'tokens:"):
         knn_evaluate(pixel, train, val, eval_view(32, pixel.input_spec), env)
+
+
+def test_tokenize_refuses_to_mix_two_runs_in_one_folder(tmp_path: Path) -> None:
+    tok = small_tokenizer(seed=6)
+    tok.prune(torch.ones(64, dtype=torch.long))
+    save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
+    args = {"num_workers": 0, "max_images": 30, "progress": False}
+    tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "t"), **args)
+    tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "t"), **args)  # the same: fine
+    with pytest.raises(ValueError, match=r"holds tokens of another run \(source 'demo:val\[:30\]' there"):
+        tokenize(str(tmp_path / "tokenizer.pt"), "demo:train", str(tmp_path / "t"), **args)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already holds files that no `mimkit tokenize` run wrote"):
+        tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "other"), **args)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_decode_checks_that_records_and_images_line_up(tmp_path: Path) -> None:
+    tok = small_tokenizer(seed=7)
+    tok.prune(torch.ones(64, dtype=torch.long))
+    save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
+    t = str(tmp_path / "tokenizer.pt")
+    tokenize(t, "demo:val", str(tmp_path / "d"), num_workers=0, max_images=40, progress=False)
+    good = decode_grid(t, str(tmp_path / "d"), str(tmp_path / "g.png"), images="demo:val", count=16)
+    assert good["psnr_images"] == 16
+    with pytest.raises(ValueError, match="the records do not line up with the images of 'demo:train'"):
+        decode_grid(t, str(tmp_path / "d"), str(tmp_path / "g.png"), images="demo:train", count=16)
+
+
+def test_import_vitvqgan_prunes_to_the_codes_the_images_use(tmp_path: Path) -> None:
+    original = small_tokenizer(codebook=64, seed=8)
+    torch.save(to_vitvqgan(original), tmp_path / "vq.pt")
+    import_vitvqgan(
+        str(tmp_path / "vq.pt"), "demo:val", str(tmp_path / "imp"), num_heads=2, max_images=50, num_workers=0
+    )
+    imported = load_tokenizer(tmp_path / "imp").model
+    assert imported.pruned and imported.vocab_size <= 64
+    view = tokenizer_view(32, (0.0,) * 3, (1.0,) * 3)
+    images = demo_source("val")
+    x = torch.stack([view(images.load(i)[0])["image"] for i in range(50)])
+    full = original.encode(x)
+    assert torch.equal(imported.kept_codes[imported.encode(x)], full)
+    assert imported.vocab_size == len(torch.unique(full))

@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from mimkit.tokens import compact
 from mimkit.tokens.compact import CompactWriter, RankCoder
 from mimkit.tokens.dataset import (
     TokenRecordError,
+    cache_dir,
     convert,
     info,
     is_token_dataset,
@@ -27,6 +29,7 @@ from mimkit.tokens.dataset import (
     verify,
     write_tokens,
 )
+from mimkit.tokens.seit import SeitWriter, check_seit_target
 
 CLASSES = ("cat", "dog", "ship")
 
@@ -82,24 +85,171 @@ def test_seit_bytes_are_the_official_layout(tmp_path: Path) -> None:
 
 
 def test_seit_round_trip_is_exact_and_deterministic(tmp_path: Path) -> None:
-    ids = random_tokens(40, vocab=511, seed=1)
-    ids[0, 0, :4] = [510, 510, 255, 509]  # 0xFF 0xFF pairs: markers next to 0xFF values
-    ids[1, -1, -1] = 510  # a record ending in 0xFF as a value byte
+    ids = random_tokens(40, vocab=510, seed=1)
+    ids[0, 0, :4] = [509, 509, 255, 254]  # the largest id: 0xFF 0xFE, never a second 0xFF
+    ids[1, -1, -1] = 509  # a record ending in an escaped id
     labels = np.arange(40) % 3
     a = write_tokens(tmp_path / "a" / "t-token.data.bin.gz", ids, labels, to="seit")
     write_tokens(tmp_path / "b" / "t-token.data.bin.gz", ids, labels, to="seit")
+    raw = gzip.decompress((tmp_path / "a" / "t-token.data.bin.gz").read_bytes())
+    assert raw[:7] == b"\xff\xfe\xff\xfe\xff\x00\xfe" and b"\xff\xff" not in raw
     assert all(np.array_equal(a.read(i), ids[i]) for i in range(40))
     assert np.array_equal(a.read_many([5, 0, 1]), ids[[5, 0, 1]])
-    assert np.array_equal(a.labels, labels) and a.grid == (6, 6) and a.vocab_size == 511
+    assert np.array_equal(a.labels, labels) and a.grid == (6, 6) and a.vocab_size == 510
     for name in ("t-token.data.bin.gz", "t-token.index.npy.gz", "t-label.txt"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 def test_seit_writer_refuses_ids_the_escape_coding_cannot_hold(tmp_path: Path) -> None:
     ids = np.zeros((3, 2, 2), np.int64)
-    ids[1, 1, 0] = 511
-    with pytest.raises(ValueError, match=r"record 1 holds id 511; SeiT's escape coding holds ids 0\.\.510"):
+    ids[1, 1, 0] = 510  # 0xFF 0xFF: the official reader would take both bytes for markers
+    with pytest.raises(ValueError, match=r"record 1 holds id 510; SeiT's escape coding holds ids 0\.\.509"):
         write_tokens(tmp_path / "t-token.data.bin.gz", ids, to="seit")
+    with pytest.raises(ValueError, match=r"holds ids 0\.\.509; a vocabulary of 511 does not fit"):
+        write_tokens(tmp_path / "t-token.data.bin.gz", ids, to="seit", vocab_size=511)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seit_folder_holds_one_codebook(tmp_path: Path) -> None:
+    """A different codebook.ckpt in the folder is refused before anything is written, and again if it
+    appears while the records are written: never a finished-looking dataset beside the wrong codebook."""
+    ids = random_tokens(6, vocab=50, seed=20)
+    write_tokens(tmp_path / "train-token.data.bin.gz", ids, to="seit", codebook=codebook(50))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    clash = r"its codebook\.ckpt differs from this dataset's codebook \(other values\); a folder holds one"
+    with pytest.raises(ValueError, match=clash):
+        SeitWriter(tmp_path / "val-token.data.bin.gz", codebook=codebook(50) * 2)
+    with pytest.raises(ValueError, match=clash):
+        check_seit_target(tmp_path / "val-token.data.bin.gz", codebook(50) * 2, 50)
+    with pytest.raises(ValueError, match=r"\(\(50, 4\) there, \(60, 4\) here\)"):
+        check_seit_target(tmp_path / "val-token.data.bin.gz", codebook(60))
+    # without a codebook of its own a dataset uses the folder's, so its ids must fit that one
+    with pytest.raises(
+        ValueError, match=r"codebook\.ckpt has 50 rows .* a dataset of 300 codes does not fit"
+    ):
+        check_seit_target(tmp_path / "val-token.data.bin.gz", None, 300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    same = write_tokens(tmp_path / "val-token.data.bin.gz", ids, to="seit", codebook=codebook(50))
+    assert torch.equal(same.codebook, codebook(50)) and same.vocab_size == 50
+    # a codebook written into the folder while a dataset is being written
+    other = tmp_path / "other"
+    writer = SeitWriter(other / "val-token.data.bin.gz", codebook=codebook(50))
+    writer.append(ids, np.arange(6))
+    other.mkdir(exist_ok=True)
+    torch.save(codebook(50) * 3, other / "codebook.ckpt")
+    with pytest.raises(ValueError, match=clash):
+        writer.finish()
+    assert [p.name for p in other.iterdir()] == ["codebook.ckpt"]
+
+
+def test_check_seit_target_gives_the_writers_errors(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"a SeiT dataset is named NAME-token\.data\.bin\.gz .*got '.*x\.gz'"
+    ):
+        check_seit_target(tmp_path / "x.gz", codebook(391), 391)
+    with pytest.raises(ValueError, match=r"holds ids 0\.\.509; a vocabulary of 600 does not fit"):
+        check_seit_target(tmp_path / "t-token.data.bin.gz", codebook(600))
+    with pytest.raises(ValueError, match=r"vocab_size=300 but the codebook has 391 rows"):
+        check_seit_target(tmp_path / "t-token.data.bin.gz", codebook(391), 300)
+    assert check_seit_target(tmp_path / "d", codebook(391), 391) == tmp_path / "d" / "d-token.data.bin.gz"
+    assert list(tmp_path.iterdir()) == []  # a check writes nothing
+
+
+def test_seit_refuses_an_existing_dataset_unless_overwrite(tmp_path: Path) -> None:
+    data = tmp_path / "t-token.data.bin.gz"
+    write_tokens(data, random_tokens(4, seed=21), [0, 1, 2, 0], to="seit")
+    exists = r"t-token\.data\.bin\.gz: already exists; remove it \(and its t-token\.index\.npy\.gz\) first"
+    with pytest.raises(ValueError, match=exists):
+        write_tokens(data, random_tokens(3, seed=22), to="seit")
+    with pytest.raises(ValueError, match=exists):
+        check_seit_target(data)
+    with pytest.raises(ValueError, match=exists):
+        convert(data, data, to="seit")
+    assert check_seit_target(data, overwrite=True) == data
+    writer = SeitWriter(data, overwrite=True)
+    writer.append(random_tokens(3, seed=22))
+    ds = writer.finish()
+    assert len(ds) == 3 and ds.labels is None and not (tmp_path / "t-label.txt").exists()
+    assert np.array_equal(ds.read_many(range(3)), random_tokens(3, seed=22))
+
+
+def test_failed_writes_leave_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = random_tokens(30, seed=23)
+    with pytest.raises(ValueError, match=r"30 records need 30 labels; got shape \(29,\)"):
+        write_tokens(tmp_path / "new" / "t-token.data.bin.gz", ids, np.arange(29), to="seit")
+    assert not (tmp_path / "new").exists()  # neither the temporary stream nor the folder made for it
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="30 records need 30 labels"):
+        write_tokens(tmp_path / "kept" / "t-token.data.bin.gz", ids, np.arange(29), to="seit")
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
+    # a conversion to mimkit that fails after its codec and first shard are written
+    source = write_tokens(tmp_path / "s-token.data.bin.gz", ids, to="seit")
+    calls = {"n": 0}
+    read_many = source.read_many
+
+    def failing(indices: np.ndarray) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the fit sample, shard 0, then shard 1 fails
+            raise TokenRecordError("s-token.data.bin.gz: record 12: damaged")
+        return read_many(indices)
+
+    monkeypatch.setattr(source, "read_many", failing)
+    for dst in (tmp_path / "a" / "c", tmp_path / "kept"):
+        calls["n"] = 0
+        with pytest.raises(TokenRecordError, match="record 12: damaged"):
+            convert(source, dst, to="mimkit", shard_size=10)
+    assert not (tmp_path / "a").exists()
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
+    monkeypatch.setattr(source, "read_many", read_many)
+    assert np.array_equal(convert(source, tmp_path / "a" / "c", to="mimkit").read_many(range(30)), ids)
+
+
+def test_seit_flipped_byte_is_reported_once_where_the_stream_fails(tmp_path: Path) -> None:
+    ids = random_tokens(50, vocab=300, seed=2)
+    source = write_tokens(tmp_path / "good" / "t-token.data.bin.gz", ids, to="seit", vocab_size=300)
+    offsets = source.offsets
+    good = source.path.read_bytes()
+    data = tmp_path / "t-token.data.bin.gz"
+    shutil.copy(source.path.with_name("t-token.index.npy.gz"), tmp_path)
+    # the first flip from the middle on that breaks the deflate data (most only break the CRC-32)
+    for pos in range(len(good) // 2, len(good) - 8):
+        raw = bytearray(good)
+        raw[pos] ^= 0x10
+        data.write_bytes(bytes(raw))
+        report = verify(data)
+        if "a damaged gzip stream" in report["bad_records"][0]["error"]:
+            break
+    stream_error = report["bad_records"][0]
+    found = re.search(
+        r"t-token\.data\.bin\.gz: a damaged gzip stream \(.*\): it fails after decompressed "
+        r"byte (\d+) \(inside record (\d+) of 50\)",
+        stream_error["error"],
+    )
+    assert stream_error["record"] is None and found, stream_error
+    fails_at, inside = int(found.group(1)), int(found.group(2))
+    assert 0 < fails_at < offsets[-1] and offsets[inside] <= fails_at < offsets[inside + 1]
+    files = [b for b in report["bad_records"] if b["record"] is None]
+    unreadable = [
+        b["record"] for b in report["bad_records"] if "reach past where the stream fails" in b["error"]
+    ]
+    assert len(files) == 1 and unreadable == [i for i in range(50) if offsets[i + 1] > fails_at]
+    assert (
+        report["ok"] + report["bad"] == 50 and report["bad"] >= len(unreadable) and report["ok"] >= inside - 1
+    )
+    with pytest.raises(TokenRecordError, match=re.escape(stream_error["error"])):
+        open_tokens(data)
+    # a damaged CRC-32: every record readable, the stream error still reported (once)
+    raw = bytearray(good)
+    raw[-8] ^= 0x01
+    data.write_bytes(bytes(raw))
+    report = verify(data)
+    assert (report["records"], report["ok"], report["bad"]) == (50, 50, 0)
+    (only,) = report["bad_records"]
+    assert only["record"] is None and re.search(
+        rf"checksum of the gzip member that ends at decompressed byte {offsets[-1]} does not match",
+        only["error"],
+    )
 
 
 def _seit_files(folder: Path, stream: bytes, offsets: list[int], labels: list[int] | None = None) -> Path:
@@ -126,9 +276,11 @@ def test_seit_truncated_stream_names_the_file_and_record(tmp_path: Path) -> None
     ):
         open_tokens(data)
     report = verify(data)
-    assert report["bad"] >= 1 and report["ok"] < 50
-    assert "truncated" in report["bad_records"][0]["error"]
-    assert any(b["record"] == 49 and "past the end" in b["error"] for b in report["bad_records"])
+    assert report["bad"] >= 1 and report["ok"] + report["bad"] == 50
+    assert report["bad_records"][0]["record"] is None and "truncated" in report["bad_records"][0]["error"]
+    assert any(
+        b["record"] == 49 and "past where the stream fails" in b["error"] for b in report["bad_records"]
+    )
 
 
 def test_seit_index_that_does_not_match_the_stream(tmp_path: Path) -> None:
@@ -212,10 +364,10 @@ def test_seit_read_many_is_one_pass_and_falls_back_exactly(
         assert ds.read_many([]).shape == (0, 6, 6)
     with pytest.raises(IndexError, match="record 30 is out of range"):
         ds.read_many([1, 30])
-    ids[3, 2, :3] = [510, 255, 510]  # runs of 0xFF bytes: marker, value 0xFF, marker, ...
-    ids[4, -1, -1] = 510  # ends in a 0xFF value byte, next to record 5's first byte
+    ids[3, 2, :3] = [509, 255, 509]  # escapes back to back: 0xFF 0xFE 0xFF 0x00 0xFF 0xFE
+    ids[4, -1, -1] = 509  # ends in an escaped id, next to record 5's first byte
     ids[5, 0, 0] = 300
-    ds = write_tokens(tmp_path / "b" / "t-token.data.bin.gz", ids, to="seit", vocab_size=511)
+    ds = write_tokens(tmp_path / "b" / "t-token.data.bin.gz", ids, to="seit", vocab_size=510)
     with monkeypatch.context() as m:
         m.setattr(ds, "read", lambda i: pytest.fail("read_many fell back to records one by one"))
         assert np.array_equal(ds.read_many(range(30)), ids)
@@ -226,6 +378,28 @@ def test_seit_read_many_is_one_pass_and_falls_back_exactly(
     with pytest.raises(TokenRecordError, match=r"h-token\.data\.bin\.gz: record 1: ends in a dangling 0xFF"):
         damaged.read_many([0, 1, 2])
     assert np.array_equal(damaged.read_many([2, 0]), [[[5, 6], [7, 8]], [[1, 2], [3, 4]]])
+
+
+def test_seit_two_escape_bytes_in_a_row_are_damage(tmp_path: Path) -> None:
+    """0xFF 0xFF (an id 510 by the old rule) decodes differently in the official reader, which takes every
+    0xFF for a marker: it is damage, even where the record still yields H*W ids."""
+    # record 1 = FF FF 01 02 03 04: four ids if the second 0xFF were a value; record 2 ends 0xFF, record 3
+    # starts with 0xFF 0x00 (a marker ending one record is never paired with the next record's)
+    stream = bytes([1, 2, 3, 4, 0xFF, 0xFF, 1, 2, 3, 4, 5, 6, 7, 0xFF, 0xFF, 0, 1, 2, 3])
+    ds = open_tokens(_seit_files(tmp_path, stream, [0, 4, 10, 14, 19]), grid=(2, 2))
+    for read in (lambda: ds.read(1), lambda: ds.read_many([0, 1])):
+        with pytest.raises(
+            TokenRecordError,
+            match=r"h-token\.data\.bin\.gz: record 1: holds two 0xFF escape bytes in a row at byte 0 "
+            r"of the record \(an escaped id's second byte is at most 254\)",
+        ):
+            read()
+    with pytest.raises(TokenRecordError, match=r"record 2: ends in a dangling 0xFF escape byte"):
+        ds.read_many([2])
+    assert np.array_equal(ds.read_many([3, 0]), [[[255, 1], [2, 3]], [[1, 2], [3, 4]]])
+    report = verify(ds.path)
+    assert (report["records"], report["ok"], report["bad"]) == (4, 2, 2)
+    assert "record 1: holds two 0xFF escape bytes in a row" in report["bad_records"][0]["error"]
 
 
 def test_seit_without_cache_reads_from_memory(tmp_path: Path, token_cache: Path) -> None:
@@ -374,6 +548,60 @@ def test_compact_truncated_shard(tmp_path: Path) -> None:
     report = verify(tmp_path / "c")
     assert (report["ok"], report["bad"]) == (10, 20)
     assert "shard-00000.mtok" in report["bad_records"][0]["error"]
+
+
+def _edit_header(folder: Path, **changes: object) -> None:
+    path = folder / "mimkit-tokens.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_compact_header_must_agree_with_codec_and_shards(tmp_path: Path) -> None:
+    ids = random_tokens(30, seed=24)
+    write_tokens(tmp_path / "c", ids, vocab_size=300, shard_size=20)
+    for changes, why in (
+        ({"vocab_size": 10}, r"says grid 6x6 and vocab_size 10, but codec\.npz codes grid 6x6 and 300 ids"),
+        ({"grid": [4, 16]}, r"says grid 4x16 and vocab_size 300, but codec\.npz codes grid 6x6 and 300 ids"),
+    ):
+        shutil.copytree(tmp_path / "c", tmp_path / "e", dirs_exist_ok=True)
+        _edit_header(tmp_path / "e", **changes)
+        match = rf"mimkit-tokens\.json: {why}: the header does not belong to these records"
+        for call in (lambda: open_tokens(tmp_path / "e"), lambda: info(tmp_path / "e")):
+            with pytest.raises(TokenRecordError, match=match):
+                call()
+        report = verify(tmp_path / "e")
+        assert (report["records"], report["ok"], report["bad"]) == (30, 0, 30)
+        (only,) = report["bad_records"]
+        assert only["record"] is None and re.search(match, only["error"])
+    shutil.copytree(tmp_path / "c", tmp_path / "e", dirs_exist_ok=True)
+    _edit_header(tmp_path / "e", records=29)
+    with pytest.raises(TokenRecordError, match=r"mimkit-tokens\.json: says 29 records; the shards hold 30"):
+        open_tokens(tmp_path / "e")
+    report = verify(tmp_path / "e")
+    assert (report["records"], report["ok"], report["bad"]) == (30, 30, 0)
+    assert [b["error"].split("/")[-1] for b in report["bad_records"]] == [
+        "mimkit-tokens.json: says 29 records; its shards hold 30"
+    ]
+    _edit_header(tmp_path / "e", records=30, grid="6x6")
+    with pytest.raises(TokenRecordError, match=r"'grid' must be \[H, W\] of positive integers; got '6x6'"):
+        open_tokens(tmp_path / "e")
+    report = verify(tmp_path / "e")
+    assert (report["records"], report["ok"], report["bad"]) == (0, 0, 0) and len(report["bad_records"]) == 1
+
+
+def test_compact_missing_codec_is_one_dataset_error(tmp_path: Path) -> None:
+    write_tokens(tmp_path / "c", random_tokens(30, seed=25), shard_size=20)
+    (tmp_path / "c" / "codec.npz").unlink()
+    report = verify(tmp_path / "c")
+    assert (report["records"], report["ok"], report["bad"]) == (30, 0, 30)
+    (only,) = report["bad_records"]
+    assert only["record"] is None and only["error"].endswith(
+        "codec.npz: the codec named in mimkit-tokens.json is missing"
+    )
+
+
+def test_compact_cache_path_is_keyed_by_content_and_name(tmp_path: Path, token_cache: Path) -> None:
+    ds = write_tokens(tmp_path / "c", random_tokens(5, seed=26))
+    assert ds.cache == compact.cache_path(ds._cache_key(), "c") == cache_dir() / f"c-{ds._cache_key()}.npy"
 
 
 def test_compact_resume_by_shard_equals_one_go(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from mimkit.runs.classify import check_task, task_config, train_classifier
 from mimkit.runs.evaluate import evaluation_table, knn
 from mimkit.runs.lock import RunFolderError
 from mimkit.runs.pretrain import check_buildable, pretrain
-from mimkit.runs.tokenize import decode_grid, encode_ids, tokenize, train_tokenizer
+from mimkit.runs.tokenize import decode_grid, encode_ids, import_vitvqgan, tokenize, train_tokenizer
 from mimkit.tokens.dataset import convert, info, verify
 from mimkit.train.engine import NonFiniteLoss, RunInterrupted
 
@@ -167,6 +167,20 @@ def _tokenizer_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer_import(args: argparse.Namespace) -> int:
+    result = import_vitvqgan(
+        args.weights,
+        args.data,
+        args.out,
+        img_size=args.img_size,
+        num_heads=args.num_heads,
+        device=args.device,
+        max_images=args.max_images,
+    )
+    print(f"wrote {Path(args.out) / 'tokenizer.pt'} ({result['tokenizer']['codes_used']} codes kept)")
+    return 0
+
+
 def _tokenize(args: argparse.Namespace) -> int:
     report = tokenize(
         args.tokenizer,
@@ -189,12 +203,16 @@ def _tokens(args: argparse.Namespace) -> int:
         print(f"wrote {len(dataset)} records to {dataset.path} ({args.to} format)")
         return 0
     result = info(args.src) if args.action == "info" else verify(args.src)
-    if args.json or args.action == "verify":
+    if args.json:
         print(json.dumps(result, indent=2, default=str))
-    else:
+    elif args.action == "info":
         for key, value in result.items():
             print(f"{key:18s} {value}")
-    return 1 if args.action == "verify" and result.get("bad_records") else 0
+    else:
+        for bad in result["bad_records"]:
+            print(f"damaged: {bad}")
+        print(f"{result['path']}: {result['records']} records, {result['ok']} good, {result['bad']} damaged")
+    return 1 if args.action == "verify" and result.get("bad") else 0
 
 
 def _recipes(args: argparse.Namespace) -> int:
@@ -305,9 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("tokenizer", help="tokenizer run folder or its tokenizer.pt")
     t.add_argument("data", help="images: a folder, .npz file(s), demo:train, ...")
     t.add_argument("--out", required=True, help="output .npz")
-    t.add_argument("--max-images", type=int)
+    t.add_argument("--max-images", type=int, default=1000, help="default: the first 1000")
     t.add_argument("--device", default="auto")
     t.set_defaults(func=_tokenizer_encode)
+    t = tok.add_parser(
+        "import", help="ViT-VQGAN weights (enhancing-transformers' state dict) as a pruned mimkit tokenizer"
+    )
+    t.add_argument("weights", help="a state dict file (torch.save(model.state_dict()), or Lightning's)")
+    t.add_argument("data", help="images whose codes are kept (the dataset to tokenize, or a sample)")
+    t.add_argument("--out", required=True, help="folder for tokenizer.pt and reconstructions.png")
+    t.add_argument("--img-size", type=int, help="when the file holds no position tables")
+    t.add_argument("--num-heads", type=int, help="default: width / 64, as the official configs")
+    t.add_argument("--max-images", type=int)
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=_tokenizer_import)
     t = tok.add_parser("decode", help="a PNG of token records decoded back to images")
     t.add_argument("tokenizer", help="tokenizer run folder or its tokenizer.pt")
     t.add_argument("tokens", help="a token dataset")

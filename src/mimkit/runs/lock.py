@@ -83,7 +83,7 @@ class RunLock:
             handle.close()
             return (
                 f"run folder '{self.folder}' is in use by another run ({describe(holder)}); wait for it to "
-                "end, or give this run another --out"
+                "end, or give this run another output folder"
             )
         except OSError as err:  # a file system without locks (some network mounts): run, but say so
             print(

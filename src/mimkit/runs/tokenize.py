@@ -8,12 +8,14 @@ normalisation it was trained with.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -34,10 +36,13 @@ from mimkit.runs.lock import RunLock
 from mimkit.runs.pretrain import pretrain
 from mimkit.tokens.compact import CompactWriter
 from mimkit.tokens.dataset import convert, open_tokens
+from mimkit.tokens.seit import check_seit_target
 from mimkit.tokens.tokenizer import VQTokenizer, load_tokenizer, perplexity, psnr, save_tokenizer
+from mimkit.tokens.vitvqgan import load_vitvqgan
 from mimkit.train.log import write_json
 
 SAMPLE_IMAGES = 256  # reconstruction PSNR and the decoded grid are measured on this many images
+FIT_IMAGES = 10_000  # mimkit's format fits its tables on this many images, spread over the source
 
 
 def tokenizer_view(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Views:
@@ -61,7 +66,7 @@ def image_batches(
     """Batches of images ``start..stop`` of a source in order, decoded by loader workers; unreadable images
     are named on stderr, added to ``skipped`` and left out."""
     stop = len(source) if stop is None else stop
-    part = _Range(source, start, stop)
+    part = _Picked(source, range(start, stop))
     loader = make_loader(
         ViewDataset(part, view),
         EpochSampler(len(part), shuffle=False, pad=False),
@@ -79,18 +84,18 @@ def image_batches(
             yield batch
 
 
-class _Range(ImageSource):
-    """Images start..stop of a source (a shard's worth)."""
+class _Picked(ImageSource):
+    """Some images of a source, by index (a shard's range, or a sample spread over the source)."""
 
-    def __init__(self, source: ImageSource, start: int, stop: int) -> None:
-        self.source, self.start, self.n = source, start, max(0, stop - start)
+    def __init__(self, source: ImageSource, indices: Sequence[int]) -> None:
+        self.source, self.indices = source, list(indices)
         self.classes, self.name = source.classes, source.name
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.indices)
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.source.load(self.start + index)
+        return self.source.load(self.indices[index])
 
 
 # -- mimkit tokenizer train --------------------------------------------------------------------------
@@ -115,24 +120,48 @@ def train_tokenizer(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
 
 
 def finish_tokenizer(out: Path, cfg: Config, device: torch.device) -> dict[str, Any]:
-    """Count the codes the trained tokenizer gives its training images, prune to the used ones, save
-    ``tokenizer.pt``, and measure PSNR and write ``reconstructions.png`` on the first images."""
+    """Keep the codes the trained tokenizer gives its training images (:func:`prune_on`)."""
     method, _, _ = load_method(out / "last.pt")
-    tokenizer: VQTokenizer = method.tokenizer.to(device).eval()
-    spec = method.spec
     source = build_source(cfg.data.train, image_size=cfg.model.img_size, max_images=cfg.data.max_images)
-    view = tokenizer_view(tokenizer.shape.img_size, spec.mean, spec.std)
+    return prune_on(
+        method.tokenizer.to(device).eval(),
+        method.spec.mean,
+        method.spec.std,
+        source,
+        out,
+        device,
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.data.num_workers,
+        progress=cfg.run.progress,
+    )
+
+
+def prune_on(
+    tokenizer: VQTokenizer,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    source: ImageSource,
+    out: Path,
+    device: torch.device,
+    *,
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Count the codes an (unpruned) tokenizer gives the images of ``source``, keep the used ones, save
+    ``out/tokenizer.pt``, and measure PSNR and write ``out/reconstructions.png`` on the first images."""
+    view = tokenizer_view(tokenizer.shape.img_size, mean, std)
     counts = torch.zeros(tokenizer.shape.codebook_size, dtype=torch.long, device=device)
     start = time.time()
-    progress = tqdm(total=len(source), desc="counting codes", unit="img", disable=not cfg.run.progress)
-    for batch in image_batches(
-        source, view, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers
-    ):
+    bar = tqdm(total=len(source), desc="counting codes", unit="img", disable=not progress)
+    for batch in image_batches(source, view, batch_size=batch_size, num_workers=num_workers):
         ids = tokenizer.encode(batch["image"].to(device))
         counts += torch.bincount(ids.flatten(), minlength=counts.numel())
-        progress.update(len(ids))
-    progress.close()
+        bar.update(len(ids))
+    bar.close()
     kept = tokenizer.prune(counts.cpu())
+    out.mkdir(parents=True, exist_ok=True)
+    spec = SimpleNamespace(mean=mean, std=std)
     quality = reconstruction_report(tokenizer, source, view, spec, out / "reconstructions.png", device)
     report = {
         "codebook_size": tokenizer.shape.codebook_size,
@@ -145,8 +174,8 @@ def finish_tokenizer(out: Path, cfg: Config, device: torch.device) -> dict[str, 
     save_tokenizer(
         tokenizer,
         out / "tokenizer.pt",
-        mean=spec.mean,
-        std=spec.std,
+        mean=mean,
+        std=std,
         counts=counts[kept].cpu(),
         trained_on=source.name,
         report=report,
@@ -158,6 +187,28 @@ def finish_tokenizer(out: Path, cfg: Config, device: torch.device) -> dict[str, 
         file=sys.stderr,
     )
     return {"tokenizer": report}
+
+
+def import_vitvqgan(
+    weights: str,
+    data: str,
+    out: str,
+    *,
+    img_size: int | None = None,
+    num_heads: int | None = None,
+    device: str = "auto",
+    max_images: int | None = None,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """A ViT-VQGAN state dict (enhancing-transformers' layout, as SeiT's tokenizer) as a mimkit
+    tokenizer: loaded with every key checked, then pruned to the codes that ``data``'s images use (SeiT's
+    391 of 8,192), so that its ids are compact and fit SeiT's format. It takes RGB in [0, 1]."""
+    dev = pick_device(device, 0)
+    tokenizer = load_vitvqgan(weights, img_size=img_size, num_heads=num_heads).to(dev)
+    source = build_source(data, image_size=tokenizer.shape.img_size, max_images=max_images)
+    folder = Path(out)
+    with RunLock(folder):
+        return prune_on(tokenizer, (0.0,) * 3, (1.0,) * 3, source, folder, dev, num_workers=num_workers)
 
 
 @torch.no_grad()
@@ -172,15 +223,26 @@ def reconstruction_report(
     ids: torch.Tensor | None = None,
     count: int = SAMPLE_IMAGES,
 ) -> dict[str, Any]:
-    """PSNR of decode(encode(x)) (or of decode(``ids``), the stored records of the first images) against
-    the tokenizer's view of x, on the [0, 1] scale; a PNG of the first 32 originals beside their
-    reconstructions."""
+    """PSNR of decode(encode(x)) against the tokenizer's view of x, on the [0, 1] scale, for the first
+    ``count`` readable images; with ``ids`` (the first records of a token dataset made from ``source``:
+    record k is its k-th readable image) decode(ids) instead, after checking that the records are these
+    images' tokens. A PNG of the first 32 originals beside their reconstructions."""
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     batch = next(image_batches(Subset(source, count), view, batch_size=count, num_workers=0))
     images = batch["image"].to(device)
-    ids = tokenizer.encode(images) if ids is None else ids[batch["index"]].to(device)
-    recon = tokenizer.decode(ids) * std + mean
+    encoded = tokenizer.encode(images)
+    if ids is not None:
+        ids = ids[: len(images)].to(device)
+        agree = float((ids == encoded[: len(ids)]).float().mean()) if len(ids) else 0.0
+        if len(ids) < len(images) or agree < 0.99:  # a code on a cosine tie may flip, not more
+            raise ValueError(
+                f"the records do not line up with the images of '{source.name}' (only {100 * agree:.1f}% "
+                "of the ids agree with the tokenizer's encoding of them): give the images the tokens were "
+                "made from, in the same order"
+            )
+        encoded = ids
+    recon = tokenizer.decode(encoded) * std + mean
     originals = images * std + mean
     values = psnr(recon, originals)
     if grid_png is not None:
@@ -247,7 +309,10 @@ def tokenize(
         if to == "mimkit"
         else target.with_name(target.name.replace("-token.data.bin.gz", "-tokenize_report.json"))
     )
+    if to == "seit":  # before any work: the name, the vocabulary and the folder's codebook must fit
+        check_seit_target(target, tokenizer.codebook().cpu(), tokenizer.vocab_size)
     with RunLock(shards_dir):
+        check_same_run(shards_dir, source, shard_size, tokenizer_path)
         writer = CompactWriter(
             shards_dir,
             grid=(grid, grid),
@@ -262,6 +327,15 @@ def tokenize(
             shard_size=shard_size,
         )
         n_shards = -(-len(source) // shard_size)
+        if not writer.fitted:  # the codec's tables, from images spread over the whole source
+            pick = np.unique(np.linspace(0, len(source) - 1, min(len(source), FIT_IMAGES)).astype(int))
+            sample = [
+                tokenizer.encode(batch["image"].to(dev)).cpu().numpy()
+                for batch in image_batches(
+                    _Picked(source, pick), view, batch_size=batch_size, num_workers=num_workers
+                )
+            ]
+            writer.fit(np.concatenate(sample) if sample else np.zeros((0, grid, grid), np.int64))
         done = set(writer.done_shards())
         skipped: list[str] = []
         start = time.time()
@@ -285,20 +359,49 @@ def tokenize(
                 bar.update(len(ids_parts[-1]))
             ids = np.concatenate(ids_parts) if ids_parts else np.zeros((0, grid, grid), np.int64)
             labels = np.concatenate(labels_parts) if labels_parts else np.zeros(0, np.int64)
-            if not writer.fitted:
-                writer.fit(ids)
             writer.write_shard(k, ids, labels)
         bar.close()
-        dataset = writer.finish()
+        dataset = shards = writer.finish()
         seconds = time.time() - start
         if to == "seit":
             dataset = convert(shards_dir, target, to="seit")
         report = tokenize_report(dataset, data, source, tokenizer, loaded, dev, skipped, seconds)
         write_json(report_path, report)
         if to == "seit":
+            shards.drop_cache()
             shutil.rmtree(shards_dir)
     print(format_report(report, report_path), file=sys.stderr)
     return report
+
+
+def check_same_run(folder: Path, source: ImageSource, shard_size: int, tokenizer_path: str) -> None:
+    """A folder being tokenized records what it is made of (``tokenize.json``); a later run that resumes
+    it must tokenize the same images the same way, or its shards would mix two datasets."""
+    record = folder / "tokenize.json"
+    now = {
+        "source": source.name,
+        "images": len(source),
+        "shard_size": shard_size,
+        "tokenizer": str(Path(tokenizer_path).resolve()),
+    }
+    if record.is_file():
+        before = json.loads(record.read_text())
+        changed = [
+            f"{key} {before.get(key)!r} there, {value!r} now"
+            for key, value in now.items()
+            if before.get(key) != value
+        ]
+        if changed:
+            raise ValueError(
+                f"'{folder}' holds tokens of another run ({'; '.join(changed)}); resuming it would mix two "
+                "datasets: give another output folder, or remove this one"
+            )
+    elif any(p.name != ".lock" for p in folder.iterdir()):
+        raise ValueError(
+            f"'{folder}' already holds files that no `mimkit tokenize` run wrote; give an empty or new folder"
+        )
+    else:
+        write_json(record, now)
 
 
 def tokenize_report(
@@ -314,8 +417,9 @@ def tokenize_report(
     """Images, bytes per image in both formats and against the source, codebook use, reconstruction PSNR."""
     n = len(dataset)
     counts = np.zeros(dataset.vocab_size, dtype=np.int64)
-    for i in range(n):
-        counts += np.bincount(dataset.read(i).ravel(), minlength=dataset.vocab_size)
+    for first in range(0, n, 4096):
+        ids = dataset.read_many(range(first, min(n, first + 4096)))
+        counts += np.bincount(ids.ravel(), minlength=dataset.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         other_to = "seit" if dataset.format == "mimkit" else "mimkit"
         other_path = Path(tmp) / ("tokens-token.data.bin.gz" if other_to == "seit" else "tokens")
@@ -324,6 +428,7 @@ def tokenize_report(
             dataset.format: dataset.stored_bytes() / max(n, 1),
             other_to: other.stored_bytes() / max(n, 1),
         }
+        other.drop_cache()  # a temporary dataset: its decoded cache goes with it
         other.close()
     src_bytes, counted = source_bytes(data, source)
     quality = reconstruction_report(

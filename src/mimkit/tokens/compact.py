@@ -557,7 +557,9 @@ def _map(path: Path) -> np.ndarray:
         return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
 
 
-def cache_path(folder: Path, key: str, name: str) -> Path:
+def cache_path(key: str, name: str) -> Path:
+    """The decoded cache of a dataset: ``key`` (see ``CompactTokens._cache_key``) says what it was decoded
+    from, ``name`` (the folder's name) makes it recognisable."""
     return cache_dir() / f"{name}-{key}.npy"
 
 
@@ -609,7 +611,65 @@ def read_header(folder: Path) -> dict[str, Any]:
     for key in ("grid", "vocab_size", "records", "shards", "codec"):
         if key not in header:
             raise TokenRecordError(f"{path}: the header lacks '{key}'")
+    why = _header_shape_problem(header)
+    if why:
+        raise TokenRecordError(f"{path}: {why}")
     return header
+
+
+def _count(value: Any, least: int = 0) -> bool:
+    return type(value) is int and value >= least
+
+
+def _file_entry(entry: Any) -> bool:
+    """A {"file": plain name in the folder, "sha256": hex} entry."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("file"), str)
+        and entry["file"] == Path(entry["file"]).name
+        and isinstance(entry.get("sha256"), str)
+    )
+
+
+def _header_shape_problem(h: dict[str, Any]) -> str | None:
+    """What in a header has the wrong type or range (so that every later use of it is safe), or None."""
+    grid = h["grid"]
+    if not (isinstance(grid, list) and len(grid) == 2 and all(_count(v, 1) for v in grid)):
+        return f"'grid' must be [H, W] of positive integers; got {grid!r}"
+    if not _count(h["vocab_size"], 1):
+        return f"'vocab_size' must be a positive integer; got {h['vocab_size']!r}"
+    if not _count(h["records"]):
+        return f"'records' must be a non-negative integer; got {h['records']!r}"
+    shards = h["shards"]
+    if not isinstance(shards, list):
+        return f"'shards' must be a list; got {type(shards).__name__}"
+    for k, entry in enumerate(shards):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("file"), str)
+            and SHARD_RE.fullmatch(entry["file"])
+            and _count(entry.get("records"))
+            and _count(entry.get("bytes"))
+        ):
+            return f"shard entry {k} must be {{file: shard-NNNNN.mtok, records, bytes}}; got {entry!r}"
+    if not _file_entry(h["codec"]):
+        return f"'codec' must name its file and sha256; got {h['codec']!r}"
+    if h.get("codebook") and not _file_entry(h["codebook"]):
+        return f"'codebook' must name its file and sha256; got {h['codebook']!r}"
+    return None
+
+
+def header_codec_problem(folder: Path, header: dict[str, Any], coder: RankCoder) -> str | None:
+    """Where a (well-formed) header disagrees with the codec its records are coded with, or None: an
+    edited header would otherwise give grids of another shape or ids outside its vocabulary."""
+    grid = tuple(header["grid"])
+    if coder.grid != grid or coder.vocab_size != header["vocab_size"]:
+        return (
+            f"{folder / HEADER}: says grid {grid[0]}x{grid[1]} and vocab_size {header['vocab_size']}, but "
+            f"{header['codec']['file']} codes grid {coder.grid[0]}x{coder.grid[1]} and {coder.vocab_size} "
+            "ids: the header does not belong to these records (edited or replaced)"
+        )
+    return None
 
 
 def _checked(folder: Path, entry: dict[str, Any], what: str) -> Path:
@@ -912,7 +972,15 @@ class CompactTokens(TokenDataset):
         if h["codec"].get("name") != CODEC_NAME:
             raise TokenRecordError(f"{self.path / HEADER}: unknown codec {h['codec'].get('name')!r}")
         self.coder = RankCoder.load(_checked(self.path, h["codec"], "codec"))
+        mismatch = header_codec_problem(self.path, h, self.coder)
+        if mismatch:
+            raise TokenRecordError(mismatch)
         self.codebook = load_codebook(self.path, h.get("codebook"))
+        if self.codebook is not None and self.codebook.shape[0] != self.vocab_size:
+            raise TokenRecordError(
+                f"{self.path / h['codebook']['file']}: has {self.codebook.shape[0]} rows; {HEADER} says "
+                f"vocab_size {self.vocab_size}"
+            )
         self.shard_paths = [self.path / s["file"] for s in h["shards"]]
         indexes = [self._shard_index(k) for k in range(len(self.shard_paths))]
         counts = [len(ix) for ix in indexes]
@@ -939,7 +1007,7 @@ class CompactTokens(TokenDataset):
         self._ids: np.ndarray | None = None  # the cache, memory-mapped lazily per process
         self._bad: dict[int, str] = {}  # damaged records (from the cache's sidecar): index -> why
         if cache:
-            self.cache = cache_path(self.path, self._cache_key(), self.name)
+            self.cache = cache_path(self._cache_key(), self.name)
             self._bad = self._cached()
 
     def _shard_index(self, k: int) -> ShardIndex:
@@ -1131,19 +1199,43 @@ class CompactTokens(TokenDataset):
 
 
 def verify_compact(folder: Path) -> dict[str, Any]:
-    """Every shard and record of a mimkit folder checked, without stopping at the first bad one:
-    header, codec and codebook hashes, each shard's size, trailer and footer, each record's CRC-32 and
-    decoding. Returns {"records": N, "bad": [{"record": i or None, "error": why}, ...]}."""
-    bad: list[dict[str, Any]] = []
-    header = read_header(folder)
+    """Every shard and record of a mimkit folder checked, without stopping at the first bad one: header
+    (its fields, its grid and vocabulary against the codec's, its record count against the shards'),
+    codec and codebook hashes, each shard's size, trailer and footer, each record's CRC-32 and decoding.
+    A problem of a whole file is reported once (record None); the records it leaves unreadable (all of
+    them without a usable codec, a shard's when the shard is) are counted bad. Returns {"records": N,
+    "bad": the records damaged or unreadable, "problems": [{"record": i or None, "error": why}, ...]}."""
+    try:
+        header = read_header(folder)
+    except TokenRecordError as err:
+        return {"records": 0, "bad": 0, "problems": [{"record": None, "error": str(err)}]}
+    problems: list[dict[str, Any]] = []
+    records = sum(int(entry["records"]) for entry in header["shards"])
+    if records != header["records"]:
+        problems.append(
+            {
+                "record": None,
+                "error": f"{folder / HEADER}: says {header['records']} records; its shards hold {records}",
+            }
+        )
     try:
         coder = RankCoder.load(_checked(folder, header["codec"], "codec"))
-    except TokenRecordError as err:
-        return {"records": int(header["records"]), "bad": [{"record": None, "error": str(err)}]}
+        mismatch = header_codec_problem(folder, header, coder)
+        if mismatch:
+            raise TokenRecordError(mismatch)
+    except TokenRecordError as err:  # no record can be read: nothing more to check
+        problems.append({"record": None, "error": str(err)})
+        return {"records": records, "bad": records, "problems": problems}
     try:
-        load_codebook(folder, header.get("codebook"))
+        cb = load_codebook(folder, header.get("codebook"))
+        if cb is not None and cb.shape[0] != header["vocab_size"]:
+            where = folder / header["codebook"]["file"]
+            raise TokenRecordError(
+                f"{where}: has {cb.shape[0]} rows; {HEADER} says vocab_size {header['vocab_size']}"
+            )
     except TokenRecordError as err:
-        bad.append({"record": None, "error": str(err)})
+        problems.append({"record": None, "error": str(err)})
+    bad = 0
     first = 0
     for k, entry in enumerate(header["shards"]):
         path = folder / entry["file"]
@@ -1160,7 +1252,8 @@ def verify_compact(folder: Path) -> dict[str, Any]:
             if len(ix) != n:
                 raise TokenRecordError(f"{path}: holds {len(ix)} records, the header says {n}")
         except TokenRecordError as err:
-            bad.extend({"record": first + j, "error": f"{err} (record {first + j})"} for j in range(n))
+            problems.append({"record": None, "error": f"{err} (records {first}..{first + n - 1} unreadable)"})
+            bad += n
             first += n
             continue
         buf = np.fromfile(path, dtype=np.uint8)
@@ -1168,10 +1261,10 @@ def verify_compact(folder: Path) -> dict[str, Any]:
             rec = buf[ix.starts[j] : ix.ends[j]]
             where = f"{path}: record {first + j} ({j} of this shard)"
             if zlib.crc32(rec) != ix.crcs[j]:
-                bad.append(
-                    {"record": first + j, "error": f"{where}: checksum mismatch (the bytes are damaged)"}
-                )
+                problems.append({"record": first + j, "error": f"{where}: {BAD_CHECKSUM}"})
+                bad += 1
             elif coder.decode_symbols(words(rec)) is None:
-                bad.append({"record": first + j, "error": f"{where}: does not decode to one grid"})
+                problems.append({"record": first + j, "error": f"{where}: does not decode to one grid"})
+                bad += 1
         first += n
-    return {"records": int(header["records"]), "bad": bad}
+    return {"records": records, "bad": bad, "problems": problems}

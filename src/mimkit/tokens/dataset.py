@@ -298,6 +298,31 @@ def _fresh_folder(dst: str | os.PathLike[str]) -> None:
         )
 
 
+class _Undo:
+    """What a new mimkit dataset's writing creates at ``dst`` (the folder and the folders above it that do
+    not exist yet, the writer's files in it), so that a write that fails removes exactly that and a
+    rerun starts clean. Files that were there before are never touched."""
+
+    def __init__(self, dst: str | os.PathLike[str]) -> None:
+        self.folder = Path(dst).expanduser()
+        self.made_dirs = [d for d in (self.folder, *self.folder.parents) if not d.exists()]  # deepest first
+        self.before = set(self.folder.iterdir()) if self.folder.is_dir() else set()
+
+    def __call__(self) -> None:
+        from mimkit.tokens import compact
+
+        ours = {compact.HEADER, compact.CODEC, compact.WRITING, compact.CODEBOOK}
+        if self.folder.is_dir():
+            for p in set(self.folder.iterdir()) - self.before:
+                if p.is_file() and (p.name in ours or compact.SHARD_RE.fullmatch(p.name)):
+                    p.unlink(missing_ok=True)
+        for folder in self.made_dirs:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (or gone): leave it and the folders above
+
+
 def _fit_sample(n: int, limit: int = FIT_RECORDS) -> np.ndarray:
     """Record indices to fit the compact coder on: all of them, or ``limit`` spread evenly."""
     if n <= limit:
@@ -337,27 +362,36 @@ def write_tokens(
             vocab_size = None  # the writer then names the first record its escape coding cannot hold
     grid = (int(ids.shape[1]), int(ids.shape[2]))
     if to == "seit":
-        writer = seit.SeitWriter(
+        swriter = seit.SeitWriter(
             dst, grid=grid, vocab_size=vocab_size, codebook=cb, classes=classes, meta=meta
         )
-        writer.append(ids, labels)
-        return writer.finish()
+        try:
+            swriter.append(ids, labels)
+        except BaseException:
+            swriter.abort()  # no half-written stream left behind
+            raise
+        return swriter.finish()
     _fresh_folder(dst)
-    writer = compact.CompactWriter(
-        dst,
-        grid=grid,
-        vocab_size=vocab_size,
-        codebook=cb,
-        classes=classes,
-        meta=meta,
-        shard_size=shard_size or compact.SHARD_SIZE,
-    )
-    writer.fit(ids[_fit_sample(len(ids))])
     labels = check_labels(labels, len(ids), str(dst))
-    for k, start in enumerate(range(0, len(ids), writer.shard_size)):
-        stop = start + writer.shard_size
-        writer.write_shard(k, ids[start:stop], None if labels is None else labels[start:stop])
-    return writer.finish()
+    undo = _Undo(dst)
+    try:
+        writer = compact.CompactWriter(
+            dst,
+            grid=grid,
+            vocab_size=vocab_size,
+            codebook=cb,
+            classes=classes,
+            meta=meta,
+            shard_size=shard_size or compact.SHARD_SIZE,
+        )
+        writer.fit(ids[_fit_sample(len(ids))])
+        for k, start in enumerate(range(0, len(ids), writer.shard_size)):
+            stop = start + writer.shard_size
+            writer.write_shard(k, ids[start:stop], None if labels is None else labels[start:stop])
+        return writer.finish()
+    except BaseException:
+        undo()  # a rerun would otherwise find a partial dataset and refuse it
+        raise
 
 
 def convert(
@@ -392,17 +426,22 @@ def convert(
             raise
         return writer.finish()
     _fresh_folder(dst)
-    cwriter = compact.CompactWriter(dst, shard_size=shard_size or compact.SHARD_SIZE, **common)
-    cwriter.fit(source.read_many(_fit_sample(len(source))))
-    size = cwriter.shard_size
-    for k, start in enumerate(range(0, len(source), size)):
-        stop = min(start + size, len(source))
-        cwriter.write_shard(
-            k,
-            source.read_many(np.arange(start, stop)),
-            None if source.labels is None else source.labels[start:stop],
-        )
-    return cwriter.finish()
+    undo = _Undo(dst)
+    try:
+        cwriter = compact.CompactWriter(dst, shard_size=shard_size or compact.SHARD_SIZE, **common)
+        cwriter.fit(source.read_many(_fit_sample(len(source))))
+        size = cwriter.shard_size
+        for k, start in enumerate(range(0, len(source), size)):
+            stop = min(start + size, len(source))
+            cwriter.write_shard(
+                k,
+                source.read_many(np.arange(start, stop)),
+                None if source.labels is None else source.labels[start:stop],
+            )
+        return cwriter.finish()
+    except BaseException:
+        undo()  # a rerun would otherwise find a partial dataset and refuse it
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -450,10 +489,13 @@ def info(src: str | os.PathLike[str] | TokenDataset) -> dict[str, Any]:
 
 def verify(src: str | os.PathLike[str]) -> dict[str, Any]:
     """Check every record of a token dataset without stopping at the first damaged one. mimkit format:
-    each shard's footer and each record's checksum and decoding; SeiT: the gzip stream, the index
-    against the stream, and that each record decodes to H*W ids below the vocabulary size. Returns
-    ``{format, path, records, ok, bad, bad_records: [{record, error}, ...]}`` (at most MAX_LISTED listed;
-    ``bad`` counts them all; ``record`` is None for a problem of a whole file)."""
+    the header against the codec and the shards, each shard's footer and each record's checksum and
+    decoding; SeiT: the gzip stream, the index against the stream, and that each record decodes to H*W
+    ids below the vocabulary size. Returns ``{format, path, records, ok, bad, bad_records: [{record,
+    error}, ...]}``: ``ok + bad == records``, ``bad`` counting the records found damaged or left
+    unreadable by a damaged file; ``bad_records`` lists problems of whole files first (``record`` None,
+    each once) and then the damaged records, at most MAX_LISTED in all. A sound dataset has an empty
+    ``bad_records``."""
     from mimkit.tokens import compact, seit
 
     p = Path(src).expanduser()
@@ -461,14 +503,14 @@ def verify(src: str | os.PathLike[str]) -> dict[str, Any]:
     if layout is None or layout[0] == "mimkit-incomplete":
         open_tokens(p)  # raises the detection error with its explanation
     kind, where = layout  # type: ignore[misc]
-    problems = seit.verify_seit(where) if kind == "seit" else compact.verify_compact(where)
-    records, bad = problems["records"], problems["bad"]
-    n_bad = len({b["record"] for b in bad if b["record"] is not None}) + sum(b["record"] is None for b in bad)
+    found = seit.verify_seit(where) if kind == "seit" else compact.verify_compact(where)
+    records, bad = int(found["records"]), int(found["bad"])
+    listed = sorted(found["problems"], key=lambda b: b["record"] is not None)  # stable: files first
     return {
         "format": kind,
         "path": str(where),
         "records": records,
-        "ok": records - len({b["record"] for b in bad if b["record"] is not None}),
-        "bad": n_bad,
-        "bad_records": bad[:MAX_LISTED],
+        "ok": records - bad,
+        "bad": bad,
+        "bad_records": listed[:MAX_LISTED],
     }

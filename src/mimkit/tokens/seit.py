@@ -2,15 +2,25 @@
 
 - ``NAME-token.data.bin.gz``: one gzip stream; decompressed, the records back to back in dataset order.
   A record is its ids row-major, escape-coded: id v < 255 is the byte v, id v >= 255 the two bytes
-  0xFF, v - 255 (so ids 0..510 fit; SeiT's own have 391 codes, 0..390).
+  0xFF, v - 255. The official reader takes every 0xFF byte for an escape marker, so the second byte must
+  not be 0xFF: ids 0..509 fit (SeiT's own have 391 codes, 0..390), and a stream holding two 0xFF bytes in
+  a row, or ending a record in one, is damaged.
 - ``NAME-token.index.npy.gz``: a gzip of a .npy holding N + 1 int64 byte offsets (record i is bytes
   [offsets[i], offsets[i+1]) of the decompressed stream). Its path is the data path with "data.bin"
   replaced by "index.npy".
-- ``NAME-label.txt``: one integer label per line; when present, the dataset has as many records.
-- ``codebook.ckpt`` beside them: a bare float [K, D] tensor saved with ``torch.save``.
+- ``NAME-label.txt``: one integer label per line. The official reader takes the number of lines as the
+  dataset's length, so a label file with fewer lines than records would silently drop the last records
+  there: here a label file whose line count differs from the record count is an error.
+- ``codebook.ckpt`` beside them: a bare float [K, D] tensor saved with ``torch.save``. A folder holds one
+  codebook for all its SeiT datasets (train and val): writing a dataset with another codebook into it is
+  refused before anything is written (:func:`check_seit_target`).
 - optional ``NAME-class-to-id.json`` ({class name: id}, as the release's imagenet1k-class-to-id.json).
 - optional ``NAME-meta.json``, ours: the grid, vocabulary size and tokenizer description. The official
   reader never opens it; we read it when present so that no information is lost in a conversion.
+
+The writer refuses an existing ``NAME-token.data.bin.gz`` (as a mimkit folder that already holds a dataset
+is refused) unless it is given ``overwrite=True``, and renames the data file into place last, after the
+index and the small files, so that a new dataset appears under its final name only once it is whole.
 
 Reading decompresses the stream once into a cache file (``$MIMKIT_CACHE/tokens``, default
 ``~/.cache/mimkit/tokens``) keyed by the .gz file's absolute path, size and mtime, written through a
@@ -29,7 +39,7 @@ import math
 import mmap
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -53,10 +63,12 @@ CLASSES_SUFFIX = "-class-to-id.json"
 META_SUFFIX = "-meta.json"
 CODEBOOK = "codebook.ckpt"
 ESCAPE = 0xFF
-MAX_ID = 2 * ESCAPE  # 510: the largest id the escape coding can hold
+# the largest id the escape coding can hold: 0xFF then 254 (a second 0xFF would be read as a marker)
+MAX_ID = 2 * ESCAPE - 1
 # ids a SeiT dataset may hold when neither a codebook nor vocab_size says: the format's limit
 DEFAULT_VOCAB = MAX_ID + 1
 GZIP_LEVEL = 9  # what Python's gzip writes by default
+READ_CHUNK = 1 << 16  # compressed bytes fed to zlib at a time (a damaged one is fed again byte by byte)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -65,7 +77,7 @@ GZIP_LEVEL = 9  # what Python's gzip writes by default
 
 def encode_records(ids: np.ndarray) -> tuple[bytes, np.ndarray]:
     """Escape-code int [n, H, W] id grids: (the concatenated bytes, each record's byte length). Ids must
-    lie in 0..510 (the caller checks)."""
+    lie in 0..509 (the caller checks)."""
     n = len(ids)
     flat = ids.reshape(n, math.prod(ids.shape[1:])).astype(np.int64, copy=False)
     big = flat >= ESCAPE
@@ -79,40 +91,22 @@ def encode_records(ids: np.ndarray) -> tuple[bytes, np.ndarray]:
     return out.tobytes(), flat.shape[1] + big.sum(axis=1)
 
 
-def _true_markers(marker: np.ndarray, record_begins: np.ndarray | None = None) -> np.ndarray:
-    """Which 0xFF bytes are escape markers when 0xFF bytes are adjacent: in a run of 0xFF bytes the
-    first is a marker, the next its value (id 510), and so on alternately. ``record_begins``: where the
-    records of a gathered stream begin (a run never continues from one record into the next). Works on
-    the positions of the 0xFF bytes only."""
-    pos = np.flatnonzero(marker)
-    if not len(pos):
-        return marker
-    run_starts = np.empty(len(pos), dtype=bool)
-    run_starts[0] = True
-    run_starts[1:] = pos[1:] != pos[:-1] + 1
-    if record_begins is not None:
-        begins = np.zeros(len(marker), dtype=bool)
-        begins[record_begins] = True
-        run_starts |= begins[pos]
-    j = np.arange(len(pos))
-    first_of_run = np.maximum.accumulate(np.where(run_starts, j, 0))
-    out = marker.copy()
-    out[pos[(j - first_of_run) & 1 == 1]] = False
-    return out
-
-
 def decode_record(rec: np.ndarray) -> np.ndarray:
-    """The ids (int64, flat) of one escape-coded record (uint8 array), vectorised: find the marker
-    bytes, add 255 to the byte after each, drop the markers. Raises ValueError for a record ending in a
-    marker."""
+    """The ids (int64, flat) of one escape-coded record (uint8 array), vectorised: every 0xFF byte is a
+    marker that adds 255 to the byte after it and is dropped. Raises ValueError for a record ending in a
+    marker or holding two markers in a row (which the official reader would decode differently)."""
     marker = rec == ESCAPE
     ids = rec.astype(np.int64)
     if not marker.any():
         return ids
-    if (marker[1:] & marker[:-1]).any():
-        marker = _true_markers(marker)
     if marker[-1]:
         raise ValueError("ends in a dangling 0xFF escape byte")
+    double = np.flatnonzero(marker[1:] & marker[:-1])
+    if len(double):
+        raise ValueError(
+            f"holds two 0xFF escape bytes in a row at byte {int(double[0])} of the record (an escaped "
+            f"id's second byte is at most {MAX_ID - ESCAPE})"
+        )
     ids[1:][marker[:-1]] += ESCAPE
     return ids[~marker]
 
@@ -237,54 +231,95 @@ def index_problems(offsets: np.ndarray, stream_bytes: int | None) -> list[tuple[
     return problems
 
 
+class StreamDamage(Exception):
+    """A gzip stream that does not decompress whole. ``written``: the decompressed bytes passed on before
+    the failure (everything before the damage, to within one compressed byte's output); ``kind``:
+    "truncated" (it ends before its end-of-stream marker), "checksum" (a member's CRC-32 or length does
+    not match the bytes it gave) or "damaged" (undecodable deflate data or header)."""
+
+    def __init__(self, kind: str, why: str, written: int) -> None:
+        super().__init__(why)
+        self.kind, self.why, self.written = kind, why, written
+
+
+class _Inflater:
+    """One gzip member after another, fed in pieces (``gzip`` concatenates members)."""
+
+    def __init__(self) -> None:
+        self.member, self.started = zlib.decompressobj(31), False
+
+    def copy(self) -> _Inflater:
+        other = _Inflater.__new__(_Inflater)
+        other.member, other.started = self.member.copy(), self.started
+        return other
+
+    def feed(self, data: bytes, write: Callable[[bytes], Any]) -> int:
+        """Decompress ``data``, passing the output to ``write``; the bytes passed. Raises zlib.error."""
+        total = 0
+        while data:
+            self.started = True
+            piece = self.member.decompress(data)
+            write(piece)
+            total += len(piece)
+            if self.member.eof:  # the next member, if any, starts in its unused data
+                data, self.member, self.started = self.member.unused_data, zlib.decompressobj(31), False
+            else:
+                data = b""
+        return total
+
+
 def _decompress_to(gz: Path, out: IO[bytes]) -> int:
     """Stream-decompress ``gz`` (one or more gzip members) into ``out``; returns the bytes written.
-    Raises EOFError when the stream is cut short (after writing all it held, so the caller knows where
-    it ends) and zlib.error when it is damaged (a bad header, deflate data or CRC)."""
-    total, member, started = 0, zlib.decompressobj(31), False
+    Raises :class:`StreamDamage` after writing everything that precedes the damage, so the caller knows
+    where the stream fails: a piece whose decompression fails is fed again a byte at a time from the state
+    before it."""
+    total, inflater = 0, _Inflater()
     with open(gz, "rb") as f:
-        while chunk := f.read(1 << 20):
-            while chunk:
-                started = True
-                piece = member.decompress(chunk)
+        while chunk := f.read(READ_CHUNK):
+            before, pieces = inflater.copy(), []
+            try:
+                inflater.feed(chunk, pieces.append)
+            except zlib.error:
+                inflater = before
+                for k in range(len(chunk)):
+                    try:
+                        total += inflater.feed(chunk[k : k + 1], out.write)
+                    except zlib.error as err:
+                        why = str(err)
+                        checksum = "incorrect data check" in why or "incorrect length check" in why
+                        raise StreamDamage("checksum" if checksum else "damaged", why, total) from err
+                raise AssertionError("zlib failed on a piece it then decompressed byte by byte") from None
+            for piece in pieces:
                 out.write(piece)
                 total += len(piece)
-                if member.eof:  # the next member, if any, starts in its unused data
-                    chunk, member, started = member.unused_data, zlib.decompressobj(31), False
-                else:
-                    chunk = b""
-    if started and not member.eof:
-        raise EOFError("the gzip stream ends before its end-of-stream marker")
+    if inflater.started and not inflater.member.eof:
+        raise StreamDamage("truncated", "the gzip stream ends before its end-of-stream marker", total)
     return total
 
 
-def _stream_error(gz: Path, err: BaseException, written: int, offsets: np.ndarray) -> TokenRecordError:
-    if isinstance(err, EOFError):
-        inside = int(np.searchsorted(offsets, written, side="right")) - 1
-        where = (
-            f"inside record {inside} of {len(offsets) - 1}"
-            if 0 <= inside < len(offsets) - 1
-            else f"the index expects {offsets[-1]}"
-        )
+def _record_at(offsets: np.ndarray, byte: int) -> str:
+    """Which record a decompressed byte position falls in, in words."""
+    inside = int(np.searchsorted(offsets, byte, side="right")) - 1
+    if 0 <= inside < len(offsets) - 1:
+        return f"inside record {inside} of {len(offsets) - 1}"
+    return f"the index expects {offsets[-1]}"
+
+
+def _stream_error(gz: Path, damage: StreamDamage, offsets: np.ndarray) -> TokenRecordError:
+    at = damage.written
+    if damage.kind == "truncated":
         return TokenRecordError(
-            f"{gz}: truncated: the gzip stream ends after {written} decompressed bytes ({where})"
+            f"{gz}: truncated: the gzip stream ends after {at} decompressed bytes ({_record_at(offsets, at)})"
         )
-    return TokenRecordError(f"{gz}: a damaged gzip stream ({err}); cannot tell which record")
-
-
-class _Counter(io.RawIOBase):
-    """A write sink that counts and forwards (knows how much was written when decompression fails)."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self.out, self.count = out, 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        n = self.out.write(b) or len(b)
-        self.count += n
-        return n
+    if damage.kind == "checksum":
+        return TokenRecordError(
+            f"{gz}: the checksum of the gzip member that ends at decompressed byte {at} does not match "
+            f"({damage.why}): bytes before it are damaged, which record cannot be told"
+        )
+    return TokenRecordError(
+        f"{gz}: a damaged gzip stream ({damage.why}): it fails after decompressed byte {at} "
+        f"({_record_at(offsets, at)})"
+    )
 
 
 def cached_stream(gz: Path, offsets: np.ndarray) -> Path:
@@ -294,11 +329,10 @@ def cached_stream(gz: Path, offsets: np.ndarray) -> Path:
         return target
 
     def write(f: IO[bytes]) -> None:
-        sink = _Counter(f)
         try:
-            _decompress_to(gz, sink)  # type: ignore[arg-type]
-        except (EOFError, OSError, zlib.error) as err:
-            raise _stream_error(gz, err, sink.count, offsets) from err
+            _decompress_to(gz, f)
+        except StreamDamage as damage:
+            raise _stream_error(gz, damage, offsets) from None
 
     write_atomic(target, write)
     return target
@@ -306,12 +340,12 @@ def cached_stream(gz: Path, offsets: np.ndarray) -> Path:
 
 def stream_in_memory(gz: Path, offsets: np.ndarray) -> np.ndarray:
     """The decompressed stream of ``gz`` as an in-memory uint8 array (``cache=False``)."""
-    sink = _Counter(io.BytesIO())
+    buf = io.BytesIO()
     try:
-        _decompress_to(gz, sink)  # type: ignore[arg-type]
-    except (EOFError, OSError, zlib.error) as err:
-        raise _stream_error(gz, err, sink.count, offsets) from err
-    return np.frombuffer(sink.out.getbuffer(), dtype=np.uint8)  # type: ignore[attr-defined]
+        _decompress_to(gz, buf)
+    except StreamDamage as damage:
+        raise _stream_error(gz, damage, offsets) from None
+    return np.frombuffer(buf.getbuffer(), dtype=np.uint8)
 
 
 def _map(path: Path) -> np.ndarray:
@@ -329,7 +363,7 @@ def _map(path: Path) -> np.ndarray:
 class SeitTokens(TokenDataset):
     """A SeiT token dataset. ``grid``: given, else from ``NAME-meta.json``, else record 0's length, which
     must then be a square. ``vocab_size``: the codebook's rows when ``codebook.ckpt`` is present, else
-    given, else ``NAME-meta.json``'s, else 511 (the most the escape coding holds). ``cache``: the
+    given, else ``NAME-meta.json``'s, else 510 (the most the escape coding holds). ``cache``: the
     decompressed stream as a shared cache file (True) or in this process's memory (False)."""
 
     format = "seit"
@@ -446,13 +480,13 @@ class SeitTokens(TokenDataset):
         i = self._position(index)
         buf = self._buf if self._buf is not None else self._stream()
         rec = buf[self.offsets[i] : self.offsets[i + 1]]
-        # fast path: every 0xFF taken for a marker. It is exact whenever it yields H*W ids and the record
-        # does not end in 0xFF (a 0xFF value byte, id 510, always leaves it short); else decode carefully
+        # fast path: exact for a sound record (H*W ids, no marker at its end or next to another);
+        # anything else is decoded again by decode_record, which names the damage
         marker = rec == ESCAPE
         ids = rec.astype(np.int64)
         ids[1:][marker[:-1]] += ESCAPE
         ids = ids[~marker]
-        if len(ids) != self._cells or (len(rec) and marker[-1]):
+        if len(ids) != self._cells or (len(rec) and marker[-1]) or (marker[1:] & marker[:-1]).any():
             ids = self._decode(i)
             if len(ids) != self._cells:
                 raise TokenRecordError(
@@ -467,10 +501,10 @@ class SeitTokens(TokenDataset):
         return ids.reshape(self.grid)
 
     def read_many(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Records as int64 [n, H, W], decoded in one NumPy pass over their gathered bytes (markers found
-        as :func:`decode_record` does, runs of 0xFF included, with no carry from one record into the
-        next). A record that does not yield H*W ids, ends in a marker or holds an id outside the
-        vocabulary is decoded again on its own by :meth:`read`, which names the damage."""
+        """Records as int64 [n, H, W], decoded in one NumPy pass over their gathered bytes (every 0xFF a
+        marker, with no carry from one record into the next). A record that does not yield H*W ids, ends
+        in a marker, holds two markers in a row or an id outside the vocabulary is decoded again on its
+        own by :meth:`read`, which names the damage."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
         if len(idx) and not ((idx >= -n) & (idx < n)).all():
@@ -489,15 +523,18 @@ class SeitTokens(TokenDataset):
             begins = np.cumsum(lengths) - lengths
             raw = buf[np.repeat(starts - begins, lengths) + np.arange(int(lengths.sum()))]
             marker = raw == ESCAPE
-            if (marker[1:] & marker[:-1]).any():  # ids 510: 0xFF value bytes among the markers
-                marker = _true_markers(marker, begins[lengths > 0])
+            first_bytes = begins[(lengths > 0) & (begins > 0)]  # bytes that begin a record (but the first)
+            double = marker[1:] & marker[:-1]
+            double[first_bytes - 1] = False  # a marker ending one record next to the following record's
+            if double.any():
+                sound[np.searchsorted(begins + lengths, np.flatnonzero(double), side="right")] = False
             ids_before = np.concatenate([[0], np.cumsum(~marker)])  # ids kept before each byte
             per_record = ids_before[begins + lengths] - ids_before[begins]
             ends_in_marker = marker[np.maximum(begins + lengths - 1, 0)]
             sound &= (per_record == self._cells) & ~ends_in_marker
             # uint16 values, a marker's 255 added to the next byte unless that byte begins a record
             carry = marker[:-1].view(np.uint8) * np.uint8(ESCAPE)
-            carry[begins[(lengths > 0) & (begins > 0)] - 1] = 0
+            carry[first_bytes - 1] = 0
             values = raw.astype(np.uint16)
             values[1:] += carry
             keep = ~marker if sound.all() else ~marker & np.repeat(sound, lengths)
@@ -535,11 +572,84 @@ class SeitTokens(TokenDataset):
 # writer
 
 
+def _same_codebook(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def _folder_codebook(path: Path, codebook: torch.Tensor | None, vocab_size: int | None) -> int | None:
+    """Check the ``codebook.ckpt`` already beside ``path`` (shared by every SeiT dataset of the folder)
+    against a dataset to be written there with ``codebook`` / ``vocab_size``; returns the vocabulary the
+    dataset then has (the folder's codebook rows when it brings none, since readers will use those)."""
+    there = path.parent / CODEBOOK
+    existing = load_codebook(there)
+    if existing is None:
+        return vocab_size
+    if codebook is not None:
+        if not _same_codebook(existing, codebook):
+            shapes = f"{tuple(existing.shape)} there, {tuple(codebook.shape)} here"
+            what = "other values" if existing.shape == codebook.shape else shapes
+            raise ValueError(
+                f"{path.parent}: its {CODEBOOK} differs from this dataset's codebook ({what}); a folder "
+                "holds one codebook for all its SeiT datasets: write to another folder"
+            )
+        return vocab_size
+    rows = int(existing.shape[0])
+    if vocab_size is not None and vocab_size > rows:
+        raise ValueError(
+            f"{path.parent}: its {CODEBOOK} has {rows} rows (the codebook of every SeiT dataset in this "
+            f"folder); a dataset of {vocab_size} codes does not fit it: write to another folder"
+        )
+    return rows
+
+
+def _target(
+    dst: str | os.PathLike[str],
+    codebook: torch.Tensor | None,
+    vocab_size: int | None,
+    overwrite: bool,
+) -> tuple[Path, int]:
+    """(data path, vocabulary) of a SeiT dataset about to be written, or the error the writer gives."""
+    path = data_path_for(dst)
+    if codebook is not None:
+        rows = int(codebook.shape[0])
+        if vocab_size is not None and vocab_size != rows:
+            raise ValueError(f"{path}: vocab_size={vocab_size} but the codebook has {rows} rows")
+        vocab_size = rows
+    if vocab_size is not None and not 1 <= vocab_size <= DEFAULT_VOCAB:
+        raise ValueError(
+            f"{path}: SeiT's escape coding holds ids 0..{MAX_ID}; a vocabulary of {vocab_size} does not fit "
+            "(use the mimkit format)"
+        )
+    vocab_size = _folder_codebook(path, codebook, vocab_size)
+    if not overwrite and path.exists():
+        raise ValueError(
+            f"{path}: already exists; remove it (and its {index_path(path).name}) first, or pass "
+            "overwrite=True"
+        )
+    return path, vocab_size or DEFAULT_VOCAB
+
+
+def check_seit_target(
+    dst: str | os.PathLike[str],
+    codebook: torch.Tensor | np.ndarray | None = None,
+    vocab_size: int | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Check, before any expensive work, that :class:`SeitWriter` could write a dataset with this
+    codebook / vocabulary at ``dst``: a ``NAME-token.data.bin.gz`` name (or a folder), a vocabulary the
+    escape coding holds (at most 510), no different ``codebook.ckpt`` in the folder, and no existing data
+    file unless ``overwrite``. Raises the writer's ValueError; returns the data file's path."""
+    path = data_path_for(dst)
+    return _target(path, check_codebook(codebook, str(path)), vocab_size, overwrite)[0]
+
+
 class SeitWriter:
-    """Writes a SeiT dataset in chunks (``append``), then the small files and the codebook at
-    ``finish``. Every file is written through a temporary and renamed, and gzip's header carries no
-    timestamp, so the same records give the same bytes. ``dst``: ``NAME-token.data.bin.gz`` or a
-    folder."""
+    """Writes a SeiT dataset in chunks (``append``), then the codebook, the small files and, last, the data
+    file at ``finish``. Every file is written through a temporary and renamed, and gzip's header carries no
+    timestamp, so the same records give the same bytes. ``dst``: ``NAME-token.data.bin.gz`` or a folder.
+    The checks of :func:`check_seit_target` run before anything is written and again before the files are
+    renamed into place. A failed ``finish`` removes what it wrote; ``abort`` drops an unfinished one."""
 
     def __init__(
         self,
@@ -550,23 +660,16 @@ class SeitWriter:
         codebook: torch.Tensor | np.ndarray | None = None,
         classes: Sequence[str] = (),
         meta: dict[str, Any] | None = None,
+        overwrite: bool = False,
     ) -> None:
-        self.path = data_path_for(dst)
-        self.codebook = check_codebook(codebook, str(self.path))
-        if self.codebook is not None:
-            if vocab_size is not None and vocab_size != self.codebook.shape[0]:
-                raise ValueError(
-                    f"{self.path}: vocab_size={vocab_size} but the codebook has {self.codebook.shape[0]} rows"
-                )
-            vocab_size = int(self.codebook.shape[0])
-        self.vocab_size = vocab_size or DEFAULT_VOCAB
-        if self.vocab_size > DEFAULT_VOCAB:
-            raise ValueError(
-                f"{self.path}: SeiT's escape coding holds ids 0..{MAX_ID}; a vocabulary of {self.vocab_size} "
-                "does not fit (use the mimkit format)"
-            )
+        path = data_path_for(dst)
+        self.codebook = check_codebook(codebook, str(path))
+        self.overwrite = overwrite
+        self.path, self.vocab_size = _target(path, self.codebook, vocab_size, overwrite)
         self.grid = tuple(grid) if grid is not None else None
         self.classes, self.meta = tuple(classes), dict(meta or {})
+        # folders this writer makes, deepest first: removed again (when empty) if it does not finish
+        self._made_dirs = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         self._raw = open(self._tmp, "wb")  # noqa: SIM115 - stays open across append() calls
@@ -576,7 +679,7 @@ class SeitWriter:
         self._has_labels: bool | None = None
 
     def append(self, ids: np.ndarray, labels: np.ndarray | Sequence[int] | None = None) -> None:
-        """Add records: ids int [n, H, W] in 0..510 (and below the vocabulary size)."""
+        """Add records: ids int [n, H, W] in 0..509 (and below the vocabulary size)."""
         arr = np.asarray(ids)
         n_before = len(self._offsets) - 1
         if arr.ndim == 3 and arr.size and arr.dtype.kind in "iu" and (arr.max() > MAX_ID):
@@ -602,11 +705,34 @@ class SeitWriter:
             self._labels.append(lab)
 
     def finish(self) -> SeitTokens:
-        self._gz.close()
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
-        os.replace(self._tmp, self.path)
+        made: list[Path] = []  # files this call creates, removed again if it fails
+        try:
+            self._gz.close()
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            # the folder may have changed while the records were written: check again before any rename
+            _target(self.path, self.codebook, self.vocab_size, self.overwrite)
+            self._write_small_files(made)
+            os.replace(self._tmp, self.path)  # last: the dataset appears whole
+        except BaseException:
+            for path in made:
+                path.unlink(missing_ok=True)
+            self.abort()
+            raise
+        return SeitTokens(self.path, grid=self.grid)  # its cache is made here, once
+
+    def _write_small_files(self, made: list[Path]) -> None:
+        """The codebook (when the folder has none yet), index, labels, class names and meta."""
+
+        def write(path: Path, fill: Callable[[IO[bytes]], Any]) -> None:
+            if not path.exists():
+                made.append(path)
+            write_atomic(path, fill)
+
+        if self.codebook is not None and not (self.path.parent / CODEBOOK).is_file():
+            codebook = self.codebook
+            write(self.path.parent / CODEBOOK, lambda f: torch.save(codebook, f))
         offsets = np.asarray(self._offsets, dtype=np.int64)
 
         def index(f: IO[bytes]) -> None:
@@ -614,51 +740,34 @@ class SeitWriter:
             np.save(buf, offsets, allow_pickle=False)
             f.write(gzip.compress(buf.getvalue(), compresslevel=GZIP_LEVEL, mtime=0))
 
-        write_atomic(index_path(self.path), index)
+        write(index_path(self.path), index)
         label_path = sibling(self.path, LABEL_SUFFIX)
         if self._has_labels:
             labels = np.concatenate(self._labels) if self._labels else np.zeros(0, np.int64)
             text = "".join(f"{int(v)}\n" for v in labels)
-            write_atomic(label_path, lambda f: f.write(text.encode()))
+            write(label_path, lambda f: f.write(text.encode()))
         else:
             label_path.unlink(missing_ok=True)
         classes_path = sibling(self.path, CLASSES_SUFFIX)
         if self.classes:
             mapping = json.dumps({c: i for i, c in enumerate(self.classes)}, indent=1, ensure_ascii=False)
-            write_atomic(classes_path, lambda f: f.write(mapping.encode()))
+            write(classes_path, lambda f: f.write(mapping.encode()))
         else:
             classes_path.unlink(missing_ok=True)
         saved = {"grid": list(self.grid or (0, 0)), "vocab_size": self.vocab_size, "meta": self.meta}
         meta_text = json.dumps(saved, indent=1, sort_keys=True, default=str)
-        write_atomic(sibling(self.path, META_SUFFIX), lambda f: f.write(meta_text.encode()))
-        if self.codebook is not None:
-            self._write_codebook()
-        return SeitTokens(self.path, grid=self.grid)  # its cache is made here, once
-
-    def _write_codebook(self) -> None:
-        """``codebook.ckpt`` is shared by the datasets of one folder (train and val): an existing one must
-        be the same table; a different one is never silently replaced."""
-        path = self.path.parent / CODEBOOK
-        if path.is_file():
-            existing = load_codebook(path)
-            if (
-                existing is not None
-                and existing.shape == self.codebook.shape
-                and torch.equal(existing, self.codebook)
-            ):
-                return
-            raise ValueError(
-                f"{path}: a different codebook is already there (shared by the SeiT datasets of this "
-                "folder); "
-                "write to another folder"
-            )
-        write_atomic(path, lambda f: torch.save(self.codebook, f))
+        write(sibling(self.path, META_SUFFIX), lambda f: f.write(meta_text.encode()))
 
     def abort(self) -> None:
-        """Drop an unfinished dataset (its temporary stream file)."""
+        """Drop an unfinished dataset: its temporary stream file, and the folders made for it if empty."""
         self._gz.close()
         self._raw.close()
         self._tmp.unlink(missing_ok=True)
+        for folder in self._made_dirs:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (or gone): leave it and the folders above
 
 
 def write_seit(
@@ -670,10 +779,17 @@ def write_seit(
     codebook: torch.Tensor | np.ndarray | None = None,
     classes: Sequence[str] = (),
     meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> SeitTokens:
     """All of ``ids`` (int [N, H, W]) as a SeiT dataset at ``dst`` in one call."""
-    writer = SeitWriter(dst, vocab_size=vocab_size, codebook=codebook, classes=classes, meta=meta)
-    writer.append(ids, labels)
+    writer = SeitWriter(
+        dst, vocab_size=vocab_size, codebook=codebook, classes=classes, meta=meta, overwrite=overwrite
+    )
+    try:
+        writer.append(ids, labels)
+    except BaseException:
+        writer.abort()
+        raise
     return writer.finish()
 
 
@@ -683,19 +799,30 @@ def write_seit(
 
 def verify_seit(data_path: Path) -> dict[str, Any]:
     """Every record of a SeiT dataset checked, without stopping at the first bad one: the stream is
-    decompressed as far as it goes (a truncated one is reported and the records past its end listed),
-    the index is checked against it, and each record must decode to H*W ids below the vocabulary
-    size. Returns {"records": N, "bad": [{"record": i or None, "error": why}, ...]}."""
-    bad: list[dict[str, Any]] = []
+    decompressed as far as it goes (where it fails is reported once, and the records that reach past that
+    byte are counted unreadable), the index is checked against it, and each record must decode to H*W ids
+    below the vocabulary size. Returns {"records": N, "bad": the records damaged or unreadable,
+    "problems": [{"record": i or None, "error": why}, ...]} (record None: a problem of a whole file)."""
+    problems: list[dict[str, Any]] = []
+    bad: set[int] = set()
 
     def problem(record: int | None, why: str) -> None:
-        bad.append({"record": record, "error": why})
+        problems.append({"record": record, "error": why})
+        if record is not None:
+            bad.add(record)
 
     idx_path = index_path(data_path)
-    offsets = load_index(idx_path)
+    try:
+        offsets = load_index(idx_path)
+    except (FileNotFoundError, TokenRecordError) as err:
+        return {"records": 0, "bad": 0, "problems": [{"record": None, "error": str(err)}]}
     n = len(offsets) - 1
     label_path = sibling(data_path, LABEL_SUFFIX)
-    labels = load_labels(label_path)
+    try:
+        labels = load_labels(label_path)
+    except TokenRecordError as err:
+        problem(None, str(err))
+        labels = None
     if labels is not None and len(labels) != n:
         problem(None, f"{label_path}: {len(labels)} labels for the {n} records of {idx_path.name}")
     try:
@@ -703,33 +830,34 @@ def verify_seit(data_path: Path) -> dict[str, Any]:
     except TokenRecordError as err:
         problem(None, str(err))
         cb = None
-    meta_path = sibling(data_path, META_SUFFIX)
-    saved = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    saved = _verified_meta(sibling(data_path, META_SUFFIX), problem)
     vocab = int(cb.shape[0]) if cb is not None else int(saved.get("vocab_size") or DEFAULT_VOCAB)
     grid = saved.get("grid")
     cells = int(grid[0]) * int(grid[1]) if grid else None
     # decompressed into a private temporary: the cache only ever holds whole streams
     tmp = cache_dir() / f".verify-{os.getpid()}-{split_name(data_path)[1]}.bin"
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    truncated = False
+    fails_at: int | None = None  # where the decompressed stream stops being trustworthy
     try:
         with open(tmp, "wb") as f:
-            sink = _Counter(f)
             try:
-                _decompress_to(data_path, sink)  # type: ignore[arg-type]
-            except (EOFError, OSError, zlib.error) as err:
-                problem(None, str(_stream_error(data_path, err, sink.count, offsets)))
-                truncated = True
+                _decompress_to(data_path, f)
+            except StreamDamage as damage:
+                problem(None, str(_stream_error(data_path, damage, offsets)))
+                fails_at = damage.written
         stream = np.fromfile(tmp, dtype=np.uint8)
     finally:
         tmp.unlink(missing_ok=True)
-    for _, why in index_problems(offsets, None if truncated else len(stream)):
+    for _, why in index_problems(offsets, None if fails_at is not None else len(stream)):
         problem(None, f"{idx_path}: {why}")
     for i in range(n):
         start, end = int(offsets[i]), int(offsets[i + 1])
         where = f"{data_path}: record {i}"
         if not 0 <= start <= end:
             problem(i, f"{idx_path}: record {i}: offsets {start}..{end} run backwards")
+            continue
+        if fails_at is not None and end > fails_at:
+            problem(i, f"{where}: unreadable: bytes {start}..{end} reach past where the stream fails")
             continue
         if end > len(stream):
             problem(i, f"{where}: lies past the end of the stream ({len(stream)} bytes)")
@@ -747,4 +875,31 @@ def verify_seit(data_path: Path) -> dict[str, Any]:
             problem(i, f"{where}: decodes to {len(ids)} ids, expected {expected}")
         elif ids.max() >= vocab:
             problem(i, f"{where}: holds id {int(ids.max())}, outside the vocabulary [0, {vocab})")
-    return {"records": n, "bad": bad}
+    return {"records": n, "bad": len(bad), "problems": problems}
+
+
+def _verified_meta(path: Path, problem: Callable[[int | None, str], None]) -> dict[str, Any]:
+    """``NAME-meta.json``'s grid and vocab_size as far as they are sound (what is not is reported)."""
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        problem(None, f"{path}: not valid JSON ({err})")
+        return {}
+    if not isinstance(saved, dict):
+        problem(None, f"{path}: expected a JSON object")
+        return {}
+    out: dict[str, Any] = {}
+    grid, vocab = saved.get("grid"), saved.get("vocab_size")
+    if grid is not None:
+        if isinstance(grid, list) and len(grid) == 2 and all(type(v) is int and v >= 0 for v in grid):
+            out["grid"] = grid if grid != [0, 0] else None
+        else:
+            problem(None, f"{path}: 'grid' must be [H, W] (integers); got {grid!r}")
+    if vocab is not None:
+        if type(vocab) is int and 1 <= vocab <= DEFAULT_VOCAB:
+            out["vocab_size"] = vocab
+        else:
+            problem(None, f"{path}: 'vocab_size' must be an integer in 1..{DEFAULT_VOCAB}; got {vocab!r}")
+    return out
