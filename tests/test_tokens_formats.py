@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 
 from mimkit.data.sources import DEMO_FILE
 from mimkit.tokens import compact
+from mimkit.tokens.base import cache_dir
 from mimkit.tokens.compact import CompactWriter, RankCoder
 from mimkit.tokens.dataset import (
     TokenRecordError,
-    cache_dir,
     convert,
     info,
     is_token_dataset,
@@ -329,7 +329,7 @@ def test_seit_grid_and_vocabulary_checks(tmp_path: Path) -> None:
     with pytest.raises(TokenRecordError, match=r"record 0: holds id 9, outside the vocabulary \[0, 5\)"):
         open_tokens(data).read(0)
     torch.save({"not": "a tensor"}, tmp_path / "b" / "codebook.ckpt")
-    with pytest.raises(TokenRecordError, match=r"codebook\.ckpt: expected a bare float \[K, D\] codebook"):
+    with pytest.raises(TokenRecordError, match=r"codebook\.ckpt: expected a codebook tensor \[K, D\]"):
         open_tokens(data)
 
 

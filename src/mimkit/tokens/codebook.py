@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 __all__ = [
     "build_synonyms",
@@ -66,9 +68,6 @@ def load_codebook(path: str | Path) -> torch.Tensor:
     pickled code is ever run)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as err:
@@ -97,8 +96,6 @@ def save_codebook(codebook: torch.Tensor, path: str | Path) -> Path:
     codebook = _check_codebook(codebook, "codebook").detach().cpu().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         save_file({SAFETENSORS_KEY: codebook}, str(path))
     elif path.suffix in TORCH_SUFFIXES:
         # clone: saving a view would store its whole base storage

@@ -58,8 +58,9 @@ import constriction
 import numpy as np
 import torch
 import zstandard
+from safetensors.torch import save
 
-from mimkit.tokens.dataset import (
+from mimkit.tokens.base import (
     TokenDataset,
     TokenRecordError,
     cache_dir,
@@ -68,6 +69,7 @@ from mimkit.tokens.dataset import (
     check_labels,
     write_atomic,
 )
+from mimkit.tokens.codebook import load_codebook as read_codebook
 
 FORMAT = "mimkit-tokens"
 VERSION = 1
@@ -684,26 +686,17 @@ def _checked(folder: Path, entry: dict[str, Any], what: str) -> Path:
 
 
 def load_codebook(folder: Path, entry: dict[str, Any] | None) -> torch.Tensor | None:
+    """The dataset's ``codebook.safetensors`` once its sha256 matches the header's; None without one."""
     if not entry:
         return None
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = _checked(folder, entry, "codebook")
     try:
-        cb = load_file(str(path))["codebook"]
-    except (SafetensorError, KeyError, OSError) as err:
-        raise TokenRecordError(f"{path}: no 'codebook' tensor ({err})") from err
-    if cb.ndim != 2 or cb.dtype != torch.float32:
-        raise TokenRecordError(
-            f"{path}: expected a float32 [K, D] codebook; got {cb.dtype} {tuple(cb.shape)}"
-        )
-    return cb
+        return read_codebook(path)
+    except ValueError as err:
+        raise TokenRecordError(str(err)) from err
 
 
 def _codebook_bytes(cb: torch.Tensor) -> bytes:
-    from safetensors.torch import save
-
     return save({"codebook": cb})
 
 

@@ -16,183 +16,32 @@ from __future__ import annotations
 
 import math
 import os
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from mimkit.tokens import compact, seit
+from mimkit.tokens.base import TokenDataset, TokenRecordError, check_codebook, check_labels
+
+__all__ = [
+    "TokenDataset",
+    "TokenRecordError",
+    "convert",
+    "info",
+    "is_token_dataset",
+    "open_tokens",
+    "verify",
+    "write_tokens",
+]
+
 FORMATS = ("seit", "mimkit")
-# records read at once by convert/info/verify: bounded memory on datasets of any size
-CHUNK = 4096
 # convert/write_tokens fit the compact coder on at most this many records (spread over the dataset)
 FIT_RECORDS = 20_000
 # verify lists at most this many damaged records (their total count is always given)
 MAX_LISTED = 1000
-
-
-class TokenRecordError(ValueError):
-    """A damaged token record or file. The message starts with the file's path and, where one record is
-    at fault, names its index: ``PATH: record 17: checksum mismatch (the bytes are damaged)``."""
-
-
-class TokenDataset(ABC):
-    """A token dataset opened for reading. ``read(i)`` gives record i as a fresh int64 [H, W] array;
-    ``dataset[i]`` gives ``(ids, label)`` (label -1 when the dataset has none), so a dataset can be fed to
-    a DataLoader as it is. Instances pickle without their memory maps and reopen them lazily in the
-    process that reads, so loader workers (fork or spawn) share the page cache rather than copies."""
-
-    path: Path
-    name: str
-    format: str
-    grid: tuple[int, int]
-    vocab_size: int
-    labels: np.ndarray | None
-    classes: tuple[str, ...]
-    codebook: torch.Tensor | None
-    meta: dict[str, Any]
-
-    @abstractmethod
-    def __len__(self) -> int: ...
-
-    @abstractmethod
-    def read(self, index: int) -> np.ndarray:
-        """Record ``index`` as int64 [H, W]. A damaged record raises :class:`TokenRecordError`; an index
-        outside [-N, N) raises IndexError."""
-
-    def read_many(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Several records as int64 [n, H, W] (formats override this with a faster path)."""
-        out = np.empty((len(indices), *self.grid), dtype=np.int64)
-        for row, index in enumerate(indices):
-            out[row] = self.read(int(index))
-        return out
-
-    @abstractmethod
-    def files(self) -> list[Path]:
-        """Every file of the dataset on disk except the codebook."""
-
-    def stored_bytes(self) -> int:
-        """Bytes on disk of :meth:`files` (the codebook is excluded: it belongs to the tokenizer)."""
-        return sum(p.stat().st_size for p in self.files())
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release the memory maps; reading again reopens them."""
-
-    @abstractmethod
-    def drop_cache(self) -> None:
-        """Delete the decoded cache file this dataset reads from, if any (see :func:`open_tokens`)."""
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        ids = self.read(index)
-        return ids, int(self.labels[index]) if self.labels is not None else -1
-
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
-        """A whole batch at once (DataLoader uses it when present): :meth:`read_many`'s fast path."""
-        ids = self.read_many(indices)
-        labels = self.labels
-        return [(ids[k], int(labels[i]) if labels is not None else -1) for k, i in enumerate(indices)]
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
-        for index in range(len(self)):
-            yield self[index]
-
-    def __enter__(self) -> TokenDataset:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}('{self.path}', records={len(self)}, grid={self.grid}, "
-            f"vocab_size={self.vocab_size})"
-        )
-
-    def _position(self, index: int) -> int:
-        """``index`` as a position in [0, N), Python-style negatives allowed."""
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"{self.path}: record {index} is out of range (the dataset holds {n} records)")
-        return index + n if index < 0 else index
-
-    def chunks(self, size: int = CHUNK) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, ids [n, H, W]) over the whole dataset in order, ``size`` records at a time."""
-        for start in range(0, len(self), size):
-            yield start, self.read_many(np.arange(start, min(start + size, len(self))))
-
-
-# ----------------------------------------------------------------------------------------------------
-# small shared pieces
-
-
-def cache_dir() -> Path:
-    """Where both formats keep their decoded caches: ``$MIMKIT_CACHE/tokens``, by default
-    ``~/.cache/mimkit/tokens``."""
-    root = os.environ.get("MIMKIT_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "mimkit") / "tokens"
-
-
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write ``path`` through a temporary file beside it, flushed to disk, then renamed into place, so a
-    crash (or a second writer) never leaves a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def check_ids(ids: np.ndarray, vocab_size: int, what: str, *, first_record: int = 0) -> np.ndarray:
-    """``ids`` as int64 [n, H, W] with every id in [0, vocab_size); the error names the first record out
-    of range."""
-    ids = np.asarray(ids)
-    if ids.ndim != 3:
-        raise ValueError(f"{what}: ids must be an [N, H, W] array of integers; got shape {tuple(ids.shape)}")
-    if ids.dtype.kind not in "iu":
-        raise ValueError(f"{what}: ids must be integers; got {ids.dtype}")
-    ids = ids.astype(np.int64, copy=False)
-    if ids.size:
-        bad = (ids < 0) | (ids >= vocab_size)
-        if bad.any():
-            record = int(np.flatnonzero(bad.reshape(len(ids), -1).any(axis=1))[0])
-            values = ids[record][bad[record]]
-            raise ValueError(
-                f"{what}: record {first_record + record} holds id {int(values[0])}, outside [0, {vocab_size})"
-            )
-    return ids
-
-
-def check_labels(labels: np.ndarray | Sequence[int] | None, n: int, what: str) -> np.ndarray | None:
-    if labels is None:
-        return None
-    arr = np.asarray(labels)
-    if arr.ndim != 1 or len(arr) != n:
-        raise ValueError(f"{what}: {n} records need {n} labels; got shape {tuple(arr.shape)}")
-    if n and arr.dtype.kind not in "iu":
-        raise ValueError(f"{what}: labels must be integers; got {arr.dtype}")
-    return arr.astype(np.int64)
-
-
-def check_codebook(codebook: torch.Tensor | np.ndarray | None, what: str) -> torch.Tensor | None:
-    """The codebook as a contiguous float32 [K, D] CPU tensor (both formats store float32)."""
-    if codebook is None:
-        return None
-    cb = torch.as_tensor(codebook)
-    if cb.ndim != 2 or not cb.is_floating_point():
-        raise ValueError(
-            f"{what}: the codebook must be a float [K, D] tensor; got {cb.dtype} {tuple(cb.shape)}"
-        )
-    return cb.detach().to("cpu", torch.float32).contiguous().clone()
 
 
 def order0_stats(counts: np.ndarray) -> tuple[int, float]:
@@ -210,7 +59,6 @@ def order0_stats(counts: np.ndarray) -> tuple[int, float]:
 
 def _layout(path: Path) -> tuple[str, Path] | None:
     """("seit", data file) | ("mimkit", folder) | ("mimkit-incomplete", folder) | None."""
-    from mimkit.tokens import compact, seit
 
     if path.name.endswith(seit.DATA_SUFFIX):
         return ("seit", path) if path.is_file() else None
@@ -254,7 +102,6 @@ def open_tokens(
     file under :func:`cache_dir` that every reading process memory-maps (the fast way to train on it);
     False reads the stored files directly (mimkit: each record decoded on demand; SeiT: the stream
     decompressed into this process's memory) - for one pass over the data."""
-    from mimkit.tokens import compact, seit
 
     p = Path(path).expanduser()
     layout = _layout(p)
@@ -287,7 +134,6 @@ def _check_to(to: str) -> None:
 def _fresh_folder(dst: str | os.PathLike[str]) -> None:
     """convert/write_tokens start a new mimkit dataset: one already there (finished or not) would be
     resumed or mixed with the new records, so it is refused."""
-    from mimkit.tokens import compact
 
     p = Path(dst).expanduser()
     if p.is_dir() and (
@@ -309,7 +155,6 @@ class _Undo:
         self.before = set(self.folder.iterdir()) if self.folder.is_dir() else set()
 
     def __call__(self) -> None:
-        from mimkit.tokens import compact
 
         ours = {compact.HEADER, compact.CODEC, compact.WRITING, compact.CODEBOOK}
         if self.folder.is_dir():
@@ -345,7 +190,6 @@ def write_tokens(
     """Write the id grids ``ids`` (int [N, H, W]) as a token dataset in format ``to``. ``vocab_size``:
     the codebook's rows when a codebook is given, else this, else max id + 1. For SeiT, ``dst`` is
     ``NAME-token.data.bin.gz`` or a folder (NAME = the folder's name)."""
-    from mimkit.tokens import compact, seit
 
     _check_to(to)
     ids = np.asarray(ids)
@@ -403,7 +247,6 @@ def convert(
 ) -> TokenDataset:
     """Copy a token dataset into format ``to`` at ``dst``, keeping ids, labels, class names, codebook and
     the tokenizer description; reads in chunks, so memory stays bounded on datasets of any size."""
-    from mimkit.tokens import compact, seit
 
     _check_to(to)
     # one pass over the records: decoded directly, no cache file made for it
@@ -496,7 +339,6 @@ def verify(src: str | os.PathLike[str]) -> dict[str, Any]:
     unreadable by a damaged file; ``bad_records`` lists problems of whole files first (``record`` None,
     each once) and then the damaged records, at most MAX_LISTED in all. A sound dataset has an empty
     ``bad_records``."""
-    from mimkit.tokens import compact, seit
 
     p = Path(src).expanduser()
     layout = _layout(p)

@@ -46,7 +46,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from mimkit.tokens.dataset import (
+from mimkit.tokens.base import (
     TokenDataset,
     TokenRecordError,
     cache_dir,
@@ -55,6 +55,7 @@ from mimkit.tokens.dataset import (
     check_labels,
     write_atomic,
 )
+from mimkit.tokens.codebook import load_codebook as read_codebook
 
 DATA_SUFFIX = "-token.data.bin.gz"
 INDEX_SUFFIX = "-token.index.npy.gz"
@@ -179,16 +180,13 @@ def load_labels(path: Path) -> np.ndarray | None:
 
 
 def load_codebook(path: Path) -> torch.Tensor | None:
+    """The folder's ``codebook.ckpt`` (a bare float [K, D] tensor), None when there is none."""
     if not path.is_file():
         return None
     try:
-        cb = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # the safe unpickler raises many types on damaged or unsafe files
-        raise TokenRecordError(f"{path}: not a readable tensor file ({type(err).__name__}: {err})") from err
-    if not isinstance(cb, torch.Tensor) or cb.ndim != 2 or not cb.is_floating_point():
-        what = f"{cb.dtype} {tuple(cb.shape)} tensor" if isinstance(cb, torch.Tensor) else type(cb).__name__
-        raise TokenRecordError(f"{path}: expected a bare float [K, D] codebook tensor; holds a {what}")
-    return cb.to(torch.float32).contiguous()
+        return read_codebook(path)
+    except ValueError as err:
+        raise TokenRecordError(str(err)) from err
 
 
 def load_classes(path: Path) -> tuple[str, ...]:
