@@ -1,7 +1,16 @@
+import math
+
 import pytest
 import torch
+from scipy.stats import truncnorm
 
-from mimkit.masking import gather_tokens, num_visible, random_masking, token_masking
+from mimkit.masking import (
+    gather_tokens,
+    num_visible,
+    random_masking,
+    token_masking,
+    truncated_normal_ratio,
+)
 
 
 def test_keep_count_uses_floor():
@@ -104,3 +113,21 @@ def test_token_masking_ties_keep_exact_counts_and_edge_ratios():
 def test_token_masking_rejects_impossible_ratios(mask_ratio, drop_ratio, match):
     with pytest.raises(ValueError, match=match):
         token_masking(2, 16, mask_ratio, drop_ratio)
+
+
+def test_mtm_ratio_is_the_truncated_normal_of_the_spec() -> None:
+    u = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    ours = truncated_normal_ratio(u)
+    mean, std, low, high = 0.45, 0.25, 0.4, 1.0
+    expected = truncnorm.ppf(u.numpy(), (low - mean) / std, (high - mean) / std, loc=mean, scale=std)
+    assert torch.allclose(ours, torch.from_numpy(expected), atol=1e-9)
+    assert float(ours[0]) == low and float(ours[-1]) == high
+    assert bool((ours[1:] >= ours[:-1]).all())  # monotone in u
+    # the mask counts it gives: ceil(196 r) masked of which ceil(196 * 0.4) = 79 dropped
+    r = float(truncated_normal_ratio(0.5))
+    m = token_masking(2, 196, r, 0.4, noise=torch.rand(2, 196))
+    assert int(m.mask.sum(1)[0]) == math.ceil(196 * r) and m.ids_keep.shape[1] == 196 - 79
+    with pytest.raises(ValueError, match=r"u must lie in \[0, 1\]"):
+        truncated_normal_ratio(1.5)
+    with pytest.raises(ValueError, match=r"0 <= low < high <= 1; got \[0.5, 0.4\]"):
+        truncated_normal_ratio(0.5, low=0.5, high=0.4)

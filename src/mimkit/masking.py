@@ -167,3 +167,23 @@ def token_masking(
     mask = torch.zeros(batch, num_patches, device=noise.device).scatter_(1, order[:, :n_mask], 1.0)
     ids_restore = torch.argsort(torch.cat([ids_keep, ids_drop], dim=1), dim=1)
     return TokenMask(ids_keep, mask.gather(1, ids_keep).bool(), mask, ids_restore)
+
+
+def truncated_normal_ratio(
+    u: float | torch.Tensor, *, mean: float = 0.45, std: float = 0.25, low: float = 0.4, high: float = 1.0
+) -> torch.Tensor:
+    """MTM's mask ratio (one per batch in SeiT++ and MAGE): a normal(mean, std) truncated to
+    [low, high], as the inverse of its CDF at ``u`` in [0, 1] (explicit noise, so a batch's ratio can be
+    replayed). The defaults are SeiT++'s pre-training script's (MAGE's class defaults are 0.55 / 0.25 on
+    [0.5, 1]). Computed in float64: Phi^-1 is steep near the tails."""
+    if not std > 0:
+        raise ValueError(f"the ratio's std must be > 0; got {std}")
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"the ratio's range must satisfy 0 <= low < high <= 1; got [{low}, {high}]")
+    u = torch.as_tensor(u, dtype=torch.float64)
+    if bool(((u < 0) | (u > 1)).any()):
+        raise ValueError("u must lie in [0, 1]")
+    a = torch.special.ndtr(torch.tensor((low - mean) / std, dtype=torch.float64))
+    b = torch.special.ndtr(torch.tensor((high - mean) / std, dtype=torch.float64))
+    ratio = mean + std * torch.special.ndtri(a + u * (b - a))
+    return ratio.clamp(low, high)  # rounding at u = 0 or 1 stays inside the range
