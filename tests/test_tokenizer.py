@@ -314,3 +314,29 @@ def test_import_vitvqgan_prunes_to_the_codes_the_images_use(tmp_path: Path) -> N
     full = original.encode(x)
     assert torch.equal(imported.kept_codes[imported.encode(x)], full)
     assert imported.vocab_size == len(torch.unique(full))
+
+
+def test_import_vitvqgan_with_a_released_codebook_gives_its_ids(tmp_path: Path) -> None:
+    original = small_tokenizer(codebook=64, seed=9)
+    torch.save(to_vitvqgan(original), tmp_path / "vq.pt")
+    rows = [40, 3, 17, 8, 63, 0]  # a release's compact table: some codes, in its own order, stored raw
+    released = original.full_codebook()[rows] * torch.tensor([[2.0], [0.5], [1.0], [3.0], [1.0], [1.5]])
+    torch.save(released.clone(), tmp_path / "codebook.ckpt")
+    import_vitvqgan(
+        str(tmp_path / "vq.pt"),
+        "demo:val",
+        str(tmp_path / "imp"),
+        num_heads=2,
+        max_images=20,
+        num_workers=0,
+        codebook=str(tmp_path / "codebook.ckpt"),
+    )
+    imported = load_tokenizer(tmp_path / "imp").model
+    assert imported.kept_codes.tolist() == rows and imported.vocab_size == 6
+    x = torch.rand(4, 3, 32, 32)
+    full = original.full_codebook()
+    expected = (torch.nn.functional.normalize(original.features(x), dim=-1) @ full[rows].T).argmax(-1)
+    assert torch.equal(imported.encode(x).flatten(1), expected)
+    other = small_tokenizer(codebook=64, seed=10)
+    with pytest.raises(ValueError, match=r"6 of 6 codebook rows match no code of this tokenizer"):
+        other.match_codebook(released)

@@ -176,6 +176,7 @@ def _tokenizer_import(args: argparse.Namespace) -> int:
         num_heads=args.num_heads,
         device=args.device,
         max_images=args.max_images,
+        codebook=args.codebook,
     )
     print(f"wrote {Path(args.out) / 'tokenizer.pt'} ({result['tokenizer']['codes_used']} codes kept)")
     return 0
@@ -334,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="folder for tokenizer.pt and reconstructions.png")
     t.add_argument("--img-size", type=int, help="when the file holds no position tables")
     t.add_argument("--num-heads", type=int, help="default: width / 64, as the official configs")
+    t.add_argument(
+        "--codebook", help="a released codebook.ckpt: keep exactly its rows, so ids match that release"
+    )
     t.add_argument("--max-images", type=int)
     t.add_argument("--device", default="auto")
     t.set_defaults(func=_tokenizer_import)

@@ -34,6 +34,7 @@ from mimkit.models.input_spec import InputSpec
 from mimkit.runs.folder import run_dir
 from mimkit.runs.lock import RunLock
 from mimkit.runs.pretrain import pretrain
+from mimkit.tokens.codebook import load_codebook
 from mimkit.tokens.compact import CompactWriter
 from mimkit.tokens.dataset import convert, open_tokens
 from mimkit.tokens.seit import check_seit_target
@@ -199,16 +200,35 @@ def import_vitvqgan(
     device: str = "auto",
     max_images: int | None = None,
     num_workers: int | None = None,
+    codebook: str | None = None,
 ) -> dict[str, Any]:
     """A ViT-VQGAN state dict (enhancing-transformers' layout, as SeiT's tokenizer) as a mimkit
     tokenizer: loaded with every key checked, then pruned to the codes that ``data``'s images use (SeiT's
-    391 of 8,192), so that its ids are compact and fit SeiT's format. It takes RGB in [0, 1]."""
+    391 of 8,192), so that its ids are compact and fit SeiT's format; or, given a released ``codebook``
+    (SeiT's ``codebook.ckpt``), to exactly its rows in its order, so that new images get the release's
+    ids (``data`` then only measures PSNR). It takes RGB in [0, 1]."""
     dev = pick_device(device, 0)
     tokenizer = load_vitvqgan(weights, img_size=img_size, num_heads=num_heads).to(dev)
     source = build_source(data, image_size=tokenizer.shape.img_size, max_images=max_images)
     folder = Path(out)
     with RunLock(folder):
-        return prune_on(tokenizer, (0.0,) * 3, (1.0,) * 3, source, folder, dev, num_workers=num_workers)
+        if codebook is None:
+            return prune_on(tokenizer, (0.0,) * 3, (1.0,) * 3, source, folder, dev, num_workers=num_workers)
+        # the ids of a released dataset: keep exactly its codebook's rows, in its order
+        tokenizer.match_codebook(load_codebook(codebook))
+        mean, std = (0.0,) * 3, (1.0,) * 3
+        view = tokenizer_view(tokenizer.shape.img_size, mean, std)
+        spec = SimpleNamespace(mean=mean, std=std)
+        quality = reconstruction_report(tokenizer, source, view, spec, folder / "reconstructions.png", dev)
+        report = {
+            "codebook_size": tokenizer.shape.codebook_size,
+            "codes_used": tokenizer.vocab_size,
+            **quality,
+        }
+        save_tokenizer(
+            tokenizer, folder / "tokenizer.pt", mean=mean, std=std, matched=codebook, report=report
+        )
+        return {"tokenizer": report}
 
 
 @torch.no_grad()

@@ -227,6 +227,34 @@ class VQTokenizer(nn.Module):
         self.kept_codes = kept.to(self.kept_codes.device)
         return kept
 
+    @torch.no_grad()
+    def match_codebook(self, rows: torch.Tensor, min_cosine: float = 0.999) -> torch.Tensor:
+        """Keep the codes that a released compact codebook holds, in its order, so that ``encode`` gives
+        that release's ids (SeiT ships 391 rows of the tokenizer's 8,192 and not the mapping): row i is
+        the code it points the same way as (cosine >= ``min_cosine``: the release may store the rows raw
+        or normalised). Returns the kept full ids."""
+        if self.pruned:
+            raise ValueError("this tokenizer is already pruned; match the full one")
+        if rows.dim() != 2 or rows.shape[1] != self.shape.code_dim:
+            raise ValueError(
+                f"a codebook of [K, {self.shape.code_dim}] rows matches this tokenizer; "
+                f"got {tuple(rows.shape)}"
+            )
+        table = self.full_codebook()
+        cosine = F.normalize(rows.float().to(table.device), dim=-1) @ table.T
+        best, kept = cosine.max(dim=1)
+        unmatched = torch.nonzero(best < min_cosine).flatten().tolist()
+        if unmatched:
+            raise ValueError(
+                f"{len(unmatched)} of {len(rows)} codebook rows match no code of this tokenizer (first: "
+                f"row {unmatched[0]}, best cosine {float(best[unmatched[0]]):.4f}); it was made by another "
+                "tokenizer"
+            )
+        if len(set(kept.tolist())) != len(kept):
+            raise ValueError("two codebook rows match the same code; the codebook has duplicate rows")
+        self.kept_codes = kept.to(self.kept_codes.device)
+        return kept
+
 
 def _init_weights(module: nn.Module) -> None:
     """ViT-VQGAN's: trunc-normal Linear weights (std 0.02), zero biases, unit LayerNorms; convs keep
