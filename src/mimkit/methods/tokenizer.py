@@ -20,7 +20,7 @@ from mimkit.configs import ARCHS
 from mimkit.data.transforms import BICUBIC, Views, to_normalized
 from mimkit.methods.base import Method, StepOutput
 from mimkit.models.input_spec import InputSpec
-from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, perplexity, psnr
+from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, psnr
 
 
 @dataclass
@@ -150,4 +150,4 @@ class TokenizerMethod(Method):
         return StepOutput(loss, metrics)
 
 
-__all__ = ["TokenizerConfig", "TokenizerMethod", "perplexity", "tokenizer_shape"]
+__all__ = ["TokenizerConfig", "TokenizerMethod", "tokenizer_shape"]

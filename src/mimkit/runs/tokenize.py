@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +38,14 @@ from mimkit.tokens.codebook import load_codebook
 from mimkit.tokens.compact import CompactWriter
 from mimkit.tokens.dataset import convert, open_tokens
 from mimkit.tokens.seit import check_seit_target
-from mimkit.tokens.tokenizer import VQTokenizer, load_tokenizer, perplexity, psnr, save_tokenizer
+from mimkit.tokens.tokenizer import (
+    LoadedTokenizer,
+    VQTokenizer,
+    load_tokenizer,
+    perplexity,
+    psnr,
+    save_tokenizer,
+)
 from mimkit.tokens.vitvqgan import load_vitvqgan
 from mimkit.train.log import write_json
 
@@ -52,6 +59,29 @@ def tokenizer_view(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -
     return Views(
         image=T.Compose([T.Resize((size, size), interpolation=BICUBIC, antialias=True), *to_normalized(spec)])
     )
+
+
+class OnDevice(NamedTuple):
+    loaded: LoadedTokenizer
+    model: VQTokenizer
+    device: torch.device
+    view: Views
+
+
+def tokenizer_on(tokenizer_path: str, device: str) -> OnDevice:
+    """A saved tokenizer on the chosen device, with the view its images need."""
+    loaded = load_tokenizer(tokenizer_path)
+    dev = pick_device(device, 0)
+    model = loaded.model.to(dev)
+    return OnDevice(loaded, model, dev, tokenizer_view(model.shape.img_size, loaded.mean, loaded.std))
+
+
+def save_grid(images: torch.Tensor, png: Path | str, nrow: int) -> None:
+    """A PNG grid of [0, 1] images; small ones are shown larger (nearest) to be seen."""
+    images = images.clamp(0, 1).float().cpu()
+    scale = max(1, 96 // images.shape[-1])
+    images = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    save_image(make_grid(images, nrow=nrow, padding=2, pad_value=1.0), png)
 
 
 def image_batches(
@@ -266,10 +296,7 @@ def reconstruction_report(
     originals = images * std + mean
     values = psnr(recon, originals)
     if grid_png is not None:
-        pairs = torch.stack([originals[:32], recon[:32]], dim=1).flatten(0, 1).clamp(0, 1).float().cpu()
-        scale = max(1, 96 // pairs.shape[-1])  # small images are shown larger (nearest) to be seen
-        pairs = pairs.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
-        save_image(make_grid(pairs, nrow=16, padding=2, pad_value=1.0), grid_png)
+        save_grid(torch.stack([originals[:32], recon[:32]], dim=1).flatten(0, 1), grid_png, nrow=16)
     return {"psnr": float(values.mean()), "psnr_images": len(values)}
 
 
@@ -316,13 +343,10 @@ def tokenize(
     shards_dir = (
         target if to == "mimkit" else target.with_name(target.name[: -len(".data.bin.gz")] + ".shards")
     )
-    loaded = load_tokenizer(tokenizer_path)
-    if not loaded.model.pruned:
+    loaded, tokenizer, dev, view = tokenizer_on(tokenizer_path, device)
+    if not tokenizer.pruned:
         print("note: this tokenizer was not pruned; ids index its whole codebook", file=sys.stderr)
-    dev = pick_device(device, 0)
-    tokenizer = loaded.model.to(dev)
     source = build_source(data, image_size=tokenizer.shape.img_size, max_images=max_images)
-    view = tokenizer_view(tokenizer.shape.img_size, loaded.mean, loaded.std)
     grid = tokenizer.shape.grid
     report_path = (
         shards_dir / "tokenize_report.json"
@@ -385,7 +409,7 @@ def tokenize(
         seconds = time.time() - start
         if to == "seit":
             dataset = convert(shards_dir, target, to="seit")
-        report = tokenize_report(dataset, data, source, tokenizer, loaded, dev, skipped, seconds)
+        report = tokenize_report(dataset, data, source, tokenizer, loaded, view, dev, skipped, seconds)
         write_json(report_path, report)
         if to == "seit":
             shards.drop_cache()
@@ -429,7 +453,8 @@ def tokenize_report(
     data: str,
     source: ImageSource,
     tokenizer: VQTokenizer,
-    loaded: Any,
+    loaded: LoadedTokenizer,
+    view: Views,
     device: torch.device,
     skipped: list[str],
     seconds: float,
@@ -437,8 +462,7 @@ def tokenize_report(
     """Images, bytes per image in both formats and against the source, codebook use, reconstruction PSNR."""
     n = len(dataset)
     counts = np.zeros(dataset.vocab_size, dtype=np.int64)
-    for first in range(0, n, 4096):
-        ids = dataset.read_many(range(first, min(n, first + 4096)))
+    for _, ids in dataset.chunks():
         counts += np.bincount(ids.ravel(), minlength=dataset.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
         other_to = "seit" if dataset.format == "mimkit" else "mimkit"
@@ -451,14 +475,7 @@ def tokenize_report(
         other.drop_cache()  # a temporary dataset: its decoded cache goes with it
         other.close()
     src_bytes, counted = source_bytes(data, source)
-    quality = reconstruction_report(
-        tokenizer,
-        source,
-        tokenizer_view(tokenizer.shape.img_size, loaded.mean, loaded.std),
-        loaded,
-        None,
-        device,
-    )
+    quality = reconstruction_report(tokenizer, source, view, loaded, None, device)
     return {
         "dataset": str(dataset.path),
         "format": dataset.format,
@@ -500,11 +517,8 @@ def encode_ids(
 ) -> dict[str, Any]:
     """The id grids of a few images as a .npz (``ids`` [N, h, w], ``y``), for a look or a quick test;
     a dataset to train on is made by :func:`tokenize`."""
-    loaded = load_tokenizer(tokenizer_path)
-    dev = pick_device(device, 0)
-    tokenizer = loaded.model.to(dev)
+    _, tokenizer, dev, view = tokenizer_on(tokenizer_path, device)
     source = build_source(data, image_size=tokenizer.shape.img_size, max_images=max_images)
-    view = tokenizer_view(tokenizer.shape.img_size, loaded.mean, loaded.std)
     ids, labels = [], []
     for batch in image_batches(source, view):
         ids.append(tokenizer.encode(batch["image"].to(dev)).cpu().numpy().astype(np.int16))
@@ -526,9 +540,7 @@ def decode_grid(
 ) -> dict[str, Any]:
     """A PNG of the first ``count`` records decoded to images; with ``images`` (the source they were made
     from, same order) each original beside its reconstruction, and their PSNR."""
-    loaded = load_tokenizer(tokenizer_path)
-    dev = pick_device(device, 0)
-    tokenizer = loaded.model.to(dev)
+    loaded, tokenizer, dev, view = tokenizer_on(tokenizer_path, device)
     dataset = open_tokens(tokens)
     if tuple(dataset.grid) != (tokenizer.shape.grid,) * 2 or dataset.vocab_size != tokenizer.vocab_size:
         raise ValueError(
@@ -540,12 +552,8 @@ def decode_grid(
     if images is None:
         mean = torch.tensor(loaded.mean, device=dev).view(1, -1, 1, 1)
         std = torch.tensor(loaded.std, device=dev).view(1, -1, 1, 1)
-        recon = (tokenizer.decode(ids.to(dev)) * std + mean).clamp(0, 1).float().cpu()
-        scale = max(1, 96 // recon.shape[-1])
-        recon = recon.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
-        save_image(make_grid(recon, nrow=8, padding=2, pad_value=1.0), out)
+        save_grid(tokenizer.decode(ids.to(dev)) * std + mean, out, nrow=8)
         return {"images": count, "png": out}
     source = build_source(images, image_size=tokenizer.shape.img_size)
-    view = tokenizer_view(tokenizer.shape.img_size, loaded.mean, loaded.std)
     report = reconstruction_report(tokenizer, source, view, loaded, Path(out), dev, ids=ids, count=count)
     return {**report, "png": out}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,17 @@ def _check_to(to: str) -> None:
         raise ValueError(f"unknown token format {to!r}; expected one of {FORMATS}")
 
 
+def _write_seit(writer: seit.SeitWriter, parts: Iterable[tuple[np.ndarray, Any]]) -> TokenDataset:
+    """Append (ids, labels) parts and finish; on any failure no half-written stream is left behind."""
+    try:
+        for ids, labels in parts:
+            writer.append(ids, labels)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish()
+
+
 def _fresh_folder(dst: str | os.PathLike[str]) -> None:
     """convert/write_tokens start a new mimkit dataset: one already there (finished or not) would be
     resumed or mixed with the new records, so it is refused."""
@@ -209,12 +220,7 @@ def write_tokens(
         swriter = seit.SeitWriter(
             dst, grid=grid, vocab_size=vocab_size, codebook=cb, classes=classes, meta=meta
         )
-        try:
-            swriter.append(ids, labels)
-        except BaseException:
-            swriter.abort()  # no half-written stream left behind
-            raise
-        return swriter.finish()
+        return _write_seit(swriter, [(ids, labels)])
     _fresh_folder(dst)
     labels = check_labels(labels, len(ids), str(dst))
     undo = _Undo(dst)
@@ -259,15 +265,11 @@ def convert(
         "meta": source.meta,
     }
     if to == "seit":
-        writer = seit.SeitWriter(dst, **common)
-        try:
-            for start, ids in source.chunks():
-                labels = None if source.labels is None else source.labels[start : start + len(ids)]
-                writer.append(ids, labels)
-        except BaseException:
-            writer.abort()  # no half-written stream left behind
-            raise
-        return writer.finish()
+        parts = (
+            (ids, None if source.labels is None else source.labels[start : start + len(ids)])
+            for start, ids in source.chunks()
+        )
+        return _write_seit(seit.SeitWriter(dst, **common), parts)
     _fresh_folder(dst)
     undo = _Undo(dst)
     try:
