@@ -3,6 +3,13 @@
 
     python bench/throughput.py --method mae --arch vit_base --batch 256 --precision bf16
     python bench/throughput.py --method mae --arch vit_tiny --img 32 --patch 4 --batch 64 --steps 5  # CPU
+
+Token methods (``--method mtm``) read id grids of ``--token-grid`` cells (SeiT's stored 32 x 32 by default)
+with ``--vocab`` codes of a random codebook; the token views (crop, colour, TokenAdapt with
+``--tokenadapt``: random weights of the official shape) run on the device inside the timed step:
+
+    python bench/throughput.py --method mtm --arch vit_base --img 28 --patch 2 --batch 256 --precision bf16 \
+        --tokenadapt model.stem=token_ids model.token_dropout=0.1
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from mimkit.configs import build_config
 from mimkit.distributed import init_distributed
 from mimkit.methods import build_method
+from mimkit.tokens.tokenadapt import TokenAdapt, save_tokenadapt
 from mimkit.train.engine import Trainer
 
 # dense bf16 tensor-core peaks (FLOP/s) for model FLOPs utilisation
@@ -31,18 +39,38 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def fake_batch(method, batch: int, img: int, device: torch.device) -> dict:
-    """A batch of the shape the method's training views produce, already on the device."""
+def fake_batch(method, batch: int, img: int, device: torch.device, token_grid: int, vocab: int) -> dict:
+    """A batch of the shape the method's training views produce, already on the device: images, or for
+    a token model id grids (with per-sample seeds for the device-side views)."""
     from mimkit.configs import DataConfig
 
     views = method.train_transform(DataConfig())
+    if method.input_spec().kind == "token_ids":
+        sample = views(torch.randint(0, vocab, (token_grid, token_grid), dtype=torch.int16))
+        out = {k: torch.rand(batch, *v.shape, device=device) for k, v in sample.items() if k != "image"}
+        out["image"] = torch.randint(0, vocab, (batch, token_grid, token_grid), device=device)
+        out["seed"] = torch.arange(batch, device=device)
+        return out
     sample = views(torch.randint(0, 256, (3, img, img), dtype=torch.uint8))
     return {k: torch.randn(batch, *v.shape, device=device) for k, v in sample.items()}
 
 
+class FakeTokens:
+    """What a token method takes from its training source: the codebook of a token dataset."""
+
+    def __init__(self, vocab: int, dim: int) -> None:
+        self.name = "random codebook"
+        self.vocab_size = vocab
+        self.dataset = type("Dataset", (), {"codebook": torch.randn(vocab, dim)})()
+
+
 def count_flops(trainer: Trainer, batch: dict) -> float:
+    """The model's FLOPs per step (the device-side views are not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    if trainer.batch_transform is not None:
+        with torch.no_grad():
+            batch = trainer.batch_transform(batch)
     with FlopCounterMode(display=False) as counter:
         with trainer.autocast():
             out = trainer.module(batch)
@@ -65,6 +93,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--token-grid", type=int, default=32, help="token methods: stored id grid side")
+    parser.add_argument("--vocab", type=int, default=391, help="token methods: codes per cell")
+    parser.add_argument(
+        "--tokenadapt", action="store_true", help="token methods: the TokenAdapt path, random weights"
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="any config override (method.*, model.*)"
     )
@@ -84,13 +117,22 @@ def main() -> None:
         *([f"model.patch_size={args.patch}"] if args.patch else []),
         *args.overrides,
     ]
-    cfg = build_config(None, overrides)
-    env = init_distributed(cfg.run.device)
-    torch.manual_seed(0)
-    method = build_method(cfg)
+    tokens = "model.stem=token_ids" in args.overrides
+    if tokens:
+        overrides.append(f"model.vocab_size={args.vocab}")
     with tempfile.TemporaryDirectory() as out:
+        if args.tokenadapt:
+            ta = TokenAdapt(args.vocab, in_grid=args.token_grid, out_grid=args.img)
+            save_tokenadapt(ta, f"{out}/tokenadapt.ckpt")
+            overrides.append(f"method.tokenadapt={out}/tokenadapt.ckpt")
+        cfg = build_config(None, overrides)
+        env = init_distributed(cfg.run.device)
+        torch.manual_seed(0)
+        method = build_method(cfg)
+        if tokens:
+            method.use_data(FakeTokens(args.vocab, cfg.model.token_dim))
         trainer = Trainer(method, cfg, env, out)
-        batch = fake_batch(method, args.batch, args.img, env.device)
+        batch = fake_batch(method, args.batch, args.img, env.device, args.token_grid, args.vocab)
         flops = count_flops(trainer, batch) / args.batch
 
         def step() -> None:
@@ -125,6 +167,9 @@ def main() -> None:
                 "arch": cfg.model.arch,
                 "img_size": cfg.model.img_size,
                 "patch_size": method.encoder.patch_size,
+                "token_views": trainer.batch_transform.extra_repr()
+                if trainer.batch_transform is not None
+                else None,
                 "batch": args.batch,
                 "precision": trainer.precision,
                 "compile": args.compile,

@@ -13,7 +13,7 @@ import torch
 from mimkit import checkpoint
 from mimkit.cli import main
 from mimkit.configs import build_config
-from mimkit.data.sources import TokenSource, build_source, check_input, demo_source
+from mimkit.data.sources import TokenSource, build_source, check_input, demo_source, tokenized_for
 from mimkit.data.transforms import eval_view
 from mimkit.distributed import init_distributed
 from mimkit.eval.knn import knn_evaluate
@@ -206,7 +206,7 @@ def test_input_spec_and_source_must_agree(tmp_path: Path) -> None:
         check_input(ids(391, 8), tokens)
     with pytest.raises(ValueError, match="has 8x8 id grids, smaller than the encoder's 16x16 input"):
         check_input(ids(64, 16), tokens)
-    with pytest.raises(ValueError, match="holds images; tokenize them first with `mimkit tokenize`"):
+    with pytest.raises(ValueError, match="holds images and no tokenizer is known for it"):
         check_input(ids(64, 8), build_source("demo:val"))
 
 
@@ -238,11 +238,13 @@ def test_cli_tokenize_info_verify_and_decode(tmp_path: Path, capsys: pytest.Capt
     assert "a SeiT dataset is named NAME-token.data.bin.gz" in capsys.readouterr().err
 
 
-def test_knn_of_a_token_encoder_on_token_datasets(tmp_path: Path) -> None:
+def tokenized_demo(tmp_path: Path, train: int, val: int) -> None:
+    """A 64-code tokenizer (all kept) in tmp_path, and the tokens of the first images of demo:train and
+    demo:val under tmp_path/train and tmp_path/val."""
     tok = small_tokenizer(seed=5)
     tok.prune(torch.ones(64, dtype=torch.long))
     save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
-    for split, n in (("train", 120), ("val", 60)):
+    for split, n in (("train", train), ("val", val)):
         tokenize(
             str(tmp_path / "tokenizer.pt"),
             f"demo:{split}",
@@ -251,6 +253,10 @@ def test_knn_of_a_token_encoder_on_token_datasets(tmp_path: Path) -> None:
             max_images=n,
             progress=False,
         )
+
+
+def test_knn_of_a_token_encoder_on_token_datasets(tmp_path: Path) -> None:
+    tokenized_demo(tmp_path, train=120, val=60)
     train, val = (build_source(str(tmp_path / split)) for split in ("train", "val"))
     torch.manual_seed(0)
     encoder = build_encoder(
@@ -340,3 +346,39 @@ def test_import_vitvqgan_with_a_released_codebook_gives_its_ids(tmp_path: Path) 
     other = small_tokenizer(codebook=64, seed=10)
     with pytest.raises(ValueError, match=r"6 of 6 codebook rows match no code of this tokenizer"):
         other.match_codebook(released)
+
+
+def test_images_are_tokenized_on_the_fly_for_a_token_encoder(tmp_path: Path) -> None:
+    """A token model evaluated on images sees the ids that `mimkit tokenize` would have stored, by the
+    tokenizer its token data records; the k-NN is then the same as on the stored tokens."""
+    tokenized_demo(tmp_path, train=80, val=40)
+    train, stored = build_source(str(tmp_path / "train")), build_source(str(tmp_path / "val"))
+    images = build_source("demo:val", max_images=40)
+    torch.manual_seed(0)
+    encoder = build_encoder(
+        "vit_tiny",
+        img_size=6,
+        patch_size=2,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        stem="token_ids",
+        vocab_size=64,
+    )
+    bank, queries = tokenized_for(encoder.input_spec, [train, images])
+    assert bank is train and queries.kind == "token_ids" and queries.grid == (8, 8)
+    for i in (0, 7, 39):
+        ids, label = queries.load(i)
+        assert torch.equal(ids.long(), stored.load(i)[0].long()) and label == stored.load(i)[1]
+    env = init_distributed("cpu")
+    view = eval_view(6, encoder.input_spec)
+    on_images = knn_evaluate(encoder, bank, queries, view, env, k=5, pool="mean")
+    on_tokens = knn_evaluate(encoder, train, stored, view, env, k=5, pool="mean")
+    assert on_images["top1"] == on_tokens["top1"] and on_images["top5"] == on_tokens["top5"]
+    # images alone: the tokenizer of the data the encoder was trained on
+    (alone,) = tokenized_for(encoder.input_spec, [images], trained_on=str(tmp_path / "train"))
+    assert torch.equal(alone.load(3)[0], queries.load(3)[0])
+    # with no tokenizer to be found the images stay images, and the encoder says what it needs
+    assert tokenized_for(encoder.input_spec, [images]) == [images]
+    with pytest.raises(ValueError, match="holds images and no tokenizer is known"):
+        knn_evaluate(encoder, images, images, view, env)

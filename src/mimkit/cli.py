@@ -1,5 +1,5 @@
 """The ``mimkit`` command: pretrain, knn, linprobe, finetune, eval, export, recipes; tokenizer,
-tokenize and tokens for token datasets."""
+tokenize, tokens and tokenadapt for token datasets."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from pathlib import Path
 from mimkit.configs import POOLS, RECIPE_DIR, Config, ConfigError, build_config, to_yaml
 from mimkit.distributed import cleanup
 from mimkit.interop.load import export_encoder, load_encoder
-from mimkit.runs.classify import check_task, task_config, train_classifier
+from mimkit.runs.classify import SCRATCH, check_task, task_config, train_classifier
 from mimkit.runs.evaluate import evaluation_table, knn
 from mimkit.runs.lock import RunFolderError
 from mimkit.runs.pretrain import check_buildable, pretrain
+from mimkit.runs.tokenadapt import train_tokenadapt
 from mimkit.runs.tokenize import decode_grid, encode_ids, import_vitvqgan, tokenize, train_tokenizer
 from mimkit.tokens.dataset import convert, info, verify
 from mimkit.train.engine import NonFiniteLoss, RunInterrupted
@@ -87,9 +88,16 @@ def _knn(args: argparse.Namespace) -> int:
 
 
 def _train_task(args: argparse.Namespace) -> int:
-    loaded = load_encoder(args.checkpoint, args.weights or "student")
     overrides = [*([f"method.weights={args.weights}"] if args.weights else []), *args.overrides]
-    cfg = task_config(args.command, args.checkpoint, loaded[1], args.config, overrides, args.out)
+    if args.checkpoint == SCRATCH:  # a new encoder of the recipe's model section
+        loaded = None
+        out = args.out or f"runs/{Path(args.config or args.command).stem}"
+        cfg = build_config(
+            args.config or args.command, [f"method.checkpoint={SCRATCH}", f"run.out={out}", *overrides]
+        )
+    else:
+        loaded = load_encoder(args.checkpoint, args.weights or "student")
+        cfg = task_config(args.command, args.checkpoint, loaded[1], args.config, overrides, args.out)
     if args.resume:
         cfg.run.resume = args.resume
     if args.print_config:
@@ -146,6 +154,24 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     if cfg is None:
         return 0
     summary = train_tokenizer(cfg)
+    print(f"run folder: {summary['run']}")
+    return 0
+
+
+def _tokenadapt_train(args: argparse.Namespace) -> int:
+    cfg = _run_config(args)
+    if cfg is None:
+        return 0
+    summary = train_tokenadapt(cfg)
+    report = summary.get("tokenadapt")
+    if report is not None:
+        where = "held-out" if report["held_out"] else "training"
+        print(
+            f"token accuracy {report['token_acc']:.2f}% on {report['images']} {where} images (same geometry "
+            f"on the emb map, re-quantised: {report['warp_baseline_acc']:.2f}%; ids left as they were: "
+            f"{report['identity_baseline_acc']:.2f}%)"
+        )
+        print(f"TokenAdapt weights: {report['weights']}")
     print(f"run folder: {summary['run']}")
     return 0
 
@@ -277,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("finetune", "fine-tune"),
     ):
         p = sub.add_parser(kind, help=f"{what} of a checkpoint's encoder, then its accuracy on eval.val")
-        p.add_argument("checkpoint", help="run folder, .pt checkpoint, .safetensors export or official file")
+        p.add_argument(
+            "checkpoint",
+            help="run folder, .pt checkpoint, .safetensors export or official file"
+            + ("; 'scratch': a new encoder of the recipe's model section" if kind == "finetune" else ""),
+        )
         p.add_argument("--config", "-c", help=f"recipe (default: {kind}; mimkit recipes lists them)")
         p.add_argument("--out", help="run folder (default: CHECKPOINT-" + kind + ")")
         p.add_argument("--weights", help="student (default) | teacher (methods with an EMA teacher)")
@@ -362,6 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_tokenize)
+
+    p = sub.add_parser("tokenadapt", help="TokenAdapt (SeiT++): pixel-style augmentation of token grids")
+    tok = p.add_subparsers(dest="action", required=True)
+    t = tok.add_parser(
+        "train", help="learn TokenAdapt for a tokenizer's tokens (a run folder, resumable): tokenadapt.ckpt"
+    )
+    _run_arguments(t, "tokenadapt_cifar10", "e.g. method.tokenizer=runs/tokenizer_cifar10 optim.epochs=10")
+    t.set_defaults(func=_tokenadapt_train)
 
     p = sub.add_parser("tokens", help="token datasets: convert between formats, info, verify")
     tok = p.add_subparsers(dest="action", required=True)

@@ -61,6 +61,13 @@ class ModelConfig:
     num_heads: int | None = None
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
+    # what the encoder takes: pixels | token_ids (SeiT++: a learned embedding of each id, then a patch of
+    # patch_size x patch_size cells per token) | token_embeddings (SeiT: codebook vectors, conv stem
+    # k4 s2 p1). For tokens, img_size and patch_size count grid cells (SeiT++ on ImageNet: 28 and 2).
+    stem: str = "pixels"
+    vocab_size: int | None = None  # token_ids: ids per cell; None: the training token dataset's
+    token_dim: int = 32  # the width of a cell's embedding (token_ids) or of the codebook vectors
+    token_dropout: float = 0.0  # dropout on the id embeddings (SeiT++: 0.1)
 
 
 @dataclass
@@ -139,7 +146,9 @@ class Config:
     recipe: str = ""  # where the recipe came from (informational)
 
 
+STEMS = ("pixels", "token_ids", "token_embeddings")
 CHOICES = {
+    "model.stem": STEMS,
     "optim.lr_rule": ("linear", "sqrt"),
     "optim.name": ("adamw", "lars"),
     "run.precision": ("auto", "bf16", "fp16", "fp32"),
@@ -357,6 +366,14 @@ def _validate_model(model: ModelConfig) -> None:
         raise ConfigError(f"'model.mlp_ratio' must be > 0; got {model.mlp_ratio}")
     if not 0 <= model.drop_path < 1:
         raise ConfigError(f"'model.drop_path' must lie in [0, 1); got {model.drop_path}")
+    if model.vocab_size is not None and model.vocab_size < 1:
+        raise ConfigError(
+            f"'model.vocab_size' must be at least 1 (or null for the data's); got {model.vocab_size}"
+        )
+    if model.token_dim < 1:
+        raise ConfigError(f"'model.token_dim' must be at least 1; got {model.token_dim}")
+    if not 0 <= model.token_dropout < 1:
+        raise ConfigError(f"'model.token_dropout' must lie in [0, 1); got {model.token_dropout}")
 
 
 def _validate_optim(optim: OptimConfig) -> None:

@@ -24,8 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mimkit.configs import ModelConfig
+from mimkit.data.transforms import tokenizer_view
 from mimkit.models.input_spec import InputSpec
 from mimkit.tokens.dataset import TokenDataset, TokenRecordError, is_token_dataset, open_tokens
+from mimkit.tokens.tokenizer import load_tokenizer
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEMO_FILE = Path(__file__).parent / "demo" / "cifar10_demo.npz"
@@ -353,9 +356,69 @@ class TokenSource(ImageSource):
         return torch.from_numpy(ids), int(labels[index]) if labels is not None else -1
 
 
+class TokenizedImages(ImageSource):
+    """Images tokenized as they are read, by the tokenizer that made a token model's training data, so a
+    token model can be evaluated on images as on tokens. One image at a time on the CPU (in the loader's
+    workers): meant for evaluation sets; tokenize a training set once with `mimkit tokenize`."""
+
+    kind = "token_ids"
+
+    def __init__(self, source: ImageSource, tokenizer: str | Path) -> None:
+        if source.kind != "pixels":
+            raise ValueError(f"'{source.name}' is already a token dataset; only images are tokenized")
+        loaded = load_tokenizer(tokenizer)
+        self.source, self.tokenizer = source, loaded.model
+        size = loaded.model.shape.img_size
+        self.view = tokenizer_view(size, loaded.mean, loaded.std)
+        side = loaded.model.shape.grid
+        self.grid, self.vocab_size = (side, side), int(loaded.model.codebook().shape[0])
+        self.classes, self.classes_from_labels = source.classes, source.classes_from_labels
+        self.name = f"{source.name} (tokenized by {tokenizer})"
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.source.load(index)
+        with torch.no_grad():
+            ids = self.tokenizer.encode(self.view(image)["image"].unsqueeze(0))[0]
+        return ids, label
+
+
+def tokenizer_of(source: ImageSource) -> str | None:
+    """The tokenizer a token dataset says it was made with (its header's meta), if it says."""
+    dataset = getattr(source, "dataset", None)
+    return (getattr(dataset, "meta", None) or {}).get("tokenizer")
+
+
+def tokenized_for(
+    spec: InputSpec, sources: Sequence[ImageSource], trained_on: str | None = None
+) -> list[ImageSource]:
+    """The sources as a token encoder takes them: images are tokenized on the fly by the tokenizer of
+    the token data among the sources, else of the data the encoder was trained on (``trained_on``); the
+    rest is returned as it is (and images stay images when no tokenizer is known: check_input says so)."""
+    if spec.kind == "pixels" or all(s.kind != "pixels" for s in sources):
+        return list(sources)
+    tokenizer = next((t for s in sources if (t := tokenizer_of(s))), None)
+    if tokenizer is None and trained_on:
+        try:
+            tokenizer = tokenizer_of(build_source(trained_on, max_images=1))
+        except (OSError, ValueError):  # the training data is not here: nothing to learn the tokenizer from
+            tokenizer = None
+    if tokenizer is None:
+        return list(sources)
+    if not Path(tokenizer).exists():
+        raise FileNotFoundError(
+            f"the token data records its tokenizer at '{tokenizer}', which is gone: images cannot be "
+            "tokenized as it did; give a token dataset instead"
+        )
+    return [TokenizedImages(s, tokenizer) if s.kind == "pixels" else s for s in sources]
+
+
 def check_input(spec: InputSpec, source: ImageSource) -> None:
     """An encoder meets the source it is fed before the first batch: images for a pixel encoder, token ids
-    from the same vocabulary, on a grid at least as large as its input, for a token encoder."""
+    from the same vocabulary, on a grid at least as large as its input, for a token encoder (whose views
+    turn them into codebook vectors when it takes vectors)."""
     if spec.kind == "pixels" and source.kind == "token_ids":
         raise ValueError(
             f"this encoder takes pixels, but '{source.name}' is a token dataset; give it images, or "
@@ -365,7 +428,9 @@ def check_input(spec: InputSpec, source: ImageSource) -> None:
         if source.kind != "token_ids":
             raise ValueError(
                 f"this encoder takes token ids (a {spec.img_size}x{spec.img_size} grid of {spec.vocab_size} "
-                f"codes), but '{source.name}' holds images; tokenize them first with `mimkit tokenize`"
+                f"codes), but '{source.name}' holds images and no tokenizer is known for it (images are "
+                "tokenized on the fly by the tokenizer a token dataset records); tokenize them with "
+                "`mimkit tokenize`"
             )
         if source.vocab_size != spec.vocab_size:
             raise ValueError(
@@ -377,8 +442,36 @@ def check_input(spec: InputSpec, source: ImageSource) -> None:
                 f"'{source.name}' has {source.grid[0]}x{source.grid[1]} id grids, smaller than the "
                 f"encoder's {spec.img_size}x{spec.img_size} input"
             )
-    if spec.kind == "token_embeddings":
-        raise ValueError("an encoder of token embeddings is fed embedded grids, not a source of ids")
+    if spec.kind == "token_embeddings":  # SeiT: the ids of a token dataset through its codebook
+        if source.kind != "token_ids":
+            raise ValueError(
+                f"this encoder takes the codebook vectors of token grids, but '{source.name}' holds images; "
+                "tokenize them first with `mimkit tokenize`"
+            )
+        if min(source.grid) < spec.img_size:
+            raise ValueError(
+                f"'{source.name}' has {source.grid[0]}x{source.grid[1]} id grids, smaller than the "
+                f"encoder's {spec.img_size}x{spec.img_size} input"
+            )
+
+
+def needs_vocab(model: ModelConfig) -> bool:
+    """A token-id model left to take its vocabulary from the data (model.vocab_size null)."""
+    return model.stem == "token_ids" and model.vocab_size is None
+
+
+def vocab_from_data(model: ModelConfig, source: ImageSource) -> None:
+    """Set a token-id model's vocabulary from its training token dataset when the config leaves it to the
+    data; the config saved with the run then states it."""
+    if not needs_vocab(model):
+        return
+    vocab = getattr(source, "vocab_size", None)
+    if vocab is None:
+        raise ValueError(
+            f"model.stem=token_ids needs token data, but '{source.name}' holds images; tokenize them first "
+            "with `mimkit tokenize` (or set model.vocab_size)"
+        )
+    model.vocab_size = int(vocab)
 
 
 class Subset(ImageSource):
@@ -386,6 +479,7 @@ class Subset(ImageSource):
         self.source, self.n = source, min(n, len(source))
         self.kind = source.kind
         self.grid, self.vocab_size = getattr(source, "grid", None), getattr(source, "vocab_size", None)
+        self.dataset = getattr(source, "dataset", None)  # a token dataset's codebook and meta
         self.classes, self.name = source.classes, f"{source.name}[:{self.n}]"
         self.classes_from_labels = source.classes_from_labels
 

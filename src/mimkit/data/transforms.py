@@ -113,20 +113,59 @@ class CenterCropIds:
         return f"CenterCropIds(size={self.size})"
 
 
+class RandomCropIds:
+    """A random size x size window of an id grid [H, W], as long ids: the one geometric augmentation that
+    is exact on ids (a mirrored grid is not the grid of the mirrored image; SeiT++ flips through
+    TokenAdapt)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        h, w = ids.shape[-2:]
+        if h < self.size or w < self.size:
+            raise ValueError(f"cannot crop {self.size}x{self.size} from an id grid of {h}x{w}")
+        top = int(torch.randint(h - self.size + 1, ()))
+        left = int(torch.randint(w - self.size + 1, ()))
+        return ids[..., top : top + self.size, left : left + self.size].long()
+
+    def __repr__(self) -> str:
+        return f"RandomCropIds(size={self.size})"
+
+
+def as_ids(ids: torch.Tensor) -> torch.Tensor:
+    """A stored id grid (uint8 / uint16) as the long tensor an embedding takes."""
+    return ids.long()
+
+
 def eval_view(img_size: int, data: Any) -> Views:
     """{"image"}: resize the shorter side to img_size / crop_pct, center-crop img_size, normalize.
     ``data``: anything with ``mean``, ``std`` and ``crop_pct``; evaluations of an encoder pass its input
     spec (and its ``eval_size``), so they see what it was trained on whatever a recipe says. A spec of
     token ids: the centre img_size x img_size cells of the source's id grids (under "image", the entry
-    an encoder reads whatever its input)."""
-    if getattr(data, "kind", "pixels") == "token_ids":
-        return Views(image=CenterCropIds(img_size))
+    an encoder reads whatever its input); for a spec of token embeddings the same ids, which a SeiT
+    classifier turns into codebook vectors itself."""
+    if getattr(data, "kind", "pixels") in ("token_ids", "token_embeddings"):  # the latter: ids the
+        return Views(image=CenterCropIds(img_size))  # classifier embeds with its codebook
     return Views(
         image=T.Compose(
             [
                 T.Resize(int(img_size / data.crop_pct), interpolation=BICUBIC, antialias=True),
                 T.CenterCrop(img_size),
                 *to_normalized(data),
+            ]
+        )
+    )
+
+
+def tokenizer_view(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Views:
+    """{"image"}: squashed to size x size (bicubic), normalised as the tokenizer was trained."""
+    return Views(
+        image=T.Compose(
+            [
+                T.Resize((size, size), interpolation=BICUBIC, antialias=True),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(mean=list(mean), std=list(std)),
             ]
         )
     )

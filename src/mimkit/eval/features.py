@@ -37,6 +37,12 @@ def extract_features(
     spec = getattr(encoder, "input_spec", None)
     if spec is not None:
         check_input(spec, dataset.source)
+        if spec.kind == "token_embeddings" and encode is None:
+            raise ValueError(
+                "this encoder takes codebook vectors (SeiT): its features are read through a classifier that "
+                "embeds the ids with its codebook (mimkit finetune); k-NN and linear probes take pixel or "
+                "token-id encoders"
+            )
     was_training = encoder.training
     encoder.eval()
     sampler = EpochSampler(len(dataset), shuffle=False, rank=env.rank, world_size=env.world_size, pad=False)

@@ -120,7 +120,7 @@ def mae_lut_method(
         method = "lut" if "model_ema" in ckpt or any(k.startswith(HEAD_PREFIXES) for k in student) else "mae"
     if method not in ("mae", "lut"):
         raise ValueError(
-            f"load_official reads the 'mae', 'lut' and 'latent_mim' layouts; got method={method!r}"
+            f"load_official reads the 'mae', 'lut', 'latent_mim' and 'mtm' layouts; got method={method!r}"
         )
     cfg = build_config(None, [*infer_overrides(student, method, ckpt.get("args")), *(overrides or [])])
     model = build_method(cfg)

@@ -14,6 +14,8 @@ from mimkit.methods.latent_mim import LatentMIM, LatentMIMConfig
 from mimkit.methods.linprobe import LinearProbe, LinearProbeConfig
 from mimkit.methods.lut import LUT, LUTConfig
 from mimkit.methods.mae import MAE, MAEConfig, mae_loss
+from mimkit.methods.mtm import MTM, MTMConfig, mtm_loss
+from mimkit.methods.tokenadapt import TokenAdaptConfig, TokenAdaptMethod
 from mimkit.methods.tokenizer import TokenizerConfig, TokenizerMethod
 
 # pre-training methods; and the classifiers that evaluate an encoder (their `method` section names the
@@ -22,7 +24,9 @@ METHODS: dict[str, type[Method]] = {
     MAE.name: MAE,
     LUT.name: LUT,
     LatentMIM.name: LatentMIM,
+    MTM.name: MTM,
     TokenizerMethod.name: TokenizerMethod,  # trained by `mimkit tokenizer train`
+    TokenAdaptMethod.name: TokenAdaptMethod,  # trained by `mimkit tokenadapt train`
 }
 TASKS: dict[str, type[LinearProbe] | type[FineTune]] = {
     LinearProbe.name: LinearProbe,
@@ -54,6 +58,7 @@ __all__ = [
     "LUT",
     "MAE",
     "METHODS",
+    "MTM",
     "TASKS",
     "EMATeacher",
     "FineTune",
@@ -64,8 +69,11 @@ __all__ = [
     "LinearProbe",
     "LinearProbeConfig",
     "MAEConfig",
+    "MTMConfig",
     "Method",
     "StepOutput",
+    "TokenAdaptConfig",
+    "TokenAdaptMethod",
     "TokenizerConfig",
     "TokenizerMethod",
     "build_method",
@@ -73,4 +81,5 @@ __all__ = [
     "default_pool",
     "encoder_from_config",
     "mae_loss",
+    "mtm_loss",
 ]

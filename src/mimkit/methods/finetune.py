@@ -19,20 +19,27 @@ from torch import nn
 from torchvision.transforms import v2 as T
 
 from mimkit.configs import Config
-from mimkit.data.transforms import Views, eval_view
+from mimkit.data.transforms import Views, as_ids, eval_view
 from mimkit.methods.base import StepOutput, Trainable
+from mimkit.methods.token_views import TokenViews, resolve_tokenadapt, views_codebook
 from mimkit.models.input_spec import InputSpec
 from mimkit.models.pos_embed import resample_pos_embed
 from mimkit.models.vit import LayerNorm6, ViTEncoder
+from mimkit.tokens.augment import TokenEDA, TokenMixup
+from mimkit.tokens.codebook import build_synonyms, embed, synonym_counts, synonym_table
 
 
 @dataclass
 class FinetuneConfig:
     name: str = "finetune"
-    checkpoint: str = ""  # run folder, .pt checkpoint, .safetensors export or official file (required)
+    # run folder, .pt checkpoint, .safetensors export or official file (required); "scratch": a new
+    # encoder of the model section (a supervised run from scratch, as SeiT's)
+    checkpoint: str = ""
     weights: str = "student"  # student | teacher
     img_size: int | None = None  # None: the checkpoint's; another size resamples the position table
-    pool: str = "avg"  # avg: mean of the patch tokens + a new fc_norm (the encoder's norm is dropped) | cls
+    # avg: mean of the patch tokens + a new fc_norm (the encoder's norm is dropped) | avg_norm: that mean
+    # through the encoder's own final norm (SeiT++'s classifier) | cls
+    pool: str = "avg"
     drop_path: float = 0.1  # rising linearly over the blocks to this value
     layer_decay: float = 0.75  # lr scale ld^(depth + 1 - layer id); ids: stem 0, block i -> i + 1, head last
     head_init_std: float = 2e-5
@@ -45,10 +52,31 @@ class FinetuneConfig:
     model_ema: bool = False
     model_ema_decay: float = 0.9999
     num_classes: int | None = None
+    # token-id encoders (SeiT++): the views of mimkit.methods.token_views, made on the device; mixup and
+    # cutmix above are the base path's, min_crop_scale its crop; rand_augment and reprob do not apply
+    codebook: str | None = None  # a codebook file; None: the training token dataset's
+    noise_prob: float = 0.75  # per batch: Emb-Noise with this probability,
+    coloradapt_prob: float = 0.25  # else ColorAdapt with this one (SeiT++ fine-tuning)
+    tokenadapt: str | None = None  # TokenAdapt weights (file or run); None: no TokenAdapt path
+    tokenadapt_mixup: float = 0.8  # Mixup / CutMix of the TokenAdapt path, in its feature space
+    tokenadapt_cutmix: float = 1.0
+    # Token-EDA per sample (SeiT: 0.25 / 0.25), with the top-5 cosine synonyms of each code
+    eda_rc_prob: float = 0.0  # synonym replacement (each id w.p. 0.25)
+    eda_sc_prob: float = 0.0  # swap two square blocks
 
     def validate(self) -> None:
-        if self.pool not in ("avg", "cls"):
-            raise ValueError(f"'method.pool' must be avg or cls; got {self.pool!r}")
+        if self.pool not in ("avg", "avg_norm", "cls"):
+            raise ValueError(f"'method.pool' must be avg, avg_norm or cls; got {self.pool!r}")
+        for name in ("noise_prob", "coloradapt_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"'method.{name}' must lie in [0, 1]; got {getattr(self, name)}")
+        if self.noise_prob + self.coloradapt_prob > 1:
+            raise ValueError("'method.noise_prob' + 'method.coloradapt_prob' must not exceed 1")
+        for name in ("eda_rc_prob", "eda_sc_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"'method.{name}' must lie in [0, 1]; got {getattr(self, name)}")
+        if self.eda_rc_prob + self.eda_sc_prob > 1:
+            raise ValueError("'method.eda_rc_prob' + 'method.eda_sc_prob' must not exceed 1")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"'method.layer_decay' must lie in (0, 1]; got {self.layer_decay}")
         if not 0 <= self.drop_path < 1:
@@ -61,10 +89,24 @@ class FinetuneConfig:
             raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
 
     def validate_with(self, cfg: Config) -> None:
-        """Mixup and CutMix pair the images of a batch."""
-        if (self.mixup > 0 or self.cutmix > 0) and cfg.optim.batch_size % 2:
+        """Mixup and CutMix pair the images of a batch (of each half, with a TokenAdapt path)."""
+        mixing = (
+            self.mixup > 0
+            or self.cutmix > 0
+            or (self.tokenadapt and self.tokenadapt_mixup + self.tokenadapt_cutmix > 0)
+        )
+        if self.tokenadapt and cfg.optim.batch_size % 2:
             raise ValueError(
-                "Mixup/CutMix pair images within a batch: 'optim.batch_size' must be even; "
+                f"the TokenAdapt path takes half of each batch: 'optim.batch_size' must be even; got "
+                f"{cfg.optim.batch_size}"
+            )
+        multiple = 4 if self.tokenadapt else 2
+        if mixing and cfg.optim.batch_size % multiple:
+            where, must = ("a batch", "even")
+            if self.tokenadapt:
+                where, must = "each half of a batch", "a multiple of 4"
+            raise ValueError(
+                f"Mixup/CutMix pair images within {where}: 'optim.batch_size' must be {must}; "
                 f"got {cfg.optim.batch_size}"
             )
 
@@ -84,11 +126,12 @@ class FineTune(Trainable):
         evaluation crop), at the fine-tuning size."""
         super().__init__()
         self.cfg, self.num_classes = cfg, num_classes
-        spec = {**encoder.spec, "drop_path_rate": cfg.drop_path}
+        # a pre-training mask token (MTM) has no use in a classifier
+        spec = {**encoder.spec, "drop_path_rate": cfg.drop_path, "mask_token": False}
         if cfg.img_size is not None:
             spec["img_size"] = cfg.img_size
         model = ViTEncoder(**spec)
-        state = encoder.state_dict()
+        state = {k: v for k, v in encoder.state_dict().items() if k != "mask_token"}
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.grid_size)
         model.load_state_dict(state)
         given = input_spec or encoder.input_spec
@@ -99,13 +142,19 @@ class FineTune(Trainable):
         model.pos_embed.requires_grad_(True)
         if cfg.pool == "avg":
             model.global_pool, model.norm, model.fc_norm = "avg", nn.Identity(), LayerNorm6(model.embed_dim)
+        elif cfg.pool == "avg_norm":  # the pre-trained final norm, applied after the mean
+            model.global_pool, model.fc_norm, model.norm = "avg", model.norm, nn.Identity()
         model.head = nn.Linear(model.embed_dim, num_classes)
         model.num_classes = num_classes
         nn.init.trunc_normal_(model.head.weight, std=cfg.head_init_std)
         nn.init.zeros_(model.head.bias)
         self.model = model
+        # token inputs: ids (SeiT++), or ids that the codebook turns into the vectors the stem takes (SeiT)
+        self.tokens = model.stem.kind in ("token_ids", "token_embeddings")
+        self.vectors = model.stem.kind == "token_embeddings"
+        self.codebook: torch.Tensor | None = None  # the token views' (use_data)
         self.mixup = None
-        if cfg.mixup > 0 or cfg.cutmix > 0:
+        if (cfg.mixup > 0 or cfg.cutmix > 0) and not self.tokens:  # tokens are mixed by the views
             self.mixup = Mixup(
                 mixup_alpha=cfg.mixup,
                 cutmix_alpha=cfg.cutmix,
@@ -120,10 +169,19 @@ class FineTune(Trainable):
             self.ema = ModelEmaV2(model, decay=cfg.model_ema_decay).requires_grad_(False)
 
     def logits(self, images: torch.Tensor, ema: bool = False) -> torch.Tensor:
+        """Class logits; a continuous-input model given id grids (its evaluation view) embeds them with
+        the codebook first."""
+        if self.vectors and not images.is_floating_point():
+            images = embed(images, self.codebook)
         return (self.ema.module if ema else self.model)(images)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         images, labels = batch["image"], batch["label"]
+        if self.vectors and not images.is_floating_point():
+            images = embed(images, self.codebook)
+        if self.training and "soft_target" in batch:  # mixed by the token views
+            loss = SoftTargetCrossEntropy()(self.model(images).float(), batch["soft_target"])
+            return StepOutput(loss, {})
         if self.training and self.mixup is not None:
             images, soft = self.mixup(images, labels)
             loss = SoftTargetCrossEntropy()(self.model(images).float(), soft)
@@ -138,18 +196,92 @@ class FineTune(Trainable):
 
     def param_groups(self, weight_decay: float, decay_tokens: bool = False) -> list[dict]:
         """timm's layer-decay groups: stem (cls, positions, patch embedding) id 0, block i -> i + 1, the
-        rest (fc_norm, head) last; no decay for 1-D tensors, positions and cls (the MAE recipe)."""
-        return param_groups_layer_decay(
+        rest (fc_norm, head) last; no decay for 1-D tensors, positions and cls (the MAE recipe). A token-id
+        stem's embedding table and its norm go at the full lr, as in SeiT++ (they sit outside its
+        patch embedding there)."""
+        groups = param_groups_layer_decay(
             self.model,
             weight_decay,
             no_weight_decay_list=self.model.no_weight_decay(),
             layer_decay=self.cfg.layer_decay,
         )
+        if not self.tokens:
+            return groups
+        stem = self.model.stem
+        if self.vectors:  # a conv stem only: timm's groups as they are
+            return groups
+        full_lr = {id(p) for m in (stem.embedding, stem.embedding_norm) for p in m.parameters()}
+        moved: dict[float, list] = {}
+        for group in groups:
+            kept = [p for p in group["params"] if id(p) not in full_lr]
+            for p in group["params"]:
+                if id(p) in full_lr:
+                    moved.setdefault(group["weight_decay"], []).append(p)
+            group["params"] = kept
+        groups = [g for g in groups if g["params"]]
+        groups += [{"params": ps, "weight_decay": wd, "lr_scale": 1.0} for wd, ps in moved.items()]
+        return groups
+
+    def use_data(self, source: Any) -> None:
+        if not self.tokens:
+            return
+        vocab = getattr(source, "vocab_size", None) if self.vectors else self.model.stem.vocab_size
+        self.codebook = views_codebook(self.cfg.codebook, source, vocab)
+        width = self.model.stem.proj.in_channels if self.vectors else None
+        if width is not None and self.codebook.shape[1] != width:
+            raise ValueError(
+                f"the codebook's vectors have {self.codebook.shape[1]} dimensions but the encoder's stem "
+                f"takes {width} (model.token_dim)"
+            )
+
+    def batch_transform(self) -> TokenViews | None:
+        """Token inputs: SeiT++'s fine-tuning views (colour per batch, base crop + CutMix/Mixup, the
+        TokenAdapt path with its own mixing, re-quantised), with soft targets when mixing."""
+        if not self.tokens:
+            return None
+        if self.codebook is None:
+            raise ValueError("the token views need the codebook: call use_data(source) first")
+        cfg = self.cfg
+        tokenadapt = resolve_tokenadapt(cfg.tokenadapt) if cfg.tokenadapt else None
+
+        def mixer(mixup: float, cutmix: float) -> TokenMixup | None:
+            if mixup <= 0 and cutmix <= 0:
+                return None
+            return TokenMixup(
+                self.num_classes, mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=cfg.label_smoothing
+            )
+
+        mixers = [mixer(cfg.mixup, cfg.cutmix)]
+        if tokenadapt is not None:
+            mixers.append(mixer(cfg.tokenadapt_mixup, cfg.tokenadapt_cutmix))
+        eda = None
+        if cfg.eda_rc_prob or cfg.eda_sc_prob:
+            synonyms = build_synonyms(self.codebook, k=5)
+            eda = TokenEDA(
+                synonym_table(synonyms, 5),
+                cfg.eda_rc_prob,
+                cfg.eda_sc_prob,
+                counts=synonym_counts(synonyms, 5),
+            )
+        return TokenViews(
+            self.codebook,
+            self.model.stem.img_size[0],
+            min_scale=cfg.min_crop_scale,
+            noise_prob=cfg.noise_prob,
+            coloradapt_prob=cfg.coloradapt_prob,
+            tokenadapt=tokenadapt,
+            mixers=None if all(m is None for m in mixers) else tuple(mixers),
+            eda=eda,
+            requantize=not self.vectors,
+        )
 
     def train_transform(self, data: Any) -> Views:
         """timm's training transform: RandomResizedCrop (bicubic), flip, RandAugment, normalize, random
-        erasing (on PIL images, as timm expects), at the size and normalisation of the model's input spec."""
+        erasing (on PIL images, as timm expects), at the size and normalisation of the model's input spec.
+        Token ids: the stored grid as it is (the token views crop on the device)."""
         spec = self.model.input_spec
+        if self.tokens:
+            return Views(image=as_ids)
         timm_transform = create_transform(
             spec.img_size,
             is_training=True,

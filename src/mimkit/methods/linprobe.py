@@ -16,7 +16,7 @@ from torchvision.transforms import v2 as T
 from mimkit.configs import POOLS, Config
 from mimkit.data.loader import FeatureDataset, ViewDataset
 from mimkit.data.sources import ImageSource
-from mimkit.data.transforms import BICUBIC, Views, eval_view, to_normalized
+from mimkit.data.transforms import BICUBIC, RandomCropIds, Views, eval_view, to_normalized
 from mimkit.distributed import DistEnv
 from mimkit.eval.features import extract_features
 from mimkit.methods.base import StepOutput, Trainable
@@ -86,8 +86,11 @@ class LinearProbe(Trainable):
 
     def train_transform(self, data: Any) -> Views:
         """MAE's probe augmentation: RandomResizedCrop (bicubic) and flip, at the size and normalisation of
-        the encoder's input spec (what it was pre-trained on, whatever ``data`` says)."""
+        the encoder's input spec (what it was pre-trained on, whatever ``data`` says); for id grids a
+        random crop."""
         spec = self.encoder.input_spec
+        if spec.kind == "token_ids":  # ids are cropped, never resized or mirrored
+            return Views(image=RandomCropIds(spec.img_size))
         crop = T.RandomResizedCrop(
             spec.img_size, scale=(self.cfg.min_crop_scale, 1.0), interpolation=BICUBIC, antialias=True
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
@@ -153,3 +155,45 @@ class CrossDecoder(nn.Module):
         for block in self.blocks:
             queries = block(queries, x)
         return self.head(self.norm(queries))
+
+
+class MTMDecoder(nn.Module):
+    """MAGE's decoder as SeiT++'s masked token modeling uses it: the encoder's cls output, projected,
+    fills every slot of the full sequence; the kept patches' outputs are written into theirs; every
+    masked slot (dropped or kept as the mask token) is reset to the cls copy; then a learned,
+    zero-initialised position table (the reference builds a sin-cos one too but never uses it), blocks
+    with dropout on projections and attention, and a final norm."""
+
+    def __init__(
+        self,
+        *,
+        encoder_dim: int,
+        num_patches: int,
+        embed_dim: int = 512,
+        depth: int = 4,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"decoder width {embed_dim} is not divisible by its {num_heads} heads")
+        self.embed = nn.Linear(encoder_dim, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        block = partial(Block, qkv_bias=True, norm_layer=LayerNorm6, proj_drop=dropout, attn_drop=dropout)
+        self.blocks = nn.Sequential(*[block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = LayerNorm6(embed_dim)
+        mae_init_(self)
+
+    def forward(self, latent: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """latent [N, 1 + K, D_enc] (cls, then the kept patches ``ids_keep`` [N, K]); ``mask`` [N, L]
+        (1 = masked, dropped ones included) -> [N, 1 + L, D] (cls first, patches in grid order)."""
+        x = self.embed(latent)
+        n, length = mask.shape
+        cls = x[:, :1]
+        canvas = cls.expand(n, length, -1).scatter(
+            1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, 1:]
+        )
+        canvas = torch.where(mask.unsqueeze(-1).bool(), cls, canvas)
+        x = torch.cat([cls, canvas], dim=1) + self.pos_embed.to(x.dtype)
+        return self.norm(self.blocks(x))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 from torch import nn
 
 NORMS = {"bn": nn.BatchNorm1d, "ln": nn.LayerNorm, "none": None}
@@ -42,3 +43,25 @@ def mlp_head(
         if not last:
             layers.append(ACTS[act]())
     return nn.Sequential(*layers)
+
+
+class TokenLogitsHead(nn.Module):
+    """SeiT++'s token classifier (MAGE's MlmLayer), general in the patch and the embedding width: one
+    Linear per patch to its p * p cells' vectors ((py, px) order, then the width), GELU, LayerNorm, and
+    logits against the encoder's id-embedding table plus a learned bias. The table is detached: the head
+    shares the input embedding's weights but sends no gradient into them through the tie."""
+
+    def __init__(self, in_dim: int, token_dim: int, patch_size: int, vocab_size: int) -> None:
+        super().__init__()
+        self.cells, self.token_dim = patch_size * patch_size, token_dim
+        self.fc = nn.Linear(in_dim, self.cells * token_dim)
+        self.act = nn.GELU()
+        self.norm = nn.LayerNorm(token_dim)  # torch's eps, as the reference's
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        nn.init.xavier_uniform_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """x [N, L, in_dim] (patch tokens, no cls), table [K, token_dim] -> logits [N, L, p * p, K]."""
+        h = self.norm(self.act(self.fc(x).unflatten(-1, (self.cells, self.token_dim))))
+        return h @ table.detach().to(h.dtype).T + self.bias.to(h.dtype)

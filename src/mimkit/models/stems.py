@@ -207,3 +207,108 @@ class TokenIdStem(Stem):
             patch_size=self.patch_size[0],
             vocab_size=self.vocab_size,
         )
+
+
+class TokenEmbeddingStem(Stem):
+    """Grids of token embeddings [N, C, H, W] (SeiT's continuous input: codebook vectors, C =
+    ``token_dim``): SeiT's Stem-Adapter, a Conv2d(C -> D, ``kernel_size``, stride ``patch_size``,
+    ``padding``), by default kernel 4, stride 2, padding 1, so neighbouring patches overlap by half a
+    window. A unit is the zero-padded k x k window a patch's token is computed from, flattened in the
+    conv weight's (c, ky, kx) order, U = k * k * C; ``embed`` applies the conv as a Linear on units, so a
+    masked forward embeds only the windows it uses. Sizes are in cells: ``img_size`` is the grid's side
+    (SeiT on ImageNet: 28 -> 14 x 14 patches) and the stride is the encoder's patch size."""
+
+    kind = "token_embeddings"
+
+    def __init__(
+        self,
+        *,
+        token_dim: int,
+        img_size: int,
+        patch_size: int,
+        embed_dim: int,
+        kernel_size: int = 4,
+        padding: int = 1,
+    ) -> None:
+        super().__init__()
+        for name, value, least in (
+            ("token_dim", token_dim, 1),
+            ("img_size", img_size, 1),
+            ("patch_size", patch_size, 1),
+            ("embed_dim", embed_dim, 1),
+            ("kernel_size", kernel_size, 1),
+            ("padding", padding, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
+        if img_size % patch_size:
+            raise ValueError(f"embedding grid side {img_size} is not divisible by patch_size {patch_size}")
+        side = img_size // patch_size
+        # the conv's output side must be the encoder's grid, or positions and patches would not line up
+        out = (img_size + 2 * padding - kernel_size) // patch_size + 1
+        if img_size + 2 * padding < kernel_size or out != side:
+            raise ValueError(
+                f"a kernel {kernel_size}, stride {patch_size}, padding {padding} conv on a {img_size}-cell "
+                f"side gives {max(out, 0)} patches per side; the encoder's grid needs {side} "
+                f"(img_size / patch_size): pick padding (kernel_size - patch_size) / 2"
+            )
+        self.img_size = (img_size, img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (side, side)
+        self.num_patches = side * side
+        self.token_dim = token_dim
+        self.kernel_size, self.padding = kernel_size, padding
+        self.proj = nn.Conv2d(token_dim, embed_dim, kernel_size, stride=patch_size, padding=padding)
+        self.reset_parameters()
+
+    @property
+    def embed_dim(self) -> int:
+        return self.proj.out_channels
+
+    @property
+    def unit_dim(self) -> int:
+        return self.kernel_size * self.kernel_size * self.token_dim
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.token_dim or not x.is_floating_point():
+            raise ValueError(
+                f"the token-embedding stem takes embedding grids [N, {self.token_dim}, H, W] (floats); got "
+                f"a {x.dtype} tensor of shape {tuple(x.shape)} (pass units=True for pre-cut units)"
+            )
+        if tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"the token-embedding stem takes {self.img_size[0]}x{self.img_size[1]} grids (the "
+                f"encoder's img_size, in cells); got {x.shape[2]}x{x.shape[3]}"
+            )
+
+    def units(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.patch_size[0])
+        return cols.transpose(1, 2)  # [N, C*k*k, L] -> [N, L, U]
+
+    def embed(self, units: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight  # [D, C, k, k] flattens in the units' (c, ky, kx) order
+        return F.linear(units, w.reshape(w.shape[0], -1), self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every patch at once: the conv itself (no k*k/s^2-fold copy of the input in units)."""
+        self._check(x)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PyTorch's default conv init (kaiming-uniform a=sqrt(5) weights, uniform +-1/sqrt(fan_in) bias),
+        as SeiT's stem has it: its model factory replaces timm's patch conv with a fresh Conv2d after the
+        ViT's own init ran, so no ViT init touches the stem."""
+        self.proj.reset_parameters()
+
+    def config(self) -> dict[str, Any]:
+        return {"token_dim": self.token_dim, "stem_kernel": self.kernel_size, "stem_padding": self.padding}
+
+    def input_spec(self) -> InputSpec:
+        return InputSpec(
+            kind="token_embeddings",
+            channels=self.token_dim,
+            img_size=self.img_size[0],
+            patch_size=self.patch_size[0],
+        )

@@ -1,8 +1,8 @@
 """The one ViT encoder: timm's VisionTransformer with MAE's fixed sin-cos positions and initialisation,
-a pluggable stem (pixels or token ids, see :mod:`mimkit.models.stems`), the :class:`InputSpec` of what it
-takes, and a forward over a subset of patches. A pixel encoder's state dict is a timm ViT's, key for key,
-so an exported encoder loads into ``timm.create_model(<arch>_patch16_224, num_classes=0, ...)`` with
-``strict=True``."""
+a pluggable stem (pixels, token ids or token embeddings, see :mod:`mimkit.models.stems`), the
+:class:`InputSpec` of what it takes, and a forward over a subset of patches. A pixel encoder's state dict
+is a timm ViT's, key for key, so an exported encoder loads into
+``timm.create_model(<arch>_patch16_224, num_classes=0, ...)`` with ``strict=True``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from mimkit.configs import ARCHS, POOLS
 from mimkit.masking import gather_tokens
 from mimkit.models.input_spec import InputSpec
 from mimkit.models.pos_embed import sincos_2d
-from mimkit.models.stems import PixelStem, Stem, TokenIdStem
+from mimkit.models.stems import PixelStem, Stem, TokenEmbeddingStem, TokenIdStem
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 
@@ -42,11 +42,13 @@ class ViTEncoder(VisionTransformer):
     ``scaled_pos`` lays the table out as Latent MIM does (positions on linspace(0, 1) * grid).
 
     ``stem`` is "pixels" (images, ``in_chans`` channels), "token_ids" (grids of ``vocab_size`` ids of side
-    ``img_size``, embedded to ``token_dim`` with ``token_dropout``) or a :class:`Stem` of the encoder's
-    geometry; it is held as ``patch_embed``. ``mask_token`` adds a learned, zero-initialised vector that
-    :meth:`forward_visible` puts in place of chosen patch embeddings (absent by default, so a default
-    state dict is unchanged). ``input_spec`` says what the encoder takes; by default the stem's (pixels:
-    ImageNet mean/std)."""
+    ``img_size``, embedded to ``token_dim`` with ``token_dropout``), "token_embeddings" (grids of
+    ``token_dim``-wide vectors of side ``img_size``, through SeiT's conv adapter of kernel ``stem_kernel``
+    (default 4), stride ``patch_size`` and padding ``stem_padding`` (default 1)) or a :class:`Stem` of the
+    encoder's geometry; it is held as ``patch_embed``. ``mask_token`` adds a learned, zero-initialised
+    vector that :meth:`forward_visible` puts in place of chosen patch embeddings (absent by default, so a
+    default state dict is unchanged). ``input_spec`` says what the encoder takes; by default the stem's
+    (pixels: ImageNet mean/std)."""
 
     def __init__(
         self,
@@ -65,9 +67,16 @@ class ViTEncoder(VisionTransformer):
         vocab_size: int | None = None,
         token_dim: int = 32,
         token_dropout: float = 0.0,
+        stem_kernel: int | None = None,
+        stem_padding: int | None = None,
         mask_token: bool = False,
         input_spec: InputSpec | None = None,
     ) -> None:
+        if (stem_kernel is not None or stem_padding is not None) and stem != "token_embeddings":
+            raise ValueError(
+                "stem_kernel and stem_padding set the token_embeddings stem's conv; "
+                f"got them with stem={stem if isinstance(stem, str) else type(stem).__name__!r}"
+            )
         if isinstance(stem, Stem):
             given = stem
             side = img_size // patch_size
@@ -92,8 +101,23 @@ class ViTEncoder(VisionTransformer):
                 token_dim=token_dim,
                 dropout=token_dropout,
             )
+        elif stem == "token_embeddings":
+            if vocab_size is not None:
+                raise ValueError(
+                    "vocab_size applies to the token_ids stem; the token_embeddings stem takes vectors"
+                )
+            given = TokenEmbeddingStem(
+                token_dim=token_dim,
+                img_size=img_size,
+                patch_size=patch_size,
+                embed_dim=embed_dim,
+                kernel_size=4 if stem_kernel is None else stem_kernel,
+                padding=1 if stem_padding is None else stem_padding,
+            )
         else:
-            raise ValueError(f"stem must be 'pixels', 'token_ids' or a Stem; got {stem!r}")
+            raise ValueError(
+                f"stem must be 'pixels', 'token_ids', 'token_embeddings' or a Stem; got {stem!r}"
+            )
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,
@@ -261,11 +285,13 @@ def build_encoder(
     vocab_size: int | None = None,
     token_dim: int = 32,
     token_dropout: float = 0.0,
+    stem_kernel: int | None = None,
+    stem_padding: int | None = None,
     mask_token: bool = False,
     input_spec: InputSpec | None = None,
 ) -> ViTEncoder:
     """A named size (vit_tiny/small/base/large/huge), any field of which can be overridden; the stem
-    and the rest as :class:`ViTEncoder` (for token ids ``img_size`` is the id grid's side, in cells)."""
+    and the rest as :class:`ViTEncoder` (for token inputs ``img_size`` is the grid's side, in cells)."""
     if arch not in ARCHS:
         near = difflib.get_close_matches(arch, ARCHS, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
@@ -298,6 +324,8 @@ def build_encoder(
         vocab_size=vocab_size,
         token_dim=token_dim,
         token_dropout=token_dropout,
+        stem_kernel=stem_kernel,
+        stem_padding=stem_padding,
         mask_token=mask_token,
         input_spec=input_spec,
     )

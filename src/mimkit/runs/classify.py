@@ -14,11 +14,18 @@ import torch
 from mimkit.checkpoint import seed_all
 from mimkit.configs import Config, ConfigError, build_config
 from mimkit.data.loader import ViewDataset
-from mimkit.data.sources import build_source, check_same_classes
+from mimkit.data.sources import (
+    build_source,
+    check_input,
+    check_same_classes,
+    needs_vocab,
+    tokenized_for,
+    vocab_from_data,
+)
 from mimkit.distributed import DistEnv, barrier, init_distributed
 from mimkit.eval.features import classify
 from mimkit.interop.load import load_encoder
-from mimkit.methods import TASKS
+from mimkit.methods import TASKS, encoder_from_config
 from mimkit.methods.linprobe import cached_features
 from mimkit.models.input_spec import InputSpec
 from mimkit.models.vit import ViTEncoder
@@ -37,10 +44,12 @@ def task_config(
     spec's, not the recipe's, unless ``data.crop_pct`` is given; the normalisation is always the spec's
     (:func:`train_classifier` sets it)."""
     given = {o.split("=", 1)[0] for o in overrides}
+    spec: InputSpec = info["input_spec"]
+    if recipe is None and kind == "finetune" and spec.kind != "pixels":
+        recipe = "finetune_tokens"  # SeiT++'s recipe: token views, avg_norm, the sqrt rule
     base = build_config(recipe or kind)
     run = out or f"{Path(checkpoint).with_suffix('')}-{kind}"
     defaults = [f"method.checkpoint={checkpoint}", f"run.out={run}"]
-    spec: InputSpec = info["input_spec"]
     if "data.crop_pct" not in given:
         defaults.append(f"data.crop_pct={spec.crop_pct}")
     ignored = sorted(given & {"data.mean", "data.std"})
@@ -59,13 +68,38 @@ def task_config(
     return build_config(recipe or kind, [*defaults, *overrides])
 
 
+SCRATCH = "scratch"  # method.checkpoint of a supervised run from a new encoder
+
+
+def scratch_encoder(cfg: Config) -> tuple[ViTEncoder, dict[str, Any]]:
+    """A new encoder of ``cfg.model`` (a token-id one takes its vocabulary from data.train), for a
+    supervised run from scratch such as SeiT's; described as load_encoder describes a checkpoint's."""
+    if cfg.method.name != "finetune":
+        raise ConfigError(f"method.checkpoint={SCRATCH} trains a new encoder: it needs method=finetune")
+    if needs_vocab(cfg.model):
+        vocab_from_data(cfg.model, build_source(cfg.data.train, max_images=1))
+    torch.manual_seed(cfg.run.seed)
+    encoder = encoder_from_config(cfg.model, cfg.data)
+    info = {
+        "method": SCRATCH,
+        "input_spec": encoder.input_spec,
+        "weights": "student",
+        "probe_pool": "mean",
+        "config": None,
+    }
+    return encoder, info
+
+
 def check_task(cfg: Config) -> None:
     """What :func:`train_classifier` checks before it reads any data, beyond the config's own checks."""
     task = cfg.method
     if task.name not in TASKS:
         raise ConfigError(f"'method' must be linprobe or finetune here; got {task.name!r}")
     if not task.checkpoint:
-        raise ConfigError(f"{task.name} needs 'method.checkpoint': the run, checkpoint or export to evaluate")
+        raise ConfigError(
+            f"{task.name} needs 'method.checkpoint': the run, checkpoint or export to evaluate (or "
+            f"'{SCRATCH}' for a new encoder)"
+        )
     if not cfg.eval.val:
         raise ConfigError(f"{task.name} needs 'eval.val': labelled images to measure the accuracy on")
 
@@ -85,15 +119,20 @@ def train_classifier(
     check_task(cfg)
     task = cfg.method
     env = env or init_distributed(cfg.run.device)
-    if loaded is not None and loaded[1]["weights"] == task.weights:
+    if task.checkpoint == SCRATCH:
+        encoder, info = scratch_encoder(cfg)
+    elif loaded is not None and loaded[1]["weights"] == task.weights:
         encoder, info = loaded
     else:
         encoder, info = load_encoder(task.checkpoint, task.weights)
     spec = encoder.input_spec
-    if spec.kind != "pixels":
-        raise ConfigError(f"{task.checkpoint}: its encoder takes {spec.kind}; {task.name} trains on images")
-    # recorded in the run's config: the normalisation the views use (the encoder's, always)
-    cfg.data.mean, cfg.data.std = spec.mean, spec.std
+    if spec.kind == "token_embeddings" and task.name != "finetune":
+        raise ConfigError(
+            f"{task.checkpoint}: its encoder takes codebook vectors, which only fine-tuning feeds it (the "
+            "token dataset's ids through the codebook)"
+        )
+    if spec.kind == "pixels":  # recorded in the run's config: the normalisation the views use (the encoder's)
+        cfg.data.mean, cfg.data.std = spec.mean, spec.std
     size = getattr(task, "img_size", None) or spec.img_size
     source = build_source(cfg.data.train, image_size=size, max_images=cfg.data.max_images)
     if not source.has_labels:
@@ -102,11 +141,16 @@ def train_classifier(
     if not val.has_labels:
         raise ConfigError(f"eval.val '{val.name}' has no labels; {task.name} needs them to measure accuracy")
     check_same_classes(source, val)
+    trained_on = info["config"].data.train if info.get("config") else None
+    source, val = tokenized_for(spec, [source, val], trained_on)
+    for data in (source, val):  # token ids of the encoder's vocabulary for a token model, else images
+        check_input(spec, data)
     num_classes = task.num_classes or len(source.classes)
     torch.manual_seed(cfg.run.seed)  # the same head on every rank
     # what the classifier takes: the encoder's input, evaluated at this run's crop
     task_spec = replace(spec, crop_pct=cfg.data.crop_pct)
     module = TASKS[task.name].build(encoder, {**info, "input_spec": task_spec}, task, num_classes)
+    module.use_data(source)
     seed_all(cfg.run.seed + env.rank)  # drop path and Mixup differ across ranks, and repeat across runs
     out = run_dir(cfg)
     with RunLock(out, env):  # one run per folder, for the whole run

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mimkit.configs import ConfigError, EvalConfig, build_config
-from mimkit.data.sources import build_source
+from mimkit.data.sources import build_source, tokenized_for
 from mimkit.data.transforms import Views, eval_view
 from mimkit.distributed import DistEnv, init_distributed
 from mimkit.eval.knn import knn_evaluate, loo_nn_evaluate
@@ -80,15 +80,20 @@ def knn(
     common = dict(
         batch_size=batch_size, num_workers=num_workers, autocast_dtype=autocast_dtype("auto", env.device)
     )
+    trained_on = info["config"].data.train if info.get("config") else None
     if loo:
-        result = loo_nn_evaluate(
-            encoder, build_source(val, image_size=size), view, env, pool=pool or "mean_prenorm", **common
-        )
+        (queries,) = tokenized_for(encoder.input_spec, [build_source(val, image_size=size)], trained_on)
+        result = loo_nn_evaluate(encoder, queries, view, env, pool=pool or "mean_prenorm", **common)
     else:
+        bank, queries = tokenized_for(
+            encoder.input_spec,
+            [build_source(train, image_size=size), build_source(val, image_size=size)],
+            trained_on,
+        )
         result = knn_evaluate(
             encoder,
-            build_source(train, image_size=size),
-            build_source(val, image_size=size),
+            bank,
+            queries,
             view,
             env,
             k=settings.k if k is None else k,

@@ -13,10 +13,18 @@ import torch
 from mimkit.checkpoint import seed_all
 from mimkit.configs import Config
 from mimkit.data.loader import ViewDataset
-from mimkit.data.sources import ImageSource, build_source, check_input
+from mimkit.data.sources import (
+    ImageSource,
+    build_source,
+    check_input,
+    needs_vocab,
+    tokenized_for,
+    vocab_from_data,
+)
 from mimkit.distributed import DistEnv, barrier, init_distributed
 from mimkit.eval.knn import check_knn_sources, knn_evaluate, loo_nn_evaluate
 from mimkit.methods import build_method
+from mimkit.models.input_spec import InputSpec
 from mimkit.models.vit import ViTEncoder
 from mimkit.runs.evaluate import evaluation_view
 from mimkit.runs.folder import run_dir, start_run
@@ -27,7 +35,9 @@ from mimkit.train.log import write_json
 
 def check_buildable(cfg: Config) -> None:
     """What building the method checks beyond the config, without memory, initialisation or data: the
-    method is built on the meta device."""
+    method is built on the meta device (a token model's vocabulary is read from its data's header)."""
+    if needs_vocab(cfg.model):
+        vocab_from_data(cfg.model, build_source(cfg.data.train, max_images=1))
     with torch.device("meta"):
         build_method(cfg)
 
@@ -41,11 +51,13 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
 
 
 def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
+    source = build_source(cfg.data.train, image_size=cfg.model.img_size, max_images=cfg.data.max_images)
+    vocab_from_data(cfg.model, source)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     method = build_method(cfg)
     seed_all(cfg.run.seed + env.rank)  # drop path differs across ranks (masks come from per-sample seeds)
-    source = build_source(cfg.data.train, image_size=cfg.model.img_size, max_images=cfg.data.max_images)
     check_input(method.input_spec(), source)
+    method.use_data(source)
     dataset = ViewDataset(source, method.train_transform(cfg.data), seed=cfg.run.seed)
     trainer = Trainer(method, cfg, env, out)
     params = sum(p.numel() for p in method.parameters() if p.requires_grad)
@@ -65,7 +77,7 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
         dtype = autocast_dtype(trainer.precision, env.device)
         if cfg.eval.knn:
             bank = None if cfg.eval.train else source
-            probes["knn"] = knn_probe(cfg, env, dtype, bank=bank, queries=queries)
+            probes["knn"] = knn_probe(cfg, env, dtype, bank=bank, queries=queries, spec=method.input_spec())
         if cfg.eval.lmim_nn:
             probes["lmim_nn"] = nn_probe(cfg, env, dtype, queries)
     if cfg.eval.baseline and trainer.step == 0:
@@ -94,21 +106,44 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     return summary
 
 
+def pretrain_then(
+    cfg: Config, env: DistEnv | None, finish: Callable[[Path, Config, torch.device], dict[str, Any]]
+) -> dict[str, Any]:
+    """Pre-train, then (on the main rank, holding the run folder) ``finish(out, cfg, device)``: what a run
+    writes from its last checkpoint once training is done (a tokenizer's pruned codes, TokenAdapt's
+    official weights), merged into the summary."""
+    env = env or init_distributed(cfg.run.device)
+    summary = pretrain(cfg, env)
+    if summary.get("stopped_early"):
+        return summary
+    out = run_dir(cfg)
+    if env.is_main:
+        with RunLock(out):
+            summary.update(finish(out, cfg, env.device))
+            write_json(out / "summary.json", summary)
+    barrier(env)
+    return summary
+
+
 def knn_probe(
     cfg: Config,
     env: DistEnv,
     dtype: torch.dtype | None = None,
     bank: ImageSource | None = None,
     queries: ImageSource | None = None,
+    spec: InputSpec | None = None,
 ) -> Callable[[ViTEncoder], dict[str, Any]]:
     """k-NN accuracy of an encoder with the config's eval settings, in the view of the encoder's input
     spec; the sources are read once. The memory bank is eval.train, else the training images (pass the
-    sources already read to avoid reading them twice)."""
+    sources already read to avoid reading them twice). ``spec``: the encoder's input, when images are to
+    be tokenized for a token encoder (by the tokenizer of its token data)."""
     size = cfg.model.img_size
     if bank is None:
         bank = build_source(cfg.eval.train or cfg.data.train, image_size=size, max_images=cfg.data.max_images)
     if queries is None:
         queries = build_source(cfg.eval.val, image_size=size)
+    if spec is not None:
+        bank, queries = tokenized_for(spec, [bank, queries], cfg.data.train)
     # checked now rather than when the first evaluation runs, possibly after the whole training
     check_knn_sources(bank, queries, hint="eval.train, else data.train, and eval.val; or set eval.knn=false")
     evaluate = partial(

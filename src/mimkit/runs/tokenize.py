@@ -20,20 +20,17 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torchvision.transforms import v2 as T
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from mimkit.configs import Config
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
 from mimkit.data.sources import ImageSource, Subset, build_source
-from mimkit.data.transforms import BICUBIC, Views, to_normalized
-from mimkit.distributed import DistEnv, barrier, init_distributed, pick_device
+from mimkit.data.transforms import Views, tokenizer_view
+from mimkit.distributed import DistEnv, pick_device
 from mimkit.interop.load import load_method
-from mimkit.models.input_spec import InputSpec
-from mimkit.runs.folder import run_dir
 from mimkit.runs.lock import RunLock
-from mimkit.runs.pretrain import pretrain
+from mimkit.runs.pretrain import pretrain_then
 from mimkit.tokens.codebook import load_codebook
 from mimkit.tokens.compact import CompactWriter
 from mimkit.tokens.dataset import convert, open_tokens
@@ -51,14 +48,6 @@ from mimkit.train.log import write_json
 
 SAMPLE_IMAGES = 256  # reconstruction PSNR and the decoded grid are measured on this many images
 FIT_IMAGES = 10_000  # mimkit's format fits its tables on this many images, spread over the source
-
-
-def tokenizer_view(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Views:
-    """{"image"}: squashed to size x size (bicubic), normalised as the tokenizer was trained."""
-    spec = InputSpec(kind="pixels", channels=len(mean), mean=mean, std=std, img_size=size, patch_size=1)
-    return Views(
-        image=T.Compose([T.Resize((size, size), interpolation=BICUBIC, antialias=True), *to_normalized(spec)])
-    )
 
 
 class OnDevice(NamedTuple):
@@ -137,17 +126,7 @@ def train_tokenizer(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
         raise ValueError(
             f"`mimkit tokenizer train` trains method=vq_tokenizer; the config says '{cfg.method.name}'"
         )
-    env = env or init_distributed(cfg.run.device)
-    summary = pretrain(cfg, env)
-    if summary.get("stopped_early"):
-        return summary
-    out = run_dir(cfg)
-    if env.is_main:
-        with RunLock(out):
-            summary.update(finish_tokenizer(out, cfg, env.device))
-            write_json(out / "summary.json", summary)
-    barrier(env)
-    return summary
+    return pretrain_then(cfg, env, finish_tokenizer)
 
 
 def finish_tokenizer(out: Path, cfg: Config, device: torch.device) -> dict[str, Any]:

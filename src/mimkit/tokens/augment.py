@@ -34,6 +34,7 @@ __all__ = [
     "center_crop",
     "color_adapt",
     "colour_choice",
+    "draw_device",
     "emb_noise",
     "embed",
     "hflip",
@@ -56,7 +57,7 @@ EDA_CHOICES = ("replace", "swap", "identity")
 # -------------------------------------------------------------------------------------- shared checks
 
 
-def _device_of(generator: torch.Generator | None, device: torch.device | str | None) -> torch.device:
+def draw_device(generator: torch.Generator | None, device: torch.device | str | None) -> torch.device:
     """The device to draw on; a generator on another device would fail inside torch with a vague error."""
     if device is None:
         return generator.device if generator is not None else torch.device("cpu")
@@ -75,7 +76,7 @@ def _uniform(
     device: torch.device | str | None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device=_device_of(generator, device), dtype=dtype)
+    return torch.rand(shape, generator=generator, device=draw_device(generator, device), dtype=dtype)
 
 
 def _pick_exactly(
@@ -84,7 +85,7 @@ def _pick_exactly(
     """``int(batch * fraction)`` distinct sample indices drawn uniformly (SeiT's ``randperm`` selection)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    perm = torch.randperm(batch, generator=generator, device=_device_of(generator, device))
+    perm = torch.randperm(batch, generator=generator, device=draw_device(generator, device))
     return perm[: int(batch * fraction)]
 
 
@@ -171,7 +172,7 @@ def swap_code_params(
     ``s`` apart (Euclidean). Rejection runs in rounds over the whole batch, not a loop per sample."""
     if not 0.0 <= scale <= 1.0:
         raise ValueError(f"swap scale must be in [0, 1], got {scale}")
-    device = _device_of(generator, device)
+    device = draw_device(generator, device)
     short = min(height, width)
     largest = max(math.ceil(short * scale) - 1, 0)
     if math.hypot(height - 1 - largest, width - 1 - largest) <= largest:
@@ -293,7 +294,7 @@ def rrc_params(
     tries of all samples are drawn at once (the random stream differs from torchvision's, not the law)."""
     if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
         raise ValueError(f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}")
-    device = _device_of(generator, device)
+    device = draw_device(generator, device)
     f64 = torch.float64
     area = _uniform((batch, attempts), generator, device, f64) * (scale[1] - scale[0]) + scale[0]
     area = area * (height * width)

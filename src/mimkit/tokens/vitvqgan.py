@@ -51,8 +51,12 @@ _UNIT_NORM_TOLERANCE = 1e-6  # codebook rows this close to length 1 count as alr
 _POS_TOLERANCE = 1e-5  # a stored position table must be the sin-cos table to this absolute error
 
 
-# -- the key correspondence ------------------------------------------------------------------------------
-def _block_pairs(ours: str, theirs: str, depth: int, project_out: bool) -> list[tuple[str, str]]:
+# -- the enhancing-transformers transformer layout (shared with TokenAdapt, whose modules are the same) ---
+def transformer_key_pairs(ours: str, theirs: str, depth: int, project_out: bool) -> list[tuple[str, str]]:
+    """(our name, official name) of every weight of a stack of ``depth`` pre-norm blocks and its final
+    LayerNorm: timm ``Block`` s at ``{ours}.blocks.i`` and ``{ours}.norm`` against the official
+    ``{theirs}.transformer.layers.i`` and ``{theirs}.transformer.norm``. ``project_out`` False: the
+    official attention has no ``to_out`` (one head as wide as the model)."""
     pairs: list[tuple[str, str]] = []
     for i in range(depth):
         a, b = f"{ours}.blocks.{i}.", f"{theirs}.transformer.layers.{i}."
@@ -73,8 +77,8 @@ def _weight_pairs(shape: TokenizerShape) -> list[tuple[str, str]]:
     both = ("weight", "bias")
     return [
         *((f"patch_embed.{p}", f"encoder.to_patch_embedding.0.{p}") for p in both),
-        *_block_pairs("encoder", "encoder", shape.depth, project_out),
-        *_block_pairs("decoder", "decoder", shape.depth, project_out),
+        *transformer_key_pairs("encoder", "encoder", shape.depth, project_out),
+        *transformer_key_pairs("decoder", "decoder", shape.depth, project_out),
         *((f"to_pixels.{p}", f"decoder.to_pixel.1.{p}") for p in both),
         *((f"pre_quant.{p}", f"pre_quant.{p}") for p in both),
         *((f"post_quant.{p}", f"post_quant.{p}") for p in both),
@@ -100,8 +104,8 @@ def _check_correspondence(model: VQTokenizer, pairs: list[tuple[str, str]]) -> N
         mapped |= {k for k in ours if ".attn.proj." in k}
     if ours != mapped:
         raise RuntimeError(
-            f"VQTokenizer weights without an official ViT-VQGAN counterpart: {_names(ours - mapped)}; "
-            f"mapped names missing from VQTokenizer: {_names(mapped - ours)}"
+            f"VQTokenizer weights without an official ViT-VQGAN counterpart: {key_list(ours - mapped)}; "
+            f"mapped names missing from VQTokenizer: {key_list(mapped - ours)}"
         )
 
 
@@ -123,22 +127,25 @@ def _weights(state: Mapping[str, Any]) -> Mapping[str, Any]:
     return nested if isinstance(nested, Mapping) else state
 
 
-def _names(keys: Any, limit: int = 8) -> str:
+def key_list(keys: Any, limit: int = 8) -> str:
+    """The first ``limit`` keys, sorted, for an error message."""
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _prefix_hint(sd: Mapping[str, Any]) -> str:
+def prefix_hint(sd: Mapping[str, Any], anchors: tuple[str, ...] = _ANCHORS) -> str:
+    """A hint for a state dict whose keys end like ``anchors`` after a prefix (a wrapper's name)."""
     for key in sd:
-        for anchor in _ANCHORS:
+        for anchor in anchors:
             if key.endswith("." + anchor):
                 return f"; its keys carry a prefix '{key[: -len(anchor)]}' (strip it)"
     return ""
 
 
-def _layer_count(sd: Mapping[str, Any], stack: str) -> int:
-    pattern = re.compile(rf"^{stack}\.transformer\.layers\.(\d+)\.")
+def layer_count(sd: Mapping[str, Any], prefix: str) -> int:
+    """The number of blocks stored under ``{prefix}.transformer.layers``."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.transformer\.layers\.(\d+)\.")
     indices = [int(m.group(1)) for k in sd if (m := pattern.match(k))]
     return max(indices) + 1 if indices else 0
 
@@ -160,7 +167,7 @@ def vitvqgan_shape(
     if absent:
         raise ValueError(
             f"{source}: not a ViT-VQGAN (enhancing-transformers ViTVQ) state dict: missing key(s) "
-            f"{_names(absent)}; found {_names(sd, limit=4) or 'no keys'}{_prefix_hint(sd)}"
+            f"{key_list(absent)}; found {key_list(sd, limit=4) or 'no keys'}{prefix_hint(sd)}"
         )
     patch = sd[PATCH_KEY]
     if patch.dim() != 4 or patch.shape[2] != patch.shape[3]:
@@ -174,7 +181,7 @@ def vitvqgan_shape(
             f"{source}: {CODEBOOK_KEY} must be [n_embed, embed_dim]; got {tuple(codebook.shape)}"
         )
 
-    depth, decoder_depth = _layer_count(sd, "encoder"), _layer_count(sd, "decoder")
+    depth, decoder_depth = layer_count(sd, "encoder"), layer_count(sd, "decoder")
     if decoder_depth != depth:
         raise ValueError(
             f"{source}: the decoder has {decoder_depth} layers and the encoder {depth}; VQTokenizer uses one "
@@ -202,7 +209,7 @@ def vitvqgan_shape(
         raise ValueError(
             f"{source}: an MLP width of {mlp_dim} is not expressible as a ratio of the width {dim}"
         )
-    heads = _heads(sd, dim, num_heads, source)
+    heads = attention_heads(sd, _OUT_KEY, dim, num_heads, source)
 
     size = img_size
     for key in (ENCODER_POS_KEY, DECODER_POS_KEY):
@@ -243,18 +250,21 @@ def vitvqgan_shape(
         raise ValueError(f"{source}: {err}") from err
 
 
-def _heads(sd: Mapping[str, Any], dim: int, num_heads: int | None, source: str) -> int:
-    if _OUT_KEY not in sd:  # only one head as wide as the model has no output projection
+def attention_heads(sd: Mapping[str, Any], out_key: str, dim: int, num_heads: int | None, source: str) -> int:
+    """The number of heads of a ``dim``-wide official attention, which its state dict does not record:
+    one when its output projection ``out_key`` is absent (the official code drops it only then),
+    ``num_heads`` when given, else the default head width of 64."""
+    if out_key not in sd:  # only one head as wide as the model has no output projection
         if num_heads not in (None, 1):
             raise ValueError(
-                f"{source}: has no attention output projection ({_OUT_KEY}), which the official code leaves "
+                f"{source}: has no attention output projection ({out_key}), which the official code leaves "
                 f"out only for a single head; got num_heads={num_heads}"
             )
         return 1
     if num_heads is not None:
         if num_heads == 1:
             raise ValueError(
-                f"{source}: has an attention output projection ({_OUT_KEY}), so it has more than one head; "
+                f"{source}: has an attention output projection ({out_key}), so it has more than one head; "
                 "got num_heads=1"
             )
         return num_heads
@@ -277,7 +287,18 @@ def _expected_shapes(model: VQTokenizer, pairs: list[tuple[str, str]], with_pos:
     return expected
 
 
-def _verify(sd: Mapping[str, Any], expected: dict[str, tuple], source: str) -> None:
+def verify_layout(
+    sd: Mapping[str, Any],
+    expected: dict[str, tuple],
+    source: str,
+    what: str,
+    *,
+    ignored: tuple[str, ...] = (),
+    hint: str = "",
+) -> None:
+    """Every key of ``expected`` present, a tensor of its shape, and no other key (but those starting
+    with ``ignored``), before anything is copied; otherwise a ValueError naming ``source``, ``what`` the
+    file should have been, and the offending keys (``hint`` follows the unexpected ones)."""
     missing = [k for k in expected if k not in sd]
     not_tensors = [k for k in expected if k in sd and not isinstance(sd[k], torch.Tensor)]
     wrong = [
@@ -285,20 +306,18 @@ def _verify(sd: Mapping[str, Any], expected: dict[str, tuple], source: str) -> N
         for k in expected
         if isinstance(sd.get(k), torch.Tensor) and tuple(sd[k].shape) != expected[k]
     ]
-    unexpected = [k for k in sd if k not in expected and not k.startswith(IGNORED_PREFIXES)]
+    unexpected = [k for k in sd if k not in expected and not (ignored and k.startswith(ignored))]
     problems = []
     if missing:
-        problems.append(f"missing {_names(missing)}")
+        problems.append(f"missing {key_list(missing)}")
     if not_tensors:
-        problems.append(f"not tensors: {_names(not_tensors)}")
+        problems.append(f"not tensors: {key_list(not_tensors)}")
     if wrong:
-        problems.append(f"wrong shape: {_names(wrong)}")
+        problems.append(f"wrong shape: {key_list(wrong)}")
     if unexpected:
-        problems.append(f"unexpected {_names(unexpected)}{_prefix_hint(sd)}")
+        problems.append(f"unexpected {key_list(unexpected)}{hint}")
     if problems:
-        raise ValueError(
-            f"{source}: does not fit a ViT-VQGAN of shape {_shape_text(expected)}: " + "; ".join(problems)
-        )
+        raise ValueError(f"{source}: does not fit {what}: " + "; ".join(problems))
 
 
 def _shape_text(expected: dict[str, tuple]) -> str:
@@ -337,7 +356,9 @@ def load_vitvqgan(
     pairs = _weight_pairs(shape)
     _check_correspondence(model, pairs)
     with_pos = ENCODER_POS_KEY in sd or DECODER_POS_KEY in sd
-    _verify(sd, _expected_shapes(model, pairs, with_pos), source)
+    expected = _expected_shapes(model, pairs, with_pos)
+    what = f"a ViT-VQGAN of shape {_shape_text(expected)}"
+    verify_layout(sd, expected, source, what, ignored=IGNORED_PREFIXES, hint=prefix_hint(sd))
 
     new = dict(model.state_dict())
     for mine, theirs in pairs:
@@ -398,4 +419,14 @@ def to_vitvqgan(tokenizer: VQTokenizer) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in out.items()}
 
 
-__all__ = ["load_vitvqgan", "to_vitvqgan", "vitvqgan_shape"]
+__all__ = [
+    "attention_heads",
+    "key_list",
+    "layer_count",
+    "load_vitvqgan",
+    "prefix_hint",
+    "to_vitvqgan",
+    "transformer_key_pairs",
+    "verify_layout",
+    "vitvqgan_shape",
+]

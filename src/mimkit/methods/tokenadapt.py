@@ -1,0 +1,234 @@
+"""TokenAdapt as something the engine trains (``mimkit tokenadapt train``): learn f and g so that a
+geometric augmentation done in f-space gives the tokens the tokenizer would give the augmented image.
+
+SeiT++ does not release its TokenAdapt training code; the paper describes paired supervision from
+pixels, which is what this does. For an image x at the tokenizer's size S (grid G = S / patch), one
+draw A of SeiT++'s geometry per sample (flip; with p 0.5 the five gated affine ops; a random resized
+crop) is applied twice: to the pixels, giving the target ids T(A(x)), and in f-space to the lifted
+codebook vectors of T(x) (2G x 2G, the crop box drawn there and carried to pixels, translations as
+fractions), so the prediction g(A(f(E[T(x)]))) is logits over the K codes on the G x G grid. The loss is
+the cross-entropy over all positions.
+
+The frozen tokenizer stays outside the optimizer and the checkpoint: it lives in the device-side batch
+transform (:class:`PairedViews`), which makes the pairs. Logged beside the loss: the token accuracy, and
+two baselines on the same pairs: the same geometry applied to the emb map of T(x) and re-quantised
+(what token-space augmentation does without TokenAdapt), and the ids of x left as they were.
+
+f and g are this section (width, depth, MLP ratio; heads are 64 wide, as the official attention's, so
+that the SeiT++ code loads the result); the ``model`` section is not used, and the images are read at the
+tokenizer's size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2 as T
+
+from mimkit.data.transforms import BICUBIC, Views, to_normalized
+from mimkit.methods.base import BatchTransform, Method, StepOutput
+from mimkit.methods.token_views import batch_generator
+from mimkit.models.input_spec import InputSpec
+from mimkit.tokens.augment import CropBoxes
+from mimkit.tokens.codebook import embed, requantize
+from mimkit.tokens.tokenadapt import (
+    AffineParams,
+    GeoParams,
+    TokenAdapt,
+    apply_geometry,
+    feature_augment_params,
+    scale_boxes,
+)
+from mimkit.tokens.tokenizer import LoadedTokenizer, VQTokenizer, load_tokenizer
+from mimkit.tokens.vitvqgan import DEFAULT_HEAD_DIM
+
+
+@dataclass
+class TokenAdaptConfig:
+    name: str = "tokenadapt"
+    # a `mimkit tokenizer train` run folder or its tokenizer.pt: the tokens TokenAdapt learns (K = its codes)
+    tokenizer: str | None = None
+    # f and g's width; heads are 64 wide as the official attention's, so width is a multiple of 64 (>= 128:
+    # the official layout drops the output projection of a single head)
+    width: int = 384
+    depth: int = 1
+    mlp_ratio: float = 4.0
+    out_grid: int | None = None  # g's stored position table; None: the tokenizer's grid (SeiT++'s file: 28)
+    min_crop_scale: float = 0.2  # the paired crop's area fraction U(min_crop_scale, 1)
+    eval_images: int = 1000  # the accuracy at the end is measured on this many eval.val images
+
+    def validate(self) -> None:
+        if self.width < 2 * DEFAULT_HEAD_DIM or self.width % DEFAULT_HEAD_DIM:
+            raise ValueError(
+                f"'method.width' must be a multiple of {DEFAULT_HEAD_DIM} (the official head width) and at "
+                f"least {2 * DEFAULT_HEAD_DIM}; got {self.width}"
+            )
+        if self.depth < 1:
+            raise ValueError(f"'method.depth' must be at least 1; got {self.depth}")
+        hidden = self.width * self.mlp_ratio
+        if self.mlp_ratio <= 0 or hidden != int(hidden):
+            raise ValueError(f"'method.mlp_ratio' must give a whole MLP width; got {self.mlp_ratio}")
+        if self.out_grid is not None and self.out_grid < 1:
+            raise ValueError(f"'method.out_grid' must be at least 1 (or null); got {self.out_grid}")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
+        if self.eval_images < 1:
+            raise ValueError(f"'method.eval_images' must be at least 1; got {self.eval_images}")
+
+
+def load_paired_tokenizer(path: str | None) -> LoadedTokenizer:
+    """The tokenizer TokenAdapt learns (``method.tokenizer``, required), on the CPU (also while a method
+    is built on the meta device to check a config). Its patch must be even: a token is 2 x 2 cells of
+    f-space."""
+    if not path:
+        raise ValueError(
+            "'method.tokenizer' is not set: TokenAdapt learns the tokens of a trained tokenizer; give "
+            "method.tokenizer=PATH (a `mimkit tokenizer train` run folder or its tokenizer.pt)"
+        )
+    with torch.device("cpu"):
+        loaded = load_tokenizer(path)
+    if loaded.model.shape.patch_size % 2:
+        raise ValueError(
+            f"the tokenizer at '{path}' has {loaded.model.shape.patch_size} px tokens; TokenAdapt's f-space "
+            "has 2 x 2 cells per token, so the patch size must be even"
+        )
+    return loaded
+
+
+def _geo_entries(params: GeoParams) -> dict[str, torch.Tensor]:
+    return {
+        "geo_flip": params.flip,
+        "geo_angle": params.affine.angle,
+        "geo_translate": params.affine.translate,
+        "geo_shear": params.affine.shear,
+        "geo_boxes": torch.stack(list(params.boxes), dim=1),
+    }
+
+
+def _geo_params(batch: dict[str, torch.Tensor]) -> GeoParams:
+    affine = AffineParams(batch["geo_angle"], batch["geo_translate"], batch["geo_shear"])
+    return GeoParams(batch["geo_flip"], affine, CropBoxes(*batch["geo_boxes"].unbind(1)))
+
+
+class PairedViews(BatchTransform):
+    """Images [B, C, S, S] (the tokenizer's view) -> the pairs a step trains on: ``emb`` [B, D, G, G], the
+    codebook vectors of the tokenizer's ids of the images; ``target`` [B, G, G], its ids of the augmented
+    images; the geometry (``geo_*``) that f-space must apply; and the two baselines' ids (``ids``: left as
+    they were, ``warped``: the geometry applied to ``emb`` and re-quantised). One draw per sample, from a
+    generator seeded by the samples' seeds."""
+
+    def __init__(
+        self, tokenizer: VQTokenizer, mean: tuple[float, ...], std: tuple[float, ...], min_scale: float
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.register_buffer("codebook", tokenizer.codebook().float().clone(), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.scale = (min_scale, 1.0)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = batch["image"].float()
+        shape = self.tokenizer.shape
+        cells = 2 * shape.grid  # f-space side
+        params = feature_augment_params(
+            images.shape[0],
+            cells,
+            cells,
+            self.scale,
+            per_sample=True,
+            generator=batch_generator(batch, images.device),
+            device=images.device,
+        )
+        in_pixels = params._replace(boxes=scale_boxes(params.boxes, shape.img_size // cells))
+        # pixels in [0, 1], as a torchvision augmentation of the image (zero fill is black)
+        augmented = apply_geometry(images * self.std + self.mean, in_pixels, shape.img_size).clamp(0, 1)
+        ids = self.tokenizer.encode(images)
+        emb = embed(ids, self.codebook)
+        finer = F.interpolate(emb, scale_factor=2, mode="nearest")
+        warped = requantize(F.avg_pool2d(apply_geometry(finer, params, cells), 2), self.codebook)
+        return {
+            **batch,
+            "emb": emb,
+            "ids": ids,
+            "warped": warped,
+            "target": self.tokenizer.encode((augmented - self.mean) / self.std),
+            **_geo_entries(params),
+        }
+
+
+class TokenAdaptMethod(Method):
+    """Trains a :class:`TokenAdapt` for a tokenizer's tokens; it has no encoder to evaluate by k-NN
+    (``encoders()`` is empty). The tokenizer is kept out of the module tree (a tuple), so that it is
+    neither trained nor saved."""
+
+    name = "tokenadapt"
+    Config = TokenAdaptConfig
+
+    def __init__(self, tokenadapt: TokenAdapt, loaded: LoadedTokenizer, cfg: TokenAdaptConfig) -> None:
+        super().__init__()
+        self.cfg, self.tokenadapt, self.loaded = cfg, tokenadapt, loaded
+        shape = loaded.model.shape
+        self.spec = InputSpec(
+            kind="pixels",
+            channels=shape.channels,
+            mean=tuple(loaded.mean),
+            std=tuple(loaded.std),
+            img_size=shape.img_size,
+            crop_pct=1.0,
+            patch_size=shape.patch_size,
+        )
+
+    @classmethod
+    def build(cls, model_cfg: Any, method_cfg: TokenAdaptConfig, data_cfg: Any = None) -> TokenAdaptMethod:
+        loaded = load_paired_tokenizer(method_cfg.tokenizer)
+        tok = loaded.model
+        tokenadapt = TokenAdapt(
+            tok.vocab_size,
+            token_dim=tok.shape.code_dim,
+            width=method_cfg.width,
+            num_heads=method_cfg.width // DEFAULT_HEAD_DIM,
+            mlp_ratio=method_cfg.mlp_ratio,
+            in_grid=tok.shape.grid,
+            out_grid=method_cfg.out_grid or tok.shape.grid,
+            depth=method_cfg.depth,
+        )
+        return cls(tokenadapt, loaded, method_cfg)
+
+    def encoders(self) -> dict:
+        return {}
+
+    def input_spec(self) -> InputSpec:
+        return self.spec
+
+    def train_transform(self, data: Any) -> Views:
+        """The images as the tokenizer sees them (squashed to its size, its normalisation): the records of
+        a token dataset it makes. The augmentation is the batch transform's."""
+        size = self.spec.img_size
+        return Views(
+            image=T.Compose(
+                [T.Resize((size, size), interpolation=BICUBIC, antialias=True), *to_normalized(self.spec)]
+            )
+        )
+
+    def batch_transform(self) -> PairedViews:
+        return PairedViews(self.loaded.model, self.spec.mean, self.spec.std, self.cfg.min_crop_scale)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        target = batch["target"]
+        feat = apply_geometry(self.tokenadapt.lift(batch["emb"]), _geo_params(batch), 2 * target.shape[-1])
+        logits = self.tokenadapt.invert_logits(feat).float()
+        loss = F.cross_entropy(logits, target)
+        with torch.no_grad():
+            metrics = {
+                "acc": (logits.argmax(1) == target).float().mean(),
+                "warp_acc": (batch["warped"] == target).float().mean(),
+                "identity_acc": (batch["ids"] == target).float().mean(),
+            }
+        return StepOutput(loss, metrics)
+
+
+__all__ = ["PairedViews", "TokenAdaptConfig", "TokenAdaptMethod", "load_paired_tokenizer"]
