@@ -417,3 +417,13 @@ def test_token_data_keeps_its_codebook_and_tokenizer_when_cut(real_tokens: Path)
     cut = build_source(f"tokens:{real_tokens}", max_images=10)
     assert len(cut) == 10
     assert views_codebook(None, cut, VOCAB).shape == (VOCAB, DIM)
+
+
+def test_print_config_of_a_token_recipe_needs_no_data(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from mimkit.runs.pretrain import check_buildable
+
+    cfg = build_config("mtm_cifar10", [f"data.train={tmp_path / 'absent'}"])
+    check_buildable(cfg)  # the vocabulary would come from the data: said, not an error
+    assert "vocabulary comes from data.train" in capsys.readouterr().err
+    check_buildable(build_config("mtm_cifar10", ["model.vocab_size=10"]))  # given: built on the meta device
+    assert "not checked" not in capsys.readouterr().err
