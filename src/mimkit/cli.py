@@ -454,7 +454,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimkit: error: {_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mimkit: interrupted; resume with --resume auto", file=sys.stderr)
+        print(
+            "mimkit: interrupted at once; --resume auto continues from the last checkpoint saved, if any",
+            file=sys.stderr,
+        )
         return 130
     finally:
         cleanup()
