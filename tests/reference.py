@@ -286,3 +286,26 @@ def lmim_forward_loss(
     loss = lmim_infonce(pred, targets, tau)
     loss = loss + coeff * (lmim_avg_sim(pred) - sim_target) ** 2
     return loss + coeff * (lmim_avg_sim(latent[:, 1:]) - sim_target) ** 2
+
+
+def enhancing_transformer_shapes(
+    prefix: str, width: int, layers: int, hidden: int, project_out: bool = True
+) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of an enhancing-transformers ``Transformer`` (pre-norm attention without qkv
+    bias, an output projection unless a single head, Tanh MLP, final norm) under ``prefix``: the layout of
+    ViT-VQGAN's and TokenAdapt's official state dicts, written from their module definitions."""
+    keys: dict[str, tuple[int, ...]] = {}
+    for i in range(layers):
+        layer = f"{prefix}.transformer.layers.{i}"
+        keys[f"{layer}.0.norm.weight"] = keys[f"{layer}.0.norm.bias"] = (width,)
+        keys[f"{layer}.0.fn.to_qkv.weight"] = (3 * width, width)
+        if project_out:
+            keys[f"{layer}.0.fn.to_out.weight"] = (width, width)
+            keys[f"{layer}.0.fn.to_out.bias"] = (width,)
+        keys[f"{layer}.1.norm.weight"] = keys[f"{layer}.1.norm.bias"] = (width,)
+        keys[f"{layer}.1.fn.net.0.weight"] = (hidden, width)
+        keys[f"{layer}.1.fn.net.0.bias"] = (hidden,)
+        keys[f"{layer}.1.fn.net.2.weight"] = (width, hidden)
+        keys[f"{layer}.1.fn.net.2.bias"] = (width,)
+    keys[f"{prefix}.transformer.norm.weight"] = keys[f"{prefix}.transformer.norm.bias"] = (width,)
+    return keys

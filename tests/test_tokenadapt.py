@@ -29,6 +29,7 @@ from mimkit.tokens.tokenadapt import (
     to_official_tokenadapt,
     tokenadapt_view,
 )
+from tests.reference import enhancing_transformer_shapes
 
 K, D, WIDTH, HEADS, G_IN, G_OUT = 11, 8, 32, 2, 4, 3
 
@@ -63,21 +64,7 @@ def official_shapes(
     """Every key of the official TokenAdapt state dict and its shape (spec §3.6)."""
 
     def transformer(prefix: str) -> dict[str, tuple[int, ...]]:
-        keys: dict[str, tuple[int, ...]] = {}
-        for i in range(depth):
-            layer = f"{prefix}.transformer.layers.{i}"
-            keys[f"{layer}.0.norm.weight"] = keys[f"{layer}.0.norm.bias"] = (width,)
-            keys[f"{layer}.0.fn.to_qkv.weight"] = (3 * width, width)
-            if project_out:
-                keys[f"{layer}.0.fn.to_out.weight"] = (width, width)
-                keys[f"{layer}.0.fn.to_out.bias"] = (width,)
-            keys[f"{layer}.1.norm.weight"] = keys[f"{layer}.1.norm.bias"] = (width,)
-            keys[f"{layer}.1.fn.net.0.weight"] = (hidden, width)
-            keys[f"{layer}.1.fn.net.0.bias"] = (hidden,)
-            keys[f"{layer}.1.fn.net.2.weight"] = (width, hidden)
-            keys[f"{layer}.1.fn.net.2.bias"] = (width,)
-        keys[f"{prefix}.transformer.norm.weight"] = keys[f"{prefix}.transformer.norm.bias"] = (width,)
-        return keys
+        return enhancing_transformer_shapes(prefix, width, depth, hidden, project_out)
 
     return {
         "conversion_function.0.weight": (width, dim),

@@ -18,7 +18,7 @@ from mimkit.data.transforms import eval_view
 from mimkit.distributed import init_distributed
 from mimkit.eval.knn import knn_evaluate
 from mimkit.models.input_spec import InputSpec
-from mimkit.models.vit import build_encoder
+from mimkit.models.vit import ViTEncoder, build_encoder
 from mimkit.runs.tokenize import decode_grid, import_vitvqgan, tokenize, tokenizer_view, train_tokenizer
 from mimkit.tokens.dataset import open_tokens
 from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, load_tokenizer, save_tokenizer
@@ -238,6 +238,20 @@ def test_cli_tokenize_info_verify_and_decode(tmp_path: Path, capsys: pytest.Capt
     assert "a SeiT dataset is named NAME-token.data.bin.gz" in capsys.readouterr().err
 
 
+def small_token_encoder() -> ViTEncoder:
+    """A one-block encoder of the centre 6 x 6 cells of small_tokenizer's 8 x 8 grids, two cells a patch."""
+    return build_encoder(
+        "vit_tiny",
+        img_size=6,
+        patch_size=2,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        stem="token_ids",
+        vocab_size=64,
+    )
+
+
 def tokenized_demo(tmp_path: Path, train: int, val: int) -> None:
     """A 64-code tokenizer (all kept) in tmp_path, and the tokens of the first images of demo:train and
     demo:val under tmp_path/train and tmp_path/val."""
@@ -259,16 +273,7 @@ def test_knn_of_a_token_encoder_on_token_datasets(tmp_path: Path) -> None:
     tokenized_demo(tmp_path, train=120, val=60)
     train, val = (build_source(str(tmp_path / split)) for split in ("train", "val"))
     torch.manual_seed(0)
-    encoder = build_encoder(
-        "vit_tiny",
-        img_size=6,
-        patch_size=2,
-        embed_dim=32,
-        depth=1,
-        num_heads=2,
-        stem="token_ids",
-        vocab_size=64,
-    )
+    encoder = small_token_encoder()
     env = init_distributed("cpu")
     view = eval_view(6, encoder.input_spec)  # the centre 6x6 cells of the 8x8 grids
     result = knn_evaluate(encoder, train, val, view, env, k=5, pool="mean")
@@ -355,16 +360,7 @@ def test_images_are_tokenized_on_the_fly_for_a_token_encoder(tmp_path: Path) -> 
     train, stored = build_source(str(tmp_path / "train")), build_source(str(tmp_path / "val"))
     images = build_source("demo:val", max_images=40)
     torch.manual_seed(0)
-    encoder = build_encoder(
-        "vit_tiny",
-        img_size=6,
-        patch_size=2,
-        embed_dim=32,
-        depth=1,
-        num_heads=2,
-        stem="token_ids",
-        vocab_size=64,
-    )
+    encoder = small_token_encoder()
     bank, queries = tokenized_for(encoder.input_spec, [train, images])
     assert bank is train and queries.kind == "token_ids" and queries.grid == (8, 8)
     for i in (0, 7, 39):

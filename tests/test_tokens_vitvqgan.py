@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from mimkit.checkpoint import CheckpointError
 from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer
 from mimkit.tokens.vitvqgan import load_vitvqgan, to_vitvqgan, vitvqgan_shape
+from tests.reference import enhancing_transformer_shapes
 
 TINY = TokenizerShape(
     img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, codebook_size=16, code_dim=8
@@ -40,21 +41,7 @@ def official_keys(
     ``ViTEncoder``/``ViTDecoder``/``Transformer``/``VectorQuantizer`` modules."""
 
     def transformer(prefix: str, width: int, layers: int, hidden: int) -> dict[str, tuple[int, ...]]:
-        keys: dict[str, tuple[int, ...]] = {}
-        for i in range(layers):
-            layer = f"{prefix}.transformer.layers.{i}"
-            keys[f"{layer}.0.norm.weight"] = keys[f"{layer}.0.norm.bias"] = (width,)
-            keys[f"{layer}.0.fn.to_qkv.weight"] = (3 * width, width)
-            if project_out:
-                keys[f"{layer}.0.fn.to_out.weight"] = (width, width)
-                keys[f"{layer}.0.fn.to_out.bias"] = (width,)
-            keys[f"{layer}.1.norm.weight"] = keys[f"{layer}.1.norm.bias"] = (width,)
-            keys[f"{layer}.1.fn.net.0.weight"] = (hidden, width)
-            keys[f"{layer}.1.fn.net.0.bias"] = (hidden,)
-            keys[f"{layer}.1.fn.net.2.weight"] = (width, hidden)
-            keys[f"{layer}.1.fn.net.2.bias"] = (width,)
-        keys[f"{prefix}.transformer.norm.weight"] = keys[f"{prefix}.transformer.norm.bias"] = (width,)
-        return keys
+        return enhancing_transformer_shapes(prefix, width, layers, hidden, project_out)
 
     ddim, ddepth = decoder_dim or dim, decoder_depth or depth
     return {

@@ -11,6 +11,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from mimkit.models.input_spec import InputSpec
+
 BICUBIC = InterpolationMode.BICUBIC
 
 
@@ -160,12 +162,7 @@ def eval_view(img_size: int, data: Any) -> Views:
 
 def tokenizer_view(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Views:
     """{"image"}: squashed to size x size (bicubic), normalised as the tokenizer was trained."""
+    spec = InputSpec(kind="pixels", channels=len(mean), mean=mean, std=std, img_size=size, patch_size=1)
     return Views(
-        image=T.Compose(
-            [
-                T.Resize((size, size), interpolation=BICUBIC, antialias=True),
-                T.ToDtype(torch.float32, scale=True),
-                T.Normalize(mean=list(mean), std=list(std)),
-            ]
-        )
+        image=T.Compose([T.Resize((size, size), interpolation=BICUBIC, antialias=True), *to_normalized(spec)])
     )
