@@ -1,4 +1,4 @@
-"""The ``mimkit`` command: pretrain, knn, linprobe, finetune, eval, export, recipes; tokenizer,
+"""The ``mimkit`` command: pretrain, knn, linprobe, finetune, eval, analyze, export, recipes; tokenizer,
 tokenize, tokens and tokenadapt for token datasets."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 from mimkit.configs import POOLS, RECIPE_DIR, Config, ConfigError, build_config, to_yaml
 from mimkit.distributed import cleanup
 from mimkit.interop.load import export_encoder, load_encoder
+from mimkit.runs.analyze import analyze
 from mimkit.runs.classify import SCRATCH, check_task, task_config, train_classifier
 from mimkit.runs.evaluate import evaluation_table, knn
 from mimkit.runs.lock import RunFolderError
@@ -84,6 +85,41 @@ def _knn(args: argparse.Namespace) -> int:
         )
     if "written_to" in result:
         print(f"written to {result['written_to']}")
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers; got {text!r}") from None
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    result = analyze(
+        args.checkpoints,
+        data=args.data,
+        out=args.out,
+        images=args.images,
+        stats_images=args.stats_images,
+        layer=args.layer,
+        queries=_int_list(args.queries, "--queries") if args.queries else None,
+        ks=_int_list(args.ks, "--ks"),
+        upsample=args.upsample,
+        weights=args.weights,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    for row in result["checkpoints"]:
+        distance, rank = row["attention_distance_mean"], row["effective_rank_mean"]
+        print(
+            f"{row['label']}: mean attention distance {distance:.2f} (all blocks and heads), "
+            f"effective rank {rank:.1f}"
+            if distance is not None and rank is not None
+            else row["label"]
+        )
+    print(f"report: {result['report']}\nnumbers: {result['json']}\nfigures: {result['figures']}")
     return 0
 
 
@@ -338,6 +374,26 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="for the linear probe and fine-tune runs"
     )
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser(
+        "analyze", help="attention, spectrum, reconstructions, segmentation of checkpoints: one HTML report"
+    )
+    p.add_argument("checkpoints", nargs="+", help="run folders, checkpoints, exports or official files")
+    p.add_argument("--data", help="images (or token data) to analyse (default: the first run's eval.val)")
+    p.add_argument("--out", help="report folder (default: RUN/analysis for one run folder, else ./analysis)")
+    p.add_argument("--images", type=int, default=6, help="images shown in the grids")
+    p.add_argument(
+        "--stats-images", type=int, default=512, help="images averaged for attention distance and spectra"
+    )
+    p.add_argument("--layer", type=int, default=-1, help="attention maps' block (negative: from the end)")
+    p.add_argument("--queries", help="query patches, row-major (default: 3 on the diagonal)")
+    p.add_argument("--ks", default="3,4,5", help="cluster counts of the segmentation")
+    p.add_argument("--upsample", type=int, default=1, help="pixel images N times larger: a finer grid")
+    p.add_argument("--weights", default="student", help="student | teacher")
+    p.add_argument("--seed", type=int, default=0, help="the masks of the reconstructions and t-SNE's seed")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_analyze)
 
     p = sub.add_parser("export", help="write the encoder as a timm-loadable safetensors file")
     p.add_argument("checkpoint", help="run folder or .pt checkpoint")

@@ -367,7 +367,7 @@ class TokenizedImages(ImageSource):
         if source.kind != "pixels":
             raise ValueError(f"'{source.name}' is already a token dataset; only images are tokenized")
         loaded = load_tokenizer(tokenizer)
-        self.source, self.tokenizer = source, loaded.model
+        self.source, self.tokenizer, self.tokenizer_path = source, loaded.model, str(tokenizer)
         size = loaded.model.shape.img_size
         self.view = tokenizer_view(size, loaded.mean, loaded.std)
         side = loaded.model.shape.grid
@@ -386,7 +386,10 @@ class TokenizedImages(ImageSource):
 
 
 def tokenizer_of(source: ImageSource) -> str | None:
-    """The tokenizer a token dataset says it was made with (its header's meta), if it says."""
+    """The tokenizer a token dataset says it was made with (its header's meta), if it says; the one that
+    tokenizes images as they are read."""
+    if getattr(source, "tokenizer_path", None):
+        return source.tokenizer_path
     dataset = getattr(source, "dataset", None)
     return (getattr(dataset, "meta", None) or {}).get("tokenizer")
 
@@ -475,12 +478,21 @@ def vocab_from_data(model: ModelConfig, source: ImageSource) -> None:
 
 
 class Subset(ImageSource):
-    def __init__(self, source: ImageSource, n: int) -> None:
+    """The first ``n`` samples of a source, or with ``spread`` ``n`` samples evenly spaced over it (so that
+    a source stored class by class shows every class)."""
+
+    def __init__(self, source: ImageSource, n: int, *, spread: bool = False) -> None:
         self.source, self.n = source, min(n, len(source))
+        if spread and self.n > 1:
+            self.indices = [round(i * (len(source) - 1) / (self.n - 1)) for i in range(self.n)]
+        else:
+            self.indices = list(range(self.n))
         self.kind = source.kind
         self.grid, self.vocab_size = getattr(source, "grid", None), getattr(source, "vocab_size", None)
         self.dataset = getattr(source, "dataset", None)  # a token dataset's codebook and meta
-        self.classes, self.name = source.classes, f"{source.name}[:{self.n}]"
+        self.tokenizer_path = tokenizer_of(source)
+        self.classes = source.classes
+        self.name = f"{source.name}[{self.n} spread]" if spread else f"{source.name}[:{self.n}]"
         self.classes_from_labels = source.classes_from_labels
 
     def __len__(self) -> int:
@@ -489,7 +501,7 @@ class Subset(ImageSource):
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         if index >= self.n:
             raise IndexError(index)
-        return self.source.load(index)
+        return self.source.load(self.indices[index])
 
 
 def build_source(spec: str, *, image_size: int = 32, max_images: int | None = None) -> ImageSource:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from mimkit.configs import Config
 from mimkit.data.transforms import MaskNoise, Views, as_ids
-from mimkit.masking import token_masking, truncated_normal_ratio
+from mimkit.masking import TokenMask, token_masking, truncated_normal_ratio
 from mimkit.methods.base import Method, StepOutput, encoder_from_config, validate_decoder
 from mimkit.methods.mae import mask_noise
 from mimkit.methods.token_views import TokenViews, resolve_tokenadapt, views_codebook
@@ -162,6 +162,27 @@ class MTM(Method):
         )
         return float(ratio)
 
+    def predict(
+        self,
+        ids: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        mask_ratio: float | None = None,
+        ratio_noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, TokenMask]:
+        """For id grids [N, H, W]: the logits [N, L, p*p, K] of every patch's cells, the cells themselves
+        [N, L, p*p] (the targets) and the masking. ``noise`` [N, L] and ``mask_ratio`` fix the masking;
+        else ``ratio_noise`` (a uniform) sets the ratio; else both are drawn."""
+        stem = self.encoder.stem
+        units = stem.units(ids)  # [N, L, p*p]: the targets, and the encoder's input
+        n, length = units.shape[:2]
+        if mask_ratio is None:
+            u = ratio_noise.flatten()[0] if ratio_noise is not None else torch.rand(())
+            mask_ratio = self.mask_ratio(u.cpu())
+        m = token_masking(n, length, mask_ratio, self.cfg.mask_ratio_min, noise=noise, device=ids.device)
+        latent = self.encoder.forward_visible(units, m.ids_keep, units=True, replace=m.replace)
+        decoded = self.decoder(latent, m.ids_keep, m.mask)
+        return self.head(decoded[:, 1:], stem.embedding.weight), units, m
+
     def forward(
         self,
         batch: dict[str, torch.Tensor],
@@ -170,19 +191,9 @@ class MTM(Method):
     ) -> StepOutput:
         """``noise`` [N, L] and ``mask_ratio`` fix the masking (else the loader's per-sample noise and the
         batch's ratio uniform set them; else they are drawn)."""
-        ids = batch["image"]
-        stem = self.encoder.stem
-        units = stem.units(ids)  # [N, L, p*p]: the targets, and the encoder's input
-        n, length = units.shape[:2]
-        if mask_ratio is None:
-            u = batch["ratio_noise"].flatten()[0] if "ratio_noise" in batch else torch.rand(())
-            mask_ratio = self.mask_ratio(u.cpu())
-        m = token_masking(
-            n, length, mask_ratio, self.cfg.mask_ratio_min, noise=mask_noise(batch, noise), device=ids.device
+        logits, units, m = self.predict(
+            batch["image"], mask_noise(batch, noise), mask_ratio, batch.get("ratio_noise")
         )
-        latent = self.encoder.forward_visible(units, m.ids_keep, units=True, replace=m.replace)
-        decoded = self.decoder(latent, m.ids_keep, m.mask)
-        logits = self.head(decoded[:, 1:], stem.embedding.weight)
         loss = mtm_loss(logits, units, m.mask, self.cfg.label_smoothing)
         with torch.no_grad():
             hit = (logits.argmax(-1) == units).float().mean(-1)

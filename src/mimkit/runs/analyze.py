@@ -1,0 +1,308 @@
+"""`mimkit analyze`: the papers' analyses of one or several checkpoints on the same images, written as one
+self-contained HTML report with the numbers beside it as JSON."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mimkit.analysis.attention import attention_maps, mean_attention_distance, query_maps
+from mimkit.analysis.reconstruction import (
+    reconstruct_pixels,
+    reconstruct_tokens,
+    to_unit_range,
+)
+from mimkit.analysis.report import CheckpointAnalysis, write_report
+from mimkit.analysis.segmentation import segment
+from mimkit.analysis.spectrum import feature_spectrum, token_spectrum
+from mimkit.checkpoint import resolve_checkpoint
+from mimkit.configs import ConfigError
+from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
+from mimkit.data.sources import Subset, build_source, check_input, tokenized_for, tokenizer_of
+from mimkit.data.transforms import eval_view
+from mimkit.distributed import pick_device
+from mimkit.interop.load import load_encoder, load_method
+from mimkit.methods.base import Method
+from mimkit.methods.mtm import MTM
+from mimkit.tokens.tokenizer import load_tokenizer
+
+STAGES = ("images", "attention", "spectrum", "reconstruction", "segmentation")
+
+
+def default_queries(grid: tuple[int, int]) -> list[int]:
+    """Three query patches: the centre and two off-centre ones on the diagonal (row-major indices)."""
+    gh, gw = grid
+    cells = [(gh // 2, gw // 2), (gh // 4, gw // 4), ((3 * gh) // 4, (3 * gw) // 4)]
+    return list(dict.fromkeys(r * gw + c for r, c in cells))
+
+
+def checkpoint_label(path: str, taken: set[str]) -> str:
+    """A short name for a checkpoint in the report: its run folder's name (or file stem), made unique."""
+    p = Path(path)
+    name = p.name if p.is_dir() else (p.parent.name if p.stem == "last" and p.parent.name else p.stem)
+    label, i = name or str(p), 2
+    while label in taken:
+        label, i = f"{name}-{i}", i + 1
+    taken.add(label)
+    return label
+
+
+def _load(path: str, weights: str) -> tuple[Method | None, Any, Any, int | None]:
+    """The method (None for an encoder export), the encoder to analyse, the config (or None), the step."""
+    if resolve_checkpoint(path).suffix == ".safetensors":
+        encoder, info = load_encoder(path, weights)
+        return None, encoder, None, info.get("step")
+    method, cfg, ckpt = load_method(path)
+    return method, method.export_encoder(weights), cfg, ckpt.get("step")
+
+
+def _read(source: Any, view: Any, count: int, batch_size: int, device: torch.device) -> torch.Tensor | None:
+    """``count`` inputs spread evenly over a source, through a view (an unreadable one is named on stderr
+    and left out); None when none is readable."""
+    dataset = ViewDataset(Subset(source, count, spread=True), view)
+    sampler = EpochSampler(len(dataset), shuffle=False, rank=0, world_size=1, pad=False)
+    loader = make_loader(dataset, sampler, batch_size=batch_size, num_workers=0, drop_last=False)
+    batches = []
+    for batch in loader:
+        for message in batch.get("skipped", []):
+            print(f"warning: skipped unreadable image {message}", file=sys.stderr, flush=True)
+        if "image" in batch:
+            batches.append(batch["image"].to(device))
+    return torch.cat(batches) if batches else None
+
+
+def _decoder_of(source: Any, trained_on: str | None, grid: tuple[int, int]) -> tuple[Any, str | None]:
+    """ids -> images in [0, 1] through the tokenizer of the token data, or why there is none."""
+    path = tokenizer_of(source)
+    if path is None and trained_on:
+        try:
+            path = tokenizer_of(build_source(trained_on, max_images=1))
+        except (OSError, ValueError):
+            path = None
+    if path is None:
+        return None, "no tokenizer is recorded by the token data: token grids cannot be shown as images"
+    if not Path(path).exists():
+        return None, f"the token data records its tokenizer at '{path}', which is gone"
+    tok = load_tokenizer(path)
+    if (tok.model.shape.grid,) * 2 != tuple(grid):
+        return None, (
+            f"the tokenizer decodes {tok.model.shape.grid}x{tok.model.shape.grid} grids; the encoder "
+            f"reads {grid[0]}x{grid[1]}"
+        )
+
+    def decode(ids: torch.Tensor) -> torch.Tensor:
+        return to_unit_range(tok.model.decode(ids.cpu()), tok.mean, tok.std)
+
+    return decode, None
+
+
+def analyze_checkpoint(
+    path: str,
+    label: str,
+    *,
+    data: str | None,
+    images: int,
+    stats_images: int,
+    layer: int,
+    queries: Sequence[int] | None,
+    ks: Sequence[int],
+    upsample: int,
+    weights: str,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    bar: tqdm,
+) -> tuple[CheckpointAnalysis, str]:
+    method, encoder, cfg, step = _load(path, weights)
+    spec = encoder.input_spec
+    data = data or (cfg and (cfg.eval.val or cfg.data.train)) or None
+    if not data:
+        raise ConfigError(f"mimkit analyze needs --data: '{path}' names no evaluation data of its own")
+    trained_on = cfg.data.train if cfg is not None else None
+    (source,) = tokenized_for(spec, [build_source(data, image_size=spec.eval_size)], trained_on)
+    check_input(spec, source)
+    if spec.kind == "token_embeddings":
+        raise ValueError(
+            f"'{path}' takes codebook vectors (a SeiT classifier's encoder); analyses take pixel or token-id "
+            "encoders"
+        )
+    encoder.to(device)
+    if method is not None:
+        method.to(device)
+    grid, patch = tuple(encoder.grid_size), encoder.patch_size
+    tokens = spec.kind == "token_ids"
+    out = CheckpointAnalysis(
+        label=label,
+        checkpoint=str(path),
+        method=cfg.method.name if cfg is not None else "export",
+        input_kind=spec.kind,
+        grid=grid,
+        patch_size=patch,
+        distance_unit="cells" if tokens else "px",
+        step=step,
+    )
+    bar.set_postfix_str(f"{label}: images")
+    view = eval_view(spec.eval_size, spec)
+    shown = _read(source, view, images, batch_size, device)
+    if shown is None:
+        raise ValueError(f"none of the {images} inputs read from '{data}' is readable")
+    stats_set = _read(source, view, stats_images, batch_size, device) if stats_images else None
+    stats_set = shown if stats_set is None else stats_set
+    side = (spec.img_size, spec.img_size)  # of the id grid the encoder reads
+    decode, why = _decoder_of(source, trained_on, side) if tokens else (None, None)
+    if why:
+        out.notes.append(why)
+    if tokens:
+        out.images = decode(shown) if decode is not None else None
+    else:
+        out.images = to_unit_range(shown, spec.mean, spec.std).cpu()
+    bar.update(1)
+
+    bar.set_postfix_str(f"{label}: attention")
+    out.distance = mean_attention_distance(encoder, stats_set, batch_size=batch_size)
+    attn = attention_maps(encoder, shown)
+    out.layer = layer if layer >= 0 else attn.shape[0] + layer
+    if not 0 <= out.layer < attn.shape[0]:
+        raise ConfigError(f"--layer {layer} is outside the encoder's {attn.shape[0]} blocks")
+    out.queries = list(queries) if queries is not None else default_queries(grid)
+    chosen = attn[out.layer]
+    out.cls_maps = query_maps(chosen, grid, [None], prefix_tokens=encoder.num_prefix_tokens)[0].cpu()
+    out.query_maps = query_maps(chosen, grid, out.queries, prefix_tokens=encoder.num_prefix_tokens).cpu()
+    bar.update(1)
+
+    bar.set_postfix_str(f"{label}: spectrum")
+    if stats_set.shape[0] >= 2:
+        out.spectrum_mean = feature_spectrum(encoder, stats_set, pool="mean", batch_size=batch_size)
+        out.spectrum_cls = feature_spectrum(encoder, stats_set, pool="cls", batch_size=batch_size)
+    else:
+        out.notes.append("the feature spectrum needs at least 2 images")
+    out.token_spectrum = token_spectrum(encoder, stats_set, batch_size=batch_size)
+    bar.update(1)
+
+    bar.set_postfix_str(f"{label}: reconstruction")
+    noise = torch.rand(shown.shape[0], encoder.num_patches, generator=torch.Generator().manual_seed(seed))
+    noise = noise.to(device)
+    if method is None:
+        out.notes.append("an encoder export has no decoder: no reconstructions")
+    elif weights != "student":
+        out.notes.append("reconstructions use the student's decoder: shown for --weights student only")
+    elif isinstance(method, MTM):
+        rec = reconstruct_tokens(method, shown, decode=decode, noise=noise)
+        out.reconstruction = rec.images
+        ratio = method.cfg.mask_ratio_mean
+        out.reconstruction_info = {"mask_ratio": ratio, "masked_token_accuracy": rec.accuracy}
+        if rec.images is None:
+            out.notes.append(
+                f"masked-token accuracy {100 * rec.accuracy:.1f}% (no tokenizer to show the grids)"
+            )
+    elif hasattr(method, "reconstruct") and not tokens:
+        out.reconstruction = reconstruct_pixels(method, shown, noise)
+        out.reconstruction_info = {"mask_ratio": method.cfg.mask_ratio}
+    else:
+        out.notes.append(f"{out.method} predicts no pixels or tokens: no reconstructions")
+    bar.update(1)
+
+    bar.set_postfix_str(f"{label}: segmentation")
+    out.segmentation = segment(encoder, shown, ks=ks, upsample=1 if tokens else upsample, seed=seed)
+    if tokens and upsample != 1:
+        out.notes.append("upsampled input applies to pixel encoders: the token grid is clustered as it is")
+    bar.update(1)
+    return out, data
+
+
+def analyze(
+    checkpoints: Sequence[str],
+    *,
+    data: str | None = None,
+    out: str | None = None,
+    images: int = 6,
+    stats_images: int = 512,
+    layer: int = -1,
+    queries: Sequence[int] | None = None,
+    ks: Sequence[int] = (3, 4, 5),
+    upsample: int = 1,
+    weights: str = "student",
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Every analysis of each checkpoint on the same images (``data``, else the first checkpoint's
+    evaluation data), written to ``out`` (default: RUN/analysis for one run folder, else ./analysis).
+    Returns the paths written and the numbers of the summary table."""
+    if not checkpoints:
+        raise ConfigError("mimkit analyze needs at least one checkpoint")
+    if images < 1:
+        raise ConfigError(f"--images must be at least 1; got {images}")
+    if stats_images < 0:
+        raise ConfigError(f"--stats-images must be >= 0; got {stats_images}")
+    if not ks or min(ks) < 1:
+        raise ConfigError(f"--ks must be positive cluster counts; got {list(ks)}")
+    if upsample < 1:
+        raise ConfigError(f"--upsample must be a positive integer; got {upsample}")
+    for path in checkpoints:
+        resolve_checkpoint(path)  # a missing one is named before any work
+    target = (
+        Path(out)
+        if out
+        else (
+            Path(checkpoints[0]) / "analysis"
+            if len(checkpoints) == 1 and Path(checkpoints[0]).is_dir()
+            else Path("analysis")
+        )
+    )
+    dev = pick_device(device)
+    taken: set[str] = set()
+    items = []
+    with tqdm(
+        total=len(checkpoints) * len(STAGES), desc="analyzing", unit="step", disable=not progress
+    ) as bar:
+        for path in checkpoints:
+            item, used = analyze_checkpoint(
+                str(path),
+                checkpoint_label(str(path), taken),
+                data=data,
+                images=images,
+                stats_images=stats_images,
+                layer=layer,
+                queries=queries,
+                ks=ks,
+                upsample=upsample,
+                weights=weights,
+                seed=seed,
+                batch_size=batch_size,
+                device=dev,
+                bar=bar,
+            )
+            data = data or used  # every checkpoint sees the first one's images
+            items.append(item)
+        bar.set_postfix_str("writing the report")
+        settings = {
+            "images": images,
+            "stats_images": stats_images,
+            "layer_shown": layer,
+            "ks": list(ks),
+            "upsample": upsample,
+            "weights": weights,
+            "seed": seed,
+        }
+        paths = write_report(items, target, data=str(data), settings=settings)
+    summary = [
+        {
+            "label": a.label,
+            "attention_distance_mean": None if a.distance is None else float(a.distance.renorm.mean()),
+            "effective_rank_mean": None if a.spectrum_mean is None else a.spectrum_mean.effective_rank,
+        }
+        for a in items
+    ]
+    return {
+        "report": str(paths["html"]),
+        "json": str(paths["json"]),
+        "figures": str(paths["figures"]),
+        "checkpoints": summary,
+    }

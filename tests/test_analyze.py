@@ -1,0 +1,217 @@
+"""`mimkit analyze`: one self-contained HTML report, its numbers and figures, for pixel and token
+checkpoints side by side."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mimkit.cli import main
+from mimkit.configs import build_config
+from mimkit.data.sources import build_source
+from mimkit.runs.pretrain import pretrain
+from mimkit.tokens.dataset import write_tokens
+from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
+from tests.conftest import TINY
+
+RUN = [*TINY, "optim.epochs=1", "optim.batch_size=16", "eval.knn=false", "run.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny MAE and LUT run, and an MTM run on tokens whose data records its tokenizer."""
+    root = tmp_path_factory.mktemp("analyze")
+    out = {}
+    for name in ("mae", "lut"):
+        out[name] = root / name
+        torch.manual_seed(0)
+        pretrain(build_config(None, [*RUN, f"method={name}", f"run.out={out[name]}"]))
+    torch.manual_seed(0)
+    shape = TokenizerShape(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, codebook_size=32)
+    tokenizer = VQTokenizer(shape, kmeans_init=False).eval()
+    save_tokenizer(tokenizer, root / "tok" / "tokenizer.pt", mean=(0.5,) * 3, std=(0.25,) * 3)
+    source = build_source("demo:train", max_images=64)
+    images = torch.stack([source.load(i)[0] for i in range(len(source))]).float() / 255
+    ids = tokenizer.encode((images - 0.5) / 0.25).numpy().astype(np.uint8)
+    labels = [source.load(i)[1] for i in range(len(source))]
+    meta = {"tokenizer": str(root / "tok")}
+    write_tokens(root / "tokens", ids, labels, codebook=tokenizer.codebook(), meta=meta)
+    out["mtm"] = root / "mtm"
+    mtm = [
+        "method=mtm",
+        "model.stem=token_ids",
+        "model.img_size=8",
+        "model.patch_size=2",
+        "model.token_dim=16",
+        f"data.train=tokens:{root / 'tokens'}",
+    ]
+    pretrain(build_config(None, [*RUN, *mtm, f"run.out={out['mtm']}"]))
+    out["tokens"] = root / "tokens"
+    out["tokenizer"] = root / "tok"
+    return out
+
+
+class Resources(HTMLParser):
+    """Every URL-bearing attribute of a page, and the tags that load something."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.tags: list[str] = []
+        self.images = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.images += tag == "img"
+        for name, value in attrs:
+            if name in ("src", "href", "srcset", "data", "poster", "action", "background"):
+                self.urls.append(value or "")
+
+
+def strict_json(path: Path) -> dict:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{path} holds {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_report_of_mae_and_lut_is_one_self_contained_page(runs: dict[str, Path], tmp_path: Path, capsys):
+    out = tmp_path / "report"
+    args = ["analyze", str(runs["mae"]), str(runs["lut"]), "--data", "demo:val", "--out", str(out)]
+    code = main([*args, "--images", "3", "--stats-images", "24", "--ks", "2,3", "--upsample", "2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.html'}" in printed and "mae: mean attention distance" in printed
+
+    page = (out / "report.html").read_text(encoding="utf-8")
+    parser = Resources()
+    parser.feed(page)
+    # nothing is fetched: every image is a data URI, no stylesheet, script or frame is loaded
+    assert parser.urls and all(u.startswith("data:image/png;base64,") for u in parser.urls), parser.urls
+    assert not {"link", "script", "iframe", "object", "embed"} & set(parser.tags)
+    assert not re.search(r"url\(|@import|https?://", page)
+    # one distance plot and one spectrum plot for both; maps, heads, reconstructions, segmentation per run
+    assert parser.images == 2 + 4 * 2
+    figures = sorted((out / "figures").glob("*.png"))
+    assert len(figures) == parser.images
+    embedded = {base64.b64decode(u.split(",", 1)[1]) for u in parser.urls}
+    assert {f.read_bytes() for f in figures} == embedded
+    assert all(f.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for f in figures)
+
+    report = strict_json(out / "report.json")
+    assert report["data"] == "demo:val"
+    assert [c["label"] for c in report["checkpoints"]] == ["mae", "lut"]
+    for c in report["checkpoints"]:
+        renorm = np.array(c["attention_distance"]["renorm"])
+        raw = np.array(c["attention_distance"]["raw"])
+        assert renorm.shape == (2, 2) and (raw <= renorm + 1e-6).all() and (renorm > 0).all()
+        assert c["attention_distance"]["images"] == 24
+        assert (
+            len(c["spectrum"]["mean"]["values"]) == 64 and 1 <= c["spectrum"]["mean"]["effective_rank"] <= 64
+        )
+        seg = c["segmentation"]
+        assert seg["grid"] == [8, 8]  # 16 px, patch 4, fed twice as large
+        for k in (2, 3):
+            labels = np.array(seg["labels"][str(k)])
+            assert labels.shape == (3, 8, 8)
+            assert all(len(np.unique(one)) == k for one in labels)
+        assert np.array(seg["tsne"]).shape == (3, 64, 2)
+        assert c["reconstruction"]["mask_ratio"] == 0.75
+    # the same masks for both: one seed, one grid
+    masks = [c["reconstruction"]["mask"] for c in report["checkpoints"]]
+    assert masks[0] == masks[1]
+
+
+def test_pixel_and_token_checkpoints_share_one_report(runs: dict[str, Path], tmp_path: Path):
+    """The MTM model reads demo:val tokenized on the fly by the tokenizer its data records; its
+    reconstruction is decoded by that tokenizer."""
+    out = tmp_path / "mixed"
+    args = ["analyze", str(runs["mae"]), str(runs["mtm"]), "--data", "demo:val", "--out", str(out)]
+    assert main([*args, "--images", "2", "--stats-images", "8", "--ks", "3"]) == 0
+    report = strict_json(out / "report.json")
+    mae, mtm = report["checkpoints"]
+    assert mtm["input"] == {"kind": "token_ids", "grid": [4, 4], "patch_size": 2}
+    assert mtm["distance_unit"] == "cells" and mae["distance_unit"] == "px"
+    assert np.array(mtm["attention_distance"]["renorm"]).shape == (2, 2)
+    assert 0 <= mtm["reconstruction"]["masked_token_accuracy"] <= 1
+    assert mtm["notes"] == []
+    assert (out / "figures" / "reconstruction_1_mtm.png").exists()
+
+
+def test_a_token_model_whose_tokenizer_is_gone_is_analysed_with_a_note(runs: dict[str, Path], tmp_path: Path):
+    moved = runs["tokenizer"].with_name("tok-moved")
+    runs["tokenizer"].rename(moved)
+    try:
+        out = tmp_path / "notok"
+        args = ["analyze", str(runs["mtm"]), "--data", f"tokens:{runs['tokens']}", "--out", str(out)]
+        assert main([*args, "--images", "2", "--stats-images", "4", "--ks", "2"]) == 0
+    finally:
+        moved.rename(runs["tokenizer"])
+    (mtm,) = strict_json(out / "report.json")["checkpoints"]
+    assert any("which is gone" in note for note in mtm["notes"])
+    assert "segmentation" in mtm and mtm["reconstruction"]["mask"] is None  # predicted, not shown
+    assert 0 <= mtm["reconstruction"]["masked_token_accuracy"] <= 1
+    assert "which is gone" in (out / "report.html").read_text()
+
+
+def test_an_export_has_no_decoder_and_one_run_writes_into_its_folder(runs: dict[str, Path], tmp_path: Path):
+    export = tmp_path / "enc.safetensors"
+    assert main(["export", str(runs["mae"]), "--out", str(export)]) == 0
+    out = tmp_path / "exp"
+    assert (
+        main(
+            [
+                "analyze",
+                str(export),
+                "--data",
+                "demo:val",
+                "--out",
+                str(out),
+                "--images",
+                "2",
+                "--stats-images",
+                "4",
+                "--ks",
+                "2",
+            ]
+        )
+        == 0
+    )
+    (enc,) = strict_json(out / "report.json")["checkpoints"]
+    assert enc["label"] == "enc" and "reconstruction" not in enc
+    assert any("no decoder" in note for note in enc["notes"])
+    # one run folder and no --out: RUN/analysis, on the run's own evaluation data
+    assert main(["analyze", str(runs["lut"]), "--images", "2", "--stats-images", "4", "--ks", "2"]) == 0
+    assert (runs["lut"] / "analysis" / "report.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--ks", "3,x"], "--ks takes comma-separated integers; got '3,x'"),
+        (["--ks", "0"], "--ks must be positive cluster counts; got [0]"),
+        (["--layer", "5"], "--layer 5 is outside the encoder's 2 blocks"),
+        (["--queries", "99"], "query patch 99 is outside the 4x4 grid (0..15)"),
+        (["--images", "0"], "--images must be at least 1; got 0"),
+    ],
+)
+def test_bad_settings_are_named(
+    runs: dict[str, Path], tmp_path: Path, capsys, extra: list[str], message: str
+):
+    args = ["analyze", str(runs["mae"]), "--data", "demo:val", "--out", str(tmp_path / "x"), "--images", "1"]
+    assert main([*args, "--stats-images", "2", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_checkpoint_is_named_before_any_work(runs: dict[str, Path], tmp_path: Path, capsys):
+    missing = tmp_path / "nope"
+    assert main(["analyze", str(runs["mae"]), str(missing), "--out", str(tmp_path / "y")]) == 2
+    assert f"checkpoint '{missing}' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
