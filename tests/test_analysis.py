@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import truncnorm
 from threadpoolctl import threadpool_limits
 from torch import nn
 
@@ -568,12 +569,21 @@ def test_reconstruct_tokens_keeps_the_visible_ids_and_masks_as_token_masking():
     assert out.images is None
 
 
-def test_reconstruct_tokens_default_ratio_is_the_mean_of_the_distribution():
+def test_reconstruct_tokens_default_ratio_is_the_median_of_the_training_distribution():
     method = tiny_mtm()
+    c = method.cfg
+    a, b = (
+        (c.mask_ratio_min - c.mask_ratio_mean) / c.mask_ratio_std,
+        (c.mask_ratio_max - c.mask_ratio_mean) / c.mask_ratio_std,
+    )
+    median = truncnorm(a, b, loc=c.mask_ratio_mean, scale=c.mask_ratio_std).median()
+    assert c.mask_ratio_min < median < c.mask_ratio_max and median != pytest.approx(
+        c.mask_ratio_mean, abs=0.05
+    )
     ids = torch.randint(0, VOCAB, (2, 8, 8), generator=torch.Generator().manual_seed(0))
     out = reconstruct_tokens(method, ids)
     per_image = out.mask.reshape(2, -1).sum(1)
-    assert per_image.tolist() == [4 * math.ceil(16 * method.cfg.mask_ratio_mean)] * 2
+    assert per_image.tolist() == [4 * math.ceil(16 * median)] * 2
 
 
 @pytest.mark.parametrize("shift", [0, 1])
@@ -611,6 +621,17 @@ def test_reconstruct_tokens_decodes_the_grids():
     assert (images.masked[cover] == GREY).all()
     assert torch.equal(images.masked[~cover], images.original[~cover])
     assert cover.any() and (~cover).any()
+
+
+def test_reconstruct_tokens_takes_a_decoder_on_another_device():
+    """A tokenizer decoding on the CPU for a model on a GPU: the grids are shown where the decoder put
+    them (the meta device stands in for the other device)."""
+    method = tiny_mtm()
+    on_cpu = colour_decode()
+    ids = torch.randint(0, VOCAB, (2, 8, 8), generator=torch.Generator().manual_seed(3))
+    out = reconstruct_tokens(method, ids, mask_ratio=0.7, decode=lambda grid: on_cpu(grid).to("meta"))
+    assert {t.device.type for t in out.images[:4]} == {"meta"}
+    assert out.images.masked.shape == (2, 3, 32, 32)
 
 
 def test_reconstruct_tokens_needs_mtm():

@@ -16,6 +16,8 @@ import torch
 from mimkit.cli import main
 from mimkit.configs import build_config
 from mimkit.data.sources import build_source
+from mimkit.interop.load import load_method
+from mimkit.interop.official import to_official
 from mimkit.runs.pretrain import pretrain
 from mimkit.tokens.dataset import write_tokens
 from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
@@ -141,7 +143,7 @@ def test_pixel_and_token_checkpoints_share_one_report(runs: dict[str, Path], tmp
     assert mtm["distance_unit"] == "cells" and mae["distance_unit"] == "px"
     assert np.array(mtm["attention_distance"]["renorm"]).shape == (2, 2)
     assert 0 <= mtm["reconstruction"]["masked_token_accuracy"] <= 1
-    assert mtm["notes"] == []
+    assert "reconstruction_note" not in mtm and not any("tokenizer" in n for n in mtm["notes"])
     assert (out / "figures" / "reconstruction_1_mtm.png").exists()
 
 
@@ -155,7 +157,7 @@ def test_a_token_model_whose_tokenizer_is_gone_is_analysed_with_a_note(runs: dic
     finally:
         moved.rename(runs["tokenizer"])
     (mtm,) = strict_json(out / "report.json")["checkpoints"]
-    assert any("which is gone" in note for note in mtm["notes"])
+    assert "which is gone" in mtm["reconstruction_note"]
     assert "segmentation" in mtm and mtm["reconstruction"]["mask"] is None  # predicted, not shown
     assert 0 <= mtm["reconstruction"]["masked_token_accuracy"] <= 1
     assert "which is gone" in (out / "report.html").read_text()
@@ -186,7 +188,7 @@ def test_an_export_has_no_decoder_and_one_run_writes_into_its_folder(runs: dict[
     )
     (enc,) = strict_json(out / "report.json")["checkpoints"]
     assert enc["label"] == "enc" and "reconstruction" not in enc
-    assert any("no decoder" in note for note in enc["notes"])
+    assert "no decoder" in enc["reconstruction_note"]
     # one run folder and no --out: RUN/analysis, on the run's own evaluation data
     assert main(["analyze", str(runs["lut"]), "--images", "2", "--stats-images", "4", "--ks", "2"]) == 0
     assert (runs["lut"] / "analysis" / "report.html").exists()
@@ -197,8 +199,10 @@ def test_an_export_has_no_decoder_and_one_run_writes_into_its_folder(runs: dict[
     [
         (["--ks", "3,x"], "--ks takes comma-separated integers; got '3,x'"),
         (["--ks", "0"], "--ks must be positive cluster counts; got [0]"),
-        (["--layer", "5"], "--layer 5 is outside the encoder's 2 blocks"),
-        (["--queries", "99"], "query patch 99 is outside the 4x4 grid (0..15)"),
+        (["--layer", "5"], "--layer 5 is outside the 2 blocks of"),
+        (["--queries", "99"], "query patch 99 is outside the 4x4 grid (0..15) of"),
+        (["--ks", "17"], "--ks 17 is more clusters than the 16 patches of"),
+        (["--batch-size", "0"], "--batch-size must be at least 1; got 0"),
         (["--images", "0"], "--images must be at least 1; got 0"),
     ],
 )
@@ -215,3 +219,42 @@ def test_a_missing_checkpoint_is_named_before_any_work(runs: dict[str, Path], tm
     assert main(["analyze", str(runs["mae"]), str(missing), "--out", str(tmp_path / "y")]) == 2
     assert f"checkpoint '{missing}' does not exist" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_an_official_encoder_only_file_gets_no_reconstruction(runs: dict[str, Path], tmp_path: Path):
+    """MAE's released encoders hold no decoder: a reconstruction would come from random weights. A file
+    without the training arguments cannot say whether its targets were normalised: --norm-pix says."""
+    method, _, _ = load_method(runs["mae"])
+    official = to_official(method)
+    full = tmp_path / "full.pth"
+    torch.save(official, full)
+    encoder_only = tmp_path / "encoder.pth"
+    torch.save(
+        {
+            "model": {
+                k: v for k, v in official["model"].items() if not k.startswith(("decoder", "mask_token"))
+            }
+        },
+        encoder_only,
+    )
+    args = ["--data", "demo:val", "--images", "2", "--stats-images", "4", "--ks", "2"]
+    assert main(["analyze", str(encoder_only), str(full), "--out", str(tmp_path / "a"), *args]) == 0
+    bare, whole = strict_json(tmp_path / "a" / "report.json")["checkpoints"]
+    assert bare["reconstruction_note"] == "the file holds no decoder weights: no reconstructions"
+    assert (
+        "reconstruction" not in bare
+        and not (tmp_path / "a" / "figures" / "reconstruction_0_encoder.png").exists()
+    )
+    assert whole["reconstruction"]["norm_pix"] is True
+    assert any("does not say whether it was trained with norm_pix_loss" in n for n in whole["notes"])
+    assert main(["analyze", str(full), "--out", str(tmp_path / "b"), "--norm-pix", "off", *args]) == 0
+    (whole,) = strict_json(tmp_path / "b" / "report.json")["checkpoints"]
+    assert whole["reconstruction"]["norm_pix"] is False and not any("norm_pix" in n for n in whole["notes"])
+
+
+def test_an_unwritable_report_folder_is_named_before_any_work(runs: dict[str, Path], tmp_path: Path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["analyze", str(runs["mae"]), "--out", str(blocker / "sub"), "--images", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(blocker) in err and "analyzing" not in err

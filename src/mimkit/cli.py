@@ -107,6 +107,7 @@ def _analyze(args: argparse.Namespace) -> int:
         ks=_int_list(args.ks, "--ks"),
         upsample=args.upsample,
         weights=args.weights,
+        norm_pix=None if args.norm_pix == "auto" else args.norm_pix == "on",
         seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,
@@ -383,13 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: RUN/analysis for one run folder, else ./analysis)")
     p.add_argument("--images", type=int, default=6, help="images shown in the grids")
     p.add_argument(
-        "--stats-images", type=int, default=512, help="images averaged for attention distance and spectra"
+        "--stats-images", type=int, default=1024, help="images averaged for attention distance and spectra"
     )
     p.add_argument("--layer", type=int, default=-1, help="attention maps' block (negative: from the end)")
     p.add_argument("--queries", help="query patches, row-major (default: 3 on the diagonal)")
     p.add_argument("--ks", default="3,4,5", help="cluster counts of the segmentation")
     p.add_argument("--upsample", type=int, default=1, help="pixel images N times larger: a finer grid")
     p.add_argument("--weights", default="student", help="student | teacher")
+    p.add_argument(
+        "--norm-pix",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="MAE / LUT predictions per-patch normalised (auto: as the checkpoint says)",
+    )
     p.add_argument("--seed", type=int, default=0, help="the masks of the reconstructions and t-SNE's seed")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")

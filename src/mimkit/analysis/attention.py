@@ -5,7 +5,7 @@ that the block goes on to use."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -17,15 +17,24 @@ from mimkit.analysis.batches import as_batches, evaluating
 
 @contextmanager
 def recorded_attention(
-    encoder: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    encoder: nn.Module,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    blocks: Sequence[int] | None = None,
 ) -> Iterator[list[torch.Tensor]]:
-    """Within the block, every forward of ``encoder`` appends each block's softmax attention
-    [N, heads, T, T] (T = prefix tokens + patches) to the yielded list, in block order, or what
-    ``reduce`` makes of it (so that the full maps of every block need not be held at once). The fused
-    (scaled-dot-product) path is switched off meanwhile so the probabilities exist; it is restored after."""
+    """Within the block, every forward of ``encoder`` appends the softmax attention [N, heads, T, T]
+    (T = prefix tokens + patches) of each of ``blocks`` (default: all; negative counts from the end) to
+    the yielded list, in block order, or what ``reduce`` makes of it (so that the full maps of every block
+    need not be held at once). Those blocks' fused (scaled-dot-product) path is switched off meanwhile so
+    the probabilities exist; it is restored after."""
     records: list[torch.Tensor] = []
     keep = reduce or (lambda attn: attn)
-    attentions = [block.attn for block in encoder.blocks]
+    depth = len(encoder.blocks)
+    chosen = range(depth) if blocks is None else [b + depth if b < 0 else b for b in blocks]
+    for b in chosen:
+        if not 0 <= b < depth:
+            raise ValueError(f"block {b} is outside the encoder's {depth} blocks")
+    attentions = [encoder.blocks[b].attn for b in sorted(set(chosen))]
     for attn in attentions:
         if not hasattr(attn, "fused_attn") or not isinstance(getattr(attn, "attn_drop", None), nn.Module):
             raise TypeError(
@@ -49,9 +58,12 @@ def recorded_attention(
 
 
 @torch.no_grad()
-def attention_maps(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The full (unmasked) forward's attention of every block: [depth, N, heads, T, T], float32."""
-    with evaluating(encoder), recorded_attention(encoder) as records:
+def attention_maps(
+    encoder: nn.Module, images: torch.Tensor, *, blocks: Sequence[int] | None = None
+) -> torch.Tensor:
+    """The full (unmasked) forward's attention of ``blocks`` (default: every block; ViT-B at 224 px holds
+    about 22 MB per image for all twelve): [blocks, N, heads, T, T], float32."""
+    with evaluating(encoder), recorded_attention(encoder, blocks=blocks) as records:
         encoder.forward_visible(images)
     return torch.stack(records).float()
 

@@ -101,13 +101,14 @@ def reconstruct_tokens(
     noise: torch.Tensor | None = None,
     mask_ratio: float | None = None,
 ) -> TokenReconstruction:
-    """MTM's prediction of id grids [N, h, w] at ``mask_ratio`` (default: the mean of its ratio
-    distribution); ``decode`` (ids -> images in [0, 1]) shows the grids as pictures."""
+    """MTM's prediction of id grids [N, h, w] at ``mask_ratio`` (default: the median of the ratio
+    distribution it was trained with); ``decode`` (ids -> images in [0, 1], on any device) shows the grids
+    as pictures."""
     if not isinstance(method, MTM):
         raise TypeError(f"token reconstructions need an MTM method; got {type(method).__name__}")
     encoder = method.encoder
     p, (gh, gw) = encoder.patch_size, encoder.grid_size
-    ratio = method.cfg.mask_ratio_mean if mask_ratio is None else mask_ratio
+    ratio = method.mask_ratio(0.5) if mask_ratio is None else mask_ratio
     with evaluating(method):
         logits, units, m = method.predict(ids, noise, ratio)
     predicted_units = logits.argmax(dim=-1)  # [N, L, p*p]
@@ -122,8 +123,6 @@ def reconstruct_tokens(
     out = TokenReconstruction(ids, grid(predicted_units), grid(pasted_units), cell_mask, accuracy, None)
     if decode is None:
         return out
-    original, prediction = decode(ids), decode(out.predicted)
-    pasted = decode(out.pasted)
-    return out._replace(
-        images=Reconstruction(original, grey_out(original, cell_mask), prediction, pasted, m.mask)
-    )
+    original, prediction, pasted = decode(ids), decode(out.predicted), decode(out.pasted)
+    masked_image = grey_out(original, cell_mask.to(original.device))
+    return out._replace(images=Reconstruction(original, masked_image, prediction, pasted, m.mask))

@@ -50,7 +50,10 @@ class CheckpointAnalysis:
     query_maps: torch.Tensor | None = None  # [Q, n, heads, gh, gw]
     reconstruction: Reconstruction | None = None
     reconstruction_info: dict[str, Any] = field(default_factory=dict)
+    reconstruction_note: str | None = None  # why there is no reconstruction, or what it could not show
     segmentation: Segmentation | None = None
+    image_count: int = 0  # images shown
+    stats_count: int = 0  # images averaged
     notes: list[str] = field(default_factory=list)
 
 
@@ -125,7 +128,7 @@ def spectrum_figure(items: list[CheckpointAnalysis]) -> Figure:
         ax.set_xlabel("index k")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("singular value")
+    axes[0].set_ylabel("singular value of the covariance")
     return fig
 
 
@@ -135,6 +138,7 @@ def attention_figure(a: CheckpointAnalysis) -> Figure:
     n = a.cls_maps.shape[0]
     cols = 2 + len(a.queries)
     fig = Figure(figsize=(1.9 * cols, 1.9 * n))
+    block = f"block {a.layer + 1}" + ("" if a.distance is None else f" of {a.distance.renorm.shape[0]}")
     axes = np.atleast_2d(fig.subplots(n, cols, squeeze=False))
     gh, gw = a.grid
     for r in range(n):
@@ -153,7 +157,7 @@ def attention_figure(a: CheckpointAnalysis) -> Figure:
                 ax.imshow(_hwc(image))
             ax.imshow(_upsampled(m, size, "bilinear"), cmap="inferno", alpha=0.65 if image is not None else 1)
             if r == 0:
-                ax.set_title("cls" if c == 1 else f"patch {a.queries[c - 2]}", fontsize=8)
+                ax.set_title(f"cls, {block}" if c == 1 else f"patch {a.queries[c - 2]}", fontsize=8)
         for ax in axes[r]:
             _off(ax)
     return fig
@@ -247,6 +251,8 @@ def numbers(a: CheckpointAnalysis) -> dict[str, Any]:
         "step": a.step,
         "input": {"kind": a.input_kind, "grid": list(a.grid), "patch_size": a.patch_size},
         "distance_unit": a.distance_unit,
+        "images_shown": a.image_count,
+        "images_averaged": a.stats_count,
         "notes": a.notes,
     }
     if a.distance is not None:
@@ -265,6 +271,8 @@ def numbers(a: CheckpointAnalysis) -> dict[str, Any]:
     if a.reconstruction_info:
         mask = None if a.reconstruction is None else a.reconstruction.mask.tolist()
         out["reconstruction"] = {**a.reconstruction_info, "mask": mask}
+    if a.reconstruction_note:
+        out["reconstruction_note"] = a.reconstruction_note
     if a.segmentation is not None:
         out["segmentation"] = {
             "grid": list(a.segmentation.grid),
@@ -272,7 +280,7 @@ def numbers(a: CheckpointAnalysis) -> dict[str, Any]:
             "tsne": a.segmentation.embedding.tolist(),
         }
     if a.cls_maps is not None:
-        out["attention_maps"] = {"layer": a.layer, "queries": a.queries}
+        out["attention_maps"] = {"block": a.layer + 1, "queries": a.queries}  # blocks from 1, as plotted
     return _finite(out)
 
 
@@ -321,13 +329,24 @@ p.help { font-size: 13px; color: #555; max-width: 1000px; }
 """
 
 
+def prepare_folder(out: str | Path) -> Path:
+    """OUT/figures, created, emptied of an earlier report's PNGs and shown to be writable."""
+    figures = Path(out) / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for stale in figures.glob("*.png"):
+        stale.unlink()
+    probe = figures / ".writable"
+    probe.write_bytes(b"")
+    probe.unlink()
+    return figures
+
+
 def write_report(
     items: list[CheckpointAnalysis], out: str | Path, *, data: str, settings: dict[str, Any]
 ) -> dict[str, Path]:
     """Write OUT/report.html (self-contained), OUT/report.json and OUT/figures/*.png; returns the paths."""
     out = Path(out)
-    figures = out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
+    figures = prepare_folder(out)
     embedded: dict[str, str] = {}
 
     def add(name: str, fig: Figure) -> str:
@@ -337,7 +356,7 @@ def write_report(
         return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{embedded[name]}">'
 
     def per_checkpoint(title: str, help_text: str, draw: Any, key: str) -> str:
-        parts = [f"<h2>{title}</h2><p class='help'>{help_text}</p><div class='rows'>"]
+        parts = [f"<h2>{title}</h2><p class='help'>{help_text}</p><div>"]
         for i, a in enumerate(items):
             fig = draw(a)
             body = (
@@ -361,8 +380,8 @@ def write_report(
         "is exp of the entropy of the normalised values.</p>" + add("spectrum", spectrum_figure(items)),
         per_checkpoint(
             "Attention maps",
-            f"Block {settings.get('layer_shown', 'last')}: what the cls token and each marked query patch "
-            "attend to (mean over heads), over the image.",
+            "What the cls token and each marked query patch attend to (mean over heads), over the image, in "
+            "the block named above each grid (numbered from 1, as in the distance plot; --layer).",
             lambda a: attention_figure(a) if a.cls_maps is not None else "not computed",
             "attention_maps",
         ),
@@ -374,12 +393,14 @@ def write_report(
         ),
         per_checkpoint(
             "Reconstructions",
-            "The same masks for every checkpoint of one grid. MAE / LUT: per-patch-normalised predictions "
-            "are brought back with each patch's own mean and std. MTM: token ids decoded by the tokenizer.",
+            "The same masks for every checkpoint of one grid. MAE / LUT under norm_pix_loss: each predicted "
+            "patch is brought back with the mean and std of the true patch (what the loss normalised by), so "
+            "its colour and contrast come from the image, not the model. MTM: the most likely token ids, "
+            "decoded by the tokenizer.",
             lambda a: (
                 reconstruction_figure(a.reconstruction)
                 if a.reconstruction is not None
-                else "; ".join(a.notes) or "not computed"
+                else a.reconstruction_note or "not computed"
             ),
             "reconstruction",
         ),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -17,7 +17,7 @@ from mimkit.analysis.reconstruction import (
     reconstruct_tokens,
     to_unit_range,
 )
-from mimkit.analysis.report import CheckpointAnalysis, write_report
+from mimkit.analysis.report import CheckpointAnalysis, prepare_folder, write_report
 from mimkit.analysis.segmentation import segment
 from mimkit.analysis.spectrum import feature_spectrum, token_spectrum
 from mimkit.checkpoint import resolve_checkpoint
@@ -52,13 +52,26 @@ def checkpoint_label(path: str, taken: set[str]) -> str:
     return label
 
 
-def _load(path: str, weights: str) -> tuple[Method | None, Any, Any, int | None]:
-    """The method (None for an encoder export), the encoder to analyse, the config (or None), the step."""
+class Loaded(NamedTuple):
+    method: Method | None  # None for an encoder export
+    encoder: Any
+    cfg: Any  # None for an encoder export
+    step: int | None
+    has_decoder: bool  # an official file may hold the encoder only (its decoder is then random)
+    says_norm_pix: bool  # whether the file states norm_pix_loss (an official one without 'args' does not)
+
+
+def _load(path: str, weights: str) -> Loaded:
     if resolve_checkpoint(path).suffix == ".safetensors":
         encoder, info = load_encoder(path, weights)
-        return None, encoder, None, info.get("step")
+        return Loaded(None, encoder, None, info.get("step"), False, False)
     method, cfg, ckpt = load_method(path)
-    return method, method.export_encoder(weights), cfg, ckpt.get("step")
+    if "config" in ckpt and "model" in ckpt:  # a mimkit checkpoint: the whole method, its config
+        return Loaded(method, method.export_encoder(weights), cfg, ckpt.get("step"), True, True)
+    payload = next((ckpt[k] for k in ("model", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
+    decoder = any(k.removeprefix("module.").startswith("decoder") for k in payload)
+    says = hasattr(ckpt.get("args"), "norm_pix_loss")
+    return Loaded(method, method.export_encoder(weights), cfg, ckpt.get("epoch"), decoder, says)
 
 
 def _read(source: Any, view: Any, count: int, batch_size: int, device: torch.device) -> torch.Tensor | None:
@@ -101,6 +114,22 @@ def _decoder_of(source: Any, trained_on: str | None, grid: tuple[int, int]) -> t
     return decode, None
 
 
+def _check_settings(
+    path: str, encoder: Any, *, layer: int, queries: Sequence[int] | None, ks: Sequence[int], upsample: int
+) -> None:
+    """The settings that depend on the encoder, checked before any forward pass."""
+    depth, (gh, gw) = len(encoder.blocks), encoder.grid_size
+    if not -depth <= layer < depth:
+        raise ConfigError(f"--layer {layer} is outside the {depth} blocks of '{path}'")
+    for q in queries or ():
+        if not 0 <= q < gh * gw:
+            raise ConfigError(f"query patch {q} is outside the {gh}x{gw} grid (0..{gh * gw - 1}) of '{path}'")
+    scale = upsample if encoder.input_spec.kind == "pixels" else 1
+    patches = gh * gw * scale**2
+    if max(ks) > patches:
+        raise ConfigError(f"--ks {max(ks)} is more clusters than the {patches} patches of '{path}'")
+
+
 def analyze_checkpoint(
     path: str,
     label: str,
@@ -113,24 +142,27 @@ def analyze_checkpoint(
     ks: Sequence[int],
     upsample: int,
     weights: str,
+    norm_pix: bool | None,
     seed: int,
     batch_size: int,
     device: torch.device,
     bar: tqdm,
 ) -> tuple[CheckpointAnalysis, str]:
-    method, encoder, cfg, step = _load(path, weights)
+    loaded = _load(path, weights)
+    method, encoder, cfg = loaded.method, loaded.encoder, loaded.cfg
     spec = encoder.input_spec
+    if spec.kind == "token_embeddings":
+        raise ValueError(
+            f"'{path}' takes codebook vectors (a SeiT classifier's encoder); analyses take pixel or token-id "
+            "encoders"
+        )
+    _check_settings(path, encoder, layer=layer, queries=queries, ks=ks, upsample=upsample)
     data = data or (cfg and (cfg.eval.val or cfg.data.train)) or None
     if not data:
         raise ConfigError(f"mimkit analyze needs --data: '{path}' names no evaluation data of its own")
     trained_on = cfg.data.train if cfg is not None else None
     (source,) = tokenized_for(spec, [build_source(data, image_size=spec.eval_size)], trained_on)
     check_input(spec, source)
-    if spec.kind == "token_embeddings":
-        raise ValueError(
-            f"'{path}' takes codebook vectors (a SeiT classifier's encoder); analyses take pixel or token-id "
-            "encoders"
-        )
     encoder.to(device)
     if method is not None:
         method.to(device)
@@ -144,7 +176,7 @@ def analyze_checkpoint(
         grid=grid,
         patch_size=patch,
         distance_unit="cells" if tokens else "px",
-        step=step,
+        step=loaded.step,
     )
     bar.set_postfix_str(f"{label}: images")
     view = eval_view(spec.eval_size, spec)
@@ -153,10 +185,9 @@ def analyze_checkpoint(
         raise ValueError(f"none of the {images} inputs read from '{data}' is readable")
     stats_set = _read(source, view, stats_images, batch_size, device) if stats_images else None
     stats_set = shown if stats_set is None else stats_set
+    out.image_count, out.stats_count = shown.shape[0], stats_set.shape[0]
     side = (spec.img_size, spec.img_size)  # of the id grid the encoder reads
     decode, why = _decoder_of(source, trained_on, side) if tokens else (None, None)
-    if why:
-        out.notes.append(why)
     if tokens:
         out.images = decode(shown) if decode is not None else None
     else:
@@ -165,12 +196,9 @@ def analyze_checkpoint(
 
     bar.set_postfix_str(f"{label}: attention")
     out.distance = mean_attention_distance(encoder, stats_set, batch_size=batch_size)
-    attn = attention_maps(encoder, shown)
-    out.layer = layer if layer >= 0 else attn.shape[0] + layer
-    if not 0 <= out.layer < attn.shape[0]:
-        raise ConfigError(f"--layer {layer} is outside the encoder's {attn.shape[0]} blocks")
+    out.layer = layer % len(encoder.blocks)
     out.queries = list(queries) if queries is not None else default_queries(grid)
-    chosen = attn[out.layer]
+    (chosen,) = attention_maps(encoder, shown, blocks=[out.layer])
     out.cls_maps = query_maps(chosen, grid, [None], prefix_tokens=encoder.num_prefix_tokens)[0].cpu()
     out.query_maps = query_maps(chosen, grid, out.queries, prefix_tokens=encoder.num_prefix_tokens).cpu()
     bar.update(1)
@@ -179,6 +207,11 @@ def analyze_checkpoint(
     if stats_set.shape[0] >= 2:
         out.spectrum_mean = feature_spectrum(encoder, stats_set, pool="mean", batch_size=batch_size)
         out.spectrum_cls = feature_spectrum(encoder, stats_set, pool="cls", batch_size=batch_size)
+        if stats_set.shape[0] <= encoder.embed_dim:
+            out.notes.append(
+                f"the spectrum of {stats_set.shape[0]} images has at most {stats_set.shape[0] - 1} non-zero "
+                f"values of {encoder.embed_dim}: give --stats-images above the width for the whole spectrum"
+            )
     else:
         out.notes.append("the feature spectrum needs at least 2 images")
     out.token_spectrum = token_spectrum(encoder, stats_set, batch_size=batch_size)
@@ -187,30 +220,42 @@ def analyze_checkpoint(
     bar.set_postfix_str(f"{label}: reconstruction")
     noise = torch.rand(shown.shape[0], encoder.num_patches, generator=torch.Generator().manual_seed(seed))
     noise = noise.to(device)
+    predicts = isinstance(method, MTM) or (hasattr(method, "reconstruct") and not tokens)
     if method is None:
-        out.notes.append("an encoder export has no decoder: no reconstructions")
+        out.reconstruction_note = "an encoder export has no decoder: no reconstructions"
+    elif not predicts:
+        out.reconstruction_note = f"{out.method} predicts latents, not pixels or tokens: no reconstructions"
+    elif not loaded.has_decoder:
+        out.reconstruction_note = "the file holds no decoder weights: no reconstructions"
     elif weights != "student":
-        out.notes.append("reconstructions use the student's decoder: shown for --weights student only")
+        out.reconstruction_note = "reconstructions use the student's decoder: shown for --weights student"
     elif isinstance(method, MTM):
-        rec = reconstruct_tokens(method, shown, decode=decode, noise=noise)
+        ratio = float(method.mask_ratio(0.5))
+        rec = reconstruct_tokens(method, shown, decode=decode, noise=noise, mask_ratio=ratio)
         out.reconstruction = rec.images
-        ratio = method.cfg.mask_ratio_mean
         out.reconstruction_info = {"mask_ratio": ratio, "masked_token_accuracy": rec.accuracy}
         if rec.images is None:
-            out.notes.append(
-                f"masked-token accuracy {100 * rec.accuracy:.1f}% (no tokenizer to show the grids)"
+            out.reconstruction_note = (
+                f"masked-token accuracy {100 * rec.accuracy:.1f}% at ratio {ratio:.2f}; {why}"
             )
-    elif hasattr(method, "reconstruct") and not tokens:
-        out.reconstruction = reconstruct_pixels(method, shown, noise)
-        out.reconstruction_info = {"mask_ratio": method.cfg.mask_ratio}
     else:
-        out.notes.append(f"{out.method} predicts no pixels or tokens: no reconstructions")
+        if norm_pix is not None:
+            method.cfg.norm_pix_loss = norm_pix
+        elif not loaded.says_norm_pix:
+            out.notes.append(
+                f"the file does not say whether it was trained with norm_pix_loss; assumed "
+                f"{method.cfg.norm_pix_loss} (--norm-pix on|off sets it)"
+            )
+        out.reconstruction = reconstruct_pixels(method, shown, noise)
+        out.reconstruction_info = {"mask_ratio": method.cfg.mask_ratio, "norm_pix": method.cfg.norm_pix_loss}
     bar.update(1)
 
     bar.set_postfix_str(f"{label}: segmentation")
     out.segmentation = segment(encoder, shown, ks=ks, upsample=1 if tokens else upsample, seed=seed)
     if tokens and upsample != 1:
         out.notes.append("upsampled input applies to pixel encoders: the token grid is clustered as it is")
+    if why and (out.reconstruction_note is None or why not in out.reconstruction_note):
+        out.notes.append(why)
     bar.update(1)
     return out, data
 
@@ -221,20 +266,22 @@ def analyze(
     data: str | None = None,
     out: str | None = None,
     images: int = 6,
-    stats_images: int = 512,
+    stats_images: int = 1024,
     layer: int = -1,
     queries: Sequence[int] | None = None,
     ks: Sequence[int] = (3, 4, 5),
     upsample: int = 1,
     weights: str = "student",
+    norm_pix: bool | None = None,
     seed: int = 0,
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Every analysis of each checkpoint on the same images (``data``, else the first checkpoint's
-    evaluation data), written to ``out`` (default: RUN/analysis for one run folder, else ./analysis).
-    Returns the paths written and the numbers of the summary table."""
+    eval.val, else its data.train), written to ``out`` (default: RUN/analysis for one run folder, else
+    ./analysis). ``norm_pix`` overrides whether MAE / LUT predictions are per-patch normalised (None: as
+    the checkpoint says). Returns the paths written and the numbers of the summary table."""
     if not checkpoints:
         raise ConfigError("mimkit analyze needs at least one checkpoint")
     if images < 1:
@@ -245,6 +292,8 @@ def analyze(
         raise ConfigError(f"--ks must be positive cluster counts; got {list(ks)}")
     if upsample < 1:
         raise ConfigError(f"--upsample must be a positive integer; got {upsample}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1; got {batch_size}")
     for path in checkpoints:
         resolve_checkpoint(path)  # a missing one is named before any work
     target = (
@@ -256,6 +305,7 @@ def analyze(
             else Path("analysis")
         )
     )
+    prepare_folder(target)  # an unwritable folder is named before any work
     dev = pick_device(device)
     taken: set[str] = set()
     items = []
@@ -274,6 +324,7 @@ def analyze(
                 ks=ks,
                 upsample=upsample,
                 weights=weights,
+                norm_pix=norm_pix,
                 seed=seed,
                 batch_size=batch_size,
                 device=dev,
@@ -289,6 +340,7 @@ def analyze(
             "ks": list(ks),
             "upsample": upsample,
             "weights": weights,
+            "norm_pix": "as saved" if norm_pix is None else norm_pix,
             "seed": seed,
         }
         paths = write_report(items, target, data=str(data), settings=settings)
