@@ -380,7 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
         "analyze", help="attention, spectrum, reconstructions, segmentation of checkpoints: one HTML report"
     )
     p.add_argument("checkpoints", nargs="+", help="run folders, checkpoints, exports or official files")
-    p.add_argument("--data", help="images (or token data) to analyse (default: the first run's eval.val)")
+    p.add_argument(
+        "--data",
+        help="images (or token data) to analyse (default: the first run's eval.val, else data.train)",
+    )
     p.add_argument("--out", help="report folder (default: RUN/analysis for one run folder, else ./analysis)")
     p.add_argument("--images", type=int, default=6, help="images shown in the grids")
     p.add_argument(
