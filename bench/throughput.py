@@ -83,13 +83,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--method", default="mae")
-    parser.add_argument("--arch", default="vit_base")
-    parser.add_argument("--img", type=int, default=224)
+    parser.add_argument("--config", help="a recipe to start from (its model and method sections)")
+    parser.add_argument("--method", help="the method (default: the recipe's, else mae)")
+    parser.add_argument("--arch", help="the encoder size (default: the recipe's, else vit_base)")
+    parser.add_argument("--img", type=int, help="the encoder's input side (default: the recipe's, else 224)")
     parser.add_argument("--patch", type=int, default=None)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="run.compile: torch.compile the model")
+    parser.add_argument(
+        "--fused",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="AdamW's fused kernel (optim.fused; auto: on GPUs); off is the plain-loop baseline",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the peak to state MFU against, e.g. a measured bf16 matmul peak (default: the device's "
+        "datasheet dense bf16 figure, when known)",
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="auto")
@@ -103,36 +116,41 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    if args.config is None:  # no recipe: MAE's ViT-B at 224 px unless told otherwise
+        args.method, args.arch, args.img = args.method or "mae", args.arch or "vit_base", args.img or 224
+    given = {"method": args.method, "model.arch": args.arch, "model.img_size": args.img}
     overrides = [
-        f"method={args.method}",
-        f"model.arch={args.arch}",
-        f"model.img_size={args.img}",
+        *(f"{key}={value}" for key, value in given.items() if value is not None),
         f"optim.batch_size={args.batch}",
         f"run.precision={args.precision}",
         f"run.device={args.device}",
         f"run.compile={str(args.compile).lower()}",
+        f"optim.fused={ {'auto': 'null', 'on': 'true', 'off': 'false'}[args.fused] }",
         "optim.epochs=1",
         "optim.warmup_epochs=0",
+        "optim.accum_iter=1",
         "optim.lr=1e-4",
         *([f"model.patch_size={args.patch}"] if args.patch else []),
         *args.overrides,
     ]
-    tokens = "model.stem=token_ids" in args.overrides
-    if tokens:
+    probe = build_config(args.config, overrides)  # what the recipe and overrides make of the model
+    tokens = probe.model.stem == "token_ids"
+    if tokens and probe.model.vocab_size is None:
         overrides.append(f"model.vocab_size={args.vocab}")
     with tempfile.TemporaryDirectory() as out:
-        if args.tokenadapt:
-            ta = TokenAdapt(args.vocab, in_grid=args.token_grid, out_grid=args.img)
+        if args.tokenadapt or (tokens and getattr(probe.method, "tokenadapt", None)):
+            # the recipe's TokenAdapt path, with random weights of the official shape
+            ta = TokenAdapt(args.vocab, in_grid=args.token_grid, out_grid=probe.model.img_size)
             save_tokenadapt(ta, f"{out}/tokenadapt.ckpt")
             overrides.append(f"method.tokenadapt={out}/tokenadapt.ckpt")
-        cfg = build_config(None, overrides)
+        cfg = build_config(args.config, overrides)
         env = init_distributed(cfg.run.device)
         torch.manual_seed(0)
         method = build_method(cfg)
         if tokens:
             method.use_data(FakeTokens(args.vocab, cfg.model.token_dim))
         trainer = Trainer(method, cfg, env, out)
-        batch = fake_batch(method, args.batch, args.img, env.device, args.token_grid, args.vocab)
+        batch = fake_batch(method, args.batch, cfg.model.img_size, env.device, args.token_grid, args.vocab)
         flops = count_flops(trainer, batch) / args.batch
 
         def step() -> None:
@@ -153,7 +171,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
 
     images_per_s = args.batch * args.steps / seconds
-    peak = peak_flops(env.device)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(env.device)
     if env.device.type == "cuda":
         memory = torch.cuda.max_memory_allocated() / 2**30
         device_name = torch.cuda.get_device_name(env.device)
@@ -173,12 +191,14 @@ def main() -> None:
                 "batch": args.batch,
                 "precision": trainer.precision,
                 "compile": args.compile,
+                "fused_adamw": bool(trainer.optimizer.defaults.get("fused")),
                 "device": device_name,
                 "torch": torch.__version__,
                 "images_per_s": round(images_per_s, 1),
                 "step_ms": round(1000 * seconds / args.steps, 2),
                 "peak_memory_gib": round(memory, 3),
                 "gflops_per_image": round(flops / 1e9, 2),
+                "peak_tflops": round(peak / 1e12, 1) if peak else None,
                 "mfu": round(flops * images_per_s / peak, 4) if peak else None,
             }
         )

@@ -39,6 +39,29 @@ def _group_names(module, groups):
     return [{names[id(p)] for p in g["params"]} for g in groups]
 
 
+def test_fused_adamw_is_chosen_by_config_and_steps_as_the_plain_loop(tiny):
+    """optim.fused: null fuses on GPUs only (the CPU here: not fused), true / false force it; the fused
+    kernel's update is the plain loop's to float rounding."""
+    updated = {}
+    for fused in (None, False, True):
+        cfg = tiny(f"optim.fused={'null' if fused is None else str(fused).lower()}")
+        torch.manual_seed(0)
+        method = build_method(cfg)
+        opt = build_optimizers(method, cfg.optim, 1e-3, torch.device("cpu"))["main"]
+        assert bool(opt.defaults["fused"]) is bool(fused)
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for p in method.parameters():
+                p.grad = torch.randn(p.shape, generator=gen) if p.requires_grad else None
+            opt.step()
+        updated[fused] = torch.cat([p.detach().flatten() for p in method.parameters()])
+    torch.manual_seed(0)
+    initial = torch.cat([p.detach().flatten() for p in build_method(tiny()).parameters()])
+    assert not torch.allclose(updated[False], initial)  # the steps moved the weights
+    assert torch.equal(updated[None], updated[False])
+    torch.testing.assert_close(updated[True], updated[False], rtol=1e-5, atol=1e-6)
+
+
 def test_weight_decay_groups(tiny):
     method = build_method(tiny())
     opt = build_optimizers(method, tiny().optim, 1e-3, torch.device("cpu"))["main"]

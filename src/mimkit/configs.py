@@ -100,6 +100,9 @@ class OptimConfig:
     clip_grad: float | None = None
     name: str = "adamw"  # adamw | lars (the linear probe's: momentum, trust 0.001, 1-D tensors not adapted)
     momentum: float = 0.9  # lars only
+    # AdamW's fused kernel (one launch for all tensors; numerically the same update up to rounding): null
+    # fuses on GPUs only, true / false force it on or off (false is the plain loop, a speed baseline)
+    fused: bool | None = None
     # The reference codes decay cls/mask tokens (3-D tensors); by default we exclude them with the other
     # position-like parameters. The paper recipes set this to true to match the reference exactly.
     decay_tokens: bool = False

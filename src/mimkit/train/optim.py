@@ -65,5 +65,5 @@ def _optimizer(groups: list[dict], optim: Any, lr: float, device: torch.device) 
                         {**group, "params": params, "weight_decay": wd, "always_adapt": ndim_gt1}
                     )
         return Lars(lars_groups, lr=lr, momentum=optim.momentum, trust_coeff=0.001)
-    fused = device.type == "cuda"
+    fused = device.type == "cuda" if optim.fused is None else optim.fused
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), fused=fused or None)

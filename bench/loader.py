@@ -1,0 +1,112 @@
+"""The training loader alone, images per second by worker count, on an image folder of JPEGs: how many
+cores a GPU needs to be kept fed. Each sample goes through the real path of a method's training view
+(PIL decoding, the crop and flip, normalisation, per-sample seeds, the mask noise) and the real loader
+(`make_loader`, collation). Prints one JSON object.
+
+    python bench/loader.py                                   # 1,024 demo CIFAR-10 images at 224 px
+    python bench/loader.py --root /data/imagenet/train --images 20000 --workers 0,4,8,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mimkit.configs import DataConfig, build_config
+from mimkit.data.loader import EpochSampler, ViewDataset, default_workers, make_loader
+from mimkit.data.sources import build_source, demo_source
+from mimkit.methods import build_method
+
+
+def make_jpeg_folder(root: Path, count: int, size: int, quality: int) -> Path:
+    """``count`` JPEGs of ``size`` px in class folders: the embedded CIFAR-10 demo images (2,000, taken
+    again in turn past that) upsampled bicubically, so the files are photo-like in size and content."""
+    demo = demo_source("train")
+    for i in range(count):
+        pixels, label = demo.load(i % len(demo))
+        folder = root / demo.classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(pixels.permute(1, 2, 0).numpy()).resize((size, size), Image.BICUBIC)
+        image.save(folder / f"{i:06d}.jpg", quality=quality)
+    return root
+
+
+def measure(dataset: ViewDataset, workers: int, batch: int, epochs: int) -> float:
+    """Images per second over ``epochs`` passes after one warm-up batch (workers started)."""
+    sampler = EpochSampler(len(dataset), shuffle=True, seed=0)
+    loader = make_loader(dataset, sampler, batch_size=batch, num_workers=workers, drop_last=True)
+    seen, start = 0, None
+    for epoch in range(epochs + 1):
+        sampler.set_epoch(epoch)
+        for i, out in enumerate(loader):
+            if start is None and epoch == 0 and i == 0:
+                start = time.perf_counter()  # the first batch pays for starting the workers
+                continue
+            seen += out["image"].shape[0]
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--root", help="an image folder (default: one made of CIFAR-10 JPEGs)")
+    parser.add_argument("--images", type=int, default=1024, help="JPEGs to make when --root is not given")
+    parser.add_argument("--size", type=int, default=224, help="side of the JPEGs made, and of the crop")
+    parser.add_argument("--quality", type=int, default=90)
+    parser.add_argument("--method", default="mae", help="whose training view to time")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=1, help="timed passes over the folder")
+    parser.add_argument("--workers", help="comma-separated worker counts (default: 0 up to the cores)")
+    args = parser.parse_args()
+
+    cores = default_workers()
+    counts = [int(w) for w in args.workers.split(",")] if args.workers else sorted({0, 1, cores})
+    torch.set_num_threads(1)  # the main process only collates: as in training, the cores go to workers
+    with tempfile.TemporaryDirectory() as tmp:
+        root = (
+            Path(args.root)
+            if args.root
+            else make_jpeg_folder(Path(tmp), args.images, args.size, args.quality)
+        )
+        source = build_source(str(root), image_size=args.size)
+        cfg = build_config(
+            None, [f"method={args.method}", f"model.img_size={args.size}", "model.arch=vit_tiny"]
+        )
+        method = build_method(cfg)
+        dataset = ViewDataset(source, method.train_transform(DataConfig()))
+        results = []
+        for workers in counts:
+            rate = measure(dataset, workers, args.batch, args.epochs)
+            results.append(
+                {
+                    "workers": workers,
+                    "images_per_s": round(rate, 1),
+                    "images_per_s_per_core": round(rate / max(workers, 1), 1),
+                }
+            )
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "images": len(source),
+                "jpeg_side": args.size,
+                "batch": args.batch,
+                "cores": cores,
+                "cpu": os.uname().machine,
+                "torch": torch.__version__,
+                "loader": results,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
