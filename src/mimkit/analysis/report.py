@@ -321,8 +321,6 @@ h3 { font-size: 14px; margin: 14px 0 4px; }
 table { border-collapse: collapse; font-size: 13px; }
 td, th { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
 td:first-child, th:first-child { text-align: left; }
-.row { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
-.row > div { flex: 0 0 auto; }
 img { max-width: 100%; }
 .note { color: #a33; font-size: 13px; }
 p.help { font-size: 13px; color: #555; max-width: 1000px; }

@@ -71,7 +71,7 @@ def _load(path: str, weights: str) -> Loaded:
     payload = next((ckpt[k] for k in ("model", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
     decoder = any(k.removeprefix("module.").startswith("decoder") for k in payload)
     says = hasattr(ckpt.get("args"), "norm_pix_loss")
-    return Loaded(method, method.export_encoder(weights), cfg, ckpt.get("epoch"), decoder, says)
+    return Loaded(method, method.export_encoder(weights), cfg, None, decoder, says)  # no step recorded
 
 
 def _read(source: Any, view: Any, count: int, batch_size: int, device: torch.device) -> torch.Tensor | None:
