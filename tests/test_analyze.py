@@ -258,3 +258,25 @@ def test_an_unwritable_report_folder_is_named_before_any_work(runs: dict[str, Pa
     assert main(["analyze", str(runs["mae"]), "--out", str(blocker / "sub"), "--images", "1"]) == 2
     err = capsys.readouterr().err
     assert str(blocker) in err and "analyzing" not in err
+
+
+def test_settings_complete_an_official_file_and_leave_a_run_as_saved(runs: dict[str, Path], tmp_path: Path):
+    """Heads (and the evaluation crop) cannot be read from weights: an official file of a non-standard
+    width takes them as settings, and then attends exactly as the run it was written from; the run itself
+    keeps its saved config."""
+    method, _, _ = load_method(runs["mae"])
+    official = tmp_path / "official.pth"
+    torch.save(to_official(method), official)
+    args = ["--data", "demo:val", "--images", "2", "--stats-images", "8", "--ks", "2", "--norm-pix", "on"]
+    heads = ["model.num_heads=2", "method.decoder_num_heads=2", "data.crop_pct=1.0"]  # as the run's
+    assert (
+        main(["analyze", str(official), str(runs["mae"]), "--out", str(tmp_path / "r"), *args, *heads]) == 0
+    )
+    from_file, from_run = strict_json(tmp_path / "r" / "report.json")["checkpoints"]
+    assert from_file["attention_distance"]["renorm"] == from_run["attention_distance"]["renorm"]
+    assert np.array(from_file["attention_distance"]["renorm"]).shape == (2, 2)
+    assert from_file["notes"] == [] or not any("complete official files" in n for n in from_file["notes"])
+    assert any(
+        "complete official files; this checkpoint states its own config" in n for n in from_run["notes"]
+    )
+    assert main(["analyze", str(official), "--out", str(tmp_path / "s"), *args, "model.num_headz=2"]) == 2

@@ -108,6 +108,7 @@ def _analyze(args: argparse.Namespace) -> int:
         upsample=args.upsample,
         weights=args.weights,
         norm_pix=None if args.norm_pix == "auto" else args.norm_pix == "on",
+        overrides=args.overrides,
         seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,
@@ -403,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the masks of the reconstructions and t-SNE's seed")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="for official files: what their weights cannot tell (model.num_heads=...)",
+    )
     p.set_defaults(func=_analyze)
 
     p = sub.add_parser("export", help="write the encoder as a timm-loadable safetensors file")

@@ -16,14 +16,23 @@ from mimkit.models.input_spec import InputSpec
 from mimkit.models.vit import ViTEncoder
 
 
-def load_method(path: str | Path) -> tuple[Method, Config, dict[str, Any]]:
+def load_method(
+    path: str | Path, overrides: list[str] | None = None
+) -> tuple[Method, Config, dict[str, Any]]:
     """The method of a mimkit run (folder or .pt) or of an official checkpoint, its config, and the raw
     checkpoint (for what else it holds: the step). Its encoders state the checkpoint's saved input spec; a
     mimkit checkpoint from before specs were saved (said on stderr), or an official one, the spec of the
-    config it is rebuilt from."""
+    config it is rebuilt from. ``overrides`` (key=value) complete an official file's config with what its
+    weights cannot tell (``model.num_heads`` of a non-standard width, say); a mimkit checkpoint states its
+    own and takes none."""
     path = resolve_checkpoint(path)
     ckpt = read(path)
     if "config" in ckpt and "model" in ckpt:
+        if overrides:
+            raise ValueError(
+                f"{path} is a mimkit checkpoint, whose config is saved with it; key=value settings "
+                f"({' '.join(overrides)}) apply to official files"
+            )
         cfg = build_config(ckpt["config"])
         method = build_method(cfg)
         method.load_state_dict(ckpt["model"])
@@ -34,7 +43,7 @@ def load_method(path: str | Path) -> tuple[Method, Config, dict[str, Any]]:
         else:
             print(f"note: {path} predates saved input specs; inferred from its config", file=sys.stderr)
         return method, cfg, ckpt
-    method, cfg = official_method(ckpt, source=path)
+    method, cfg = official_method(ckpt, overrides=overrides, source=path)
     return method, cfg, ckpt
 
 

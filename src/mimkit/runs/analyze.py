@@ -27,6 +27,7 @@ from mimkit.data.sources import Subset, build_source, check_input, tokenized_for
 from mimkit.data.transforms import eval_view
 from mimkit.distributed import pick_device
 from mimkit.interop.load import load_encoder, load_method
+from mimkit.interop.official import read
 from mimkit.methods.base import Method
 from mimkit.methods.mtm import MTM
 from mimkit.tokens.tokenizer import load_tokenizer
@@ -58,20 +59,23 @@ class Loaded(NamedTuple):
     cfg: Any  # None for an encoder export
     step: int | None
     has_decoder: bool  # an official file may hold the encoder only (its decoder is then random)
+    official: bool  # an official file, whose config is rebuilt from its weights (and key=value settings)
     says_norm_pix: bool  # whether the file states norm_pix_loss (an official one without 'args' does not)
 
 
-def _load(path: str, weights: str) -> Loaded:
+def _load(path: str, weights: str, overrides: list[str]) -> Loaded:
     if resolve_checkpoint(path).suffix == ".safetensors":
         encoder, info = load_encoder(path, weights)
-        return Loaded(None, encoder, None, info.get("step"), False, False)
-    method, cfg, ckpt = load_method(path)
+        return Loaded(None, encoder, None, info.get("step"), False, False, False)
+    # the settings complete official files only (read twice, and only when there are settings)
+    official = bool(overrides) and "config" not in read(resolve_checkpoint(path))
+    method, cfg, ckpt = load_method(path, overrides if official else None)
     if "config" in ckpt and "model" in ckpt:  # a mimkit checkpoint: the whole method, its config
-        return Loaded(method, method.export_encoder(weights), cfg, ckpt.get("step"), True, True)
+        return Loaded(method, method.export_encoder(weights), cfg, ckpt.get("step"), True, False, True)
     payload = next((ckpt[k] for k in ("model", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
     decoder = any(k.removeprefix("module.").startswith("decoder") for k in payload)
     says = hasattr(ckpt.get("args"), "norm_pix_loss")
-    return Loaded(method, method.export_encoder(weights), cfg, None, decoder, says)  # no step recorded
+    return Loaded(method, method.export_encoder(weights), cfg, None, decoder, True, says)  # no step saved
 
 
 def _read(source: Any, view: Any, count: int, batch_size: int, device: torch.device) -> torch.Tensor | None:
@@ -143,12 +147,13 @@ def analyze_checkpoint(
     upsample: int,
     weights: str,
     norm_pix: bool | None,
+    overrides: list[str],
     seed: int,
     batch_size: int,
     device: torch.device,
     bar: tqdm,
 ) -> tuple[CheckpointAnalysis, str]:
-    loaded = _load(path, weights)
+    loaded = _load(path, weights, overrides)
     method, encoder, cfg = loaded.method, loaded.encoder, loaded.cfg
     spec = encoder.input_spec
     if spec.kind == "token_embeddings":
@@ -178,6 +183,11 @@ def analyze_checkpoint(
         distance_unit="cells" if tokens else "px",
         step=loaded.step,
     )
+    if overrides and not loaded.official:
+        out.notes.append(
+            f"the settings {' '.join(overrides)} complete official files; this checkpoint states its "
+            "own config"
+        )
     bar.set_postfix_str(f"{label}: images")
     view = eval_view(spec.eval_size, spec)
     shown = _read(source, view, images, batch_size, device)
@@ -273,6 +283,7 @@ def analyze(
     upsample: int = 1,
     weights: str = "student",
     norm_pix: bool | None = None,
+    overrides: Sequence[str] = (),
     seed: int = 0,
     batch_size: int = 64,
     device: str = "auto",
@@ -281,7 +292,8 @@ def analyze(
     """Every analysis of each checkpoint on the same images (``data``, else the first checkpoint's
     eval.val, else its data.train), written to ``out`` (default: RUN/analysis for one run folder, else
     ./analysis). ``norm_pix`` overrides whether MAE / LUT predictions are per-patch normalised (None: as
-    the checkpoint says). Returns the paths written and the numbers of the summary table."""
+    the checkpoint says); ``overrides`` (key=value) complete the configs of official files (mimkit
+    checkpoints state their own). Returns the paths written and the numbers of the summary table."""
     if not checkpoints:
         raise ConfigError("mimkit analyze needs at least one checkpoint")
     if images < 1:
@@ -325,6 +337,7 @@ def analyze(
                 upsample=upsample,
                 weights=weights,
                 norm_pix=norm_pix,
+                overrides=list(overrides),
                 seed=seed,
                 batch_size=batch_size,
                 device=dev,
