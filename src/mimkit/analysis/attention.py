@@ -12,7 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mimkit.analysis.batches import as_batches, evaluating
+from mimkit.analysis.batches import as_batches
+from mimkit.eval.features import evaluating
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mimkit.analysis.batches import evaluating
+from mimkit.eval.features import evaluating
 from mimkit.methods.base import Method
 from mimkit.methods.mtm import MTM
 from mimkit.models.patches import patchify, unpatchify

@@ -16,7 +16,8 @@ from scipy.cluster.hierarchy import cut_tree, linkage
 from sklearn.manifold import TSNE
 from torch import nn
 
-from mimkit.analysis.batches import as_batches, evaluating
+from mimkit.analysis.batches import as_batches
+from mimkit.eval.features import evaluating
 
 
 def upsampled_encoder(encoder: nn.Module, factor: int) -> nn.Module:

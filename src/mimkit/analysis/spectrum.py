@@ -9,7 +9,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mimkit.analysis.batches import as_batches, evaluating
+from mimkit.analysis.batches import as_batches
+from mimkit.eval.features import evaluating
 
 
 def singular_spectrum(features: torch.Tensor) -> torch.Tensor:

@@ -394,6 +394,18 @@ def tokenizer_of(source: ImageSource) -> str | None:
     return (getattr(dataset, "meta", None) or {}).get("tokenizer")
 
 
+def recorded_tokenizer(sources: Sequence[ImageSource], trained_on: str | None = None) -> str | None:
+    """The tokenizer that the token data among ``sources`` records, else the one of the data a model was
+    trained on (``trained_on``), if any says."""
+    tokenizer = next((t for s in sources if (t := tokenizer_of(s))), None)
+    if tokenizer is None and trained_on:
+        try:
+            tokenizer = tokenizer_of(build_source(trained_on, max_images=1))
+        except (OSError, ValueError):  # the training data is not here: nothing to learn the tokenizer from
+            tokenizer = None
+    return tokenizer
+
+
 def tokenized_for(
     spec: InputSpec, sources: Sequence[ImageSource], trained_on: str | None = None
 ) -> list[ImageSource]:
@@ -402,12 +414,7 @@ def tokenized_for(
     rest is returned as it is (and images stay images when no tokenizer is known: check_input says so)."""
     if spec.kind == "pixels" or all(s.kind != "pixels" for s in sources):
         return list(sources)
-    tokenizer = next((t for s in sources if (t := tokenizer_of(s))), None)
-    if tokenizer is None and trained_on:
-        try:
-            tokenizer = tokenizer_of(build_source(trained_on, max_images=1))
-        except (OSError, ValueError):  # the training data is not here: nothing to learn the tokenizer from
-            tokenizer = None
+    tokenizer = recorded_tokenizer(sources, trained_on)
     if tokenizer is None:
         return list(sources)
     if not Path(tokenizer).exists():
@@ -478,21 +485,26 @@ def vocab_from_data(model: ModelConfig, source: ImageSource) -> None:
 
 
 class Subset(ImageSource):
-    """The first ``n`` samples of a source, or with ``spread`` ``n`` samples evenly spaced over it (so that
-    a source stored class by class shows every class)."""
+    """Some samples of a source, keeping what a token source carries (grid, vocabulary, codebook,
+    tokenizer): the first ``n``, with ``spread`` ``n`` evenly spaced over it (so that a source stored
+    class by class shows every class), or those at the given indices."""
 
-    def __init__(self, source: ImageSource, n: int, *, spread: bool = False) -> None:
-        self.source, self.n = source, min(n, len(source))
-        if spread and self.n > 1:
-            self.indices = [round(i * (len(source) - 1) / (self.n - 1)) for i in range(self.n)]
+    def __init__(self, source: ImageSource, n: int | Sequence[int], *, spread: bool = False) -> None:
+        if not isinstance(n, int):
+            self.indices = [int(i) for i in n]
+        elif spread and min(n, len(source)) > 1:
+            count = min(n, len(source))
+            self.indices = [round(i * (len(source) - 1) / (count - 1)) for i in range(count)]
         else:
-            self.indices = list(range(self.n))
+            self.indices = list(range(min(n, len(source))))
+        self.source, self.n = source, len(self.indices)
         self.kind = source.kind
         self.grid, self.vocab_size = getattr(source, "grid", None), getattr(source, "vocab_size", None)
         self.dataset = getattr(source, "dataset", None)  # a token dataset's codebook and meta
         self.tokenizer_path = tokenizer_of(source)
         self.classes = source.classes
-        self.name = f"{source.name}[{self.n} spread]" if spread else f"{source.name}[:{self.n}]"
+        first = isinstance(n, int) and not spread
+        self.name = f"{source.name}[:{self.n}]" if first else f"{source.name}[{self.n} of {len(source)}]"
         self.classes_from_labels = source.classes_from_labels
 
     def __len__(self) -> int:

@@ -4,7 +4,8 @@ batch) over a labelled source, sharded across ranks and gathered back in source 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -13,6 +14,17 @@ from torch import nn
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
 from mimkit.data.sources import ImageSource, check_input
 from mimkit.distributed import DistEnv, all_gather_rows
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode (no dropout, no drop-path) for the block, then back to its own mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 @torch.no_grad()
@@ -43,8 +55,6 @@ def extract_features(
                 "embeds the ids with its codebook (mimkit finetune); k-NN and linear probes take pixel or "
                 "token-id encoders"
             )
-    was_training = encoder.training
-    encoder.eval()
     sampler = EpochSampler(len(dataset), shuffle=False, rank=env.rank, world_size=env.world_size, pad=False)
     loader = make_loader(
         dataset,
@@ -55,20 +65,20 @@ def extract_features(
         pin_memory=env.device.type == "cuda",
     )
     feats, labels, indices = [], [], []
-    for batch in loader:
-        for message in batch.get("skipped", []):
-            print(f"warning: skipped unreadable image {message}", file=sys.stderr, flush=True)
-        if skipped is not None:
-            skipped.extend(batch.get("skipped", []))
-        if "label" not in batch:
-            continue
-        images = batch["image"].to(env.device, non_blocking=True)
-        with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            f = encode(images) if encode is not None else encoder.features(images, pool=pool)
-        feats.append(f.float())
-        labels.append(batch["label"].to(env.device))
-        indices.append(batch["index"].to(env.device))
-    encoder.train(was_training)
+    with evaluating(encoder):
+        for batch in loader:
+            for message in batch.get("skipped", []):
+                print(f"warning: skipped unreadable image {message}", file=sys.stderr, flush=True)
+            if skipped is not None:
+                skipped.extend(batch.get("skipped", []))
+            if "label" not in batch:
+                continue
+            images = batch["image"].to(env.device, non_blocking=True)
+            with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                f = encode(images) if encode is not None else encoder.features(images, pool=pool)
+            feats.append(f.float())
+            labels.append(batch["label"].to(env.device))
+            indices.append(batch["index"].to(env.device))
     dim = out_dim or encoder.embed_dim
     feats_t = torch.cat(feats) if feats else torch.zeros(0, dim, device=env.device)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=env.device)

@@ -3,7 +3,6 @@ self-contained HTML report with the numbers beside it as JSON."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,14 +21,14 @@ from mimkit.analysis.segmentation import segment
 from mimkit.analysis.spectrum import feature_spectrum, token_spectrum
 from mimkit.checkpoint import resolve_checkpoint
 from mimkit.configs import ConfigError
-from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
-from mimkit.data.sources import Subset, build_source, check_input, tokenized_for, tokenizer_of
+from mimkit.data.sources import Subset, build_source, check_input, recorded_tokenizer, tokenized_for
 from mimkit.data.transforms import eval_view
 from mimkit.distributed import pick_device
 from mimkit.interop.load import load_encoder, load_method
 from mimkit.interop.official import read
 from mimkit.methods.base import Method
 from mimkit.methods.mtm import MTM
+from mimkit.runs.tokenize import image_batches
 from mimkit.tokens.tokenizer import load_tokenizer
 
 STAGES = ("images", "attention", "spectrum", "reconstruction", "segmentation")
@@ -81,26 +80,14 @@ def _load(path: str, weights: str, overrides: list[str]) -> Loaded:
 def _read(source: Any, view: Any, count: int, batch_size: int, device: torch.device) -> torch.Tensor | None:
     """``count`` inputs spread evenly over a source, through a view (an unreadable one is named on stderr
     and left out); None when none is readable."""
-    dataset = ViewDataset(Subset(source, count, spread=True), view)
-    sampler = EpochSampler(len(dataset), shuffle=False, rank=0, world_size=1, pad=False)
-    loader = make_loader(dataset, sampler, batch_size=batch_size, num_workers=0, drop_last=False)
-    batches = []
-    for batch in loader:
-        for message in batch.get("skipped", []):
-            print(f"warning: skipped unreadable image {message}", file=sys.stderr, flush=True)
-        if "image" in batch:
-            batches.append(batch["image"].to(device))
-    return torch.cat(batches) if batches else None
+    picked = Subset(source, count, spread=True)
+    batches = [b["image"] for b in image_batches(picked, view, batch_size=batch_size, num_workers=0)]
+    return torch.cat(batches).to(device) if batches else None
 
 
 def _decoder_of(source: Any, trained_on: str | None, grid: tuple[int, int]) -> tuple[Any, str | None]:
     """ids -> images in [0, 1] through the tokenizer of the token data, or why there is none."""
-    path = tokenizer_of(source)
-    if path is None and trained_on:
-        try:
-            path = tokenizer_of(build_source(trained_on, max_images=1))
-        except (OSError, ValueError):
-            path = None
+    path = recorded_tokenizer([source], trained_on)
     if path is None:
         return None, "no tokenizer is recorded by the token data: token grids cannot be shown as images"
     if not Path(path).exists():

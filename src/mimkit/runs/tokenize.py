@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -86,7 +86,7 @@ def image_batches(
     """Batches of images ``start..stop`` of a source in order, decoded by loader workers; unreadable images
     are named on stderr, added to ``skipped`` and left out."""
     stop = len(source) if stop is None else stop
-    part = _Picked(source, range(start, stop))
+    part = Subset(source, range(start, stop))
     loader = make_loader(
         ViewDataset(part, view),
         EpochSampler(len(part), shuffle=False, pad=False),
@@ -102,20 +102,6 @@ def image_batches(
         if "image" in batch:
             batch["index"] = batch["index"] + start
             yield batch
-
-
-class _Picked(ImageSource):
-    """Some images of a source, by index (a shard's range, or a sample spread over the source)."""
-
-    def __init__(self, source: ImageSource, indices: Sequence[int]) -> None:
-        self.source, self.indices = source, list(indices)
-        self.classes, self.name = source.classes, source.name
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.source.load(self.indices[index])
 
 
 # -- mimkit tokenizer train --------------------------------------------------------------------------
@@ -355,7 +341,7 @@ def tokenize(
             sample = [
                 tokenizer.encode(batch["image"].to(dev)).cpu().numpy()
                 for batch in image_batches(
-                    _Picked(source, pick), view, batch_size=batch_size, num_workers=num_workers
+                    Subset(source, pick), view, batch_size=batch_size, num_workers=num_workers
                 )
             ]
             writer.fit(np.concatenate(sample) if sample else np.zeros((0, grid, grid), np.int64))
