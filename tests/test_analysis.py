@@ -32,6 +32,7 @@ from mimkit.analysis import (
     recorded_attention,
     segment,
     singular_spectrum,
+    spectra,
     token_spectrum,
     tsne_embedding,
     upsampled_encoder,
@@ -408,6 +409,21 @@ def test_token_spectrum_is_a_normalised_per_image_spectrum():
     assert raw[-1] > 1e-4 * raw[0]
     s = torch.linalg.svdvals(tokens - tokens.mean(1, keepdim=True))
     torch.testing.assert_close(centred, (s / s.sum(1, keepdim=True)).mean(0), rtol=1e-4, atol=1e-7)
+
+
+def test_spectra_of_one_pass_equal_the_separate_spectra():
+    encoder = with_attention_dropout(pixel_encoder())
+    images = images_for(encoder, 5)
+    encoder.train()
+    both = spectra(encoder, images, batch_size=2)
+    assert encoder.training
+    for got, pool in ((both.mean, "mean"), (both.cls, "cls")):
+        alone = feature_spectrum(encoder, images, pool=pool, batch_size=3)
+        torch.testing.assert_close(got.values, alone.values)
+        assert got.effective_rank == pytest.approx(alone.effective_rank)
+        assert got.rankme == pytest.approx(alone.rankme) and got.images == 5
+    assert not torch.allclose(both.mean.values, both.cls.values)
+    torch.testing.assert_close(both.tokens, token_spectrum(encoder, images, batch_size=3))
 
 
 # ----------------------------------------------------------------------------- pixel reconstructions

@@ -30,11 +30,13 @@ from mimkit.analysis.segmentation import (
     upsampled_encoder,
 )
 from mimkit.analysis.spectrum import (
+    Spectra,
     Spectrum,
     effective_rank,
     feature_spectrum,
     rankme,
     singular_spectrum,
+    spectra,
     token_spectrum,
 )
 
@@ -43,6 +45,7 @@ __all__ = [
     "CheckpointAnalysis",
     "Reconstruction",
     "Segmentation",
+    "Spectra",
     "Spectrum",
     "TokenReconstruction",
     "attention_distance",
@@ -61,6 +64,7 @@ __all__ = [
     "recorded_attention",
     "segment",
     "singular_spectrum",
+    "spectra",
     "to_unit_range",
     "token_spectrum",
     "tsne_embedding",

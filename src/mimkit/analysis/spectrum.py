@@ -69,6 +69,15 @@ def feature_spectrum(
     return spectrum_of(torch.cat(feats))
 
 
+def _token_spectra(patches: torch.Tensor, center: bool) -> torch.Tensor:
+    """Each image's normalised spectrum of its [L, D] patch tokens: [N, min(L, D)], float64 on the CPU."""
+    tokens = patches.double().cpu()
+    if center:
+        tokens = tokens - tokens.mean(dim=1, keepdim=True)
+    s = torch.linalg.svdvals(tokens)
+    return s / s.sum(dim=1, keepdim=True).clamp_min(1e-300)
+
+
 @torch.no_grad()
 def token_spectrum(
     encoder: nn.Module,
@@ -83,13 +92,36 @@ def token_spectrum(
     total, count = None, 0
     with evaluating(encoder):
         for batch in as_batches(images, batch_size):
-            tokens = encoder.forward_visible(batch)[:, encoder.num_prefix_tokens :].double().cpu()
-            if center:
-                tokens = tokens - tokens.mean(dim=1, keepdim=True)
-            s = torch.linalg.svdvals(tokens)
-            s = s / s.sum(dim=1, keepdim=True).clamp_min(1e-300)
+            s = _token_spectra(encoder.forward_visible(batch)[:, encoder.num_prefix_tokens :], center)
             total = s.sum(dim=0) if total is None else total + s.sum(dim=0)
             count += s.shape[0]
     if total is None:
         raise ValueError("the token spectrum needs images")
     return total / count
+
+
+class Spectra(NamedTuple):
+    mean: Spectrum  # of the mean-pooled final-norm patch tokens
+    cls: Spectrum  # of the cls token
+    tokens: torch.Tensor  # the per-image variant, centred (token_spectrum)
+
+
+@torch.no_grad()
+def spectra(
+    encoder: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], *, batch_size: int = 128
+) -> Spectra:
+    """The three spectra of :func:`feature_spectrum` (mean and cls) and :func:`token_spectrum`, from one
+    forward pass over the images instead of three."""
+    means, cls, total, count = [], [], None, 0
+    with evaluating(encoder):
+        for batch in as_batches(images, batch_size):
+            tokens = encoder.forward_visible(batch)
+            patches = tokens[:, encoder.num_prefix_tokens :]
+            means.append(patches.mean(dim=1).float().cpu())  # encoder.features(pool="mean")
+            cls.append(tokens[:, 0].float().cpu())  # encoder.features(pool="cls")
+            s = _token_spectra(patches, center=True)
+            total = s.sum(dim=0) if total is None else total + s.sum(dim=0)
+            count += s.shape[0]
+    if total is None:
+        raise ValueError("the spectra need images")
+    return Spectra(spectrum_of(torch.cat(means)), spectrum_of(torch.cat(cls)), total / count)

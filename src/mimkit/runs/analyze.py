@@ -18,7 +18,7 @@ from mimkit.analysis.reconstruction import (
 )
 from mimkit.analysis.report import CheckpointAnalysis, prepare_folder, write_report
 from mimkit.analysis.segmentation import segment
-from mimkit.analysis.spectrum import feature_spectrum, token_spectrum
+from mimkit.analysis.spectrum import spectra, token_spectrum
 from mimkit.checkpoint import resolve_checkpoint
 from mimkit.configs import ConfigError
 from mimkit.data.sources import Subset, build_source, check_input, recorded_tokenizer, tokenized_for
@@ -202,8 +202,9 @@ def analyze_checkpoint(
 
     bar.set_postfix_str(f"{label}: spectrum")
     if stats_set.shape[0] >= 2:
-        out.spectrum_mean = feature_spectrum(encoder, stats_set, pool="mean", batch_size=batch_size)
-        out.spectrum_cls = feature_spectrum(encoder, stats_set, pool="cls", batch_size=batch_size)
+        out.spectrum_mean, out.spectrum_cls, out.token_spectrum = spectra(
+            encoder, stats_set, batch_size=batch_size
+        )
         if stats_set.shape[0] <= encoder.embed_dim:
             out.notes.append(
                 f"the spectrum of {stats_set.shape[0]} images has at most {stats_set.shape[0] - 1} non-zero "
@@ -211,7 +212,7 @@ def analyze_checkpoint(
             )
     else:
         out.notes.append("the feature spectrum needs at least 2 images")
-    out.token_spectrum = token_spectrum(encoder, stats_set, batch_size=batch_size)
+        out.token_spectrum = token_spectrum(encoder, stats_set, batch_size=batch_size)
     bar.update(1)
 
     bar.set_postfix_str(f"{label}: reconstruction")
