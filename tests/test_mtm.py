@@ -427,3 +427,31 @@ def test_print_config_of_a_token_recipe_needs_no_data(tmp_path: Path, capsys: py
     assert "vocabulary comes from data.train" in capsys.readouterr().err
     check_buildable(build_config("mtm_cifar10", ["model.vocab_size=10"]))  # given: built on the meta device
     assert "not checked" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["method=mtm", "method.noise_prob=0.7", "method.coloradapt_prob=0.5"],
+            "'method.noise_prob' + 'method.coloradapt_prob' must not exceed 1",
+        ),
+        (
+            ["method=mtm", "method.coloradapt_prob=-0.1"],
+            "'method.coloradapt_prob' must lie in [0, 1]; got -0.1",
+        ),
+        (["method=finetune", "method.eda_rc_prob=1.5"], "'method.eda_rc_prob' must lie in [0, 1]; got 1.5"),
+        (
+            ["method=finetune", "method.eda_rc_prob=0.6", "method.eda_sc_prob=0.6"],
+            "'method.eda_rc_prob' + 'method.eda_sc_prob' must not exceed 1",
+        ),
+        (
+            ["method=finetune", "method.noise_prob=0.6", "method.coloradapt_prob=0.6"],
+            "'method.noise_prob' + 'method.coloradapt_prob' must not exceed 1",
+        ),
+    ],
+)
+def test_the_views_choice_probabilities_are_checked_by_name(overrides: list[str], message: str):
+    with pytest.raises(ConfigError) as err:
+        build_config(None, overrides)
+    assert message in str(err.value)

@@ -21,7 +21,12 @@ from torchvision.transforms import v2 as T
 from mimkit.configs import Config
 from mimkit.data.transforms import Views, as_ids, eval_view
 from mimkit.methods.base import StepOutput, Trainable
-from mimkit.methods.token_views import TokenViews, resolve_tokenadapt, views_codebook
+from mimkit.methods.token_views import (
+    TokenViews,
+    resolve_tokenadapt,
+    validate_choice_probabilities,
+    views_codebook,
+)
 from mimkit.models.input_spec import InputSpec
 from mimkit.models.pos_embed import resample_pos_embed
 from mimkit.models.vit import LayerNorm6, ViTEncoder
@@ -67,16 +72,8 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.pool not in ("avg", "avg_norm", "cls"):
             raise ValueError(f"'method.pool' must be avg, avg_norm or cls; got {self.pool!r}")
-        for name in ("noise_prob", "coloradapt_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"'method.{name}' must lie in [0, 1]; got {getattr(self, name)}")
-        if self.noise_prob + self.coloradapt_prob > 1:
-            raise ValueError("'method.noise_prob' + 'method.coloradapt_prob' must not exceed 1")
-        for name in ("eda_rc_prob", "eda_sc_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"'method.{name}' must lie in [0, 1]; got {getattr(self, name)}")
-        if self.eda_rc_prob + self.eda_sc_prob > 1:
-            raise ValueError("'method.eda_rc_prob' + 'method.eda_sc_prob' must not exceed 1")
+        validate_choice_probabilities(self, "noise_prob", "coloradapt_prob")
+        validate_choice_probabilities(self, "eda_rc_prob", "eda_sc_prob")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"'method.layer_decay' must lie in (0, 1]; got {self.layer_decay}")
         if not 0 <= self.drop_path < 1:

@@ -22,7 +22,12 @@ from mimkit.data.transforms import MaskNoise, Views, as_ids
 from mimkit.masking import TokenMask, token_masking, truncated_normal_ratio
 from mimkit.methods.base import Method, StepOutput, encoder_from_config, validate_decoder
 from mimkit.methods.mae import mask_noise
-from mimkit.methods.token_views import TokenViews, resolve_tokenadapt, views_codebook
+from mimkit.methods.token_views import (
+    TokenViews,
+    resolve_tokenadapt,
+    validate_choice_probabilities,
+    views_codebook,
+)
 from mimkit.models.decoders import MTMDecoder
 from mimkit.models.heads import TokenLogitsHead
 from mimkit.models.vit import ViTEncoder
@@ -63,11 +68,7 @@ class MTMConfig:
             raise ValueError(f"'method.label_smoothing' must lie in [0, 1); got {self.label_smoothing}")
         if not 0 < self.min_crop_scale <= 1:
             raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
-        for name in ("noise_prob", "coloradapt_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"'method.{name}' must lie in [0, 1]; got {getattr(self, name)}")
-        if self.noise_prob + self.coloradapt_prob > 1:
-            raise ValueError("'method.noise_prob' + 'method.coloradapt_prob' must not exceed 1")
+        validate_choice_probabilities(self, "noise_prob", "coloradapt_prob")
         validate_decoder(self)
 
     def validate_with(self, cfg: Config) -> None:

@@ -28,6 +28,16 @@ from mimkit.tokens.codebook import embed, load_codebook, requantize
 from mimkit.tokens.tokenadapt import TokenAdapt, load_tokenadapt, tokenadapt_view
 
 
+def validate_choice_probabilities(cfg: Any, first: str, second: str) -> None:
+    """Two per-batch (or per-sample) choices drawn from one uniform, ``first`` below p1, ``second``
+    below p1 + p2: each must lie in [0, 1] and together they must not exceed 1."""
+    for name in (first, second):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"'method.{name}' must lie in [0, 1]; got {getattr(cfg, name)}")
+    if getattr(cfg, first) + getattr(cfg, second) > 1:
+        raise ValueError(f"'method.{first}' + 'method.{second}' must not exceed 1")
+
+
 def batch_generator(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Generator | None:
     """One generator for the batch's draws, seeded from its samples' seeds; None (torch's global RNG)
     for a batch that carries none."""
