@@ -55,11 +55,16 @@ def denormalize_patches(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool
     return pred.float() * (var + 1e-6) ** 0.5 + mean
 
 
-def grey_out(images: torch.Tensor, cell_mask: torch.Tensor) -> torch.Tensor:
-    """Images [N, C, H, W] in [0, 1] with the cells of a [N, h, w] mask (True = removed) grey; each cell
-    covers H / h x W / w pixels."""
+def fill_cells(images: torch.Tensor, cell_mask: torch.Tensor, fill: torch.Tensor | float) -> torch.Tensor:
+    """Images [N, C, H, W] with the cells of a [N, h, w] mask (True = removed) taken from ``fill`` (images
+    of the same shape, or a value); each cell covers H / h x W / w pixels."""
     cover = F.interpolate(cell_mask[:, None].float(), size=images.shape[-2:], mode="nearest").bool()
-    return torch.where(cover, torch.full_like(images, MASKED_GREY), images)
+    return torch.where(cover, torch.as_tensor(fill, dtype=images.dtype, device=images.device), images)
+
+
+def grey_out(images: torch.Tensor, cell_mask: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] with the masked cells grey: what the encoder did not see."""
+    return fill_cells(images, cell_mask, MASKED_GREY)
 
 
 @torch.no_grad()
@@ -82,12 +87,11 @@ def reconstruct_pixels(
     shown = to_unit_range(unpatchify(pred.to(images.dtype), p, grid, channels), spec.mean, spec.std)
     original = to_unit_range(images, spec.mean, spec.std)
     cells = m.mask.reshape(-1, *grid).bool()
-    cover = F.interpolate(cells[:, None].float(), size=images.shape[-2:], mode="nearest").bool()
     return Reconstruction(
         original=original,
         masked=grey_out(original, cells),
         prediction=shown,
-        pasted=torch.where(cover, shown, original),
+        pasted=fill_cells(original, cells, shown),
         mask=m.mask,
     )
 
