@@ -77,6 +77,22 @@ def patch_distances(grid: tuple[int, int], patch_size: float = 1.0) -> torch.Ten
     return torch.cdist(centres, centres)
 
 
+def _row_distances(
+    attn: torch.Tensor, grid: tuple[int, int], patch_size: float, prefix_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query patch of attention rows [..., T, T], with the prefix rows and columns dropped: the
+    sum over key patches of attention x distance, and the attention's sum (float64, [..., L] each)."""
+    length = grid[0] * grid[1]
+    if attn.shape[-1] != attn.shape[-2] or attn.shape[-1] != prefix_tokens + length:
+        raise ValueError(
+            f"expected attention [..., {prefix_tokens + length}, {prefix_tokens + length}] for a "
+            f"{grid[0]}x{grid[1]} grid with {prefix_tokens} prefix token(s); got {tuple(attn.shape)}"
+        )
+    patches = attn[..., prefix_tokens:, prefix_tokens:].double()
+    dist = patch_distances(grid, patch_size).to(patches.device)
+    return (patches * dist).sum(dim=-1), patches.sum(dim=-1)
+
+
 def attention_distance(
     attn: torch.Tensor,
     grid: tuple[int, int],
@@ -89,17 +105,9 @@ def attention_distance(
     patches of attention x distance, averaged over the query patches -> [...]. The prefix (cls) rows and
     columns are dropped; with ``renorm`` each remaining row is rescaled to sum to 1 (else the attention a
     patch pays to cls counts as distance 0)."""
-    length = grid[0] * grid[1]
-    if attn.shape[-1] != attn.shape[-2] or attn.shape[-1] != prefix_tokens + length:
-        raise ValueError(
-            f"expected attention [..., {prefix_tokens + length}, {prefix_tokens + length}] for a "
-            f"{grid[0]}x{grid[1]} grid with {prefix_tokens} prefix token(s); got {tuple(attn.shape)}"
-        )
-    patches = attn[..., prefix_tokens:, prefix_tokens:].double()
-    if renorm:
-        patches = patches / patches.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    dist = patch_distances(grid, patch_size).to(patches.device)
-    return (patches * dist).sum(dim=-1).mean(dim=-1).float()
+    weighted, mass = _row_distances(attn, grid, patch_size, prefix_tokens)
+    rows = weighted / mass.clamp_min(1e-12) if renorm else weighted
+    return rows.mean(dim=-1).float()
 
 
 class AttentionDistance(NamedTuple):
@@ -118,12 +126,9 @@ def mean_attention_distance(
     prefix = encoder.num_prefix_tokens
 
     def both(attn: torch.Tensor) -> torch.Tensor:  # [N, H, T, T] -> [2, H], summed over the images
-        return torch.stack(
-            [
-                attention_distance(attn, grid, patch, prefix_tokens=prefix, renorm=renorm).sum(dim=0)
-                for renorm in (True, False)
-            ]
-        )
+        weighted, mass = _row_distances(attn, grid, patch, prefix)  # one pass for both variants
+        renorm = (weighted / mass.clamp_min(1e-12)).mean(dim=-1)
+        return torch.stack([renorm.float().sum(dim=0), weighted.mean(dim=-1).float().sum(dim=0)])
 
     total, count = None, 0
     with evaluating(encoder):
