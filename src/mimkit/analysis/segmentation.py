@@ -74,6 +74,8 @@ def cluster_patches(features: torch.Tensor, ks: Sequence[int] = (3, 4, 5)) -> di
             raise ValueError(f"cannot cut {length} patches into {k} clusters")
     z = F.normalize(features.double(), dim=-1).numpy()
     tree = linkage(z, method="ward")
+    # the spec names fcluster(maxclust), which can return fewer than k clusters when merge heights tie;
+    # cut_tree cuts the same dendrogram into exactly k
     order = sorted({int(k) for k in ks})
     below = [k for k in order if k < length]  # scipy's cut_tree mislabels a cut into L clusters
     cuts = cut_tree(tree, n_clusters=below) if below else np.zeros((length, 0), dtype=np.int64)
