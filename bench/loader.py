@@ -1,9 +1,12 @@
 """The training loader alone, images per second by worker count, on an image folder of JPEGs: how many
 cores a GPU needs to be kept fed. Each sample goes through the real path of a method's training view
 (PIL decoding, the crop and flip, normalisation, per-sample seeds, the mask noise) and the real loader
-(`make_loader`, collation). Prints one JSON object.
+(`make_loader`, collation). ``--normalize`` compares float views normalised in the workers with uint8
+views (data.normalize=device: the device finishes them, not timed here); ``--decode-size`` adds reduced
+JPEG decoding (data.decode_size). Prints one JSON object.
 
     python bench/loader.py                                   # 1,024 demo CIFAR-10 images at 224 px
+    python bench/loader.py --size 512 --decode-size 256      # larger JPEGs, decoded at half size
     python bench/loader.py --root /data/imagenet/train --images 20000 --workers 0,4,8,16
 """
 
@@ -49,7 +52,7 @@ def measure(dataset: ViewDataset, workers: int, batch: int, epochs: int) -> floa
             if start is None and epoch == 0 and i == 0:
                 start = time.perf_counter()  # the first batch pays for starting the workers
                 continue
-            seen += out["image"].shape[0]
+            seen += len(out["label"])
     return seen / (time.perf_counter() - start)
 
 
@@ -65,6 +68,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=1, help="timed passes over the folder")
     parser.add_argument("--workers", help="comma-separated worker counts (default: 0 up to the cores)")
+    parser.add_argument(
+        "--normalize", default="loader,device", help="data.normalize settings to compare (comma-separated)"
+    )
+    parser.add_argument(
+        "--decode-size", type=int, help="also time data.decode_size=N (reduced JPEG decoding) beside full"
+    )
+    parser.add_argument("--crop", type=int, default=224, help="the training view's output side")
     args = parser.parse_args()
 
     cores = default_workers()
@@ -76,28 +86,34 @@ def main() -> None:
             if args.root
             else make_jpeg_folder(Path(tmp), args.images, args.size, args.quality)
         )
-        source = build_source(str(root), image_size=args.size)
         cfg = build_config(
-            None, [f"method={args.method}", f"model.img_size={args.size}", "model.arch=vit_tiny"]
+            None, [f"method={args.method}", f"model.img_size={args.crop}", "model.arch=vit_tiny"]
         )
         method = build_method(cfg)
-        dataset = ViewDataset(source, method.train_transform(DataConfig()))
         results = []
-        for workers in counts:
-            rate = measure(dataset, workers, args.batch, args.epochs)
-            results.append(
-                {
-                    "workers": workers,
-                    "images_per_s": round(rate, 1),
-                    "images_per_s_per_core": round(rate / max(workers, 1), 1),
-                }
-            )
+        for decode_size in (None, args.decode_size) if args.decode_size else (None,):
+            source = build_source(str(root), image_size=args.size, decode_size=decode_size)
+            for normalize in args.normalize.split(","):
+                views = method.train_transform(DataConfig(normalize=normalize))
+                dataset = ViewDataset(source, views)
+                for workers in counts:
+                    rate = measure(dataset, workers, args.batch, args.epochs)
+                    results.append(
+                        {
+                            "normalize": normalize,
+                            "decode_size": decode_size,
+                            "workers": workers,
+                            "images_per_s": round(rate, 1),
+                            "images_per_s_per_core": round(rate / max(workers, 1), 1),
+                        }
+                    )
     print(
         json.dumps(
             {
                 "method": args.method,
                 "images": len(source),
                 "jpeg_side": args.size,
+                "crop": args.crop,
                 "batch": args.batch,
                 "cores": cores,
                 "cpu": os.uname().machine,

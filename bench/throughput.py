@@ -1,8 +1,19 @@
 """Training throughput of a method: synthetic device-resident batches through the real training step
-(autocast, backward, optimizer step, EMA) of mimkit's engine. Prints one JSON object.
+(autocast, backward, optimizer step, EMA) of mimkit's engine. Prints one JSON line per variant measured.
 
     python bench/throughput.py --method mae --arch vit_base --batch 256 --precision bf16
     python bench/throughput.py --method mae --arch vit_tiny --img 32 --patch 4 --batch 64 --steps 5  # CPU
+    python bench/throughput.py --config mae_vit_base_imagenet --precision bf16 \
+        --variants baseline,sync_free,compiled
+
+Each optimisation is a flag (--fused, --host-sync, --compile, --compile-mode, --float8, --tf32), or a named
+variant of --variants (measured one after another in this process, one JSON line each):
+    baseline    eager, the plain AdamW loop, the health check read every step (the step as written)
+    fused       + fused AdamW
+    sync_free   + no host sync in the step (run.host_sync=log: the marks are read every 20 steps)
+    compiled    + torch.compile of the method's step, loss included
+    cudagraphs  + compile mode reduce-overhead (CUDA graphs)
+    float8      compiled, with the linear layers in float8 (torchao; numerics change)
 
 Token methods (``--method mtm``) read id grids of ``--token-grid`` cells (SeiT's stored 32 x 32 by default)
 with ``--vocab`` codes of a random codebook; the token views (crop, colour, TokenAdapt with
@@ -15,6 +26,7 @@ with ``--vocab`` codes of a random codebook; the token views (crop, colour, Toke
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import tempfile
@@ -79,6 +91,83 @@ def count_flops(trainer: Trainer, batch: dict) -> float:
     return float(counter.get_total_flops())
 
 
+# the optimisations, each added to the one before (float8 changes numerics: opt-in, as in training)
+VARIANTS = {
+    "baseline": dict(fused="off", host_sync="step"),
+    "fused": dict(fused="on", host_sync="step"),
+    "sync_free": dict(fused="on", host_sync="log"),
+    "compiled": dict(fused="on", host_sync="log", compile=True),
+    "cudagraphs": dict(fused="on", host_sync="log", compile=True, compile_mode="reduce-overhead"),
+    "float8": dict(fused="on", host_sync="log", compile=True, float8=True),
+}
+LOG_EVERY = 20  # the engine's default run.log_every: where host_sync=log reads the marks
+
+
+def measure(args: argparse.Namespace, overrides: list[str], tokens: bool, out: str) -> dict:
+    """Build the method and its Trainer from ``overrides`` and time ``args.steps`` training steps."""
+    cfg = build_config(args.config, overrides)
+    env = init_distributed(cfg.run.device)
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    if tokens:
+        method.use_data(FakeTokens(args.vocab, cfg.model.token_dim))
+    trainer = Trainer(method, cfg, env, out)
+    batch = fake_batch(method, args.batch, cfg.model.img_size, env.device, args.token_grid, args.vocab)
+    flops = count_flops(trainer, batch) / args.batch
+
+    def step(number: int) -> None:
+        trainer.start_step(progress=0.5)
+        trainer.micro_step(batch, boundary=True)
+        trainer.optimizer_step(progress=0.5)
+        if trainer.host_sync == "log" and number % LOG_EVERY == 0:
+            trainer.check_health()
+
+    for number in range(args.warmup):
+        step(number)
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for number in range(args.steps):
+        step(number)
+    trainer.check_health()  # the time includes the device finishing its work
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+
+    images_per_s = args.batch * args.steps / seconds
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(env.device)
+    if env.device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated() / 2**30
+        device_name = torch.cuda.get_device_name(env.device)
+    else:
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS
+        device_name = "cpu"
+    return {
+        "method": cfg.method.name,
+        "arch": cfg.model.arch,
+        "img_size": cfg.model.img_size,
+        "patch_size": method.encoder.patch_size,
+        "token_views": trainer.batch_transform.extra_repr() if trainer.batch_transform is not None else None,
+        "batch": args.batch,
+        "precision": trainer.precision,
+        "compile": cfg.run.compile,
+        "compile_mode": cfg.run.compile_mode if cfg.run.compile else None,
+        "fused_adamw": bool(trainer.optimizer.defaults.get("fused")),
+        "host_sync": trainer.host_sync,
+        "float8": cfg.run.float8,
+        "tf32": cfg.run.tf32,
+        "device": device_name,
+        "torch": torch.__version__,
+        "images_per_s": round(images_per_s, 1),
+        "step_ms": round(1000 * seconds / args.steps, 2),
+        "peak_memory_gib": round(memory, 3),
+        "gflops_per_image": round(flops / 1e9, 2),
+        "peak_tflops": round(peak / 1e12, 1) if peak else None,
+        "mfu": round(flops * images_per_s / peak, 4) if peak else None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,12 +179,31 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=None)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    parser.add_argument("--compile", action="store_true", help="run.compile: torch.compile the model")
+    parser.add_argument("--compile", action="store_true", help="run.compile: torch.compile the step")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="run.compile_mode (reduce-overhead: CUDA graphs)",
+    )
     parser.add_argument(
         "--fused",
         choices=("auto", "on", "off"),
         default="auto",
         help="AdamW's fused kernel (optim.fused; auto: on GPUs); off is the plain-loop baseline",
+    )
+    parser.add_argument(
+        "--host-sync",
+        choices=("auto", "step", "log"),
+        default="auto",
+        help=f"run.host_sync: read the health marks every step, or every {LOG_EVERY} (needs fused AdamW)",
+    )
+    parser.add_argument("--float8", action="store_true", help="run.float8: linear layers in float8 (torchao)")
+    parser.add_argument("--tf32", action="store_true", help="run.tf32: fp32 matmuls in TF32 (GPUs)")
+    parser.add_argument(
+        "--variants",
+        help=f"comma-separated named variants to measure in turn, one JSON line each: {', '.join(VARIANTS)} "
+        "(replaces the flags above)",
     )
     parser.add_argument(
         "--peak-tflops",
@@ -115,6 +223,19 @@ def main() -> None:
         "overrides", nargs="*", metavar="key=value", help="any config override (method.*, model.*)"
     )
     args = parser.parse_args()
+    flags = dict(
+        fused=args.fused,
+        host_sync=args.host_sync,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        float8=args.float8,
+    )
+    variants = {"flags": flags}
+    if args.variants:
+        unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+        if unknown:
+            parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+        variants = {v: VARIANTS[v] for v in args.variants.split(",")}
 
     if args.config is None:  # no recipe: MAE's ViT-B at 224 px unless told otherwise
         args.method, args.arch, args.img = args.method or "mae", args.arch or "vit_base", args.img or 224
@@ -124,8 +245,7 @@ def main() -> None:
         f"optim.batch_size={args.batch}",
         f"run.precision={args.precision}",
         f"run.device={args.device}",
-        f"run.compile={str(args.compile).lower()}",
-        f"optim.fused={ {'auto': 'null', 'on': 'true', 'off': 'false'}[args.fused] }",
+        f"run.tf32={str(args.tf32).lower()}",
         "optim.epochs=1",
         "optim.warmup_epochs=0",
         "optim.accum_iter=1",
@@ -143,66 +263,25 @@ def main() -> None:
             ta = TokenAdapt(args.vocab, in_grid=args.token_grid, out_grid=probe.model.img_size)
             save_tokenadapt(ta, f"{out}/tokenadapt.ckpt")
             overrides.append(f"method.tokenadapt={out}/tokenadapt.ckpt")
-        cfg = build_config(args.config, overrides)
-        env = init_distributed(cfg.run.device)
-        torch.manual_seed(0)
-        method = build_method(cfg)
-        if tokens:
-            method.use_data(FakeTokens(args.vocab, cfg.model.token_dim))
-        trainer = Trainer(method, cfg, env, out)
-        batch = fake_batch(method, args.batch, cfg.model.img_size, env.device, args.token_grid, args.vocab)
-        flops = count_flops(trainer, batch) / args.batch
-
-        def step() -> None:
-            trainer.start_step(progress=0.5)
-            trainer.micro_step(batch, boundary=True)
-            trainer.optimizer_step(progress=0.5)
-
-        for _ in range(args.warmup):
-            step()
-        if env.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        if env.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-
-    images_per_s = args.batch * args.steps / seconds
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(env.device)
-    if env.device.type == "cuda":
-        memory = torch.cuda.max_memory_allocated() / 2**30
-        device_name = torch.cuda.get_device_name(env.device)
-    else:
-        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS
-        device_name = "cpu"
-    print(
-        json.dumps(
-            {
-                "method": cfg.method.name,
-                "arch": cfg.model.arch,
-                "img_size": cfg.model.img_size,
-                "patch_size": method.encoder.patch_size,
-                "token_views": trainer.batch_transform.extra_repr()
-                if trainer.batch_transform is not None
-                else None,
-                "batch": args.batch,
-                "precision": trainer.precision,
-                "compile": args.compile,
-                "fused_adamw": bool(trainer.optimizer.defaults.get("fused")),
-                "device": device_name,
-                "torch": torch.__version__,
-                "images_per_s": round(images_per_s, 1),
-                "step_ms": round(1000 * seconds / args.steps, 2),
-                "peak_memory_gib": round(memory, 3),
-                "gflops_per_image": round(flops / 1e9, 2),
-                "peak_tflops": round(peak / 1e12, 1) if peak else None,
-                "mfu": round(flops * images_per_s / peak, 4) if peak else None,
-            }
-        )
-    )
+        for name, variant in variants.items():
+            chosen = {**flags, **variant}
+            fused = {"auto": "null", "on": "true", "off": "false"}[chosen["fused"]]
+            settings = [
+                f"optim.fused={fused}",
+                f"run.host_sync={chosen['host_sync']}",
+                f"run.compile={str(chosen.get('compile', False)).lower()}",
+                f"run.compile_mode={chosen.get('compile_mode', 'default')}",
+                f"run.float8={str(chosen.get('float8', False)).lower()}",
+            ]
+            try:
+                row = measure(args, [*overrides, *settings], tokens, out)
+            except Exception as err:  # one variant's failure (say, float8 on an older GPU) is a row
+                row = {"error": f"{type(err).__name__}: {err}"}
+            print(json.dumps({"variant": name, **row}), flush=True)
+            gc.collect()
+            torch._dynamo.reset()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -321,3 +321,91 @@ def test_float_and_wide_integer_images_are_scaled_or_named(tmp_path):
         UnreadableImage, match=r"img\.tif: 32-bit integer pixels \(mode I\) range 70000\.\.70000"
     ):
         _decoded(tmp_path / "wide" / "img.tif")
+
+
+def _batch(method, data, n=8):
+    """The first ``n`` samples of a synthetic source through ``method``'s training views, collated."""
+    from mimkit.data import build_source
+
+    dataset = ViewDataset(build_source("synthetic:16", image_size=16), method.train_transform(data))
+    return collate([dataset[(0, i)] for i in range(n)])
+
+
+@pytest.mark.parametrize("name", ["mae", "lut", "latent_mim"])
+def test_uint8_views_normalised_on_the_device_equal_the_loaders(tiny, name):
+    """data.normalize=device: the views leave the loader as uint8 (a quarter of the bytes) and
+    DeviceNormalize gives exactly the loader's floats: images [B, C, H, W] and Latent MIM's patch rows."""
+    import dataclasses
+
+    from mimkit.data.transforms import DeviceNormalize
+    from mimkit.methods import build_method
+
+    cfg = tiny(f"method={name}", "method.patch_gap=1" if name == "latent_mim" else "method.mask_ratio=0.75")
+    method = build_method(cfg)
+    floats = _batch(method, dataclasses.replace(cfg.data, normalize="loader"))
+    raw = _batch(method, dataclasses.replace(cfg.data, normalize="device"))
+    images = [k for k, v in raw.items() if torch.is_tensor(v) and v.dtype == torch.uint8]
+    assert images == [
+        k for k, v in floats.items() if torch.is_tensor(v) and v.is_floating_point() and k != "noise"
+    ]
+    assert all(raw[k].numel() == floats[k].numel() for k in images)
+    finished = DeviceNormalize(cfg.data.mean, cfg.data.std)(raw)
+    for key, value in floats.items():
+        if torch.is_tensor(value):
+            assert finished[key].dtype == value.dtype and torch.equal(finished[key], value), key
+
+
+def test_normalize_resolves_by_device_and_input():
+    from mimkit.configs import DataConfig
+    from mimkit.data.transforms import DeviceNormalize, training_data
+
+    auto = DataConfig()
+    assert training_data(auto, torch.device("cpu")).normalize == "loader"
+    assert training_data(auto, torch.device("cuda")).normalize == "device"
+    assert training_data(auto, torch.device("cuda"), "token_ids").normalize == "loader"
+    forced = DataConfig(normalize="device")
+    assert training_data(forced, torch.device("cpu")).normalize == "device"
+    bad = {"image": torch.zeros(2, 5, 4, 4, dtype=torch.uint8)}
+    with pytest.raises(
+        ValueError, match=r"batch entry 'image': uint8 of shape \[2, 5, 4, 4\]; expected images"
+    ):
+        DeviceNormalize((0.5,) * 3, (0.2,) * 3)(bad)
+
+
+def test_a_run_normalising_on_the_device_trains_the_same_weights(tiny, tmp_path):
+    from mimkit import checkpoint
+
+    for where in ("loader", "device"):
+        pretrain(tiny(f"data.normalize={where}", "run.stop_at_step=3", out=where))
+    a, b = (checkpoint.load(tmp_path / w / "last.pt")["model"] for w in ("loader", "device"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_jpegs_decode_reduced_to_the_smallest_scale_that_keeps_decode_size(tmp_path):
+    y, x = np.mgrid[0:384, 0:512]
+    smooth = np.stack([127 + 100 * np.sin(x / 23), 127 + 100 * np.cos(y / 17), (x + y) / 4], axis=-1)
+    Image.fromarray(smooth.astype(np.uint8)).save(tmp_path / "a.jpg", quality=90)
+    Image.fromarray(smooth.astype(np.uint8)).save(tmp_path / "b.png")
+    shapes = {}
+    for size in (None, 200, 192, 100, 96, 40, 1):
+        source = build_source(str(tmp_path), decode_size=size)
+        shapes[size] = [tuple(source.load(i)[0].shape) for i in range(2)]
+    assert shapes[None] == [(3, 384, 512), (3, 384, 512)]
+    # 1/2 keeps 192 px on the short side, 1/4 keeps 96, 1/8 (48) is the smallest libjpeg makes
+    expected = {200: 384, 192: 192, 100: 192, 96: 96, 40: 48, 1: 48}
+    for size, short in expected.items():
+        assert shapes[size][0] == (3, short, short * 4 // 3), size
+        assert shapes[size][1] == (3, 384, 512)  # a PNG has no reduced decoding
+    full = build_source(str(tmp_path)).load(0)[0].float()
+    half = build_source(str(tmp_path), decode_size=192).load(0)[0].float()
+    # the reduced decode is the picture at half size (DCT scaling averages), not a crop of it
+    pooled = torch.nn.functional.avg_pool2d(full[None], 2)[0]
+    assert (half - pooled).abs().mean() < 3
+    assert (half - full[:, :192, :256]).abs().mean() > 30
+
+
+def test_decode_size_must_be_positive(tiny):
+    from mimkit.configs import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'data.decode_size' must be at least 1 \(or null\); got 0"):
+        tiny("data.decode_size=0")

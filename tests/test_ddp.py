@@ -203,3 +203,50 @@ def test_a_run_resumes_exactly_on_another_number_of_processes(tmp_path):
     a, b = (checkpoint.load(d / "last.pt") for d in (straight, split))
     assert b["step"] == 16 and len(b["rng"]) == 1
     assert_trained_alike(b["model"], a["model"])  # the mean over 2 ranks of means over 4 is the mean over 8
+
+
+NAN_ON_RANK_1 = textwrap.dedent("""
+    import sys
+    import torch.distributed as dist
+    from torch.nn.modules.module import register_module_forward_hook
+    from mimkit.configs import build_config
+    from mimkit.methods.base import Method
+    from mimkit.runs.pretrain import pretrain
+    entry, out, *overrides = sys.argv[1:]
+    calls = []
+
+    def explode(module, args, out):
+        if isinstance(module, Method) and module.training:
+            calls.append(1)
+            if dist.get_rank() == 1 and len(calls) == 2:
+                # a NaN that leaves the gradients finite: only rank 1 can see it
+                return type(out)(out.loss + float("nan"), out.metrics)
+
+    register_module_forward_hook(explode)
+    pretrain(build_config(None, overrides))
+""")
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_the_state_before_it_without_host_syncs(tmp_path):
+    """host_sync=log: the loss of step 2 is NaN on rank 1 only, its gradients finite. The mark is reduced
+    over the ranks on the device, so rank 0 skips that update too; both stop when the marks are read (the
+    epoch end) and the checkpoint is the state after step 1, as a clean run stopped there saves it."""
+    overrides = [*TINY, "optim.epochs=1", "optim.warmup_epochs=0", "optim.fused=true", "run.host_sync=log"]
+    overrides += ["run.log_every=100", "run.checkpoint_minutes=.inf"]
+    out, clean = tmp_path / "nan", tmp_path / "clean"
+    result = torchrun_two_cpus(
+        tmp_path, "pretrain", out, [*overrides, f"run.out={out}"], script=NAN_ON_RANK_1
+    )
+    assert result.returncode != 0
+    stops = [
+        line for line in result.stderr.splitlines() if "NonFiniteLoss: loss or gradients not finite" in line
+    ]
+    assert len(stops) == 2 and all("at step 2 (epoch 0, micro-batch 1)" in line for line in stops), stops
+    result = torchrun_two_cpus(
+        tmp_path, "pretrain", clean, [*overrides, f"run.out={clean}", "run.stop_at_step=1"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved, expected = (checkpoint.load(d / "last.pt") for d in (out, clean))
+    assert saved["step"] == 1 and saved["iter"] == 1
+    for key, value in expected["model"].items():
+        assert torch.equal(saved["model"][key], value), key

@@ -207,7 +207,7 @@ def test_resume_refuses_a_different_model(tiny):
 
 
 class Exploding(Trainable):
-    """Wraps a method; its loss goes NaN at one call."""
+    """Wraps a method; its loss goes NaN at one call (None: never)."""
 
     def __init__(self, method, at_step):
         super().__init__()
@@ -221,23 +221,106 @@ class Exploding(Trainable):
             return type(out)(out.loss * float("nan"), out.metrics)
         return out
 
+    def before_step(self, progress, valid=None):
+        self.method.before_step(progress, valid)
 
-def test_nan_loss_stops_with_the_step_and_a_checkpoint(tiny, tmp_path):
+    def after_step(self, progress, valid=None):
+        self.method.after_step(progress, valid)
+
+
+SYNC = {"step": ["run.host_sync=step"], "log": ["run.host_sync=log", "optim.fused=true"]}
+
+
+def _fit_recording_reads(module, cfg, out, monkeypatch, reads=None):
+    """Train ``module``; returns the trainer and the step count at each host read of the health marks
+    (also appended to ``reads`` as they happen)."""
     from mimkit.data import ViewDataset, build_source
 
-    cfg = tiny()
-    method = build_method(cfg)
-    module = Exploding(method, at_step=3)
-    trainer = Trainer(module, cfg, init_distributed("cpu"), tmp_path / "nan")
-    before = {k: v.clone() for k, v in method.state_dict().items()}
-    data = ViewDataset(build_source("synthetic:64", image_size=16), method.train_transform(cfg.data))
-    with pytest.raises(NonFiniteLoss, match=r"step 3 .*last\.pt"):
+    reads = [] if reads is None else reads
+    check = Trainer.check_health
+
+    def recorded(self):
+        reads.append(self.step)
+        return check(self)
+
+    monkeypatch.setattr(Trainer, "check_health", recorded)
+    trainer = Trainer(module, cfg, init_distributed("cpu"), out)
+    data = ViewDataset(build_source("synthetic:64", image_size=16), module.method.train_transform(cfg.data))
+    try:
         trainer.fit(data)
-    saved = checkpoint.load(tmp_path / "nan" / "last.pt")
-    assert saved["step"] == 2 and saved["iter"] == 2
-    # the saved weights are those after step 2, untouched by the NaN
-    assert any(not torch.equal(before[k], saved["model"][f"method.{k}"]) for k in before)
+    finally:
+        monkeypatch.setattr(Trainer, "check_health", check)
+    return trainer, reads
+
+
+@pytest.mark.parametrize("method", ["mae", "lut"])
+@pytest.mark.parametrize("sync", ["step", "log"])
+def test_nan_loss_stops_with_the_weights_from_before_that_step(tiny, tmp_path, monkeypatch, sync, method):
+    """NaN at step 3. host_sync=step stops before updating; host_sync=log reads the marks only at the
+    epoch end (step 8), having skipped steps 3 to 8 on the device: either way the checkpoint is exactly
+    the state after step 2 (weights, EMA teacher, AdamW's moments and step counts), which a clean run
+    stopped at step 2 saves too."""
+    overrides = [f"method={method}", "run.log_every=100", "run.checkpoint_minutes=.inf", *SYNC[sync]]
+    cfg = tiny(*overrides)
+    torch.manual_seed(0)
+    clean = tiny(*overrides, "run.stop_at_step=2")
+    _fit_recording_reads(Exploding(build_method(clean), None), clean, tmp_path / "clean", monkeypatch)
+    torch.manual_seed(0)
+    module = Exploding(build_method(cfg), at_step=3)
+    assert Trainer(module, cfg, init_distributed("cpu"), tmp_path / "x").host_sync == sync
+    with pytest.raises(NonFiniteLoss, match=r"not finite at step 3 \(epoch 0, micro-batch 2\).*nan/last\.pt"):
+        _fit_recording_reads(module, cfg, tmp_path / "nan", monkeypatch, reads := [])
+    # log: one read at the epoch end, then the save of the rewound state; step: one before each update
+    assert reads == ([8, 2] if sync == "log" else [0, 1, 2, 2])
+    saved, expected = (checkpoint.load(tmp_path / d / "last.pt") for d in ("nan", "clean"))
+    assert saved["step"] == 2 and saved["iter"] == 2 and saved["epoch"] == 0
+    assert saved["model"].keys() == expected["model"].keys()
+    for key, value in expected["model"].items():
+        assert torch.equal(saved["model"][key], value), key
+    for entry, clean_entry in zip(
+        saved["optimizer"]["state"].values(), expected["optimizer"]["state"].values(), strict=True
+    ):
+        assert all(torch.equal(entry[k], clean_entry[k]) for k in clean_entry)
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("sync", ["step", "log"])
+def test_an_inf_gradient_from_a_finite_loss_is_never_applied(tiny, tmp_path, sync):
+    """Step 5's loss is finite but its gradients overflow to inf (AdamW would write NaN weights): the step
+    counts as bad, and the weights from before it are saved."""
+    from mimkit.data import ViewDataset, build_source
+
+    cfg = tiny("run.checkpoint_minutes=.inf", "run.log_every=100", *SYNC[sync])
+    method = build_method(cfg)
+    trainer = Trainer(OverflowAt(method, at_step=5, scale=1e39), cfg, init_distributed("cpu"), tmp_path)
+    data = ViewDataset(build_source("synthetic:64", image_size=16), method.train_transform(cfg.data))
+    with pytest.raises(NonFiniteLoss, match=r"loss or gradients not finite at step 5 "):
+        trainer.fit(data)
+    saved = checkpoint.load(tmp_path / "last.pt")
+    assert saved["step"] == 4 and saved["iter"] == 4
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_host_sync_log_reads_the_device_only_at_log_steps_and_saves(tiny, tmp_path, monkeypatch):
+    cfg = tiny("run.log_every=3", "run.checkpoint_minutes=.inf", *SYNC["log"])
+    _, reads = _fit_recording_reads(Exploding(build_method(cfg), None), cfg, tmp_path / "r", monkeypatch)
+    # 16 steps: log steps 3, 6 | the epoch end 8 and its save | 9, 12, 15 | the epoch end 16 and its save
+    assert reads == [3, 6, 8, 8, 9, 12, 15, 16, 16]
+    cfg = tiny("run.log_every=3", "run.checkpoint_minutes=.inf", *SYNC["step"])
+    _, reads = _fit_recording_reads(Exploding(build_method(cfg), None), cfg, tmp_path / "s", monkeypatch)
+    assert reads[:4] == [0, 1, 2, 3]  # before every update
+
+
+def test_host_sync_log_is_refused_where_updates_cannot_be_skipped_on_the_device(tiny, tmp_path):
+    method = build_method(tiny())
+    for overrides, why in [
+        (["optim.fused=false"], "it needs fused AdamW"),
+        (["optim.fused=true", "optim.name=lars"], "it needs fused AdamW"),
+    ]:
+        with pytest.raises(ValueError, match=f"run.host_sync=log is not possible here: {why}"):
+            Trainer(method, tiny("run.host_sync=log", *overrides), init_distributed("cpu"), tmp_path)
+    assert Trainer(method, tiny("optim.fused=false"), init_distributed("cpu"), tmp_path).host_sync == "step"
+    assert Trainer(method, tiny("optim.fused=true"), init_distributed("cpu"), tmp_path).host_sync == "log"
 
 
 class ScaledGradient(torch.autograd.Function):
@@ -267,30 +350,24 @@ class OverflowAt(Exploding):
         return out
 
 
-@pytest.mark.parametrize(
-    "scale, spoiled",
-    [
-        (1e39, "weights"),  # inf gradients: AdamW writes inf / inf = NaN weights
-        (1e25, "optimizer"),  # finite gradients whose squares overflow: the weights stay finite but freeze
-    ],
-)
-def test_a_step_that_spoils_the_state_keeps_the_last_good_checkpoint(tiny, tmp_path, scale, spoiled):
-    """The loss of step 5 is finite but its update overflows: the run stops at the next sync and never
-    writes that state; last.pt stays the one saved at step 4, finite throughout."""
+@pytest.mark.parametrize("sync", ["step", "log"])
+def test_a_step_that_spoils_the_state_keeps_the_last_good_checkpoint(tiny, tmp_path, sync):
+    """The loss and gradients of step 5 are finite but their squares overflow AdamW's second moment: the
+    weights stay finite but freeze. The run stops at the next read and never writes that state; last.pt
+    stays the one saved at step 4, finite throughout."""
     from mimkit.data import ViewDataset, build_source
 
-    cfg = tiny("run.checkpoint_minutes=0", "run.log_every=2")  # saves at steps 2 and 4
+    cfg = tiny("run.checkpoint_minutes=0", "run.log_every=2", *SYNC[sync])  # saves at steps 2 and 4
     method = build_method(cfg)
-    module = OverflowAt(method, at_step=5, scale=scale)
+    module = OverflowAt(method, at_step=5, scale=1e25)
     trainer = Trainer(module, cfg, init_distributed("cpu"), tmp_path / "spoiled")
     data = ViewDataset(build_source("synthetic:64", image_size=16), method.train_transform(cfg.data))
     stop = r"optimizer step 5 made the weights or the optimizer state non-finite.*last\.pt \(step 4\)"
     with pytest.raises(NonFiniteLoss, match=stop):
         trainer.fit(data)
     moments = [t for s in trainer.optimizer.state.values() for t in s.values() if t.dim()]
-    weights_finite = all(torch.isfinite(p).all() for p in method.parameters())
-    assert weights_finite == (spoiled == "optimizer")  # the update did spoil one or the other
-    assert not all(torch.isfinite(t).all() for t in moments)
+    assert all(torch.isfinite(p).all() for p in method.parameters())
+    assert not all(torch.isfinite(t).all() for t in moments)  # the update did spoil the state
     saved = checkpoint.load(tmp_path / "spoiled" / "last.pt")
     assert saved["step"] == 4
     tensors = [
@@ -452,3 +529,46 @@ def test_a_module_may_declare_a_second_optimizer_which_is_stepped_saved_and_resu
         assert torch.equal(
             resumed.optimizers["second"].state_dict()["state"][key]["exp_avg"], value["exp_avg"]
         )
+
+
+def test_float8_trains_the_linear_layers_in_float8_and_saves_the_usual_checkpoint(tiny, tmp_path):
+    """run.float8 swaps the student's linear layers (not the EMA teacher's) for torchao's; the parameters
+    keep their names, so checkpoints, exports and resume are those of any run."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    cfg = tiny("method=lut", "run.float8=true", "run.stop_at_step=3")
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    initial = {k: v.clone() for k, v in method.state_dict().items()}
+    trainer = Trainer(method, cfg, init_distributed("cpu"), tmp_path)
+    swapped = {n for n, m in method.named_modules() if isinstance(m, Float8Linear)}
+    assert "encoder.blocks.0.attn.qkv" in swapped and "decoder.blocks.0.mlp.fc2" in swapped
+    assert not any(n.startswith("teacher.") for n in swapped)
+    assert all(type(m) is torch.nn.Linear for m in method.teacher.modules() if isinstance(m, torch.nn.Linear))
+    from mimkit.data import ViewDataset, build_source
+
+    trainer.fit(ViewDataset(build_source("synthetic:64", image_size=16), method.train_transform(cfg.data)))
+    saved = checkpoint.load(tmp_path / "last.pt")
+    assert saved["step"] == 3 and saved["model"].keys() == initial.keys()
+    weight = "encoder.blocks.0.attn.qkv.weight"
+    assert torch.isfinite(saved["model"][weight]).all() and not torch.equal(
+        saved["model"][weight], initial[weight]
+    )
+
+
+def test_float8_without_torchao_names_the_package(tiny, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # as if not installed
+    with pytest.raises(ValueError, match=r"run.float8=true needs torchao: pip install 'mimkit\[float8\]'"):
+        Trainer(build_method(tiny()), tiny("run.float8=true"), init_distributed("cpu"), tmp_path)
+
+
+def test_compile_mode_and_tf32_reach_torch(tiny, tmp_path, monkeypatch):
+    """run.compile_mode is torch.compile's mode; run.tf32 changes nothing on the CPU (it is for GPUs)."""
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.update(kwargs) or model)
+    cfg = tiny("run.compile=true", "run.compile_mode=reduce-overhead", "run.tf32=true")
+    Trainer(build_method(cfg), cfg, init_distributed("cpu"), tmp_path)
+    assert seen == {"mode": "reduce-overhead"}
+    assert torch.get_float32_matmul_precision() == "highest"

@@ -53,19 +53,26 @@ def test_momentum_schedule_matches_the_formula():
     ) == pytest.approx(1.0)
 
 
-def test_ema_update_follows_the_formula_for_parameters_and_buffers():
+@pytest.mark.parametrize("valid", [None, 1.0, 0.0])
+@pytest.mark.parametrize("cosine", [True, False])
+def test_ema_update_follows_the_formula_for_parameters_and_buffers(valid, cosine):
+    """valid = 0.0 (a step the engine found not finite, not yet read by the host) leaves every entry as it
+    was; None and 1.0 are the formula; without the cosine the momentum stays at its base."""
     student = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    ema = EMATeacher(student, 0.9)
+    ema = EMATeacher(student, 0.9, cosine=cosine)
     before = {k: v.clone() for k, v in ema.module.state_dict().items()}
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)
     student(torch.randn(8, 3))  # moves the running statistics and num_batches_tracked
-    m = ema.update(student, progress=0.3)
-    assert m == pytest.approx(cosine_momentum(0.9, 0.3)) and ema.momentum.item() == pytest.approx(m)
+    m = ema.update(student, progress=0.3, valid=None if valid is None else torch.tensor(valid))
+    assert m == pytest.approx(cosine_momentum(0.9, 0.3) if cosine else 0.9)
+    assert ema.momentum.item() == pytest.approx(m)
     after, now = ema.module.state_dict(), student.state_dict()
     for key, old in before.items():
-        if old.is_floating_point():
+        if valid == 0.0:
+            assert torch.equal(after[key], old), key
+        elif old.is_floating_point():
             torch.testing.assert_close(after[key], m * old + (1 - m) * now[key])
         else:
             assert torch.equal(after[key], now[key])

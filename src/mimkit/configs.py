@@ -80,6 +80,13 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then center-crop img_size
     max_images: int | None = None  # use only the first N images of the source
+    # where training images become normalised floats: in the loader's workers, or on the device from uint8
+    # batches (a quarter of the bytes between processes and to the GPU; the same numbers); auto: the device
+    # on GPUs. Evaluations always normalise in the loader.
+    normalize: str = "auto"  # auto | loader | device
+    # decode training JPEGs at the smallest scale of 1/2, 1/4, 1/8 whose shorter side stays >= this many
+    # px (libjpeg's DCT scaling, through PIL's draft; much faster on large photos); null: full size
+    decode_size: int | None = None
 
 
 @dataclass
@@ -114,7 +121,23 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32
+    # torch.compile of the method's step, forward and loss (the backward follows through AOTAutograd);
+    # compile_mode is torch.compile's mode: reduce-overhead adds CUDA graphs, which need static shapes (MAE
+    # and LUT keep a fixed count of visible patches; Latent MIM and MTM do too)
     compile: bool = False
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    # When the host reads the step's health flags (a non-finite loss, gradients or update; a stop signal
+    # that reached another rank): "step" reads them before every update (one host sync per step, any
+    # optimizer); "log" only at log steps and saves: the step never waits on the device, fused AdamW skips
+    # updates on the device from the first non-finite step on, EMA teachers stand still, and the run stops
+    # at the next read with the weights from before that step saved. auto: log where it can (fused AdamW,
+    # no fp16 loss scaling), else step.
+    host_sync: str = "auto"  # auto | step | log
+    # Numerics-changing speed-ups, off by default. tf32: fp32 matmuls and convolutions in TensorFloat-32
+    # on GPUs that have it (a 10-bit mantissa; process-wide). float8: the encoder's and decoder's linear
+    # layers train in float8 through torchao (GPUs of compute capability 8.9 or more; needs torchao).
+    tf32: bool = False
+    float8: bool = False
     # also rewrite last.pt this often within an epoch (0: at every logged step; .inf: at epoch ends only)
     checkpoint_minutes: float = 20.0
     resume: str = "auto"  # auto (continue out/last.pt if present) | none | path to a checkpoint
@@ -155,6 +178,9 @@ CHOICES = {
     "optim.lr_rule": ("linear", "sqrt"),
     "optim.name": ("adamw", "lars"),
     "run.precision": ("auto", "bf16", "fp16", "fp32"),
+    "run.host_sync": ("auto", "step", "log"),
+    "data.normalize": ("auto", "loader", "device"),
+    "run.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "eval.pool": POOLS,
 }
 # float keys for which +inf has a meaning (checkpoint_minutes: never within an epoch)
@@ -419,7 +445,7 @@ def validate(cfg: Config) -> None:
     for key in positive:
         if _get(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1; got {_get(cfg, key)}")
-    for key in ("run.stop_at_step", "data.max_images"):
+    for key in ("run.stop_at_step", "data.max_images", "data.decode_size"):
         if _get(cfg, key) is not None and _get(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1 (or null); got {_get(cfg, key)}")
     _validate_model(cfg.model)

@@ -81,13 +81,13 @@ def max_over_ranks(values: torch.Tensor, env: DistEnv) -> list[int]:
     return [int(v) for v in values.tolist()]
 
 
-def any_rank(flag: torch.Tensor, env: DistEnv) -> bool:
-    """True on every rank if a boolean tensor is true on any rank (so that all ranks stop together)."""
-    if not env.enabled:
-        return bool(flag)
-    value = flag.to(torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value)
+def all_reduce_max(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The element-wise maximum over the ranks, left on the device: NCCL queues it on the stream, so the
+    host does not wait (gloo, on the CPU, does)."""
+    if env.enabled:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
 
 
 def gather_objects(obj: object, env: DistEnv) -> list[object]:

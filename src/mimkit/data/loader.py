@@ -43,10 +43,19 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class ViewDataset(Dataset):
-    """Applies a view transform to a source; indexed by (epoch, index) pairs from :class:`EpochSampler`."""
+    """Applies a view transform to a source; indexed by (epoch, index) pairs from :class:`EpochSampler`.
+    ``device_stage``: what finishes the views on the training device, batched (:class:`DeviceNormalize`
+    for views that leave the loader as uint8); the engine applies it before the method's own stage."""
 
-    def __init__(self, source: ImageSource, transform: Callable[[torch.Tensor], dict], seed: int = 0) -> None:
+    def __init__(
+        self,
+        source: ImageSource,
+        transform: Callable[[torch.Tensor], dict],
+        seed: int = 0,
+        device_stage: torch.nn.Module | None = None,
+    ) -> None:
         self.source, self.transform, self.seed = source, transform, seed
+        self.device_stage = device_stage
 
     def __len__(self) -> int:
         return len(self.source)

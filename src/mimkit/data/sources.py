@@ -218,11 +218,14 @@ class SyntheticSource(ImageSource):
         return (self.colours[label] + noise).clamp(0, 255).to(torch.uint8), label
 
 
-def _decode(path: str) -> torch.Tensor:
+def _decode(path: str, decode_size: int | None = None) -> torch.Tensor:
     # PIL rather than torchvision.io: torchvision deprecates its decoders from 0.29 on, and PIL reads
     # every format ImageFolder users have
     try:
         with Image.open(path) as im:
+            if decode_size is not None:
+                # JPEG only (a no-op for other formats): the smallest DCT scale whose sides stay >= size
+                im.draft(None, (decode_size, decode_size))
             arr = _to_rgb(im, path)
     except UnreadableImage:
         raise
@@ -266,10 +269,12 @@ class FolderSource(ImageSource):
     """ImageFolder layout (one sub-folder per class, labels in sorted folder order) or a flat folder of
     images (no labels). Files are found recursively inside each class folder. Every non-hidden sub-folder
     is a class, an empty one too (with a warning): the label of a class depends on its name alone, so a
-    split that happens to have no images of one class keeps the labels of the others."""
+    split that happens to have no images of one class keeps the labels of the others. ``decode_size``:
+    JPEGs are decoded at the smallest of 1/2, 1/4, 1/8 scale whose shorter side stays at least this many
+    pixels (None: full size)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root, self.name = root, str(root)
+    def __init__(self, root: Path, decode_size: int | None = None) -> None:
+        self.root, self.name, self.decode_size = root, str(root), decode_size
         entries = sorted(os.scandir(root), key=lambda e: e.name)
         class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
         files: list[str] = []
@@ -306,7 +311,7 @@ class FolderSource(ImageSource):
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.files[index]
         try:
-            return _decode(path), int(self.labels[index])
+            return _decode(path, self.decode_size), int(self.labels[index])
         except OSError as err:
             raise UnreadableImage(f"{path}: {err}") from err
 
@@ -516,11 +521,13 @@ class Subset(ImageSource):
         return self.source.load(self.indices[index])
 
 
-def build_source(spec: str, *, image_size: int = 32, max_images: int | None = None) -> ImageSource:
+def build_source(
+    spec: str, *, image_size: int = 32, max_images: int | None = None, decode_size: int | None = None
+) -> ImageSource:
     """``demo:train`` | ``demo:val`` | ``synthetic[:N]`` | a folder | .npz file(s), comma-separated and
     glob patterns allowed (``cifar10/train_part[0-2].npz``) | a token dataset: ``tokens:PATH``, or a path
     recognised as one (a ``NAME-token.data.bin.gz`` file, or a folder that mimkit's token format or one
-    such file makes)."""
+    such file makes). ``decode_size``: a folder's JPEGs are decoded reduced (:class:`FolderSource`)."""
     spec = str(spec).strip()
     if spec.startswith("tokens:"):
         source: ImageSource = TokenSource(open_tokens(spec.split(":", 1)[1]))
@@ -545,7 +552,7 @@ def build_source(spec: str, *, image_size: int = 32, max_images: int | None = No
         if all(p.suffix == ".npz" and p.is_file() for p in paths):
             source = npz_source(paths)
         elif len(paths) == 1 and paths[0].is_dir():
-            source = FolderSource(paths[0])
+            source = FolderSource(paths[0], decode_size)
         else:
             raise ValueError(f"'{spec}': expected one image folder or one or more .npz files")
     if max_images is not None:

@@ -3,11 +3,13 @@ part of its recipe; evaluation uses one deterministic view."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
@@ -19,11 +21,62 @@ BICUBIC = InterpolationMode.BICUBIC
 def to_normalized(data: Any) -> list[Callable]:
     """uint8 -> float in [0, 1] -> (x - mean) / std. ``data``: anything with ``mean`` and ``std``, a data
     config or an encoder's input spec; a spec of token inputs takes no images, which is said here rather
-    than as a shape error deep in the encoder."""
+    than as a shape error deep in the encoder. Training data resolved to ``normalize="device"``
+    (:func:`training_data`) keeps uint8 here: :class:`DeviceNormalize` does the same on the device."""
     kind = getattr(data, "kind", "pixels")
     if kind != "pixels":
         raise ValueError(f"this encoder takes {kind}, not images; image views and evaluations need pixels")
+    if getattr(data, "normalize", "loader") == "device":
+        return []
     return [T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(data.mean), std=list(data.std))]
+
+
+def training_data(data: Any, device: torch.device, kind: str = "pixels") -> Any:
+    """``data`` (a DataConfig) with ``data.normalize`` resolved for training on ``device``: auto is
+    "device" on GPUs (uint8 batches are a quarter of the bytes to pass between processes and to copy to
+    the GPU, and the workers skip the float work) and "loader" elsewhere; token inputs are never
+    normalised."""
+    where = data.normalize
+    if kind != "pixels":
+        where = "loader"
+    elif where == "auto":
+        where = "device" if device.type == "cuda" else "loader"
+    return dataclasses.replace(data, normalize=where)
+
+
+class DeviceNormalize(nn.Module):
+    """:func:`to_normalized` on the device, for the uint8 entries of a training batch: images
+    [B, C, H, W] (channels at dim 1) and patch rows [B, L, p*p*C] (channels innermost: :func:`patchify`'s
+    layout, Latent MIM's gapped patches). The same float32 operations in the same order as the loader's,
+    so the numbers are the same; entries of other dtypes pass unchanged."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(list(mean), dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.as_tensor(list(std), dtype=torch.float32), persistent=False)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = dict(batch)
+        channels = len(self.mean)
+        for key, value in batch.items():
+            if not (torch.is_tensor(value) and value.dtype == torch.uint8):
+                continue
+            if value.ndim == 4 and value.shape[1] == channels:
+                shape = (1, channels, 1, 1)
+                x = value.to(torch.float32).mul_(1.0 / 255)
+            elif value.ndim == 3 and value.shape[-1] % channels == 0:
+                shape = (1, 1, 1, channels)
+                x = value.to(torch.float32).mul_(1.0 / 255).unflatten(-1, (-1, channels))
+            else:
+                raise ValueError(
+                    f"batch entry '{key}': uint8 of shape {list(value.shape)}; expected images "
+                    f"[B, {channels}, H, W] or patch rows [B, L, p*p*{channels}] to normalise on the device"
+                )
+            out[key] = x.sub_(self.mean.view(shape)).div_(self.std.view(shape)).reshape(value.shape)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
 
 
 def mae_crop(img_size: int, min_scale: float, data: Any) -> T.Compose:

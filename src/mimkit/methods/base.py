@@ -39,13 +39,16 @@ class Trainable(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         raise NotImplementedError
 
-    def before_step(self, progress: float) -> None:
+    def before_step(self, progress: float, valid: torch.Tensor | None = None) -> None:
         """Called before the first micro-batch of every optimizer step with the fraction of training done
         (data iterations / total); schedules that the loss reads, and teachers that move before the
-        step (Latent MIM), are set here."""
+        step (Latent MIM), are set here. ``valid``: see :meth:`after_step`."""
 
-    def after_step(self, progress: float) -> None:
-        """Called after every optimizer step with the fraction of training done; EMA teachers move here."""
+    def after_step(self, progress: float, valid: torch.Tensor | None = None) -> None:
+        """Called after every optimizer step with the fraction of training done; EMA teachers move here.
+        ``valid`` is a 0-dim float on the device, 0.0 from the first step whose loss was not finite on
+        (the engine may read that mark only at the next log step, and skips the optimizer's updates until
+        then): state moved here, outside the optimizer, must then stand still (None: always valid)."""
 
     def no_weight_decay_names(self, decay_tokens: bool) -> set[str]:
         """Full names of parameters excluded from weight decay beyond 1-D tensors and biases."""
@@ -117,13 +120,13 @@ class MomentumMethod(Method):
     def init_teacher(self, base_momentum: float, *, include_buffers: bool = True) -> None:
         self.teacher = EMATeacher(self.online(), base_momentum, include_buffers=include_buffers)
 
-    def before_step(self, progress: float) -> None:
+    def before_step(self, progress: float, valid: torch.Tensor | None = None) -> None:
         if self.teacher_moves == "before":
-            self.teacher.update(self.online(), progress)
+            self.teacher.update(self.online(), progress, valid=valid)
 
-    def after_step(self, progress: float) -> None:
+    def after_step(self, progress: float, valid: torch.Tensor | None = None) -> None:
         if self.teacher_moves == "after":
-            self.teacher.update(self.online(), progress)
+            self.teacher.update(self.online(), progress, valid=valid)
 
     def encoders(self) -> dict[str, ViTEncoder]:
         return {"student": self.encoder, "teacher": self.teacher.module.encoder}

@@ -19,15 +19,19 @@ def cosine_momentum(base: float, progress: float) -> float:
 class EMATeacher(nn.Module):
     """``teacher <- m * teacher + (1 - m) * student`` for every parameter and, with ``include_buffers``,
     every floating buffer (BatchNorm running statistics); integer buffers are copied. The teacher gets no
-    gradient and stays in eval mode whatever mode its owner is put in."""
+    gradient and stays in eval mode whatever mode its owner is put in. With ``cosine=False`` the momentum
+    stays at ``base_momentum`` (the fine-tune's model EMA)."""
 
-    def __init__(self, student: nn.Module, base_momentum: float, *, include_buffers: bool = True) -> None:
+    def __init__(
+        self, student: nn.Module, base_momentum: float, *, include_buffers: bool = True, cosine: bool = True
+    ) -> None:
         super().__init__()
         if not 0.0 <= base_momentum <= 1.0:
             raise ValueError(f"EMA momentum must lie in [0, 1]; got {base_momentum}")
         self.module = copy.deepcopy(student).requires_grad_(False).eval()
         self.base_momentum = base_momentum
         self.include_buffers = include_buffers
+        self.cosine = cosine
         # the momentum of the latest update, for logging; a tensor so that compiled forwards that read it
         # are not specialised to its value
         self.register_buffer("momentum", torch.tensor(float(base_momentum)), persistent=False)
@@ -54,12 +58,19 @@ class EMATeacher(nn.Module):
         return [ours[k] for k in floats], [theirs[k].detach() for k in floats], others
 
     @torch.no_grad()
-    def update(self, student: nn.Module, progress: float) -> float:
-        """Move towards ``student`` with the momentum of the cosine schedule at ``progress``; returns it."""
-        m = cosine_momentum(self.base_momentum, progress)
+    def update(self, student: nn.Module, progress: float = 0.0, valid: torch.Tensor | None = None) -> float:
+        """Move towards ``student`` with the momentum of the cosine schedule at ``progress``; returns it.
+        ``valid`` (a 0-dim float on the device, see :meth:`Trainable.after_step`) at 0.0 leaves the teacher
+        as it is, with no host sync."""
+        m = cosine_momentum(self.base_momentum, progress) if self.cosine else self.base_momentum
         teacher_floats, student_floats, others = self._pairs(student)
-        torch._foreach_lerp_(teacher_floats, student_floats, 1.0 - m)
-        for t, s in others:
-            t.copy_(s)
+        if valid is None:
+            torch._foreach_lerp_(teacher_floats, student_floats, 1.0 - m)
+            for t, s in others:
+                t.copy_(s)
+        else:
+            torch._foreach_lerp_(teacher_floats, student_floats, (1.0 - m) * valid)
+            for t, s in others:
+                t.copy_(torch.where(valid.bool(), s, t))
         self.momentum.fill_(m)
         return m

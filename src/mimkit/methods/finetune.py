@@ -14,13 +14,13 @@ from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
-from timm.utils import ModelEmaV2
 from torch import nn
 from torchvision.transforms import v2 as T
 
 from mimkit.configs import Config
 from mimkit.data.transforms import Views, as_ids, eval_view
 from mimkit.methods.base import StepOutput, Trainable
+from mimkit.methods.ema import EMATeacher
 from mimkit.methods.token_views import (
     TokenViews,
     resolve_tokenadapt,
@@ -163,7 +163,7 @@ class FineTune(Trainable):
             # the copy is a submodule (so checkpoints save and resume it) but only ever moves by update():
             # without gradients it stays out of the optimizer and out of DDP's reduction buckets, which
             # would otherwise wait for gradients it never gets
-            self.ema = ModelEmaV2(model, decay=cfg.model_ema_decay).requires_grad_(False)
+            self.ema = EMATeacher(model, cfg.model_ema_decay, cosine=False)
 
     def logits(self, images: torch.Tensor, ema: bool = False) -> torch.Tensor:
         """Class logits; a continuous-input model given id grids (its evaluation view) embeds them with
@@ -187,9 +187,9 @@ class FineTune(Trainable):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
         return StepOutput(loss, {"train_acc": (logits.argmax(1) == labels).float().mean()})
 
-    def after_step(self, progress: float) -> None:
+    def after_step(self, progress: float, valid: torch.Tensor | None = None) -> None:
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, valid=valid)
 
     def param_groups(self, weight_decay: float, decay_tokens: bool = False) -> list[dict]:
         """timm's layer-decay groups: stem (cls, positions, patch embedding) id 0, block i -> i + 1, the

@@ -134,7 +134,9 @@ def train_classifier(
     if spec.kind == "pixels":  # recorded in the run's config: the normalisation the views use (the encoder's)
         cfg.data.mean, cfg.data.std = spec.mean, spec.std
     size = getattr(task, "img_size", None) or spec.img_size
-    source = build_source(cfg.data.train, image_size=size, max_images=cfg.data.max_images)
+    source = build_source(
+        cfg.data.train, image_size=size, max_images=cfg.data.max_images, decode_size=cfg.data.decode_size
+    )
     if not source.has_labels:
         raise ConfigError(f"data.train '{source.name}' has no labels; {task.name} needs them")
     val = build_source(cfg.eval.val, image_size=size)

@@ -21,6 +21,7 @@ from mimkit.data.sources import (
     tokenized_for,
     vocab_from_data,
 )
+from mimkit.data.transforms import DeviceNormalize, training_data
 from mimkit.distributed import DistEnv, barrier, init_distributed
 from mimkit.eval.knn import check_knn_sources, knn_evaluate, loo_nn_evaluate
 from mimkit.methods import build_method
@@ -56,14 +57,21 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
 
 
 def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
-    source = build_source(cfg.data.train, image_size=cfg.model.img_size, max_images=cfg.data.max_images)
+    source = build_source(
+        cfg.data.train,
+        image_size=cfg.model.img_size,
+        max_images=cfg.data.max_images,
+        decode_size=cfg.data.decode_size,
+    )
     vocab_from_data(cfg.model, source)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     method = build_method(cfg)
     seed_all(cfg.run.seed + env.rank)  # drop path differs across ranks (masks come from per-sample seeds)
     check_input(method.input_spec(), source)
     method.use_data(source)
-    dataset = ViewDataset(source, method.train_transform(cfg.data), seed=cfg.run.seed)
+    data = training_data(cfg.data, env.device, method.input_spec().kind)
+    stage = DeviceNormalize(data.mean, data.std) if data.normalize == "device" else None
+    dataset = ViewDataset(source, method.train_transform(data), seed=cfg.run.seed, device_stage=stage)
     trainer = Trainer(method, cfg, env, out)
     params = sum(p.numel() for p in method.parameters() if p.requires_grad)
     start_run(

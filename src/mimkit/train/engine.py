@@ -23,22 +23,23 @@ from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
 from mimkit.distributed import (
     DistEnv,
     all_gather_rows,
-    any_rank,
+    all_reduce_max,
     broadcast_flag,
     gather_objects,
     max_over_ranks,
 )
 from mimkit.methods.base import Trainable
+from mimkit.methods.ema import EMATeacher
 from mimkit.train.log import RunLogger
 from mimkit.train.optim import build_optimizers, effective_batch, lr_at, resolve_lr
 
 # settings that may change when a run is resumed (they do not change what is being trained)
-RESUMABLE_CHANGES = ("run.", "eval.", "data.num_workers", "recipe")
+RESUMABLE_CHANGES = ("run.", "eval.", "data.num_workers", "data.normalize", "recipe")
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss, or the weights after an optimizer step, became NaN or inf; the message gives the step
-    and the last good checkpoint. A checkpoint with non-finite weights is never written."""
+    """The loss or its gradients, or the weights after an optimizer step, became NaN or inf; the message
+    gives the step and the last good checkpoint. A checkpoint with non-finite weights is never written."""
 
 
 class RunInterrupted(RuntimeError):
@@ -68,6 +69,50 @@ def optimizer_tensors(states: Any) -> list[torch.Tensor]:
     return [t for entry in states for t in entry.values() if torch.is_tensor(t) and t.is_floating_point()]
 
 
+def fused_adamw(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is AdamW with the fused kernel in every group: the one kind that can skip an
+    update on the device (its ``found_inf``) without the host looking."""
+    return isinstance(optimizer, torch.optim.AdamW) and all(g.get("fused") for g in optimizer.param_groups)
+
+
+def resolve_host_sync(setting: str, optimizers: dict[str, torch.optim.Optimizer], precision: str) -> str:
+    """``run.host_sync``: "log" needs every optimizer to be fused AdamW, and no fp16 (its loss scaler skips
+    steps on a schedule of its own); auto takes "log" where it can."""
+    why = None
+    if not all(fused_adamw(o) for o in optimizers.values()):
+        why = "it needs fused AdamW (optim.name=adamw with optim.fused=true, or null on a GPU)"
+    elif precision == "fp16":
+        why = "run.precision=fp16 scales the loss and skips steps of its own"
+    if setting == "auto":
+        return "step" if why else "log"
+    if setting == "log" and why:
+        raise ValueError(f"run.host_sync=log is not possible here: {why}; use run.host_sync=step or auto")
+    return setting
+
+
+def float8_layers(module: nn.Module) -> int:
+    """Swap the linear layers that train (not an EMA teacher's, which runs without gradients) for torchao's
+    float8 ones: dynamic per-tensor scales, e4m3 forward, e5m2 gradients. Layers whose sizes are not
+    multiples of 16 (what float8 matmuls take) stay as they are. Returns the number swapped."""
+    try:  # imported here: torchao is optional, and only this opt-in needs it
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as err:
+        raise ValueError("run.float8=true needs torchao: pip install 'mimkit[float8]'") from err
+    frozen = {name for name, m in module.named_modules() if isinstance(m, EMATeacher)}
+
+    def trains(layer: nn.Module, name: str) -> bool:
+        return (
+            isinstance(layer, nn.Linear)
+            and layer.in_features % 16 == 0
+            and layer.out_features % 16 == 0
+            and not any(name == f or name.startswith(f + ".") for f in frozen)
+        )
+
+    before = sum(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in module.modules())
+    convert_to_float8_training(module, module_filter_fn=trains)
+    return sum(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in module.modules()) - before
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -95,6 +140,10 @@ class Trainer:
             # BatchNorm heads see the global batch, as in the references (SyncBN has no CPU kernels: on
             # CPU ranks keep per-rank statistics)
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        if cfg.run.float8:
+            float8_layers(module)
+        if cfg.run.tf32 and env.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # process-wide, as torch keeps it
         self.module = module.to(env.device)
         self.precision = resolve_precision(cfg.run.precision, env.device)
         self.eff_batch = effective_batch(cfg.optim, env.world_size)
@@ -107,13 +156,16 @@ class Trainer:
         self.batch_transform = module.batch_transform()
         if self.batch_transform is not None:
             self.batch_transform = self.batch_transform.to(env.device).requires_grad_(False).eval()
+        # the dataset's own device-side finish (uint8 images normalised on the device), set by fit()
+        self._input_stage: nn.Module | None = None
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.precision == "fp16")
         if env.enabled:
             ids = [env.device.index] if env.device.type == "cuda" else None
             self.model: nn.Module = DistributedDataParallel(self.module, device_ids=ids)
         else:
             self.model = self.module
-        self.forward = torch.compile(self.model) if cfg.run.compile else self.model
+        self.forward = torch.compile(self.model, mode=cfg.run.compile_mode) if cfg.run.compile else self.model
+        self.host_sync = resolve_host_sync(cfg.run.host_sync, self.optimizers, self.precision)
         self.epoch = 0  # epochs completed
         self.iter = 0  # micro-batches done in the current epoch
         self.step = 0  # optimizer steps done
@@ -121,8 +173,14 @@ class Trainer:
         # what earlier sessions of this run did, so that summaries count the whole run
         self.totals = {"images_seen": 0, "seconds": 0.0, "sessions": 0}
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)  # a loss of this step
-        # weights or optimizer state left non-finite by the last update
-        self._state_bad = torch.zeros((), dtype=torch.bool, device=env.device)
+        # on the device until the host reads them (check_health): the number of the first optimizer step
+        # whose loss or gradients were not finite, and of the first update that left the weights or the
+        # optimizer state non-finite (-1: none)
+        self._first_bad_loss = torch.full((), -1, dtype=torch.long, device=env.device)
+        self._first_bad_state = torch.full((), -1, dtype=torch.long, device=env.device)
+        # (epoch, micro-batch) at the start of each step not yet read, to rewind to a bad one
+        self._step_starts: dict[int, tuple[int, int]] = {}
+        self._buffers_before = [b.detach().clone() for b in self.module.buffers()]
         self._stop_signal = 0  # set by the signal handler, acted on at a step boundary
         self._stop_now = 0  # the signal every rank agreed to stop on after the current step (0: none)
         self.last_saved: tuple[Path, int] | None = None  # the last good checkpoint and its step
@@ -149,12 +207,25 @@ class Trainer:
     def start_step(self, progress: float) -> None:
         """Before the first micro-batch of an optimizer step: the method's own schedules (and teachers that
         move before the step) read ``progress``, the fraction of data iterations done."""
-        self.module.before_step(progress)
+        self._step_starts[self.step + 1] = (self.epoch, self.iter)
+        valid = self._valid()
+        # buffers move in the forward (BatchNorm statistics of a head): kept as they were before the
+        # first bad step, to be put back with the rest of that state
+        for buffer, before in zip(self.module.buffers(), self._buffers_before, strict=True):
+            before.copy_(torch.where(valid.bool(), buffer, before))
+        self.module.before_step(progress, valid=valid)
+
+    def _valid(self) -> torch.Tensor:
+        """1.0 on the device while no step of this run was found not finite, else 0.0: what the method's
+        hooks move outside the optimizer (EMA teachers) is scaled by it."""
+        return (self._first_bad_loss < 0).float()
 
     def micro_step(self, batch: dict[str, Any], *, boundary: bool) -> None:
         """Forward and backward of one micro-batch; gradients are averaged over accum_iter micro-batches."""
-        if self.batch_transform is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if self._input_stage is not None:
+                batch = self._input_stage(batch)
+            if self.batch_transform is not None:
                 batch = self.batch_transform(batch)
         sync = contextlib.nullcontext() if boundary or not self.env.enabled else self.model.no_sync()
         with sync:
@@ -168,47 +239,72 @@ class Trainer:
         self._metric_count += 1
 
     def optimizer_step(self, progress: float) -> None:
-        """Apply the accumulated gradients. One host sync per step reads, from every rank: whether a loss
-        of this step was not finite (the run stops with the weights before it saved), whether the last
-        step left non-finite weights (the run stops without saving them) and whether a stop signal came."""
-        loss_bad, state_bad, self._stop_now = self._sync_flags()
-        if state_bad:
-            raise self._spoiled_weights_error(self.step)
-        if loss_bad:
-            self.iter -= self.cfg.optim.accum_iter  # resume at the start of this accumulation cycle
-            self.zero_grad()
-            path = self.save()
-            raise NonFiniteLoss(
-                f"loss is not finite at step {self.step + 1} (epoch {self.epoch}, micro-batch {self.iter}); "
-                f"the weights before it are saved in {path}. Resume with --resume {path} after lowering "
-                "the learning rate, raising warmup or switching run.precision."
-            )
+        """Apply the accumulated gradients, never a spoiled update. A loss or gradient of this step that
+        is not finite marks the step bad on the device. With ``run.host_sync=step`` the host reads the
+        marks now (one sync per step) and stops before updating; with ``log`` it reads them at the next
+        log step or save, and until then fused AdamW skips every update on the device (``found_inf``) and
+        EMA teachers stand still, so the weights stay those from before the bad step."""
+        number = self.step + 1
+        bad = self._nonfinite
+        if not self.scaler.is_enabled():
+            # an inf gradient from a finite loss would spoil the update (fp16's scaler skips those itself)
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            bad = bad | ~all_finite(grads)
+        if self.env.enabled and self.host_sync == "log":
+            bad = all_reduce_max(bad.to(torch.int32), self.env).bool()  # queued on the device, no wait
+        self._first_bad_loss = torch.where(bad & (self._first_bad_loss < 0), number, self._first_bad_loss)
+        self._nonfinite = torch.zeros_like(self._nonfinite)
+        if self.host_sync == "step":
+            self.check_health()
+        elif not self.env.enabled:
+            self._stop_now = self._stop_signal  # host-side: no sync needed to agree with itself
         if self.cfg.optim.clip_grad:
             for optimizer in self.optimizers.values():
                 self.scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.clip_grad)
+        valid = self._valid()
         for optimizer in self.optimizers.values():
+            if self.host_sync == "log":
+                optimizer.found_inf = 1.0 - valid  # the fused kernel skips the update (and its step count)
             self.scaler.step(optimizer)
         self.scaler.update()
         self.zero_grad()
-        self._nonfinite.zero_()
-        # a finite but huge loss can still overflow the update (AdamW's second moment first: the weights
-        # then stop moving rather than turn NaN): checked on the device, read at the next sync or save
-        self._state_bad = ~all_finite(self._trained_state())
+        # a finite but huge gradient can still overflow the update (AdamW's second moment first: the
+        # weights then stop moving rather than turn NaN): marked on the device, read with the rest
+        spoiled = ~all_finite(self._trained_state()) & (self._first_bad_state < 0)
+        self._first_bad_state = torch.where(spoiled, number, self._first_bad_state)
         self.step += 1
-        self.module.after_step(progress)
+        self.module.after_step(progress, valid=valid)
 
-    def _sync_flags(self) -> tuple[bool, bool, int]:
-        """(a loss of this step was not finite, the last update left non-finite state, the stop signal
-        or 0), the same on every rank, in one host sync."""
-        flags = torch.stack([self._nonfinite, self._state_bad]).to(torch.int32)
-        if not self.env.enabled:
-            loss_bad, state_bad = flags.tolist()
-            return bool(loss_bad), bool(state_bad), self._stop_signal
-        # a signal may reach only some ranks: the largest signal number wins on all of them
-        flags = torch.cat([flags, flags.new_full((1,), self._stop_signal)])
-        loss_bad, state_bad, signum = max_over_ranks(flags, self.env)
-        return bool(loss_bad), bool(state_bad), signum
+    def check_health(self) -> None:
+        """Read the device's marks (one host sync; every rank gets the same answer). An update that left
+        non-finite state stops the run unsaved, naming the last good checkpoint. A step whose loss or
+        gradients were not finite was never applied, nor any after it: the counters go back to its start,
+        the weights from before it are saved and the run stops. A stop signal on any rank is noted for the
+        next step boundary."""
+        flags = torch.stack([self._first_bad_loss, self._first_bad_state])
+        if self.env.enabled:
+            # a signal may reach only some ranks: the largest signal number wins on all of them
+            flags = torch.cat([flags, flags.new_full((1,), self._stop_signal)])
+            bad_loss, bad_state, self._stop_now = max_over_ranks(flags, self.env)
+        else:
+            (bad_loss, bad_state), self._stop_now = flags.tolist(), self._stop_signal
+        if bad_state >= 0:
+            raise self._spoiled_weights_error(bad_state)
+        if bad_loss >= 0:
+            self.epoch, self.iter = self._step_starts[bad_loss]
+            self.step = bad_loss - 1
+            self._first_bad_loss.fill_(-1)  # what is left is the state before the bad step: saved below
+            for buffer, before in zip(self.module.buffers(), self._buffers_before, strict=True):
+                buffer.copy_(before)
+            self.zero_grad()
+            path = self.save()
+            raise NonFiniteLoss(
+                f"loss or gradients not finite at step {bad_loss} (epoch {self.epoch}, micro-batch "
+                f"{self.iter}); the weights before it are saved in {path}. Resume with --resume {path} "
+                "after lowering the learning rate, raising warmup or switching run.precision."
+            )
+        self._step_starts = {k: v for k, v in self._step_starts.items() if k > self.step}
 
     def _trained_state(self) -> list[torch.Tensor]:
         states = [state for optimizer in self.optimizers.values() for state in optimizer.state.values()]
@@ -259,8 +355,7 @@ class Trainer:
     def save(self, name: str = "last.pt") -> Path:
         """Every rank must call this together (RNG states are gathered); rank 0 writes. Weights that are
         not finite are never written: the run stops and the last good checkpoint stays."""
-        if any_rank(self._state_bad, self.env):
-            raise self._spoiled_weights_error(self.step)
+        self.check_health()
         state = self.state_dict()
         path = self.out_dir / name
         if self.env.is_main:
@@ -341,6 +436,8 @@ class Trainer:
         saving (:class:`RunInterrupted`)."""
         cfg = self.cfg
         loader, iters = self._loader(dataset)
+        stage = getattr(dataset, "device_stage", None)
+        self._input_stage = stage.to(self.env.device) if stage is not None else None
         log = RunLogger(
             self.out_dir,
             enabled=self.env.is_main,
@@ -355,6 +452,7 @@ class Trainer:
             with self._stop_signals_deferred():
                 while self.epoch < cfg.optim.epochs and not stopped_early:
                     stopped_early = self._epoch(loader, iters, session)
+                    self.check_health()  # before an evaluation reads the weights
                     if stopped_early:
                         self.save()
                         break
@@ -405,6 +503,8 @@ class Trainer:
                 continue
             self.optimizer_step(progress=it / total)
             if self.step % cfg.run.log_every == 0 or self.step == stop_at:
+                if self.host_sync == "log":
+                    self.check_health()
                 session.last_loss = self._log(session, iters)
                 due = time.monotonic() - session.last_save > cfg.run.checkpoint_minutes * 60
                 if not self._stop_now and broadcast_flag(due, env):  # a stop saves below
@@ -481,6 +581,7 @@ class Trainer:
                 signal.signal(signum, handler)
 
     def _stop_for_signal(self, session: _Session, iters: int) -> None:
+        self.check_health()  # a bad step stops the run with its own message, before a NaN is logged
         if session.window_images:
             session.last_loss = self._log(session, iters)
         raise self._interrupted(self._stop_now, self.save())
