@@ -3,8 +3,8 @@
 # each method's ViT-B training step (the recipes' models, batch 256, bf16, synthetic device-resident data)
 # as written (the plain AdamW loop, a host sync every step), then with fused AdamW, with no host sync in the
 # step, compiled (MAE, LUT), with CUDA graphs (MAE) and in float8 (MAE, with FLOAT8=1); the training loader
-# alone on this machine's cores (JPEGs at 224 px); and a short demo CIFAR-10 run per pixel method, all
-# three at once on the one device, each ending in a k-NN accuracy.
+# alone on this machine's cores (JPEGs at 224 px, decoded by the workers or on the device); and a short
+# demo CIFAR-10 run per pixel method, all three at once on the one device, each ending in a k-NN accuracy.
 #
 #   bash bench/gpu_suite.sh            # on the GPU machine, from the repository root
 #   bash bench/gpu_suite.sh --small    # the same steps shrunk to run in a few minutes on a CPU
@@ -33,14 +33,14 @@ if [[ $SMALL == 1 ]]; then
   SIZE=(--arch vit_tiny --batch 8 --steps 2 --warmup 1 --precision fp32 model.depth=2 model.embed_dim=64
         model.num_heads=2 method.decoder_depth=1 method.decoder_embed_dim=32 method.decoder_num_heads=2)
   PIX=(--img 32 --patch 4); TOK=(--img 8 --patch 2 --token-grid 8 --vocab 32)
-  EXTRA_mae=,compiled; EXTRA_lut=; LOADER=(--images 128 --workers 0,1 --batch 32)
+  EXTRA_mae=,compiled; EXTRA_lut=; LOADER=(--images 128 --workers 0,1 --batch 32 --decode cpu,device)
   DEMO=(optim.epochs=1 optim.warmup_epochs=0 data.max_images=64 optim.batch_size=32)
   STEP_LIMIT=300
 else
   SIZE=(--batch 256 --steps 20 --warmup 5 --precision bf16 --peak-tflops "${PEAK_TFLOPS:-790}")
   PIX=(); TOK=()
   EXTRA_mae=,compiled,cudagraphs${FLOAT8:+,float8}; EXTRA_lut=,compiled
-  LOADER=(--images 4096 --workers "0,4,8,$(nproc)" --batch 256); DEMO=(optim.epochs=40)
+  LOADER=(--images 4096 --workers "0,4,8,$(nproc)" --batch 256 --decode cpu,device); DEMO=(optim.epochs=40)
   STEP_LIMIT=300
 fi
 
@@ -64,8 +64,8 @@ done
 
 step loader python bench/loader.py "${LOADER[@]}"
 
-# the demo runs share the device: four processes at once, each with its share of the cores for loading
-workers=$(( $(nproc) / 4 )); (( workers < 1 )) && workers=1
+# the demo runs share the device: three processes at once, each with its share of the cores for loading
+workers=$(( $(nproc) / 3 )); (( workers < 1 )) && workers=1
 for method in mae lut latent_mim; do
   ( timeout 180 python -m mimkit pretrain "method=$method" --out "$OUT/demo_$method" \
       "data.num_workers=$workers" run.progress=false eval.every_epochs=0 "${DEMO[@]}" \

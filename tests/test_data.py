@@ -409,3 +409,68 @@ def test_decode_size_must_be_positive(tiny):
 
     with pytest.raises(ConfigError, match=r"'data.decode_size' must be at least 1 \(or null\); got 0"):
         tiny("data.decode_size=0")
+
+
+def write_jpegs(folder: Path, n: int, seed: int = 0) -> None:
+    """``n`` smooth JPEGs of differing sizes in two class folders."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = int(rng.integers(16, 48)), int(rng.integers(16, 48))
+        y, x = np.mgrid[0:h, 0:w]
+        phase = rng.uniform(0, 6, 3)
+        pixels = np.stack([127 + 100 * np.sin(x / 5 + p) * np.cos(y / 7 + p) for p in phase], axis=-1)
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"c{i % 2}" / f"{i:03d}.jpg", quality=95)
+
+
+@pytest.mark.parametrize("name", ["mae", "lut"])
+def test_decoding_on_the_device_makes_the_views_the_loader_makes(tiny, tmp_path, name):
+    """data.decode=device: the workers ship the JPEG bytes; the stage decodes the batch and draws each
+    sample's crops, flips and colours under its seed exactly as the workers do. A PNG travels decoded,
+    a corrupt JPEG is named under "skipped" and dropped."""
+    import dataclasses
+
+    from mimkit.data.loader import EncodedDataset
+    from mimkit.methods import build_method
+
+    write_jpegs(tmp_path / "img", 6)
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(tmp_path / "img" / "c0" / "flat.png")
+    (tmp_path / "img" / "c1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
+    cfg = tiny(f"method={name}", f"data.train={tmp_path / 'img'}")
+    method = build_method(cfg)
+    source = build_source(str(tmp_path / "img"))
+    views = method.train_transform(dataclasses.replace(cfg.data, normalize="device"))
+    loader_side, device_side = ViewDataset(source, views), EncodedDataset(source, views)
+    a = collate([loader_side[(3, i)] for i in range(len(source))])
+    b = device_side.device_stage(collate([device_side[(3, i)] for i in range(len(source))]))
+    broken = str(tmp_path / "img" / "c1" / "broken.jpg")
+    assert len(a["skipped"]) == len(b["skipped"]) == 1
+    assert a["skipped"][0].startswith(broken) and b["skipped"][0].startswith(broken)
+    assert a.keys() == b.keys() and len(b["label"]) == len(source) - 1
+    for key, value in a.items():
+        if key == "skipped":
+            continue
+        assert value.dtype == b[key].dtype and value.shape == b[key].shape, key
+        if value.dtype == torch.uint8:  # the same crops; the decoders may round differently
+            assert (value.int() - b[key].int()).abs().float().mean() < 1.0, key
+        else:
+            assert torch.equal(value, b[key]), key
+
+
+def test_a_run_decoding_on_the_device_resumes_exactly(tmp_path):
+    from tests.conftest import TINY, straight_and_resumed
+
+    write_jpegs(tmp_path / "img", 32)
+    overrides = [*TINY, f"data.train={tmp_path / 'img'}", "data.decode=device", "optim.batch_size=4"]
+    a, b, summary = straight_and_resumed(overrides, tmp_path, stop_at=5)
+    assert summary["steps"] == 16 and summary["skipped_images"] == 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_decoding_on_the_device_is_refused_where_it_cannot_apply(tiny, tmp_path):
+    from mimkit.configs import DataConfig
+    from mimkit.data.transforms import training_data
+
+    with pytest.raises(ValueError, match=r"data.decode=device decodes images; this model reads token_ids"):
+        training_data(DataConfig(decode="device"), torch.device("cpu"), "token_ids")
+    assert training_data(DataConfig(decode="device"), torch.device("cpu")).normalize == "device"

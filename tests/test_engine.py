@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mimkit import checkpoint
-from mimkit.data.loader import per_sample_uniform
+from mimkit.data.loader import collate, per_sample_uniform
 from mimkit.distributed import init_distributed
 from mimkit.methods import build_method
 from mimkit.methods.base import BatchTransform, Trainable
@@ -232,8 +232,8 @@ SYNC = {"step": ["run.host_sync=step"], "log": ["run.host_sync=log", "optim.fuse
 
 
 def _fit_recording_reads(module, cfg, out, monkeypatch, reads=None):
-    """Train ``module``; returns the trainer and the step count at each host read of the health marks
-    (also appended to ``reads`` as they happen)."""
+    """Train ``module``; returns the trainer and, with ``monkeypatch``, the step count at each host read of
+    the health marks (also appended to ``reads`` as they happen)."""
     from mimkit.data import ViewDataset, build_source
 
     reads = [] if reads is None else reads
@@ -243,13 +243,15 @@ def _fit_recording_reads(module, cfg, out, monkeypatch, reads=None):
         reads.append(self.step)
         return check(self)
 
-    monkeypatch.setattr(Trainer, "check_health", recorded)
+    if monkeypatch is not None:
+        monkeypatch.setattr(Trainer, "check_health", recorded)
     trainer = Trainer(module, cfg, init_distributed("cpu"), out)
     data = ViewDataset(build_source("synthetic:64", image_size=16), module.method.train_transform(cfg.data))
     try:
         trainer.fit(data)
     finally:
-        monkeypatch.setattr(Trainer, "check_health", check)
+        if monkeypatch is not None:
+            monkeypatch.setattr(Trainer, "check_health", check)
     return trainer, reads
 
 
@@ -299,6 +301,86 @@ def test_an_inf_gradient_from_a_finite_loss_is_never_applied(tiny, tmp_path, syn
     saved = checkpoint.load(tmp_path / "last.pt")
     assert saved["step"] == 4 and saved["iter"] == 4
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def _resumed_to_the_end(cfg, path, out):
+    from mimkit.data import ViewDataset, build_source
+
+    module = Exploding(build_method(cfg), None)
+    trainer = Trainer(module, cfg, init_distributed("cpu"), out)
+    trainer.resume(path)
+    trainer.fit(
+        ViewDataset(build_source("synthetic:64", image_size=16), module.method.train_transform(cfg.data))
+    )
+    return checkpoint.load(out / "last.pt")["model"]
+
+
+@pytest.mark.parametrize("method", ["mae", "latent_mim"])
+def test_a_run_resumed_after_a_nan_stop_ends_as_one_resumed_from_the_step_before(tiny, tmp_path, method):
+    """host_sync=log, NaN at step 3, read at step 8. Resuming the rewound checkpoint gives what resuming a
+    clean checkpoint of step 2 gives: the RNG states are those of step 3's start (drop path draws from
+    them), and Latent MIM's target encoder, which moved before step 3's forward, does not move twice."""
+    overrides = [
+        f"method={method}",
+        "model.drop_path=0.2",
+        "run.log_every=100",
+        "run.checkpoint_minutes=.inf",
+    ]
+    overrides += SYNC["log"]
+    cfg = tiny(*overrides)
+    clean = tiny(*overrides, "run.stop_at_step=2")
+    torch.manual_seed(0)
+    _fit_recording_reads(Exploding(build_method(clean), None), clean, tmp_path / "clean", monkeypatch=None)
+    torch.manual_seed(0)
+    with pytest.raises(
+        NonFiniteLoss, match=r"not finite at step 3 .*\(the 5 steps after it were not applied"
+    ):
+        _fit_recording_reads(Exploding(build_method(cfg), 3), cfg, tmp_path / "nan", monkeypatch=None)
+    a = _resumed_to_the_end(cfg, tmp_path / "clean" / "last.pt", tmp_path / "a")
+    b = _resumed_to_the_end(cfg, tmp_path / "nan" / "last.pt", tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
+@pytest.mark.parametrize("method", ["mae", "lut", "latent_mim"])
+def test_host_sync_log_steps_never_wait_for_the_device(tiny, tmp_path, method):
+    """No operation that reads a tensor on the host (.item(), bool(), data-dependent shapes) runs inside a
+    step: on a GPU each would wait for the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mimkit.data import ViewDataset, build_source
+
+    waits = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if any(op in name for op in ("_local_scalar_dense", "is_nonzero", "nonzero", "masked_select")):
+                waits.append(name)
+            return func(*args, **(kwargs or {}))
+
+    cfg = tiny(f"method={method}", "optim.clip_grad=1.0", *SYNC["log"])
+    method_ = build_method(cfg)
+    trainer = Trainer(method_, cfg, init_distributed("cpu"), tmp_path)
+    data = ViewDataset(build_source("synthetic:64", image_size=16), method_.train_transform(cfg.data))
+    batch = collate([data[(0, i)] for i in range(8)])
+    batch.pop("skipped")
+    for step in range(3):
+        with Recorder():
+            trainer.start_step(progress=step / 10)
+            trainer.micro_step(batch, boundary=True)
+            trainer.optimizer_step(progress=step / 10)
+    assert trainer.step == 3 and waits == []
+
+
+@pytest.mark.parametrize("sync", ["step", "log"])
+def test_micro_batches_left_over_at_an_epoch_end_are_not_computed(tiny, tmp_path, sync):
+    """8 micro-batches an epoch, 3 a step: 2 steps, and the last 2 micro-batches are dropped unread (were
+    they computed, a NaN there would mark the next epoch's first, good step; and their BatchNorm statistics
+    would be kept)."""
+    cfg = tiny("optim.accum_iter=3", "run.log_every=1", *SYNC[sync])
+    module = Exploding(build_method(cfg), at_step=None)
+    trainer, _ = _fit_recording_reads(module, cfg, tmp_path, monkeypatch=None)
+    assert trainer.step == 4 and module.calls == 12
 
 
 def test_host_sync_log_reads_the_device_only_at_log_steps_and_saves(tiny, tmp_path, monkeypatch):
@@ -442,8 +524,10 @@ class ColourStage(BatchTransform):
             self.mix.weight.copy_(torch.eye(3) + 0.1)
 
     def forward(self, batch):
-        shift = per_sample_uniform(batch["seed"], 1)[:, :, None, None] - 0.5
+        assert batch["seed"].device.type == "cpu"  # the seeds stay on the host
         views = {k: v for k, v in batch.items() if k in ("image", "view1", "view2")}
+        device = next(iter(views.values())).device
+        shift = per_sample_uniform(batch["seed"], 1)[:, :, None, None].to(device) - 0.5
         return {**batch, **{k: self.mix((v + shift).movedim(1, -1)).movedim(-1, 1) for k, v in views.items()}}
 
 

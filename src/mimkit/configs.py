@@ -87,6 +87,10 @@ class DataConfig:
     # decode training JPEGs at the smallest scale of 1/2, 1/4, 1/8 whose shorter side stays >= this many
     # px (libjpeg's DCT scaling, through PIL's draft; much faster on large photos); null: full size
     decode_size: int | None = None
+    # where training JPEGs are decoded: cpu (the loader's workers, PIL) or device (the workers only read
+    # the files; the training device decodes each batch, nvJPEG on GPUs, and makes the views there, under
+    # each sample's seed); pre-training only
+    decode: str = "cpu"  # cpu | device
 
 
 @dataclass
@@ -133,9 +137,10 @@ class RunConfig:
     # at the next read with the weights from before that step saved. auto: log where it can (fused AdamW,
     # no fp16 loss scaling), else step.
     host_sync: str = "auto"  # auto | step | log
-    # Numerics-changing speed-ups, off by default. tf32: fp32 matmuls and convolutions in TensorFloat-32
-    # on GPUs that have it (a 10-bit mantissa; process-wide). float8: the encoder's and decoder's linear
-    # layers train in float8 through torchao (GPUs of compute capability 8.9 or more; needs torchao).
+    # Numerics-changing speed-ups, off by default. tf32: fp32 matmuls in TensorFloat-32 on GPUs that have
+    # it (a 10-bit mantissa; for the rest of the process; torch runs cuDNN convolutions so already).
+    # float8: the linear layers that train (encoder, decoder, heads; not an EMA teacher nor a frozen
+    # encoder) in float8 through torchao (GPUs of compute capability 8.9 or more; needs torchao).
     tf32: bool = False
     float8: bool = False
     # also rewrite last.pt this often within an epoch (0: at every logged step; .inf: at epoch ends only)
@@ -180,6 +185,7 @@ CHOICES = {
     "run.precision": ("auto", "bf16", "fp16", "fp32"),
     "run.host_sync": ("auto", "step", "log"),
     "data.normalize": ("auto", "loader", "device"),
+    "data.decode": ("cpu", "device"),
     "run.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "eval.pool": POOLS,
 }

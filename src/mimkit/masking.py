@@ -150,21 +150,31 @@ def token_masking(
     lowest are dropped (the encoder never sees them) and the ``n_mask = ceil(L * mask_ratio)`` lowest are
     masked, so dropped is a subset of masked; masked patches that are kept enter the encoder as the mask
     token. The counts are exact (a stable argsort, where the reference's threshold could tie); the
-    ceilings are the reference's formula. The kept ids stay in grid order, as the reference keeps them."""
-    if not 0.0 <= mask_ratio <= 1.0:
-        raise ValueError(f"mask_ratio must lie in [0, 1]; got {mask_ratio}")
+    ceilings are the reference's formula. The kept ids stay in grid order, as the reference keeps them.
+    ``mask_ratio`` may be a 0-dim tensor on the device (a ratio drawn there): the shapes depend only on
+    ``drop_ratio``, so the masking then needs no host sync; such a ratio is not checked here."""
     if not 0.0 <= drop_ratio < 1.0:
         raise ValueError(f"drop_ratio must lie in [0, 1); got {drop_ratio}")
-    if drop_ratio > mask_ratio:
-        raise ValueError(
-            f"drop_ratio ({drop_ratio}) must not exceed mask_ratio ({mask_ratio}): dropped patches are masked"
-        )
+    if not torch.is_tensor(mask_ratio):
+        if not 0.0 <= mask_ratio <= 1.0:
+            raise ValueError(f"mask_ratio must lie in [0, 1]; got {mask_ratio}")
+        if drop_ratio > mask_ratio:
+            raise ValueError(
+                f"drop_ratio ({drop_ratio}) must not exceed mask_ratio ({mask_ratio}): dropped patches are "
+                "masked"
+            )
     noise = _given_or_drawn(noise, batch, num_patches, generator, device)
-    n_mask, n_drop = math.ceil(num_patches * mask_ratio), math.ceil(num_patches * drop_ratio)
+    n_drop = math.ceil(num_patches * drop_ratio)
+    if torch.is_tensor(mask_ratio):
+        n_mask = torch.ceil(num_patches * mask_ratio.to(noise.device, torch.float64))
+    else:
+        n_mask = math.ceil(num_patches * mask_ratio)
     order = torch.argsort(noise, dim=1, stable=True)  # lowest noise first
     ids_drop = order[:, :n_drop].sort(dim=1).values
     ids_keep = order[:, n_drop:].sort(dim=1).values
-    mask = torch.zeros(batch, num_patches, device=noise.device).scatter_(1, order[:, :n_mask], 1.0)
+    positions = torch.arange(num_patches, device=noise.device).expand(batch, -1)
+    rank = torch.empty_like(order).scatter_(1, order, positions)  # each patch's place in the order
+    mask = (rank < n_mask).float()
     ids_restore = torch.argsort(torch.cat([ids_keep, ids_drop], dim=1), dim=1)
     return TokenMask(ids_keep, mask.gather(1, ids_keep).bool(), mask, ids_restore)
 
@@ -175,13 +185,14 @@ def truncated_normal_ratio(
     """MTM's mask ratio (one per batch in SeiT++ and MAGE): a normal(mean, std) truncated to
     [low, high], as the inverse of its CDF at ``u`` in [0, 1] (explicit noise, so a batch's ratio can be
     replayed). The defaults are SeiT++'s pre-training script's (MAGE's class defaults are 0.55 / 0.25 on
-    [0.5, 1]). Computed in float64: Phi^-1 is steep near the tails."""
+    [0.5, 1]). Computed in float64: Phi^-1 is steep near the tails. A ``u`` on another device than the CPU
+    stays there and is not checked (that would wait for the device)."""
     if not std > 0:
         raise ValueError(f"the ratio's std must be > 0; got {std}")
     if not 0.0 <= low < high <= 1.0:
         raise ValueError(f"the ratio's range must satisfy 0 <= low < high <= 1; got [{low}, {high}]")
-    u = torch.as_tensor(u, dtype=torch.float64)
-    if bool(((u < 0) | (u > 1)).any()):
+    u = torch.as_tensor(u).to(torch.float64)
+    if u.device.type == "cpu" and bool(((u < 0) | (u > 1)).any()):
         raise ValueError("u must lie in [0, 1]")
     a = torch.special.ndtr(torch.tensor((low - mean) / std, dtype=torch.float64))
     b = torch.special.ndtr(torch.tensor((high - mean) / std, dtype=torch.float64))

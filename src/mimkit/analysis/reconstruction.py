@@ -112,7 +112,7 @@ def reconstruct_tokens(
         raise TypeError(f"token reconstructions need an MTM method; got {type(method).__name__}")
     encoder = method.encoder
     p, (gh, gw) = encoder.patch_size, encoder.grid_size
-    ratio = method.mask_ratio(0.5) if mask_ratio is None else mask_ratio
+    ratio = float(method.mask_ratio(0.5)) if mask_ratio is None else mask_ratio
     with evaluating(method):
         logits, units, m = method.predict(ids, noise, ratio)
     predicted_units = logits.argmax(dim=-1)  # [N, L, p*p]

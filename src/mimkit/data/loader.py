@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from mimkit.checkpoint import seed_all
-from mimkit.data.sources import ImageSource, UnreadableImage
+from mimkit.data.sources import ImageSource, UnreadableImage, decode_batch
 
 
 @contextmanager
@@ -63,16 +63,79 @@ class ViewDataset(Dataset):
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         try:
-            img, label = self.source.load(index)
+            img, label = self._load(index)
         except UnreadableImage as err:
             return {"skipped": str(err)}
         seed = sample_seed(self.seed, epoch, index)
-        with seeded(seed):
-            sample = self.transform(img)
+        sample = self._views(img, seed, index)
         sample["label"] = label
         sample["index"] = index
         sample["seed"] = seed  # for device-side batch transforms (per_sample_uniform)
         return sample
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.source.load(index)
+
+    def _views(self, img: torch.Tensor, seed: int, index: int) -> dict[str, Any]:
+        with seeded(seed):
+            return self.transform(img)
+
+
+class EncodedDataset(ViewDataset):
+    """``data.decode=device``: the workers only read the files, and the training device decodes a batch's
+    JPEGs and makes each sample's views (:class:`DeviceViews`), under the sample's seed as the workers
+    would: the crops, flips and colour draws are the same, the pixels the same up to the decoders' and the
+    device resize's rounding. For when CPU cores, not the GPU, limit training."""
+
+    def __init__(
+        self,
+        source: ImageSource,
+        transform: Callable[[torch.Tensor], dict],
+        seed: int = 0,
+        finish: torch.nn.Module | None = None,
+    ) -> None:
+        super().__init__(source, transform, seed, device_stage=DeviceViews(transform, finish))
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.source.load_encoded(index)
+
+    def _views(self, img: torch.Tensor, seed: int, index: int) -> dict[str, Any]:
+        return {"encoded": img, "path": self.source.path_of(index)}  # the views are made on the device
+
+
+class DeviceViews(torch.nn.Module):
+    """Decode a batch of :class:`EncodedDataset` samples on the device this module is on, make each
+    sample's views there under its seed (read on the CPU, before the batch moves: no host sync), stack
+    them, and ``finish`` the batch (:class:`DeviceNormalize` for uint8 views). Samples that cannot be
+    decoded are dropped and named under "skipped", as the workers' unreadable files are."""
+
+    def __init__(
+        self, transform: Callable[[torch.Tensor], dict], finish: torch.nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.transform, self.finish = transform, finish
+        self.register_buffer("anchor", torch.zeros(0), persistent=False)  # follows .to(device)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if "encoded" not in batch:
+            return batch  # every sample of the batch was unreadable in the workers
+        batch = dict(batch)
+        encoded, paths = batch.pop("encoded"), batch.pop("path")
+        images, failed = decode_batch(encoded, paths, self.anchor.device)
+        keep = [i for i, image in enumerate(images) if image is not None]
+        views = []
+        for i in keep:
+            with seeded(int(batch["seed"][i])):
+                views.append(self.transform(images[i]))
+        batch["skipped"] = [*batch.get("skipped", []), *failed]
+        if not views:
+            return {"skipped": batch["skipped"]}
+        rows = torch.tensor(keep)
+        for key, value in batch.items():
+            if torch.is_tensor(value):
+                batch[key] = value[rows]
+        batch.update({key: torch.stack([v[key] for v in views]) for key in views[0]})
+        return self.finish(batch) if self.finish is not None else batch
 
 
 def _signed(value: int) -> int:
@@ -121,9 +184,13 @@ class FeatureDataset(ViewDataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the readable samples; the unreadable ones travel as a list of messages under 'skipped'."""
+    """Stack the readable samples; the unreadable ones travel as a list of messages under 'skipped'.
+    Encoded files (:class:`EncodedDataset`), of differing lengths, travel as a list."""
     good = [s for s in samples if "skipped" not in s]
+    encoded = [s.pop("encoded") for s in good if "encoded" in s]
     batch = default_collate(good) if good else {}
+    if encoded:
+        batch["encoded"] = encoded
     batch["skipped"] = [s["skipped"] for s in samples if "skipped" in s]
     return batch
 

@@ -12,8 +12,10 @@ loader reports by path and skips.
 from __future__ import annotations
 
 import glob
+import io
 import os
 import sys
+import warnings
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from mimkit.configs import ModelConfig
 from mimkit.data.transforms import tokenizer_view
@@ -51,6 +54,15 @@ class ImageSource:
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
+
+    def load_encoded(self, index: int) -> tuple[torch.Tensor, int]:
+        """For decoding on the training device: a JPEG file's bytes as uint8 [N], or (any other image) what
+        :meth:`load` gives, decoded [C, H, W]."""
+        return self.load(index)
+
+    def path_of(self, index: int) -> str:
+        """What names sample ``index`` in a message."""
+        return f"{self.name}[{index}]"
 
     @property
     def has_labels(self) -> bool:
@@ -218,11 +230,11 @@ class SyntheticSource(ImageSource):
         return (self.colours[label] + noise).clamp(0, 255).to(torch.uint8), label
 
 
-def _decode(path: str, decode_size: int | None = None) -> torch.Tensor:
+def _decode(path: str, decode_size: int | None = None, data: bytes | None = None) -> torch.Tensor:
     # PIL rather than torchvision.io: torchvision deprecates its decoders from 0.29 on, and PIL reads
-    # every format ImageFolder users have
+    # every format ImageFolder users have. ``data``: the file's bytes, already read
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             if decode_size is not None:
                 # JPEG only (a no-op for other formats): the smallest DCT scale whose sides stay >= size
                 im.draft(None, (decode_size, decode_size))
@@ -314,6 +326,56 @@ class FolderSource(ImageSource):
             return _decode(path, self.decode_size), int(self.labels[index])
         except OSError as err:
             raise UnreadableImage(f"{path}: {err}") from err
+
+    def load_encoded(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.files[index]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:
+            raise UnreadableImage(f"{path}: {err}") from err
+        if data[:3] != JPEG_MAGIC:
+            return _decode(path, self.decode_size, data), int(self.labels[index])
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), int(self.labels[index])
+
+    def path_of(self, index: int) -> str:
+        return self.files[index]
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_batch(
+    encoded: Sequence[torch.Tensor], names: Sequence[str], device: torch.device
+) -> tuple[list[torch.Tensor | None], list[str]]:
+    """Images [3, H, W] uint8 on ``device`` from :meth:`ImageSource.load_encoded`'s entries: the JPEGs in
+    one batched call of torchvision's decoder on the device (nvJPEG on GPUs), the rest moved as they are.
+    A batch the decoder refuses is decoded one by one, those it cannot read (CMYK, say) by PIL; what
+    neither reads is None, with a message naming it."""
+    images: list[torch.Tensor | None] = [
+        e.to(device, non_blocking=True) if e.ndim == 3 else None for e in encoded
+    ]
+    jpegs = [i for i, e in enumerate(encoded) if e.ndim == 1]
+    failed: list[str] = []
+    if not jpegs:
+        return images, failed
+    with warnings.catch_warnings():  # torchvision announces that its decoders move to TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            for i, image in zip(jpegs, decoded, strict=True):
+                images[i] = image
+            return images, failed
+        except RuntimeError:
+            pass
+        for i in jpegs:
+            try:
+                images[i] = decode_jpeg(encoded[i], mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:
+                try:
+                    images[i] = _decode(names[i], data=encoded[i].numpy().tobytes()).to(device)
+                except UnreadableImage as err:
+                    failed.append(str(err))
+    return images, failed
 
 
 def _is_tokens(path: str) -> bool:
@@ -520,6 +582,14 @@ class Subset(ImageSource):
             raise IndexError(index)
         return self.source.load(self.indices[index])
 
+    def load_encoded(self, index: int) -> tuple[torch.Tensor, int]:
+        if index >= self.n:
+            raise IndexError(index)
+        return self.source.load_encoded(self.indices[index])
+
+    def path_of(self, index: int) -> str:
+        return self.source.path_of(self.indices[index])
+
 
 def build_source(
     spec: str, *, image_size: int = 32, max_images: int | None = None, decode_size: int | None = None
@@ -555,6 +625,16 @@ def build_source(
             source = FolderSource(paths[0], decode_size)
         else:
             raise ValueError(f"'{spec}': expected one image folder or one or more .npz files")
+    if decode_size is not None:
+        if not isinstance(source, FolderSource):
+            note = f"note: data.decode_size applies to an image folder's JPEGs; '{spec}' is decoded as stored"
+            print(note, file=sys.stderr)
+        elif decode_size < image_size:
+            print(
+                f"note: data.decode_size={decode_size} is below the model's input ({image_size} px): large "
+                "JPEGs are cut into crops from a picture smaller than the input",
+                file=sys.stderr,
+            )
     if max_images is not None:
         source = Subset(source, max_images)
     return source

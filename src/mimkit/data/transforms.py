@@ -33,14 +33,18 @@ def to_normalized(data: Any) -> list[Callable]:
 
 def training_data(data: Any, device: torch.device, kind: str = "pixels") -> Any:
     """``data`` (a DataConfig) with ``data.normalize`` resolved for training on ``device``: auto is
-    "device" on GPUs (uint8 batches are a quarter of the bytes to pass between processes and to copy to
-    the GPU, and the workers skip the float work) and "loader" elsewhere; token inputs are never
-    normalised."""
+    "device" on GPUs and wherever the device decodes (uint8 batches are a quarter of the bytes to pass
+    between processes and to copy to the GPU, and the workers skip the float work), else "loader"; token
+    inputs are never normalised, nor decoded on the device."""
     where = data.normalize
     if kind != "pixels":
+        if data.decode == "device":
+            raise ValueError(
+                f"data.decode=device decodes images; this model reads {kind}: use data.decode=cpu"
+            )
         where = "loader"
     elif where == "auto":
-        where = "device" if device.type == "cuda" else "loader"
+        where = "device" if device.type == "cuda" or data.decode == "device" else "loader"
     return dataclasses.replace(data, normalize=where)
 
 
@@ -48,7 +52,8 @@ class DeviceNormalize(nn.Module):
     """:func:`to_normalized` on the device, for the uint8 entries of a training batch: images
     [B, C, H, W] (channels at dim 1) and patch rows [B, L, p*p*C] (channels innermost: :func:`patchify`'s
     layout, Latent MIM's gapped patches). The same float32 operations in the same order as the loader's,
-    so the numbers are the same; entries of other dtypes pass unchanged."""
+    so the numbers are the same; entries of other dtypes pass unchanged. It may run on the loader's batch:
+    the images move to this module's device first."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -61,6 +66,7 @@ class DeviceNormalize(nn.Module):
         for key, value in batch.items():
             if not (torch.is_tensor(value) and value.dtype == torch.uint8):
                 continue
+            value = value.to(self.mean.device, non_blocking=True)
             if value.ndim == 4 and value.shape[1] == channels:
                 shape = (1, channels, 1, 1)
                 x = value.to(torch.float32).mul_(1.0 / 255)

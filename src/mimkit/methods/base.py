@@ -25,8 +25,10 @@ class BatchTransform(nn.Module):
     """A device-side stage between the loader and the method, for augmentations that are cheaper batched
     on the GPU (uint8 crops and colour, CutMix/Mixup, token augmentations). It reads ``batch["seed"]``,
     each sample's seed from (run seed, epoch, index), so it is reproducible and resumes exactly on any
-    number of processes. The engine holds it apart from the method: its modules are frozen and stay out
-    of the optimizer, the EMA teacher and the checkpoint."""
+    number of processes; the seeds stay on the host (seeding a generator from them then needs no sync
+    with the device; ``per_sample_uniform(seeds.to(device), n)`` draws on the device). The engine holds
+    it apart from the method: its modules are frozen and stay out of the optimizer, the EMA teacher and
+    the checkpoint."""
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

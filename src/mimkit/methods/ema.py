@@ -69,7 +69,11 @@ class EMATeacher(nn.Module):
             for t, s in others:
                 t.copy_(s)
         else:
-            torch._foreach_lerp_(teacher_floats, student_floats, (1.0 - m) * valid)
+            # lerp's own formula for weights below 1/2, t + w (s - t), spelt out: _foreach_lerp_ takes a
+            # tensor weight only by reading it on the host, which would wait for the device every step
+            step = torch._foreach_sub(student_floats, teacher_floats)
+            torch._foreach_mul_(step, (1.0 - m) * valid)
+            torch._foreach_add_(teacher_floats, step)
             for t, s in others:
                 t.copy_(torch.where(valid.bool(), s, t))
         self.momentum.fill_(m)

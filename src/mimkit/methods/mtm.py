@@ -152,16 +152,16 @@ class MTM(Method):
             tokenadapt=resolve_tokenadapt(cfg.tokenadapt) if cfg.tokenadapt else None,
         )
 
-    def mask_ratio(self, u: float | torch.Tensor) -> float:
+    def mask_ratio(self, u: float | torch.Tensor) -> torch.Tensor:
+        """The batch's mask ratio at the uniform ``u``, a 0-dim float64 tensor on ``u``'s device."""
         cfg = self.cfg
-        ratio = truncated_normal_ratio(
+        return truncated_normal_ratio(
             u,
             mean=cfg.mask_ratio_mean,
             std=cfg.mask_ratio_std,
             low=cfg.mask_ratio_min,
             high=cfg.mask_ratio_max,
         )
-        return float(ratio)
 
     def predict(
         self,
@@ -178,7 +178,7 @@ class MTM(Method):
         n, length = units.shape[:2]
         if mask_ratio is None:
             u = ratio_noise.flatten()[0] if ratio_noise is not None else torch.rand(())
-            mask_ratio = self.mask_ratio(u.cpu())
+            mask_ratio = self.mask_ratio(u)  # on the device: no host sync
         m = token_masking(n, length, mask_ratio, self.cfg.mask_ratio_min, noise=noise, device=ids.device)
         latent = self.encoder.forward_visible(units, m.ids_keep, units=True, replace=m.replace)
         decoded = self.decoder(latent, m.ids_keep, m.mask)

@@ -133,6 +133,12 @@ def train_classifier(
         )
     if spec.kind == "pixels":  # recorded in the run's config: the normalisation the views use (the encoder's)
         cfg.data.mean, cfg.data.std = spec.mean, spec.std
+    for key in ("normalize", "decode"):
+        if getattr(cfg.data, key) == "device":
+            raise ConfigError(
+                f"data.{key}=device is for pre-training; {task.name} makes its views in the loader (leave "
+                f"data.{key} at its default)"
+            )
     size = getattr(task, "img_size", None) or spec.img_size
     source = build_source(
         cfg.data.train, image_size=size, max_images=cfg.data.max_images, decode_size=cfg.data.decode_size

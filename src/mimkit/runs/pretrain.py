@@ -12,7 +12,7 @@ import torch
 
 from mimkit.checkpoint import seed_all
 from mimkit.configs import Config
-from mimkit.data.loader import ViewDataset
+from mimkit.data.loader import EncodedDataset, ViewDataset
 from mimkit.data.sources import (
     ImageSource,
     build_source,
@@ -70,8 +70,12 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     check_input(method.input_spec(), source)
     method.use_data(source)
     data = training_data(cfg.data, env.device, method.input_spec().kind)
-    stage = DeviceNormalize(data.mean, data.std) if data.normalize == "device" else None
-    dataset = ViewDataset(source, method.train_transform(data), seed=cfg.run.seed, device_stage=stage)
+    views = method.train_transform(data)
+    finish = DeviceNormalize(data.mean, data.std) if data.normalize == "device" else None
+    if data.decode == "device":
+        dataset: ViewDataset = EncodedDataset(source, views, seed=cfg.run.seed, finish=finish)
+    else:
+        dataset = ViewDataset(source, views, seed=cfg.run.seed, device_stage=finish)
     trainer = Trainer(method, cfg, env, out)
     params = sum(p.numel() for p in method.parameters() if p.requires_grad)
     start_run(
@@ -90,6 +94,10 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
         dtype = autocast_dtype(trainer.precision, env.device)
         if cfg.eval.knn:
             bank = None if cfg.eval.train else source
+            if bank is not None and cfg.data.decode_size is not None:  # the evaluation sees full decodes
+                bank = build_source(
+                    cfg.data.train, image_size=cfg.model.img_size, max_images=cfg.data.max_images
+                )
             probes["knn"] = knn_probe(cfg, env, dtype, bank=bank, queries=queries, spec=method.input_spec())
         if cfg.eval.lmim_nn:
             probes["lmim_nn"] = nn_probe(cfg, env, dtype, queries)

@@ -91,9 +91,10 @@ def resolve_host_sync(setting: str, optimizers: dict[str, torch.optim.Optimizer]
 
 
 def float8_layers(module: nn.Module) -> int:
-    """Swap the linear layers that train (not an EMA teacher's, which runs without gradients) for torchao's
-    float8 ones: dynamic per-tensor scales, e4m3 forward, e5m2 gradients. Layers whose sizes are not
-    multiples of 16 (what float8 matmuls take) stay as they are. Returns the number swapped."""
+    """Swap the linear layers that train (not an EMA teacher's, nor any frozen one: a linear probe's
+    encoder) for torchao's float8 ones: dynamic per-tensor scales, e4m3 forward, e5m2 gradients. Layers
+    whose sizes are not multiples of 16 (what float8 matmuls take) stay as they are. Returns the number
+    swapped."""
     try:  # imported here: torchao is optional, and only this opt-in needs it
         from torchao.float8 import convert_to_float8_training
     except ImportError as err:
@@ -103,6 +104,7 @@ def float8_layers(module: nn.Module) -> int:
     def trains(layer: nn.Module, name: str) -> bool:
         return (
             isinstance(layer, nn.Linear)
+            and layer.weight.requires_grad
             and layer.in_features % 16 == 0
             and layer.out_features % 16 == 0
             and not any(name == f or name.startswith(f + ".") for f in frozen)
@@ -130,7 +132,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch's tensors on ``device``, except the samples' seeds: batch stages seed generators from
+    them, which on the host costs no synchronisation with the device."""
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "seed" else v
+        for k, v in batch.items()
+    }
 
 
 class Trainer:
@@ -156,7 +163,8 @@ class Trainer:
         self.batch_transform = module.batch_transform()
         if self.batch_transform is not None:
             self.batch_transform = self.batch_transform.to(env.device).requires_grad_(False).eval()
-        # the dataset's own device-side finish (uint8 images normalised on the device), set by fit()
+        # the dataset's own device-side finish (uint8 images normalised, JPEGs decoded on the device), set by
+        # fit()
         self._input_stage: nn.Module | None = None
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.precision == "fp16")
         if env.enabled:
@@ -178,8 +186,11 @@ class Trainer:
         # optimizer state non-finite (-1: none)
         self._first_bad_loss = torch.full((), -1, dtype=torch.long, device=env.device)
         self._first_bad_state = torch.full((), -1, dtype=torch.long, device=env.device)
-        # (epoch, micro-batch) at the start of each step not yet read, to rewind to a bad one
-        self._step_starts: dict[int, tuple[int, int]] = {}
+        # (epoch, micro-batch, RNG states) at the start of each step not yet read, to rewind to a bad one
+        self._step_starts: dict[int, tuple[int, int, dict]] = {}
+        # the step whose before_step already ran on the weights this run resumed from, or was rewound to
+        # (a teacher that moves before the step must not move twice for it)
+        self._before_step_done: int | None = None
         self._buffers_before = [b.detach().clone() for b in self.module.buffers()]
         self._stop_signal = 0  # set by the signal handler, acted on at a step boundary
         self._stop_now = 0  # the signal every rank agreed to stop on after the current step (0: none)
@@ -207,13 +218,18 @@ class Trainer:
     def start_step(self, progress: float) -> None:
         """Before the first micro-batch of an optimizer step: the method's own schedules (and teachers that
         move before the step) read ``progress``, the fraction of data iterations done."""
-        self._step_starts[self.step + 1] = (self.epoch, self.iter)
+        number = self.step + 1
+        self._step_starts[number] = (self.epoch, self.iter, checkpoint.rng_state())
         valid = self._valid()
-        # buffers move in the forward (BatchNorm statistics of a head): kept as they were before the
-        # first bad step, to be put back with the rest of that state
+        if self._before_step_done == number:  # resumed after this step's before_step had run: not again
+            self.module.before_step(progress, valid=torch.zeros_like(valid))
+        else:
+            self.module.before_step(progress, valid=valid)
+        self._before_step_done = None
+        # buffers move in the forward (BatchNorm statistics of a head): kept as they were at the start of
+        # the first bad step, to be put back with the rest of that state
         for buffer, before in zip(self.module.buffers(), self._buffers_before, strict=True):
             before.copy_(torch.where(valid.bool(), buffer, before))
-        self.module.before_step(progress, valid=valid)
 
     def _valid(self) -> torch.Tensor:
         """1.0 on the device while no step of this run was found not finite, else 0.0: what the method's
@@ -222,10 +238,8 @@ class Trainer:
 
     def micro_step(self, batch: dict[str, Any], *, boundary: bool) -> None:
         """Forward and backward of one micro-batch; gradients are averaged over accum_iter micro-batches."""
-        with torch.no_grad():
-            if self._input_stage is not None:
-                batch = self._input_stage(batch)
-            if self.batch_transform is not None:
+        if self.batch_transform is not None:
+            with torch.no_grad():
                 batch = self.batch_transform(batch)
         sync = contextlib.nullcontext() if boundary or not self.env.enabled else self.model.no_sync()
         with sync:
@@ -292,17 +306,21 @@ class Trainer:
         if bad_state >= 0:
             raise self._spoiled_weights_error(bad_state)
         if bad_loss >= 0:
-            self.epoch, self.iter = self._step_starts[bad_loss]
+            later = self.step - bad_loss
+            self.epoch, self.iter, rng = self._step_starts[bad_loss]
             self.step = bad_loss - 1
             self._first_bad_loss.fill_(-1)  # what is left is the state before the bad step: saved below
             for buffer, before in zip(self.module.buffers(), self._buffers_before, strict=True):
                 buffer.copy_(before)
+            checkpoint.set_rng_state(rng)
+            self._before_step_done = bad_loss
             self.zero_grad()
             path = self.save()
+            skipped = f" (the {later} steps after it were not applied either)" if later > 0 else ""
             raise NonFiniteLoss(
                 f"loss or gradients not finite at step {bad_loss} (epoch {self.epoch}, micro-batch "
-                f"{self.iter}); the weights before it are saved in {path}. Resume with --resume {path} "
-                "after lowering the learning rate, raising warmup or switching run.precision."
+                f"{self.iter}){skipped}; the weights before it are saved in {path}. Resume with --resume "
+                f"{path} after lowering the learning rate, raising warmup or switching run.precision."
             )
         self._step_starts = {k: v for k, v in self._step_starts.items() if k > self.step}
 
@@ -341,6 +359,8 @@ class Trainer:
             "skipped": sorted(set().union(*gather_objects(self.skipped, self.env))),
             "totals": self.run_totals(),
         }
+        if self._before_step_done is not None:
+            state["before_step_done"] = self._before_step_done
         # what the trained model takes (a method's ``input_spec()``, a probe's ``encoder``, a fine-tune's
         # ``model``), so that whoever reads the checkpoint feeds it the input it was trained on, not a
         # config's guess
@@ -395,6 +415,7 @@ class Trainer:
         self.skipped = set(state.get("skipped", ()))
         self.totals = {**self.totals, **state.get("totals", {})}
         self.last_saved = (Path(path), self.step)
+        self._before_step_done = state.get("before_step_done")
         rngs = state["rng"]
         if len(rngs) == self.env.world_size:
             checkpoint.set_rng_state(rngs[self.env.rank])
@@ -485,10 +506,16 @@ class Trainer:
         cfg, env = self.cfg, self.env
         accum, stop_at, total = cfg.optim.accum_iter, cfg.run.stop_at_step, cfg.optim.epochs * iters
         loader.sampler.set_epoch(self.epoch, start=self.epoch_samples())
-        # micro-batches left over at the end of an epoch (iters % accum) are dropped, as in the references:
-        # their gradients are cleared here
         self.zero_grad()
         for batch in loader:
+            if self.iter % accum == 0 and self.iter + accum > iters:
+                # micro-batches left over at an epoch end (iters % accum) are dropped, as in the references
+                # (which compute them, then clear their gradients at the next epoch)
+                session.log.advance(iters - self.iter)
+                break
+            if self._input_stage is not None:
+                with torch.no_grad():  # on the loader's batch: it moves to the device what it works on
+                    batch = self._input_stage(batch)
             self._report_skipped(batch)
             it = self.epoch * iters + self.iter
             if self.iter % accum == 0:
@@ -553,8 +580,9 @@ class Trainer:
     @contextlib.contextmanager
     def _stop_signals_deferred(self) -> Iterator[None]:
         """While training, SIGINT and SIGTERM (what clusters send before preemption) only ask the run to
-        stop at the next step boundary; a second SIGINT interrupts at once. Outside the main thread
-        signals cannot be caught, and the defaults stay."""
+        stop at the next step boundary (under torchrun with host_sync=log: the next log step, where the
+        ranks agree on it); a second SIGINT interrupts at once. Outside the main thread signals cannot be
+        caught, and the defaults stay."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
