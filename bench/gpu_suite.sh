@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One prepared speed suite for a lent GPU (about 6 minutes on one H100-class card), printing one JSON table:
 # each method's ViT-B training step (the recipes' models, batch 256, bf16, synthetic device-resident data)
-# as written (the plain AdamW loop, a host sync every step), then with fused AdamW, with no host sync in the
-# step, compiled (MAE, LUT), with CUDA graphs (MAE) and in float8 (MAE, with FLOAT8=1); the training loader
-# alone on this machine's cores (JPEGs at 224 px, decoded by the workers or on the device); and a short
-# demo CIFAR-10 run per pixel method, all three at once on the one device, each ending in a k-NN accuracy.
+# as written (the plain AdamW loop, a host sync every step), then with fused AdamW, with no host sync in
+# the step, compiled (MAE, LUT), with CUDA graphs (MAE) and in float8 (MAE, with FLOAT8=1), each with a
+# profile of three steps (device time by kind of work, host syncs, idle time); the training loader alone
+# on this machine's cores (JPEGs at 224 px, decoded by the workers or on the device); and a short demo
+# CIFAR-10 run per pixel method, all three at once on the one device, each ending in a k-NN accuracy.
 #
 #   bash bench/gpu_suite.sh            # on the GPU machine, from the repository root
 #   bash bench/gpu_suite.sh --small    # the same steps shrunk to run in a few minutes on a CPU
@@ -30,14 +31,14 @@ print(json.dumps({
 PY
 
 if [[ $SMALL == 1 ]]; then
-  SIZE=(--arch vit_tiny --batch 8 --steps 2 --warmup 1 --precision fp32 model.depth=2 model.embed_dim=64
+  SIZE=(--arch vit_tiny --batch 8 --steps 2 --warmup 2 --profile 2 --precision fp32 model.depth=2 model.embed_dim=64
         model.num_heads=2 method.decoder_depth=1 method.decoder_embed_dim=32 method.decoder_num_heads=2)
   PIX=(--img 32 --patch 4); TOK=(--img 8 --patch 2 --token-grid 8 --vocab 32)
   EXTRA_mae=,compiled; EXTRA_lut=; LOADER=(--images 128 --workers 0,1 --batch 32 --decode cpu,device)
   DEMO=(optim.epochs=1 optim.warmup_epochs=0 data.max_images=64 optim.batch_size=32)
   STEP_LIMIT=300
 else
-  SIZE=(--batch 256 --steps 20 --warmup 5 --precision bf16 --peak-tflops "${PEAK_TFLOPS:-790}")
+  SIZE=(--batch 256 --steps 20 --warmup 5 --profile 3 --precision bf16 --peak-tflops "${PEAK_TFLOPS:-790}")
   PIX=(); TOK=()
   EXTRA_mae=,compiled,cudagraphs${FLOAT8:+,float8}; EXTRA_lut=,compiled
   LOADER=(--images 4096 --workers "0,4,8,$(nproc)" --batch 256 --decode cpu,device); DEMO=(optim.epochs=40)
@@ -83,7 +84,7 @@ def read(path):
     except (OSError, ValueError) as err:
         return {"error": f"{type(err).__name__}: {err}"}
 table = {"env": read(out / "env.json"), "steps": [], "loader": read(out / "loader.json"), "demo": []}
-keep = ("variant", "images_per_s", "mfu", "gflops_per_image", "peak_memory_gib", "step_ms", "error")
+keep = ("variant", "images_per_s", "mfu", "gflops_per_image", "peak_memory_gib", "step_ms", "profile", "error")
 for path in sorted(out.glob("step_*.json")):
     for line in path.read_text().splitlines():
         try:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import resource
 import tempfile
 import time
@@ -102,6 +103,57 @@ VARIANTS = {
 }
 LOG_EVERY = 20  # the engine's default run.log_every: where host_sync=log reads the marks
 
+# what a profile's time is spent on, by operator or kernel name (first match wins)
+CATEGORIES = [
+    ("attention", re.compile(r"attention|flash|fmha|sdpa|scaled_dot", re.I)),
+    (
+        "matmul",
+        re.compile(r"gemm|matmul|\bmm\b|::mm|addmm|bmm|linear|cublas|cutlass|xmma|nvjet|sm\d\d_", re.I),
+    ),
+    ("finite_checks", re.compile(r"LpNorm|foreach_norm", re.I)),  # the engine's non-finite marks
+    ("norm", re.compile(r"norm", re.I)),
+    ("optimizer", re.compile(r"adam|foreach|lars", re.I)),
+]
+# where the host waits for the GPU (.item(), bool() or a shape read from the device end in one of these)
+HOST_SYNCS = re.compile(r"cudaStreamSynchronize|cudaDeviceSynchronize|cudaEventSynchronize")
+
+
+def profile_steps(step, steps: int, device: torch.device) -> dict:
+    """torch.profiler over ``steps`` training steps: milliseconds per step by kind of work (on a GPU, the
+    kernels' device time; on a CPU, the operators' own time), and on a GPU the host syncs per step and the
+    idle time (wall time the device spent without a kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for number in range(steps):
+            step(number)
+        if cuda:
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) * 1000 / steps
+    spent = {name: 0.0 for name, _ in CATEGORIES} | {"elementwise_and_other": 0.0}
+    syncs = 0
+    for event in prof.key_averages():
+        if HOST_SYNCS.search(event.key):
+            syncs += event.count
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us <= 0 or (cuda and event.device_type.name != "CUDA"):
+            continue
+        kind = next(
+            (name for name, pattern in CATEGORIES if pattern.search(event.key)), "elementwise_and_other"
+        )
+        spent[kind] += us / 1000 / steps
+    busy = sum(spent.values())
+    out = {"ms_per_step": {k: round(v, 3) for k, v in spent.items()}, "wall_ms_per_step": round(wall, 3)}
+    if cuda:
+        out["host_syncs_per_step"] = syncs / steps
+        out["device_idle_ms_per_step"] = round(max(wall - busy, 0.0), 3)
+    return out
+
 
 def measure(args: argparse.Namespace, overrides: list[str], tokens: bool, out: str) -> dict:
     """Build the method and its Trainer from ``overrides`` and time ``args.steps`` training steps."""
@@ -134,6 +186,7 @@ def measure(args: argparse.Namespace, overrides: list[str], tokens: bool, out: s
     if env.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    profiled = profile_steps(step, args.profile, env.device) if args.profile else None
 
     images_per_s = args.batch * args.steps / seconds
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(env.device)
@@ -165,6 +218,7 @@ def measure(args: argparse.Namespace, overrides: list[str], tokens: bool, out: s
         "gflops_per_image": round(flops / 1e9, 2),
         "peak_tflops": round(peak / 1e12, 1) if peak else None,
         "mfu": round(flops * images_per_s / peak, 4) if peak else None,
+        **({"profile": profiled} if profiled else {}),
     }
 
 
@@ -210,6 +264,13 @@ def main() -> None:
         type=float,
         help="the peak to state MFU against, e.g. a measured bf16 matmul peak (default: the device's "
         "datasheet dense bf16 figure, when known)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile N steps (torch.profiler): time by kind of work, host syncs, device idle time",
     )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
