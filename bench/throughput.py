@@ -62,7 +62,7 @@ def fake_batch(method, batch: int, img: int, device: torch.device, token_grid: i
         sample = views(torch.randint(0, vocab, (token_grid, token_grid), dtype=torch.int16))
         out = {k: torch.rand(batch, *v.shape, device=device) for k, v in sample.items() if k != "image"}
         out["image"] = torch.randint(0, vocab, (batch, token_grid, token_grid), device=device)
-        out["seed"] = torch.arange(batch, device=device)
+        out["seed"] = torch.arange(batch)  # seeds stay on the host, as the engine keeps them
         return out
     sample = views(torch.randint(0, 256, (3, img, img), dtype=torch.uint8))
     return {k: torch.randn(batch, *v.shape, device=device) for k, v in sample.items()}

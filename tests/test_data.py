@@ -474,3 +474,98 @@ def test_decoding_on_the_device_is_refused_where_it_cannot_apply(tiny, tmp_path)
     with pytest.raises(ValueError, match=r"data.decode=device decodes images; this model reads token_ids"):
         training_data(DataConfig(decode="device"), torch.device("cpu"), "token_ids")
     assert training_data(DataConfig(decode="device"), torch.device("cpu")).normalize == "device"
+
+
+def test_encoded_samples_travel_as_one_tensor_per_batch(tmp_path):
+    """Between processes each tensor costs a file descriptor: a batch of encoded files is one flat tensor
+    (and its shapes), whatever its size; batches of 128 through 2 workers under a limit of 256 open
+    files (one tensor per sample would need about 1,000)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from mimkit.data.loader import EncodedDataset, unpack_encoded
+    from tests.conftest import subprocess_env
+
+    write_jpegs(tmp_path / "img", 6)
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(tmp_path / "img" / "c0" / "flat.png")
+    source = build_source(str(tmp_path / "img"))
+    dataset = EncodedDataset(source, Views(image=lambda x: x))
+    samples = [dataset[(0, i)] for i in range(len(source))]
+    entries = [s["encoded"].clone() for s in samples]
+    batch = collate(samples)
+    assert torch.is_tensor(batch["encoded"]) and batch["encoded"].ndim == 1
+    unpacked = unpack_encoded(batch["encoded"], batch["encoded_shapes"])
+    assert [e.shape for e in unpacked] == [e.shape for e in entries] and all(
+        map(torch.equal, unpacked, entries)
+    )
+    assert sorted(e.ndim for e in entries) == [1] * 6 + [3]  # the PNG arrives decoded
+
+    write_jpegs(tmp_path / "many", 300)
+    script = textwrap.dedent(f"""
+        import resource
+        from mimkit.data import EpochSampler, Views, build_source, make_loader
+        from mimkit.data.loader import EncodedDataset
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        source = build_source({str(tmp_path / "many")!r})
+        sampler = EpochSampler(len(source), seed=0)
+        dataset = EncodedDataset(source, Views(image=lambda x: x))
+        loader = make_loader(dataset, sampler, batch_size=128, num_workers=2, drop_last=True)
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                assert batch["encoded"].ndim == 1 and len(batch["encoded_shapes"]) == 128
+        del loader  # its persistent workers end here, not at interpreter exit
+        print("ok")
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_sample_seeding_leaves_the_gpu_generators_alone(monkeypatch):
+    """The main process seeds every sample's views when the device decodes; the GPUs' generators carry
+    the run's own draws (drop path) and must not be reseeded by them."""
+    from mimkit.data.loader import seeded
+
+    def forbidden(seed):
+        raise AssertionError("a CUDA generator was reseeded")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", forbidden)
+    monkeypatch.setattr(torch.cuda, "manual_seed", forbidden)
+    before = torch.get_rng_state()
+    with seeded(3):
+        a = torch.rand(4)
+    with seeded() as reseed:
+        reseed(3)
+        b = torch.rand(4)
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), before)
+
+
+def test_an_unreadable_buffer_is_named_by_its_path_the_same_each_time(tmp_path):
+    from mimkit.data.sources import UnreadableImage, _decode
+
+    messages = set()
+    for _ in range(2):
+        with pytest.raises(UnreadableImage) as err:
+            _decode("/data/broken.png", data=b"not an image at all")
+        messages.add(str(err.value))
+    (message,) = messages
+    assert message.startswith("/data/broken.png: UnidentifiedImageError") and "0x" not in message
+
+
+def test_reduced_decoding_is_refused_with_device_decoding_and_dropped_for_evaluations(tiny, tmp_path):
+    from mimkit.configs import ConfigError
+    from mimkit.data.sources import Subset, full_size
+
+    with pytest.raises(
+        ConfigError, match=r"'data.decode_size' reduces JPEG decoding in the loader's workers"
+    ):
+        tiny("data.decode=device", "data.decode_size=64")
+    y, x = np.mgrid[0:256, 0:320]
+    Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)).save(tmp_path / "a.jpg")
+    reduced = build_source(str(tmp_path), decode_size=64, max_images=1)
+    whole = full_size(reduced)
+    assert isinstance(whole, Subset) and whole.source is not reduced.source
+    assert reduced.load(0)[0].shape == (3, 64, 80) and whole.load(0)[0].shape == (3, 256, 320)

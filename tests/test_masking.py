@@ -123,6 +123,17 @@ def test_mtm_ratio_is_the_truncated_normal_of_the_spec() -> None:
     assert torch.allclose(ours, torch.from_numpy(expected), atol=1e-9)
     assert float(ours[0]) == low and float(ours[-1]) == high
     assert bool((ours[1:] >= ours[:-1]).all())  # monotone in u
+    # a Python float is read in float64, as a float64 tensor is (not rounded through float32 first)
+    assert all(
+        float(truncated_normal_ratio(float(v))) == float(ours[i])
+        for i, v in zip(range(0, 1001, 97), u[::97], strict=True)
+    )
+    # a ratio as a tensor (drawn on the device) masks exactly as the same ratio as a float
+    noise = torch.rand(3, 196)
+    for v in (0.0, 0.37, 0.5, 0.93, 1.0):
+        ratio = truncated_normal_ratio(v)
+        as_float, as_tensor = (token_masking(3, 196, r, 0.4, noise=noise) for r in (float(ratio), ratio))
+        assert all(torch.equal(a, b) for a, b in zip(as_float, as_tensor, strict=True))
     # the mask counts it gives: ceil(196 r) masked of which ceil(196 * 0.4) = 79 dropped
     r = float(truncated_normal_ratio(0.5))
     m = token_masking(2, 196, r, 0.4, noise=torch.rand(2, 196))

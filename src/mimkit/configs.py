@@ -463,6 +463,11 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
         raise ConfigError(f"'data.num_workers' must be >= 0; got {cfg.data.num_workers}")
+    if cfg.data.decode == "device" and cfg.data.decode_size is not None:
+        raise ConfigError(
+            "'data.decode_size' reduces JPEG decoding in the loader's workers; with data.decode=device the "
+            "device decodes at full size: leave one of them unset"
+        )
     if not 0 < cfg.data.crop_pct <= 1:
         raise ConfigError(f"'data.crop_pct' must lie in (0, 1]; got {cfg.data.crop_pct}")
     if not all(s > 0 for s in cfg.data.std):

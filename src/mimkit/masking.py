@@ -191,7 +191,7 @@ def truncated_normal_ratio(
         raise ValueError(f"the ratio's std must be > 0; got {std}")
     if not 0.0 <= low < high <= 1.0:
         raise ValueError(f"the ratio's range must satisfy 0 <= low < high <= 1; got [{low}, {high}]")
-    u = torch.as_tensor(u).to(torch.float64)
+    u = torch.as_tensor(u, dtype=torch.float64)  # a tensor keeps its device
     if u.device.type == "cpu" and bool(((u < 0) | (u > 1)).any()):
         raise ValueError("u must lie in [0, 1]")
     a = torch.special.ndtr(torch.tensor((low - mean) / std, dtype=torch.float64))

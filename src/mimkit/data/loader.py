@@ -9,6 +9,7 @@ masks that the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -20,18 +21,27 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from mimkit.checkpoint import seed_all
 from mimkit.data.sources import ImageSource, UnreadableImage, decode_batch
 
 
+def seed_cpu(seed: int) -> None:
+    """Seed torch's CPU generator, Python's and NumPy's (timm's RandAugment draws from NumPy) as
+    :func:`~mimkit.checkpoint.seed_all` does, leaving the GPUs' generators alone (in the main process they
+    carry the run's own stream: drop path, dropout)."""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+
+
 @contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run a block with torch's, Python's and NumPy's CPU generators seeded (timm's RandAugment draws from
-    NumPy), then put their states back."""
+def seeded(seed: int | None = None) -> Iterator[Callable[[int], None]]:
+    """Run a block with the CPU generators seeded with ``seed`` (or reseeded by the block through the
+    function it gets, once per sample), then put their states back."""
     torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    seed_all(seed)
+    if seed is not None:
+        seed_cpu(seed)
     try:
-        yield
+        yield seed_cpu
     finally:
         torch.set_rng_state(torch_state)
         random.setstate(py_state)
@@ -115,27 +125,47 @@ class DeviceViews(torch.nn.Module):
         super().__init__()
         self.transform, self.finish = transform, finish
         self.register_buffer("anchor", torch.zeros(0), persistent=False)  # follows .to(device)
+        self._stream: torch.cuda.Stream | None = None
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         if "encoded" not in batch:
             return batch  # every sample of the batch was unreadable in the workers
         batch = dict(batch)
-        encoded, paths = batch.pop("encoded"), batch.pop("path")
-        images, failed = decode_batch(encoded, paths, self.anchor.device)
+        encoded = unpack_encoded(batch.pop("encoded"), batch.pop("encoded_shapes"))
+        images, failed = self._decode(encoded, batch.pop("path"))
         keep = [i for i, image in enumerate(images) if image is not None]
         views = []
-        for i in keep:
-            with seeded(int(batch["seed"][i])):
-                views.append(self.transform(images[i]))
+        with seeded() as reseed:
+            for i, seed in enumerate(batch["seed"].tolist()):
+                if images[i] is not None:
+                    reseed(seed)
+                    views.append(self.transform(images[i]))
         batch["skipped"] = [*batch.get("skipped", []), *failed]
         if not views:
             return {"skipped": batch["skipped"]}
-        rows = torch.tensor(keep)
-        for key, value in batch.items():
-            if torch.is_tensor(value):
-                batch[key] = value[rows]
+        if len(keep) < len(images):
+            rows = torch.tensor(keep)
+            batch.update({k: v[rows] for k, v in batch.items() if torch.is_tensor(v)})
         batch.update({key: torch.stack([v[key] for v in views]) for key in views[0]})
         return self.finish(batch) if self.finish is not None else batch
+
+    def _decode(self, encoded: list[torch.Tensor], paths: list[str]) -> tuple[list, list[str]]:
+        """On a GPU the decoder writes on a stream of its own: its outputs are allocated on a side stream
+        (so no block the training stream may still read is handed to it) and the training stream waits
+        for them."""
+        device = self.anchor.device
+        if device.type != "cuda":
+            return decode_batch(encoded, paths, device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        current = torch.cuda.current_stream(device)
+        with torch.cuda.stream(self._stream):
+            images, failed = decode_batch(encoded, paths, device)
+        current.wait_stream(self._stream)
+        for image in images:
+            if image is not None:
+                image.record_stream(current)
+        return images, failed
 
 
 def _signed(value: int) -> int:
@@ -185,14 +215,24 @@ class FeatureDataset(ViewDataset):
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the readable samples; the unreadable ones travel as a list of messages under 'skipped'.
-    Encoded files (:class:`EncodedDataset`), of differing lengths, travel as a list."""
+    Encoded files (:class:`EncodedDataset`), of differing lengths, travel as one flat tensor and their
+    shapes (one tensor per batch between processes, not one per sample: each costs a file descriptor)."""
     good = [s for s in samples if "skipped" not in s]
     encoded = [s.pop("encoded") for s in good if "encoded" in s]
     batch = default_collate(good) if good else {}
     if encoded:
-        batch["encoded"] = encoded
+        batch["encoded"] = torch.cat([e.reshape(-1) for e in encoded])
+        batch["encoded_shapes"] = torch.tensor([[*e.shape] + [0] * (3 - e.ndim) for e in encoded])
     batch["skipped"] = [s["skipped"] for s in samples if "skipped" in s]
     return batch
+
+
+def unpack_encoded(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`collate`'s flat tensor back into the samples' entries: a JPEG's bytes [N] (a shape row
+    (N, 0, 0)) or a decoded image [C, H, W]."""
+    rows = [[d for d in row if d] for row in shapes.tolist()]
+    pieces = torch.split(flat, [math.prod(row) for row in rows])
+    return [piece.view(*row) for piece, row in zip(pieces, rows, strict=True)]
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

@@ -11,6 +11,7 @@ loader reports by path and skips.
 
 from __future__ import annotations
 
+import copy
 import glob
 import io
 import os
@@ -233,8 +234,9 @@ class SyntheticSource(ImageSource):
 def _decode(path: str, decode_size: int | None = None, data: bytes | None = None) -> torch.Tensor:
     # PIL rather than torchvision.io: torchvision deprecates its decoders from 0.29 on, and PIL reads
     # every format ImageFolder users have. ``data``: the file's bytes, already read
+    buffer = io.BytesIO(data) if data is not None else None
     try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as im:
+        with Image.open(buffer if buffer is not None else path) as im:
             if decode_size is not None:
                 # JPEG only (a no-op for other formats): the smallest DCT scale whose sides stay >= size
                 im.draft(None, (decode_size, decode_size))
@@ -242,7 +244,9 @@ def _decode(path: str, decode_size: int | None = None, data: bytes | None = None
     except UnreadableImage:
         raise
     except Exception as err:
-        raise UnreadableImage(f"{path}: {type(err).__name__}: {err}") from err
+        # PIL names a buffer by its repr, an address that changes per call: the message names the file
+        said = str(err).replace(repr(buffer), repr(path)) if buffer is not None else str(err)
+        raise UnreadableImage(f"{path}: {type(err).__name__}: {said}") from err
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
@@ -342,6 +346,23 @@ class FolderSource(ImageSource):
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def full_size(source: ImageSource) -> ImageSource:
+    """``source`` as it reads without reduced JPEG decoding (``decode_size``): the same files, not scanned
+    again."""
+    if isinstance(source, Subset):
+        inner = full_size(source.source)
+        if inner is source.source:
+            return source
+        out = copy.copy(source)
+        out.source = inner
+        return out
+    if getattr(source, "decode_size", None) is None:
+        return source
+    out = copy.copy(source)
+    out.decode_size = None
+    return out
 
 
 def decode_batch(

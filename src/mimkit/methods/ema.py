@@ -69,11 +69,10 @@ class EMATeacher(nn.Module):
             for t, s in others:
                 t.copy_(s)
         else:
-            # lerp's own formula for weights below 1/2, t + w (s - t), spelt out: _foreach_lerp_ takes a
-            # tensor weight only by reading it on the host, which would wait for the device every step
-            step = torch._foreach_sub(student_floats, teacher_floats)
-            torch._foreach_mul_(step, (1.0 - m) * valid)
-            torch._foreach_add_(teacher_floats, step)
+            # a weight tensor per entry: _foreach_lerp_ reads a single tensor weight on the host, which
+            # would wait for the device every step
+            weight = (1.0 - m) * valid
+            torch._foreach_lerp_(teacher_floats, student_floats, [weight] * len(teacher_floats))
             for t, s in others:
                 t.copy_(torch.where(valid.bool(), s, t))
         self.momentum.fill_(m)

@@ -47,7 +47,9 @@ def gap_patchify(
         offsets = torch.stack([rows, cols], dim=-1)
     elif offsets.shape != (n, gh, gw, 2):
         raise ValueError(f"offsets must have shape {(n, gh, gw, 2)}, got {tuple(offsets.shape)}")
-    offsets = offsets.to(imgs.device)
+    if imgs.device.type == "cuda" and offsets.device.type == "cpu":
+        offsets = offsets.pin_memory()  # a pageable copy would wait for the device
+    offsets = offsets.to(imgs.device, non_blocking=True)
     span = torch.arange(p, device=imgs.device)
     top = (torch.arange(gh, device=imgs.device) * cell)[None, :, None, None] + offsets[..., 0, None] + span
     left = (torch.arange(gw, device=imgs.device) * cell)[None, None, :, None] + offsets[..., 1, None] + span

@@ -17,6 +17,7 @@ from mimkit.data.sources import (
     ImageSource,
     build_source,
     check_input,
+    full_size,
     needs_vocab,
     tokenized_for,
     vocab_from_data,
@@ -94,10 +95,8 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
         dtype = autocast_dtype(trainer.precision, env.device)
         if cfg.eval.knn:
             bank = None if cfg.eval.train else source
-            if bank is not None and cfg.data.decode_size is not None:  # the evaluation sees full decodes
-                bank = build_source(
-                    cfg.data.train, image_size=cfg.model.img_size, max_images=cfg.data.max_images
-                )
+            if bank is not None:
+                bank = full_size(bank)  # evaluations see whole decodes, as any other evaluation does
             probes["knn"] = knn_probe(cfg, env, dtype, bank=bank, queries=queries, spec=method.input_spec())
         if cfg.eval.lmim_nn:
             probes["lmim_nn"] = nn_probe(cfg, env, dtype, queries)

@@ -4,6 +4,7 @@ here: a module's forward(batch) returns a StepOutput, the Trainer does the rest.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import signal
 import sys
@@ -458,7 +459,8 @@ class Trainer:
         cfg = self.cfg
         loader, iters = self._loader(dataset)
         stage = getattr(dataset, "device_stage", None)
-        self._input_stage = stage.to(self.env.device) if stage is not None else None
+        # a copy: the dataset goes to the loader's workers, which must not receive GPU tensors
+        self._input_stage = copy.deepcopy(stage).to(self.env.device) if stage is not None else None
         log = RunLogger(
             self.out_dir,
             enabled=self.env.is_main,
