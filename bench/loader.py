@@ -17,6 +17,7 @@ JSON object.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -61,7 +62,7 @@ def measure(dataset: ViewDataset, workers: int, batch: int, epochs: int, device:
     )
     stage = dataset.device_stage
     if stage is not None and (device.type == "cuda" or isinstance(dataset, EncodedDataset)):
-        stage = stage.to(device)
+        stage = copy.deepcopy(stage).to(device)  # as the engine does: the workers get the dataset's own
     else:
         stage = None  # a CPU cannot stand in for a GPU's normalisation of uint8 batches: not timed
     seen, start = 0, None

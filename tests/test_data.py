@@ -500,6 +500,15 @@ def test_encoded_samples_travel_as_one_tensor_per_batch(tmp_path):
         map(torch.equal, unpacked, entries)
     )
     assert sorted(e.ndim for e in entries) == [1] * 6 + [3]  # the PNG arrives decoded
+    odd = [
+        torch.zeros(3, 0, 5, dtype=torch.uint8),
+        torch.zeros(0, dtype=torch.uint8),
+        torch.ones(1, 2, 2).byte(),
+    ]
+    packed = collate([{"encoded": e.clone(), "label": 0} for e in odd])
+    assert [e.shape for e in unpack_encoded(packed["encoded"], packed["encoded_shapes"])] == [
+        e.shape for e in odd
+    ]
 
     write_jpegs(tmp_path / "many", 300)
     script = textwrap.dedent(f"""

@@ -656,3 +656,30 @@ def test_compile_mode_and_tf32_reach_torch(tiny, tmp_path, monkeypatch):
     Trainer(build_method(cfg), cfg, init_distributed("cpu"), tmp_path)
     assert seen == {"mode": "reduce-overhead"}
     assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_a_run_that_fails_with_loader_workers_still_exits(tmp_path):
+    """The workers ignore SIGTERM (the main process saves first on a stop signal): a failure that leaves
+    the loader referenced by its traceback must not leave the interpreter waiting for them at exit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.conftest import TINY, subprocess_env
+
+    script = textwrap.dedent(f"""
+        from mimkit.configs import build_config
+        from mimkit.data import ViewDataset, build_source
+        from mimkit.distributed import init_distributed
+        from mimkit.methods import build_method
+        from mimkit.train.engine import Trainer
+        cfg = build_config(None, {[*TINY, "data.num_workers=1", "optim.epochs=1"]!r} + ["run.out={tmp_path}"])
+        method = build_method(cfg)
+        data = ViewDataset(build_source("synthetic:64", image_size=16), method.train_transform(cfg.data))
+        trainer = Trainer(method, cfg, init_distributed("cpu"), {str(tmp_path)!r})
+        trainer.fit(data, on_epoch_end=lambda e: 1 / 0)
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "ZeroDivisionError" in done.stderr, done.stderr[-2000:]

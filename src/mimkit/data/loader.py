@@ -222,15 +222,15 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch = default_collate(good) if good else {}
     if encoded:
         batch["encoded"] = torch.cat([e.reshape(-1) for e in encoded])
-        batch["encoded_shapes"] = torch.tensor([[*e.shape] + [0] * (3 - e.ndim) for e in encoded])
+        batch["encoded_shapes"] = torch.tensor([[e.ndim, *e.shape] + [0] * (3 - e.ndim) for e in encoded])
     batch["skipped"] = [s["skipped"] for s in samples if "skipped" in s]
     return batch
 
 
 def unpack_encoded(flat: torch.Tensor, shapes: torch.Tensor) -> list[torch.Tensor]:
     """:func:`collate`'s flat tensor back into the samples' entries: a JPEG's bytes [N] (a shape row
-    (N, 0, 0)) or a decoded image [C, H, W]."""
-    rows = [[d for d in row if d] for row in shapes.tolist()]
+    (1, N, 0, 0)) or a decoded image [C, H, W] (a row (3, C, H, W))."""
+    rows = [row[1 : 1 + row[0]] for row in shapes.tolist()]
     pieces = torch.split(flat, [math.prod(row) for row in rows])
     return [piece.view(*row) for piece, row in zip(pieces, rows, strict=True)]
 
@@ -316,6 +316,16 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def close_loader(loader: DataLoader) -> None:
+    """End a loader's persistent workers now. They ignore SIGTERM (:func:`_ignore_stop_signals`), so
+    workers still alive when the interpreter exits (a traceback keeps the loader referenced) would leave
+    multiprocessing's exit handler waiting for them forever."""
+    shutdown = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    loader._iterator = None
 
 
 def make_loader(

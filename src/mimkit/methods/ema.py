@@ -45,17 +45,15 @@ class EMATeacher(nn.Module):
         return self.module(*args, **kwargs)
 
     def _pairs(self, student: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple]]:
-        ours = dict(self.module.named_parameters())
-        theirs = dict(student.named_parameters())
-        if self.include_buffers:
-            ours.update(self.module.named_buffers())
-            theirs.update(student.named_buffers())
-        if ours.keys() != theirs.keys():
-            missing = sorted(set(ours) ^ set(theirs))[:5]
+        """(the teacher's parameters, the student's, [(teacher buffer, student buffer)])."""
+        ours, theirs = dict(self.module.named_parameters()), dict(student.named_parameters())
+        our_buffers = dict(self.module.named_buffers()) if self.include_buffers else {}
+        their_buffers = dict(student.named_buffers()) if self.include_buffers else {}
+        if ours.keys() | our_buffers.keys() != theirs.keys() | their_buffers.keys():
+            missing = sorted((ours.keys() | our_buffers.keys()) ^ (theirs.keys() | their_buffers.keys()))[:5]
             raise ValueError(f"the student no longer matches its EMA teacher (differing entries: {missing})")
-        floats = [k for k in ours if ours[k].is_floating_point()]
-        others = [(ours[k], theirs[k]) for k in ours if not ours[k].is_floating_point()]
-        return [ours[k] for k in floats], [theirs[k].detach() for k in floats], others
+        buffers = [(our_buffers[k], their_buffers[k]) for k in our_buffers]
+        return list(ours.values()), [theirs[k].detach() for k in ours], buffers
 
     @torch.no_grad()
     def update(self, student: nn.Module, progress: float = 0.0, valid: torch.Tensor | None = None) -> float:
@@ -63,17 +61,26 @@ class EMATeacher(nn.Module):
         ``valid`` (a 0-dim float on the device, see :meth:`Trainable.after_step`) at 0.0 leaves the teacher
         as it is, with no host sync."""
         m = cosine_momentum(self.base_momentum, progress) if self.cosine else self.base_momentum
-        teacher_floats, student_floats, others = self._pairs(student)
+        teacher_params, student_params, buffers = self._pairs(student)
         if valid is None:
-            torch._foreach_lerp_(teacher_floats, student_floats, 1.0 - m)
-            for t, s in others:
-                t.copy_(s)
+            torch._foreach_lerp_(teacher_params, student_params, 1.0 - m)
+            for t, s in buffers:
+                if t.is_floating_point():
+                    t.lerp_(s, 1.0 - m)
+                else:
+                    t.copy_(s)
         else:
-            # a weight tensor per entry: _foreach_lerp_ reads a single tensor weight on the host, which
-            # would wait for the device every step
+            # lerp's formula for weights below 1/2, t + w (s - t), in three fused calls: _foreach_lerp_
+            # would read a single tensor weight on the host (a wait for the device every step), and takes
+            # a list of them only one tensor at a time. The parameters stay finite when a step is skipped
+            # (the optimizer skips it too), so w = 0 leaves them exactly as they are
             weight = (1.0 - m) * valid
-            torch._foreach_lerp_(teacher_floats, student_floats, [weight] * len(teacher_floats))
-            for t, s in others:
-                t.copy_(torch.where(valid.bool(), s, t))
+            step = torch._foreach_sub(student_params, teacher_params)
+            torch._foreach_mul_(step, weight)
+            torch._foreach_add_(teacher_params, step)
+            # buffers (BatchNorm statistics) move in the forward and may be NaN after a bad one: selected
+            keep = valid.bool()
+            for t, s in buffers:
+                t.copy_(torch.where(keep, torch.lerp(t, s, weight) if t.is_floating_point() else s, t))
         self.momentum.fill_(m)
         return m

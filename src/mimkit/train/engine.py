@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mimkit import checkpoint
 from mimkit.configs import Config, diff, to_dict
-from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
+from mimkit.data.loader import EpochSampler, ViewDataset, close_loader, make_loader
 from mimkit.distributed import (
     DistEnv,
     all_gather_rows,
@@ -225,12 +225,17 @@ class Trainer:
         if self._before_step_done == number:  # resumed after this step's before_step had run: not again
             self.module.before_step(progress, valid=torch.zeros_like(valid))
         else:
-            self.module.before_step(progress, valid=valid)
+            self.module.before_step(progress, valid=self._hook_valid(valid))
         self._before_step_done = None
         # buffers move in the forward (BatchNorm statistics of a head): kept as they were at the start of
         # the first bad step, to be put back with the rest of that state
         for buffer, before in zip(self.module.buffers(), self._buffers_before, strict=True):
             before.copy_(torch.where(valid.bool(), buffer, before))
+
+    def _hook_valid(self, valid: torch.Tensor) -> torch.Tensor | None:
+        """What the method's hooks get: with host_sync=step no bad step survives to them (None: the plain
+        update); with log the device's mark."""
+        return valid if self.host_sync == "log" else None
 
     def _valid(self) -> torch.Tensor:
         """1.0 on the device while no step of this run was found not finite, else 0.0: what the method's
@@ -289,7 +294,7 @@ class Trainer:
         spoiled = ~all_finite(self._trained_state()) & (self._first_bad_state < 0)
         self._first_bad_state = torch.where(spoiled, number, self._first_bad_state)
         self.step += 1
-        self.module.after_step(progress, valid=valid)
+        self.module.after_step(progress, valid=self._hook_valid(valid))
 
     def check_health(self) -> None:
         """Read the device's marks (one host sync; every rank gets the same answer). An update that left
@@ -487,6 +492,7 @@ class Trainer:
                     session.last_save = time.monotonic()
                 self._stop_if_signalled_late()
         finally:
+            close_loader(loader)
             log.close()
             session.take_window()
             self.totals, self._session = self.run_totals(), None
