@@ -43,6 +43,7 @@ from mimkit.methods import MAE, MTM, build_method
 from mimkit.methods.mae import MAEConfig
 from mimkit.models.patches import patchify
 from mimkit.models.vit import build_encoder
+from tests.test_tokenizer import small_token_encoder
 
 GREY = 0.5
 
@@ -763,18 +764,8 @@ def test_upsampled_encoder_keeps_the_weights_on_a_finer_grid():
         assert bigger.forward_visible(torch.randn(1, 3, 64, 64)).shape == (1, 65, 64)
     with pytest.raises(ValueError):
         upsampled_encoder(encoder, 0)
-    token_encoder = build_encoder(
-        "vit_tiny",
-        img_size=8,
-        patch_size=2,
-        embed_dim=64,
-        depth=2,
-        num_heads=4,
-        stem="token_ids",
-        vocab_size=24,
-    )
     with pytest.raises(ValueError):
-        upsampled_encoder(token_encoder, 2)
+        upsampled_encoder(small_token_encoder(), 2)
 
 
 def test_patch_features_are_the_last_blocks_patch_tokens():

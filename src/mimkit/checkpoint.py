@@ -127,12 +127,19 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def seed_all(seed: int) -> None:
-    """Seed every generator a training step may draw from: torch (CPU and CUDA), Python and NumPy (timm's
-    Mixup draws its mixing weights from NumPy in the main process)."""
-    torch.manual_seed(seed)
+def seed_cpu(seed: int) -> None:
+    """Seed the CPU generators a view or a step may draw from: torch's, Python's and NumPy's (timm's
+    RandAugment and Mixup draw from NumPy), leaving the GPUs' alone (in a training process they carry the
+    run's own stream: drop path, dropout)."""
+    torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
+
+
+def seed_all(seed: int) -> None:
+    """Seed every generator a training step may draw from: :func:`seed_cpu`'s and the GPUs'."""
+    seed_cpu(seed)
+    torch.cuda.manual_seed_all(seed)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -21,16 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from mimkit.checkpoint import seed_cpu
 from mimkit.data.sources import ImageSource, UnreadableImage, decode_batch
-
-
-def seed_cpu(seed: int) -> None:
-    """Seed torch's CPU generator, Python's and NumPy's (timm's RandAugment draws from NumPy) as
-    :func:`~mimkit.checkpoint.seed_all` does, leaving the GPUs' generators alone (in the main process they
-    carry the run's own stream: drop path, dropout)."""
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
 
 
 @contextmanager

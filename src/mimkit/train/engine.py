@@ -91,11 +91,10 @@ def resolve_host_sync(setting: str, optimizers: dict[str, torch.optim.Optimizer]
     return setting
 
 
-def float8_layers(module: nn.Module) -> int:
+def float8_layers(module: nn.Module) -> None:
     """Swap the linear layers that train (not an EMA teacher's, nor any frozen one: a linear probe's
     encoder) for torchao's float8 ones: dynamic per-tensor scales, e4m3 forward, e5m2 gradients. Layers
-    whose sizes are not multiples of 16 (what float8 matmuls take) stay as they are. Returns the number
-    swapped."""
+    whose sizes are not multiples of 16 (what float8 matmuls take) stay as they are."""
     try:  # imported here: torchao is optional, and only this opt-in needs it
         from torchao.float8 import convert_to_float8_training
     except ImportError as err:
@@ -111,9 +110,7 @@ def float8_layers(module: nn.Module) -> int:
             and not any(name == f or name.startswith(f + ".") for f in frozen)
         )
 
-    before = sum(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in module.modules())
     convert_to_float8_training(module, module_filter_fn=trains)
-    return sum(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in module.modules()) - before
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
