@@ -1,14 +1,18 @@
 import json
+import os
+import stat
 import subprocess
 import sys
 
 import pytest
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mimkit.cli import main
 from mimkit.configs import to_dict
+from mimkit.interop.load import load_encoder
 from mimkit.methods import build_method
 from tests.conftest import TINY, tiny_config
 
@@ -39,15 +43,37 @@ def test_pretrain_knn_and_export_from_the_command_line(tmp_path, capsys):
     assert knn["k"] == 5 and knn["pool"] == "mean"  # unset options follow the run's eval settings
 
     export = tmp_path / "enc.safetensors"
-    assert main(["export", str(out), "--out", str(export)]) == 0
-    model = timm.create_model(
-        "vit_tiny_patch16_224", num_classes=0, img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2
+    old_umask = os.umask(0o077)  # a restrictive umask, as on shared machines: the export stays readable
+    try:
+        assert main(["export", str(out), "--out", str(export)]) == 0
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(export.stat().st_mode) == 0o600  # 0644 less the umask, never wider
+    assert main(["export", str(out), "--out", str(tmp_path / "open.safetensors")]) == 0
+    assert stat.S_IMODE((tmp_path / "open.safetensors").stat().st_mode) == 0o644 & ~old_umask
+    printed = capsys.readouterr().out
+    assert (
+        "global_pool='avg'" in printed and "fc_norm=False" in printed and "pretrained_cfg_overlay=" in printed
     )
+    with safe_open(str(export), framework="pt") as f:
+        meta = f.metadata()
+    kwargs = json.loads(meta["timm_kwargs"])
+    model = timm.create_model(meta["timm_model"], **kwargs)
     model.load_state_dict(load_file(export), strict=True)
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert torch.equal(
         model.state_dict()["blocks.1.mlp.fc2.weight"], ckpt["model"]["encoder.blocks.1.mlp.fc2.weight"]
     )
+    # timm's data config is mimkit's evaluation view, and its pooled feature is the run's k-NN feature
+    data = timm.data.resolve_data_config({}, model=model)
+    assert tuple(data["input_size"]) == (3, 16, 16)
+    assert data["crop_pct"] == 1.0 and data["interpolation"] == "bicubic"
+    assert list(data["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    assert list(data["std"]) == pytest.approx([0.229, 0.224, 0.225])
+    encoder, _ = load_encoder(str(out))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), encoder.eval().features(x, pool="mean"))
     # the export is itself an input of mimkit knn
     assert (
         main(
@@ -152,3 +178,32 @@ def test_task_print_config_runs_the_checks_training_runs(tmp_path, capsys, comma
     captured = capsys.readouterr()
     assert f"mimkit: error: {message}" in captured.err and captured.out == ""
     assert main([command, run, "--print-config", "eval.val=synthetic:8"]) == 0
+
+
+def test_version_and_recipe_descriptions_in_whole_sentences(capsys):
+    from mimkit.cli import recipe_summary
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("mimkit ")
+    text = "# One idea (with a\n# parenthesis) that runs over: two lines.\n# More.\nmodel:\n"
+    assert recipe_summary(text) == "One idea (with a parenthesis) that runs over"
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out
+    assert "mtm_demo" in listed and "finetune_tokens" in listed
+
+
+def test_progress_without_a_terminal_is_plain_timed_lines(capsys):
+    from mimkit.progress import PlainProgress
+
+    bar = PlainProgress(100, "features of demo:val", "img", interval=0.0)
+    bar.update(40)
+    bar.update(60)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("features of demo:val: 40/100 img (") and "eta" in lines[0]
+    assert lines[1].startswith("features of demo:val: 100/100 img (")
+    quiet = PlainProgress(100, "x", interval=3600.0)
+    quiet.update(100)
+    quiet.close()  # within the interval: nothing to say
+    assert capsys.readouterr().err == ""

@@ -265,3 +265,14 @@ def test_fine_tune_settings_that_training_would_refuse():
     assert build_config("finetune", [*base, "optim.batch_size=7", "method.mixup=0", "method.cutmix=0"])
     with pytest.raises(ConfigError, match=r"'method.img_size' must be at least 1 .*; got 0"):
         build_config("finetune", [*base, "method.img_size=0"])
+
+
+def test_a_run_shorter_than_its_warmup_keeps_the_recipes_share_with_a_note(capsys):
+    cfg = build_config("demo", ["optim.epochs=2"])  # the demo warms up 4 of 40 epochs
+    assert cfg.optim.warmup_epochs == pytest.approx(0.2)
+    assert (
+        "note: optim.warmup_epochs 4 is longer than the run's 2 epochs; warming up for 0.2 epochs, the "
+        "recipe's share (set optim.warmup_epochs to choose)" in capsys.readouterr().err
+    )
+    with pytest.raises(ConfigError, match=r"'optim.warmup_epochs' must lie in \[0, optim.epochs=2\]; got 3"):
+        build_config("demo", ["optim.epochs=2", "optim.warmup_epochs=3"])  # the user's own: checked

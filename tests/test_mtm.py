@@ -141,6 +141,24 @@ def test_loss_equals_the_spec_computation_on_fixed_ids_and_masks():
         torch.testing.assert_close(ours, spec_loss(method, ids, noise, ratio), rtol=1e-5, atol=1e-6)
 
 
+def test_masked_token_accuracy_is_logged_beside_the_most_common_id():
+    """The majority baseline is the share of the most common id among the cells of masked patches: what a
+    model that learnt nothing about the tokens would score."""
+    method = randomised(tiny_mtm()).eval()
+    ids = torch.zeros(2, GRID, GRID, dtype=torch.long)
+    ids[:, : GRID // 2, : GRID // 2] = 3  # id 3 fills the top-left quarter: half of the masked top rows
+    noise = torch.arange((GRID // 2) ** 2, dtype=torch.float).repeat(2, 1)  # masks the first patches
+    metrics = method({"image": ids}, noise=noise, mask_ratio=0.5).metrics
+    g = GRID // 2
+    masked = torch.zeros(g, g, dtype=torch.bool).flatten()
+    masked[: math.ceil(g * g * 0.5)] = True
+    cells = ids[0].reshape(g, 2, g, 2).permute(0, 2, 1, 3).reshape(g * g, 4)[masked].flatten()
+    expected = torch.bincount(cells).max() / cells.numel()
+    assert float(expected) == 0.5  # over every cell it would be 0.75
+    assert float(metrics["masked_token_majority"]) == pytest.approx(float(expected))
+    assert 0 <= float(metrics["masked_token_acc"]) <= 1
+
+
 def test_tied_head_sends_no_gradient_into_the_embedding_table():
     method = tiny_mtm().eval()
     ids = torch.randint(0, VOCAB, (2, GRID, GRID), generator=torch.Generator().manual_seed(1))

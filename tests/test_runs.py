@@ -139,3 +139,15 @@ def test_a_run_killed_hard_does_not_leave_its_folder_locked(tmp_path):
     process.kill()
     process.wait(timeout=30)
     assert main(["pretrain", "--out", str(out), *TINY, "optim.epochs=30", "run.stop_at_step=1"]) == 0
+
+
+def test_a_run_that_fails_to_start_leaves_no_folder_and_names_the_key(tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    assert main(["pretrain", "--config", "mae_cifar10", "--out", str(out), "data.train=/no/cifar"]) == 2
+    assert "mimkit: error: data.train: data path '/no/cifar' does not exist" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    assert main(["pretrain", "--out", str(out), "eval.val=/no/val", *TINY[:-1]]) == 2
+    assert "mimkit: error: eval.val: data path '/no/val' does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # the user's folder stays, unlocked

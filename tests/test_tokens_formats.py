@@ -158,7 +158,10 @@ def test_check_seit_target_gives_the_writers_errors(tmp_path: Path) -> None:
 def test_seit_refuses_an_existing_dataset_unless_overwrite(tmp_path: Path) -> None:
     data = tmp_path / "t-token.data.bin.gz"
     write_tokens(data, random_tokens(4, seed=21), [0, 1, 2, 0], to="seit")
-    exists = r"t-token\.data\.bin\.gz: already exists; remove it \(and its t-token\.index\.npy\.gz\) first"
+    exists = (
+        r"t-token\.data\.bin\.gz: already exists and is not overwritten; remove it \(and its "
+        r"t-token\.index\.npy\.gz\) first, or write to another name"
+    )
     with pytest.raises(ValueError, match=exists):
         write_tokens(data, random_tokens(3, seed=22), to="seit")
     with pytest.raises(ValueError, match=exists):

@@ -4,9 +4,13 @@ tokenize, tokens and tokenadapt for token datasets."""
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import re
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 from mimkit.configs import POOLS, RECIPE_DIR, Config, ConfigError, build_config, to_yaml
@@ -50,6 +54,13 @@ def _pretrain(args: argparse.Namespace) -> int:
         if "knn_at_init" in summary:
             line += f" (the encoder at initialisation: top-1 {summary['knn_at_init']['top1']:.2f}%)"
         print(line)
+    last = summary.get("last_logged") or {}
+    if "masked_token_acc" in last:
+        majority = last.get("masked_token_majority")
+        print(
+            f"masked-token accuracy (last logged step) {100 * last['masked_token_acc']:.2f}%"
+            + (f" (always the most common id: {100 * majority:.2f}%)" if majority is not None else "")
+        )
     nn1 = summary.get("lmim_nn")
     if nn1 is not None:
         line = f"leave-one-out 1-NN ({nn1['pool']}) on {nn1['val']}: top-1 {nn1['top1']:.2f}%"
@@ -74,6 +85,7 @@ def _knn(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         device=args.device,
         out=args.out,
+        tokenizer=args.tokenizer,
     )
     if args.protocol == "lmim_nn":
         print(f"leave-one-out 1-NN ({result['pool']}) on {result['val']}: top-1 {result['top1']:.2f}%")
@@ -112,6 +124,7 @@ def _analyze(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,
+        tokenizer=args.tokenizer,
     )
     for row in result["checkpoints"]:
         distance, rank = row["attention_distance_mean"], row["effective_rank_mean"]
@@ -126,7 +139,11 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _train_task(args: argparse.Namespace) -> int:
-    overrides = [*([f"method.weights={args.weights}"] if args.weights else []), *args.overrides]
+    overrides = [
+        *([f"method.weights={args.weights}"] if args.weights else []),
+        *([f"data.tokenizer={args.tokenizer}"] if args.tokenizer else []),
+        *args.overrides,
+    ]
     if args.checkpoint == SCRATCH:  # a new encoder of the recipe's model section
         loaded = None
         out = args.out or f"runs/{Path(args.config or args.command).stem}"
@@ -167,6 +184,7 @@ def _eval(args: argparse.Namespace) -> int:
         device=args.device,
         out=args.out,
         overrides=args.overrides,
+        tokenizer=args.tokenizer,
     )
     if markdown:
         print(markdown, end="")
@@ -177,12 +195,17 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.checkpoint).with_suffix("")) + f"-{args.weights}.safetensors"
     spec = export_encoder(args.checkpoint, out, args.weights)
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
+    kwargs = ",\n      ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
     print(
         f"wrote {spec['path']}\nload it with:\n"
         f"  import timm, safetensors.torch\n"
-        f"  model = timm.create_model({spec['model_name']!r}, {kwargs})\n"
-        f"  model.load_state_dict(safetensors.torch.load_file({spec['path']!r}))"
+        f"  model = timm.create_model(\n      {spec['model_name']!r},\n      {kwargs},\n  )\n"
+        f"  model.load_state_dict(safetensors.torch.load_file({spec['path']!r}))\n"
+        f"  config = timm.data.resolve_data_config({{}}, model=model)  # mimkit's evaluation view\n"
+        f"(model(x) is the run's k-NN feature, '{spec['pool']}'"
+        + ("; timm has no pooling before the final norm: it pools after it" if spec["pool"] == "mean_prenorm"
+           else "")
+        + ")"
     )
     return 0
 
@@ -280,10 +303,27 @@ def _tokens(args: argparse.Namespace) -> int:
     return 1 if args.action == "verify" and result.get("bad") else 0
 
 
+def recipe_summary(text: str) -> str:
+    """The first sentence of a recipe's leading comment, which may run over several lines."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").strip())
+    comment = " ".join(part for part in lines if part)
+    match = re.search(r"[.:](\s|$)", comment)
+    if not match:
+        return comment
+    return comment[: match.start() + (comment[match.start()] == ".")]
+
+
 def _recipes(args: argparse.Namespace) -> int:
+    width = max(60, shutil.get_terminal_size((100, 24)).columns)
     for path in sorted(RECIPE_DIR.glob("*.yaml")):
-        first = path.read_text().splitlines()[0].lstrip("# ").strip() if path.read_text() else ""
-        print(f"{path.stem:32s} {first}")
+        wrapped = textwrap.wrap(recipe_summary(path.read_text()), width - 34) or [""]
+        print(f"{path.stem:33s} {wrapped[0]}")
+        for line in wrapped[1:]:
+            print(f"{'':33s} {line}")
     return 0
 
 
@@ -304,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mimkit", description="Masked image modeling for Vision Transformers."
     )
+    parser.add_argument("--version", action="version", version=f"mimkit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pre-train an encoder (default: MAE on the embedded demo data)")
@@ -334,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file for the result (default: RUN/<protocol>.json for a run folder)")
+    p.add_argument(
+        "--tokenizer",
+        help="token models: the tokenizer that reads images (default: the run's data.tokenizer, else the "
+        "one its token data record; 'demo': the shipped one)",
+    )
     p.set_defaults(func=_knn)
 
     for kind, what in (
@@ -351,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", help="student (default) | teacher (methods with an EMA teacher)")
         p.add_argument("--resume", help="auto (default) | none | checkpoint path")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument(
+            "--tokenizer",
+            help="token models: the tokenizer that reads images (default: the run's data.tokenizer, else the "
+            "one its token data record; 'demo': the shipped one)",
+        )
         p.add_argument(
             "overrides", nargs="*", metavar="key=value", help="e.g. optim.epochs=10 method.pool=mean"
         )
@@ -372,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/eval", help="folder for table.md, table.json and the runs")
+    p.add_argument(
+        "--tokenizer",
+        help="token models: the tokenizer that reads images (default: the run's data.tokenizer, else the "
+        "one its token data record; 'demo': the shipped one)",
+    )
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="for the linear probe and fine-tune runs"
     )
@@ -404,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the masks of the reconstructions and t-SNE's seed")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--tokenizer",
+        help="token models: the tokenizer that reads images (default: the run's data.tokenizer, else the "
+        "one its token data record; 'demo': the shipped one)",
+    )
     p.add_argument(
         "overrides",
         nargs="*",
@@ -534,6 +595,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         cleanup()
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mimkit")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 def _is_main_rank() -> bool:

@@ -91,6 +91,13 @@ class DataConfig:
     # the files; the training device decodes each batch, nvJPEG on GPUs, and makes the views there, under
     # each sample's seed); pre-training only
     decode: str = "cpu"  # cpu | device
+    # token models: images among the data (data.train, eval.train, eval.val) are tokenized once, as they are
+    # read, by this tokenizer (a tokenizer.pt, its run folder, or "demo": the one shipped with mimkit);
+    # null: token data are given, and images are read by the tokenizer those data record
+    tokenizer: str | None = None
+    # hold out this fraction of data.train (per class, fixed) as eval.val: data.train becomes
+    # "PATH#train=F" and eval.val "PATH#val=F", which every later command reads the same way
+    val_fraction: float = 0.0
 
 
 @dataclass
@@ -336,8 +343,52 @@ def build_config(
         where = "overrides" if key in _flatten(extra) else origin
         reason = str(getattr(err, "msg", None) or err).splitlines()[0]
         raise ConfigError(f"{where}: bad value for '{key}' ({given.get(key)!r}): {reason}") from err
+    _shorten_warmup(cfg, base, extra)
     validate(cfg)
+    _hold_out(cfg, extra)
     return cfg
+
+
+def _hold_out(cfg: Config, overrides: dict) -> None:
+    """data.val_fraction: data.train loses its held-out part, which becomes eval.val (once: a saved config
+    already says so)."""
+    fraction = cfg.data.val_fraction
+    if not fraction or "#" in cfg.data.train:
+        return
+    if cfg.eval.val and "val" in overrides.get("eval", {}):
+        raise ConfigError(
+            f"data.val_fraction={fraction} holds out part of data.train as eval.val, but eval.val is given "
+            f"('{cfg.eval.val}'): give one of them"
+        )
+    if cfg.eval.val:
+        print(
+            f"note: eval.val is the held-out {fraction:g} of data.train (data.val_fraction), not the "
+            f"recipe's '{cfg.eval.val}'",
+            file=sys.stderr,
+        )
+    train = cfg.data.train
+    cfg.data.train, cfg.eval.val = f"{train}#train={fraction:g}", f"{train}#val={fraction:g}"
+
+
+def _shorten_warmup(cfg: Config, recipe: dict, overrides: dict) -> None:
+    """A run made shorter than its warmup (``optim.epochs=2`` on a recipe with 4 warmup epochs) keeps the
+    recipe's share of warmup, with a note, rather than failing; a warmup given on the command line is the
+    user's and is checked as given."""
+    optim = cfg.optim
+    if "warmup_epochs" in overrides.get("optim", {}) or not optim.warmup_epochs > optim.epochs >= 1:
+        return
+    defaults = OptimConfig()
+    recipe_optim = recipe.get("optim", {})
+    recipe_epochs = recipe_optim.get("epochs", defaults.epochs)
+    recipe_warmup = recipe_optim.get("warmup_epochs", defaults.warmup_epochs)
+    share = recipe_warmup / recipe_epochs if 0 < recipe_warmup < recipe_epochs else 0.1
+    shortened = round(optim.epochs * share, 6)
+    print(
+        f"note: optim.warmup_epochs {optim.warmup_epochs:g} is longer than the run's {optim.epochs} epochs; "
+        f"warming up for {shortened:g} epochs, the recipe's share (set optim.warmup_epochs to choose)",
+        file=sys.stderr,
+    )
+    optim.warmup_epochs = shortened
 
 
 def _offending_key(given: dict[str, Any], schema: Config) -> str:
@@ -468,6 +519,8 @@ def validate(cfg: Config) -> None:
             "'data.decode_size' reduces JPEG decoding in the loader's workers; with data.decode=device the "
             "device decodes at full size: leave one of them unset"
         )
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"'data.val_fraction' must lie in [0, 1); got {cfg.data.val_fraction}")
     if not 0 < cfg.data.crop_pct <= 1:
         raise ConfigError(f"'data.crop_pct' must lie in (0, 1]; got {cfg.data.crop_pct}")
     if not all(s > 0 for s in cfg.data.std):

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from mimkit.analysis.attention import AttentionDistance
@@ -37,8 +39,12 @@ class CheckpointAnalysis:
     input_kind: str
     grid: tuple[int, int]
     patch_size: int
-    distance_unit: str  # "px" or "cells"
+    distance_unit: str  # "px" or "cells": what the encoder's grid counts
     step: int | None = None
+    # pixels of the original image per distance unit: 1 for pixel encoders, the tokenizer's cell size for
+    # token encoders (None when no tokenizer is known): plots and tables then speak in pixels for all
+    pixels_per_unit: float | None = 1.0
+    images_are: str = "the images"  # what the maps are drawn over
     distance: AttentionDistance | None = None
     spectrum_mean: Spectrum | None = None
     spectrum_cls: Spectrum | None = None
@@ -76,30 +82,47 @@ def _off(ax: Any) -> None:
     ax.set_yticks([])
 
 
+def in_pixels(a: CheckpointAnalysis) -> bool:
+    return a.distance is not None and a.pixels_per_unit is not None
+
+
 def distance_figure(items: list[CheckpointAnalysis]) -> Figure:
     """Mean attention distance per block: the head mean as a line, each head as a dot; renormalised
-    after dropping cls on the left, raw on the right."""
-    fig = Figure(figsize=(11, 4))
-    axes = fig.subplots(1, 2, sharey=True)
-    units = {a.distance_unit for a in items if a.distance is not None}
-    for ax, variant, title in zip(
-        axes, ("renorm", "raw"), ("cls dropped, rows renormalised", "cls dropped, raw"), strict=True
-    ):
-        for i, a in enumerate(items):
-            if a.distance is None:
-                continue
-            d = getattr(a.distance, variant).numpy()
-            layers = np.arange(1, d.shape[0] + 1)
-            colour = f"C{i}"
-            ax.plot(layers, d.mean(axis=1), "-o", color=colour, label=a.label)
-            for h in range(d.shape[1]):
-                ax.scatter(layers, d[:, h], s=8, color=colour, alpha=0.35)
-        ax.set_title(f"mean attention distance ({title})", fontsize=10)
-        ax.set_xlabel("block")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"distance ({' / '.join(sorted(units))})")
-    axes[0].legend(fontsize=8)
+    after dropping cls on the left, raw on the right. Every model whose unit is known in pixels (a token
+    model's cells times its tokenizer's cell size) shares one pixel axis; the others get a row in cells."""
+    rows = [
+        ("px", [(i, a) for i, a in enumerate(items) if in_pixels(a)]),
+        ("cells", [(i, a) for i, a in enumerate(items) if a.distance is not None and not in_pixels(a)]),
+    ]
+    rows = [r for r in rows if r[1]] or [("px", [])]
+    fig = Figure(figsize=(11, 4 * len(rows)))
+    axes = np.atleast_2d(fig.subplots(len(rows), 2, squeeze=False))
+    for (unit, members), row in zip(rows, axes, strict=True):
+        for ax, variant, title in zip(
+            row, ("renorm", "raw"), ("cls dropped, rows renormalised", "cls dropped, raw"), strict=True
+        ):
+            for i, a in members:
+                scale = a.pixels_per_unit if unit == "px" else 1.0
+                d = getattr(a.distance, variant).numpy() * scale
+                layers = np.arange(1, d.shape[0] + 1)
+                colour = f"C{i}"
+                via = f" (cells x {scale:g} px)" if unit == "px" and a.distance_unit == "cells" else ""
+                ax.plot(layers, d.mean(axis=1), "-o", color=colour, label=a.label + via)
+                for h in range(d.shape[1]):
+                    ax.scatter(layers, d[:, h], s=8, color=colour, alpha=0.35)
+            ax.set_title(f"mean attention distance ({title})", fontsize=10)
+            ax.set_xlabel("block")
+            ax.grid(alpha=0.3)
+        label = "px of the input image" if unit == "px" else "token cells; no tokenizer known"
+        row[0].set_ylabel(f"distance ({label})")
+        row[0].legend(fontsize=8)
     return fig
+
+
+def _distance_text(a: CheckpointAnalysis, value: float) -> str:
+    if in_pixels(a) and a.distance_unit == "cells":
+        return f"{value * a.pixels_per_unit:.2f} px ({value:.2f} cells)"
+    return f"{value:.2f} {a.distance_unit}"
 
 
 def spectrum_figure(items: list[CheckpointAnalysis]) -> Figure:
@@ -132,15 +155,27 @@ def spectrum_figure(items: list[CheckpointAnalysis]) -> Figure:
     return fig
 
 
+def _unit_max(m: torch.Tensor) -> torch.Tensor:
+    return m / m.max().clamp_min(1e-12)
+
+
+def _colour_bar(fig: Figure, axes: Any) -> None:
+    bar = fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap="inferno"), ax=axes, fraction=0.02, pad=0.01)
+    bar.set_label("attention / the map's maximum", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+
+
 def attention_figure(a: CheckpointAnalysis) -> Figure:
     """One row per image: the image with the query patches marked, then what cls and each query patch
-    attend to (the heads' mean) in the chosen block."""
+    attend to (the heads' mean) in the chosen block, each map scaled to its maximum (one colour bar). A
+    query's dot, its column title and its column's frame share one colour."""
     n = a.cls_maps.shape[0]
     cols = 2 + len(a.queries)
-    fig = Figure(figsize=(1.9 * cols, 1.9 * n))
+    fig = Figure(figsize=(1.9 * cols + 0.6, 1.9 * n))
     block = f"block {a.layer + 1}" + ("" if a.distance is None else f" of {a.distance.renorm.shape[0]}")
     axes = np.atleast_2d(fig.subplots(n, cols, squeeze=False))
     gh, gw = a.grid
+    colours = list(CLUSTER_COLOURS)[: len(a.queries)]
     for r in range(n):
         image = a.images[r] if a.images is not None else None
         size = tuple(image.shape[-2:]) if image is not None else (gh * 8, gw * 8)
@@ -148,42 +183,55 @@ def attention_figure(a: CheckpointAnalysis) -> Figure:
         ax = axes[r, 0]
         if image is not None:
             ax.imshow(_hwc(image))
-        for q, colour in zip(a.queries, CLUSTER_COLOURS, strict=False):
+        for q, colour in zip(a.queries, colours, strict=True):
             y, x = (q // gw + 0.5) * size[0] / gh, (q % gw + 0.5) * size[1] / gw
             ax.scatter([x - 0.5], [y - 0.5], s=30, color=colour, edgecolors="white", linewidths=0.8)
+        if r == 0:
+            ax.set_title("queries", fontsize=8)
         for c, m in enumerate(maps, start=1):
             ax = axes[r, c]
             if image is not None:
                 ax.imshow(_hwc(image))
-            ax.imshow(_upsampled(m, size, "bilinear"), cmap="inferno", alpha=0.65 if image is not None else 1)
+            heat = _upsampled(_unit_max(m), size, "bilinear")
+            ax.imshow(heat, cmap="inferno", vmin=0, vmax=1, alpha=0.65 if image is not None else 1)
+            if c >= 2:  # a query's column: framed in its dot's colour
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colours[c - 2])
+                    spine.set_linewidth(2.5)
             if r == 0:
-                ax.set_title(f"cls, {block}" if c == 1 else f"patch {a.queries[c - 2]}", fontsize=8)
+                if c == 1:
+                    ax.set_title(f"cls, {block}", fontsize=8)
+                else:
+                    ax.set_title(f"\u25cf patch {a.queries[c - 2]}", fontsize=8, color=colours[c - 2])
         for ax in axes[r]:
             _off(ax)
+    _colour_bar(fig, axes)
     return fig
 
 
 def heads_figure(a: CheckpointAnalysis) -> Figure:
-    """Every head's map for the first image: cls on the first row, the first query patch on the second."""
+    """Every head's map for the first image: cls on the first row, the first query patch on the second;
+    each map scaled to its maximum (one colour bar)."""
     heads = a.cls_maps.shape[1]
     rows = [("cls", a.cls_maps[0])]
     if a.queries:
         rows.append((f"patch {a.queries[0]}", a.query_maps[0, 0]))
-    fig = Figure(figsize=(1.5 * heads, 1.6 * len(rows)))
+    fig = Figure(figsize=(1.5 * heads + 0.6, 1.6 * len(rows)))
     axes = np.atleast_2d(fig.subplots(len(rows), heads, squeeze=False))
     for r, (name, maps) in enumerate(rows):
         for h in range(heads):
-            axes[r, h].imshow(maps[h].cpu().numpy(), cmap="inferno")
+            axes[r, h].imshow(_unit_max(maps[h]).cpu().numpy(), cmap="inferno", vmin=0, vmax=1)
             axes[r, h].set_title(f"{name}, head {h}", fontsize=7)
             _off(axes[r, h])
+    _colour_bar(fig, axes)
     return fig
 
 
-def reconstruction_figure(r: Reconstruction) -> Figure:
-    """Columns of images; rows: original, masked input, prediction, prediction with the visible patches
-    pasted back."""
+def reconstruction_figure(r: Reconstruction, original: str = "original") -> Figure:
+    """Columns of images; rows: original (for a token model: its tokens, decoded), masked input,
+    prediction, prediction with the visible patches pasted back."""
     rows = (
-        ("original", r.original),
+        (original, r.original),
         ("masked", r.masked),
         ("prediction", r.prediction),
         ("visible pasted", r.pasted),
@@ -251,6 +299,8 @@ def numbers(a: CheckpointAnalysis) -> dict[str, Any]:
         "step": a.step,
         "input": {"kind": a.input_kind, "grid": list(a.grid), "patch_size": a.patch_size},
         "distance_unit": a.distance_unit,
+        "pixels_per_unit": a.pixels_per_unit,
+        "images_are": a.images_are,
         "images_shown": a.image_count,
         "images_averaged": a.stats_count,
         "notes": a.notes,
@@ -294,6 +344,13 @@ def _finite(x: Any) -> Any:
     return x
 
 
+def _masked_token_text(a: CheckpointAnalysis) -> str:
+    accuracy = a.reconstruction_info.get("masked_token_accuracy")
+    if accuracy is None:
+        return ""
+    return f"{100 * accuracy:.1f}% at ratio {a.reconstruction_info['mask_ratio']:.2f}"
+
+
 def _summary_rows(items: list[CheckpointAnalysis]) -> str:
     rows = []
     for a in items:
@@ -303,19 +360,21 @@ def _summary_rows(items: list[CheckpointAnalysis]) -> str:
             html.escape(a.method),
             "" if a.step is None else str(a.step),
             f"{a.input_kind} {a.grid[0]}x{a.grid[1]}",
-            "" if d is None else f"{d.renorm[-1].mean():.2f} {a.distance_unit}",
-            "" if d is None else f"{d.renorm.mean():.2f} {a.distance_unit}",
-            "" if d is None else f"{d.raw.mean():.2f} {a.distance_unit}",
+            "" if d is None else _distance_text(a, float(d.renorm[-1].mean())),
+            "" if d is None else _distance_text(a, float(d.renorm.mean())),
+            "" if d is None else _distance_text(a, float(d.raw.mean())),
             "" if a.spectrum_mean is None else f"{a.spectrum_mean.effective_rank:.1f}",
             "" if a.spectrum_mean is None else f"{a.spectrum_mean.rankme:.1f}",
             "" if a.spectrum_cls is None else f"{a.spectrum_cls.effective_rank:.1f}",
+            _masked_token_text(a),
         ]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "\n".join(rows)
 
 
 STYLE = """
-body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1600px; }
+body { font-family: sans-serif; margin: 24px; color: #222; }
+.side { display: grid; gap: 24px; align-items: start; }
 h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ccc; }
 h3 { font-size: 14px; margin: 14px 0 4px; }
 table { border-collapse: collapse; font-size: 13px; }
@@ -354,7 +413,10 @@ def write_report(
         return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{embedded[name]}">'
 
     def per_checkpoint(title: str, help_text: str, draw: Any, key: str) -> str:
-        parts = [f"<h2>{title}</h2><p class='help'>{help_text}</p><div>"]
+        """The checkpoints side by side, one column each across the page."""
+        columns = f"repeat({len(items)}, minmax(0, 1fr))"
+        parts = [f"<h2>{title}</h2><p class='help'>{help_text}</p>"]
+        parts.append(f"<div class='side' style='grid-template-columns: {columns}'>")
         for i, a in enumerate(items):
             fig = draw(a)
             body = (
@@ -362,14 +424,17 @@ def write_report(
                 if isinstance(fig, Figure)
                 else f"<p class='note'>{html.escape(fig)}</p>"
             )
-            parts.append(f"<h3>{html.escape(a.label)}</h3>{body}")
+            parts.append(f"<div><h3>{html.escape(a.label)}</h3>{body}</div>")
         return "".join(parts) + "</div>"
 
     sections = [
         "<h2>Summary</h2><table><tr><th>checkpoint</th><th>method</th><th>step</th><th>input</th>"
         "<th>attention distance, last block</th><th>attention distance, all blocks</th>"
         "<th>same, raw</th><th>effective rank (mean)</th><th>RankMe (mean)</th>"
-        "<th>effective rank (cls)</th></tr>" + _summary_rows(items) + "</table>",
+        "<th>effective rank (cls)</th><th>masked-token accuracy</th></tr>" + _summary_rows(items) + "</table>"
+        + "<p class='help'>Distances in pixels of the input image; a token model's cells count as its "
+        "tokenizer's cell size (a 4-px cell: 1 cell = 4 px). MTM's masked-token accuracy: the most likely "
+        "id equals the token's on masked patches, with the reconstructions' masks.</p>",
         "<h2>Mean attention distance</h2><p class='help'>Per block and head, averaged over the query "
         "patches of every analysed image; the distance between patch centres is weighted by attention. "
         "Broader attention means larger values.</p>" + add("attention_distance", distance_figure(items)),
@@ -378,8 +443,10 @@ def write_report(
         "is exp of the entropy of the normalised values.</p>" + add("spectrum", spectrum_figure(items)),
         per_checkpoint(
             "Attention maps",
-            "What the cls token and each marked query patch attend to (mean over heads), over the image, in "
-            "the block named above each grid (numbered from 1, as in the distance plot; --layer).",
+            "What the cls token and each marked query patch attend to (mean over heads), in the block named "
+            "above each grid (numbered from 1, as in the distance plot; --layer), each map scaled to its "
+            "maximum. A query's dot, its column title and its column's frame share a colour. Drawn over the "
+            "images; for a token model given token data, over the tokenizer's decodes of its tokens.",
             lambda a: attention_figure(a) if a.cls_maps is not None else "not computed",
             "attention_maps",
         ),
@@ -396,7 +463,9 @@ def write_report(
             "its colour and contrast come from the image, not the model. MTM: the most likely token ids, "
             "decoded by the tokenizer.",
             lambda a: (
-                reconstruction_figure(a.reconstruction)
+                reconstruction_figure(
+                    a.reconstruction, "tokens, decoded" if a.input_kind == "token_ids" else "original"
+                )
                 if a.reconstruction is not None
                 else a.reconstruction_note or "not computed"
             ),

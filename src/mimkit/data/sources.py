@@ -29,10 +29,12 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mimkit.configs import ModelConfig
+from mimkit.data import cifar
 from mimkit.data.transforms import tokenizer_view
 from mimkit.models.input_spec import InputSpec
+from mimkit.progress import progress
 from mimkit.tokens.dataset import TokenDataset, TokenRecordError, is_token_dataset, open_tokens
-from mimkit.tokens.tokenizer import load_tokenizer
+from mimkit.tokens.tokenizer import load_tokenizer, recorded_tokenizer_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEMO_FILE = Path(__file__).parent / "demo" / "cifar10_demo.npz"
@@ -445,71 +447,102 @@ class TokenSource(ImageSource):
 
 
 class TokenizedImages(ImageSource):
-    """Images tokenized as they are read, by the tokenizer that made a token model's training data, so a
-    token model can be evaluated on images as on tokens. One image at a time on the CPU (in the loader's
-    workers): meant for evaluation sets; tokenize a training set once with `mimkit tokenize`."""
+    """Images as a token model takes them, tokenized by a tokenizer (a token model's ``data.tokenizer``, or
+    the one its token data record): all at once when built, in batches, with progress, so that training
+    and evaluation read ready id grids (SeiT tokenizes every image once, un-augmented, as here). An image
+    that cannot be read is named once and stays unreadable."""
 
     kind = "token_ids"
 
-    def __init__(self, source: ImageSource, tokenizer: str | Path) -> None:
+    def __init__(self, source: ImageSource, tokenizer: str | Path, *, batch_size: int = 256) -> None:
         if source.kind != "pixels":
             raise ValueError(f"'{source.name}' is already a token dataset; only images are tokenized")
         loaded = load_tokenizer(tokenizer)
-        self.source, self.tokenizer, self.tokenizer_path = source, loaded.model, str(tokenizer)
-        size = loaded.model.shape.img_size
-        self.view = tokenizer_view(size, loaded.mean, loaded.std)
-        side = loaded.model.shape.grid
-        self.grid, self.vocab_size = (side, side), int(loaded.model.codebook().shape[0])
+        self.source, self.tokenizer_path = source, str(tokenizer)
+        model = loaded.model
+        view = tokenizer_view(model.shape.img_size, loaded.mean, loaded.std)
+        side = model.shape.grid
+        self.codebook = model.codebook().detach().clone()  # what the token views move ids through
+        self.grid, self.vocab_size = (side, side), int(self.codebook.shape[0])
         self.classes, self.classes_from_labels = source.classes, source.classes_from_labels
         self.name = f"{source.name} (tokenized by {tokenizer})"
+        self.ids = np.zeros((len(source), side, side), np.int16 if self.vocab_size < 2**15 else np.int32)
+        self.labels = np.full(len(source), -1, np.int64)
+        self.unreadable: dict[int, str] = {}
+        bar = progress(len(source), f"tokenizing {source.name}", "img", enabled=len(source) > 2 * batch_size)
+        with torch.no_grad(), bar:
+            for start in range(0, len(source), batch_size):
+                images, kept = [], []
+                for index in range(start, min(start + batch_size, len(source))):
+                    try:
+                        image, label = source.load(index)
+                    except UnreadableImage as err:
+                        self.unreadable[index] = str(err)
+                        continue
+                    images.append(view(image)["image"])
+                    kept.append(index)
+                    self.labels[index] = label
+                if kept:
+                    self.ids[kept] = model.encode(torch.stack(images)).numpy()
+                bar.update(min(batch_size, len(source) - start))
 
     def __len__(self) -> int:
         return len(self.source)
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.source.load(index)
-        with torch.no_grad():
-            ids = self.tokenizer.encode(self.view(image)["image"].unsqueeze(0))[0]
-        return ids, label
+        if index in self.unreadable:
+            raise UnreadableImage(self.unreadable[index])
+        return torch.from_numpy(self.ids[index].astype(np.int64)), int(self.labels[index])
+
+    def path_of(self, index: int) -> str:
+        return self.source.path_of(index)
 
 
 def tokenizer_of(source: ImageSource) -> str | None:
-    """The tokenizer a token dataset says it was made with (its header's meta), if it says; the one that
-    tokenizes images as they are read."""
+    """The tokenizer a source's ids come from: the one tokenizing its images, or the one a token dataset
+    says it was made with (its header's meta, found where it was or beside the dataset), if it says."""
     if getattr(source, "tokenizer_path", None):
         return source.tokenizer_path
     dataset = getattr(source, "dataset", None)
-    return (getattr(dataset, "meta", None) or {}).get("tokenizer")
+    meta = getattr(dataset, "meta", None) or {}
+    if not meta:
+        return None
+    where = Path(dataset.path)
+    return recorded_tokenizer_path(meta, where if where.is_dir() else where.parent)
 
 
-def recorded_tokenizer(sources: Sequence[ImageSource], trained_on: str | None = None) -> str | None:
-    """The tokenizer that the token data among ``sources`` records, else the one of the data a model was
-    trained on (``trained_on``), if any says."""
-    tokenizer = next((t for s in sources if (t := tokenizer_of(s))), None)
-    if tokenizer is None and trained_on:
+def recorded_tokenizer(
+    sources: Sequence[ImageSource], trained_on: str | None = None, tokenizer: str | None = None
+) -> str | None:
+    """The tokenizer to read images with for a token model: ``tokenizer`` when given (``--tokenizer``, or
+    the model's ``data.tokenizer``), else the one that the token data among ``sources`` records, else the
+    one of the data the model was trained on (``trained_on``), if any says."""
+    if tokenizer:
+        return tokenizer
+    found = next((t for s in sources if (t := tokenizer_of(s))), None)
+    if found is None and trained_on:
         try:
-            tokenizer = tokenizer_of(build_source(trained_on, max_images=1))
+            train = build_source(trained_on, max_images=1)
         except (OSError, ValueError):  # the training data is not here: nothing to learn the tokenizer from
-            tokenizer = None
-    return tokenizer
+            return None
+        found = tokenizer_of(train)
+    return found
 
 
 def tokenized_for(
-    spec: InputSpec, sources: Sequence[ImageSource], trained_on: str | None = None
+    spec: InputSpec,
+    sources: Sequence[ImageSource],
+    trained_on: str | None = None,
+    tokenizer: str | None = None,
 ) -> list[ImageSource]:
-    """The sources as a token encoder takes them: images are tokenized on the fly by the tokenizer of
-    the token data among the sources, else of the data the encoder was trained on (``trained_on``); the
-    rest is returned as it is (and images stay images when no tokenizer is known: check_input says so)."""
+    """The sources as a token encoder takes them: images are tokenized by ``tokenizer`` (see
+    :func:`recorded_tokenizer`); the rest is returned as it is (and images stay images when no tokenizer
+    is known: check_input says so)."""
     if spec.kind == "pixels" or all(s.kind != "pixels" for s in sources):
         return list(sources)
-    tokenizer = recorded_tokenizer(sources, trained_on)
+    tokenizer = recorded_tokenizer(sources, trained_on, tokenizer)
     if tokenizer is None:
         return list(sources)
-    if not Path(tokenizer).exists():
-        raise FileNotFoundError(
-            f"the token data records its tokenizer at '{tokenizer}', which is gone: images cannot be "
-            "tokenized as it did; give a token dataset instead"
-        )
     return [TokenizedImages(s, tokenizer) if s.kind == "pixels" else s for s in sources]
 
 
@@ -589,7 +622,7 @@ class Subset(ImageSource):
         self.kind = source.kind
         self.grid, self.vocab_size = getattr(source, "grid", None), getattr(source, "vocab_size", None)
         self.dataset = getattr(source, "dataset", None)  # a token dataset's codebook and meta
-        self.tokenizer_path = tokenizer_of(source)
+        self.tokenizer_path = getattr(source, "tokenizer_path", None)  # a token dataset's: via .dataset
         self.classes = source.classes
         first = isinstance(n, int) and not spread
         self.name = f"{source.name}[:{self.n}]" if first else f"{source.name}[{self.n} of {len(source)}]"
@@ -612,14 +645,80 @@ class Subset(ImageSource):
         return self.source.path_of(self.indices[index])
 
 
+def source_for(key: str, spec: str | None, **kwargs: Any) -> ImageSource:
+    """:func:`build_source` of a config key's value, an error naming the key: the user may not know that a
+    recipe set it (``data.train: data path 'data/cifar-10-batches-py' does not exist``)."""
+    if not spec:
+        raise ValueError(f"{key} is not set: give {key}=SOURCE (a folder, .npz files, a CIFAR download, ...)")
+    try:
+        return build_source(spec, **kwargs)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{key}: {err}") from err
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from err
+
+
+SPLIT_SEED = 0  # the held-out split is the same for every run, whatever its seed
+
+
+def split_spec(spec: str) -> tuple[str, str | None, float]:
+    """``PATH#train=F`` / ``PATH#val=F``: the source at PATH without / with its held-out fraction F."""
+    if "#" not in spec:
+        return spec, None, 0.0
+    base, _, suffix = spec.rpartition("#")
+    part, _, value = suffix.partition("=")
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if part not in ("train", "val") or not 0 < fraction < 1:
+        raise ValueError(
+            f"'{spec}': a held-out split is written PATH#train=F or PATH#val=F with 0 < F < 1 (the part "
+            "kept for training, or the held-out fraction F)"
+        )
+    return base, part, fraction
+
+
+def held_out_indices(source: ImageSource, fraction: float, part: str) -> list[int]:
+    """A fixed, class-stratified held-out split: in each class (all images when unlabelled) a seeded
+    permutation's first round(F x n) images are held out (at least one, and one left for training, where
+    a class has two)."""
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        labels = getattr(source, "y", None)
+    labels = np.zeros(len(source), np.int64) if labels is None else np.asarray(labels)
+    rng = np.random.default_rng(SPLIT_SEED)
+    held = np.zeros(len(source), bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = min(max(1, round(fraction * len(members))), max(len(members) - 1, 1))
+        held[rng.permutation(members)[:count]] = True
+    return np.flatnonzero(held if part == "val" else ~held).tolist()
+
+
 def build_source(
-    spec: str, *, image_size: int = 32, max_images: int | None = None, decode_size: int | None = None
+    spec: str,
+    *,
+    image_size: int = 32,
+    max_images: int | None = None,
+    decode_size: int | None = None,
+    tokenizer: str | None = None,
 ) -> ImageSource:
     """``demo:train`` | ``demo:val`` | ``synthetic[:N]`` | a folder | .npz file(s), comma-separated and
     glob patterns allowed (``cifar10/train_part[0-2].npz``) | a token dataset: ``tokens:PATH``, or a path
     recognised as one (a ``NAME-token.data.bin.gz`` file, or a folder that mimkit's token format or one
-    such file makes). ``decode_size``: a folder's JPEGs are decoded reduced (:class:`FolderSource`)."""
+    such file makes) | ``SOURCE#train=F`` / ``SOURCE#val=F``: a source without / with its held-out
+    fraction F (:func:`held_out_indices`). ``decode_size``: a folder's JPEGs are decoded reduced.
+    ``tokenizer`` (a token model's ``data.tokenizer``): images are tokenized by it once, as they are read."""
     spec = str(spec).strip()
+    base, part, fraction = split_spec(spec)
+    if part is not None:
+        whole = build_source(base, image_size=image_size, decode_size=decode_size)
+        source = Subset(whole, held_out_indices(whole, fraction, part))
+        source.name = spec
+        if max_images is not None:
+            source = Subset(source, max_images)
+        return TokenizedImages(source, tokenizer) if tokenizer and source.kind == "pixels" else source
     if spec.startswith("tokens:"):
         source: ImageSource = TokenSource(open_tokens(spec.split(":", 1)[1]))
     elif "," not in spec and not glob.has_magic(spec) and _is_tokens(spec):
@@ -640,12 +739,19 @@ def build_source(
             paths.extend(Path(p) for p in expanded)
         if not paths:
             raise ValueError("no data path given")
+        cifar_folder = cifar.find_folder(paths[0]) if len(paths) == 1 else None
         if all(p.suffix == ".npz" and p.is_file() for p in paths):
             source = npz_source(paths)
+        elif cifar_folder is not None or all(cifar.is_batch_file(p) for p in paths):
+            files = cifar.training_files(cifar_folder) if cifar_folder is not None else paths
+            source = ArraySource(*cifar.read_batches(files), spec)
         elif len(paths) == 1 and paths[0].is_dir():
             source = FolderSource(paths[0], decode_size)
         else:
-            raise ValueError(f"'{spec}': expected one image folder or one or more .npz files")
+            raise ValueError(
+                f"'{spec}': expected one image folder, one or more .npz files, or a CIFAR download (its "
+                "folder, or batch files of it)"
+            )
     if decode_size is not None:
         if not isinstance(source, FolderSource):
             note = f"note: data.decode_size applies to an image folder's JPEGs; '{spec}' is decoded as stored"
@@ -658,4 +764,6 @@ def build_source(
             )
     if max_images is not None:
         source = Subset(source, max_images)
+    if tokenizer and source.kind == "pixels":
+        source = TokenizedImages(source, tokenizer)
     return source

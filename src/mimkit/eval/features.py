@@ -14,6 +14,7 @@ from torch import nn
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
 from mimkit.data.sources import ImageSource, check_input
 from mimkit.distributed import DistEnv, all_gather_rows
+from mimkit.progress import progress
 
 
 @contextmanager
@@ -65,8 +66,11 @@ def extract_features(
         pin_memory=env.device.type == "cuda",
     )
     feats, labels, indices = [], [], []
-    with evaluating(encoder):
+    name = getattr(getattr(dataset, "source", None), "name", "images")
+    bar = progress(len(sampler), f"features of {name}", "img", enabled=env.is_main)
+    with evaluating(encoder), bar:
         for batch in loader:
+            bar.update(len(batch["index"]))
             for message in batch.get("skipped", []):
                 print(f"warning: skipped unreadable image {message}", file=sys.stderr, flush=True)
             if skipped is not None:

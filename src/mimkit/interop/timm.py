@@ -4,6 +4,7 @@ such an export back."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,16 @@ def save_export(encoder: ViTEncoder, info: dict, out: str | Path, weights: str =
     the metadata holds the timm name and arguments, the encoder's arguments and its input spec (JSON), the
     method and the weights."""
     spec = encoder.timm_spec()
+    pool = feature_pool(info)
+    spec["kwargs"].update(TIMM_POOLS[pool])
+    spec["kwargs"]["pretrained_cfg_overlay"] = pretrained_cfg(encoder.input_spec)
     state = {k: v.detach().contiguous().clone() for k, v in encoder.state_dict().items()}
     meta = {
         "format": "mimkit-encoder",
         "timm_model": spec["model_name"],
         "timm_kwargs": json.dumps(spec["kwargs"]),
+        "pretrained_cfg": json.dumps(spec["kwargs"]["pretrained_cfg_overlay"]),
+        "pool": pool,
         "method": info["method"],
         "weights": weights,
         "encoder": json.dumps(encoder.spec),
@@ -35,7 +41,44 @@ def save_export(encoder: ViTEncoder, info: dict, out: str | Path, weights: str =
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out), metadata=meta)
-    return {"path": str(out), **spec}
+    out.chmod(0o644 & ~_umask())  # an ordinary file, readable as any other export
+    return {"path": str(out), "pool": pool, **spec}
+
+
+# The timm pooling that gives the same feature as mimkit's: the mean of the normalised patch tokens is
+# timm's "avg" with the final norm kept before pooling (fc_norm=False), so the weights keep their keys.
+# mimkit's mean_prenorm (the mean before the final norm) has no timm equivalent: "avg" is the nearest.
+TIMM_POOLS = {
+    "cls": {"global_pool": "token"},
+    "mean": {"global_pool": "avg", "fc_norm": False},
+    "mean_prenorm": {"global_pool": "avg", "fc_norm": False},
+}
+
+
+def feature_pool(info: dict) -> str:
+    """The feature a run evaluates with (its eval.pool), else its method's default."""
+    cfg = info.get("config")
+    return cfg.eval.pool if cfg is not None else info.get("probe_pool") or "cls"
+
+
+def pretrained_cfg(spec: InputSpec) -> dict[str, Any]:
+    """timm's pretrained_cfg for this input: what ``timm.data.resolve_data_config`` reads to build the
+    evaluation transform (mimkit's evaluation view: resize to size / crop_pct, bicubic, centre crop)."""
+    return {
+        "input_size": (spec.channels, spec.img_size, spec.img_size),
+        "mean": tuple(spec.mean),
+        "std": tuple(spec.std),
+        "crop_pct": spec.crop_pct,
+        "crop_mode": "center",
+        "interpolation": "bicubic",
+        "num_classes": 0,
+    }
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_export(path: Path) -> tuple[ViTEncoder, dict[str, Any]]:

@@ -52,11 +52,14 @@ def batch_generator(batch: dict[str, torch.Tensor], device: torch.device) -> tor
 
 
 def views_codebook(path: str | None, source: Any, vocab_size: int) -> torch.Tensor:
-    """The codebook the views move ids through: the file ``path``, else the training token dataset's."""
+    """The codebook the views move ids through: the file ``path``, else the training data's (a token
+    dataset's, or that of the tokenizer reading the images)."""
     if path:
         codebook = load_codebook(path)
     else:
-        codebook = getattr(getattr(source, "dataset", None), "codebook", None)
+        codebook = getattr(source, "codebook", None)
+        if codebook is None:
+            codebook = getattr(getattr(source, "dataset", None), "codebook", None)
         if codebook is None:
             raise ValueError(
                 f"'{source.name}' carries no codebook, which the token views need to move ids through the "

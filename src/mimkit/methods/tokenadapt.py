@@ -89,7 +89,10 @@ def load_paired_tokenizer(path: str | None) -> LoadedTokenizer:
             "method.tokenizer=PATH (a `mimkit tokenizer train` run folder or its tokenizer.pt)"
         )
     with torch.device("cpu"):
-        loaded = load_tokenizer(path)
+        try:
+            loaded = load_tokenizer(path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"method.tokenizer: {err}") from err
     if loaded.model.shape.patch_size % 2:
         raise ValueError(
             f"the tokenizer at '{path}' has {loaded.model.shape.patch_size} px tokens; TokenAdapt's f-space "

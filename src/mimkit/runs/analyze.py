@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from tqdm import tqdm
 
 from mimkit.analysis.attention import attention_maps, mean_attention_distance, query_maps
 from mimkit.analysis.reconstruction import (
@@ -21,15 +20,23 @@ from mimkit.analysis.segmentation import segment
 from mimkit.analysis.spectrum import spectra, token_spectrum
 from mimkit.checkpoint import resolve_checkpoint
 from mimkit.configs import ConfigError
-from mimkit.data.sources import Subset, build_source, check_input, recorded_tokenizer, tokenized_for
-from mimkit.data.transforms import eval_view
+from mimkit.data.sources import (
+    Subset,
+    TokenizedImages,
+    build_source,
+    check_input,
+    recorded_tokenizer,
+    tokenized_for,
+)
+from mimkit.data.transforms import eval_view, tokenizer_view
 from mimkit.distributed import pick_device
 from mimkit.interop.load import load_encoder, load_method
 from mimkit.interop.official import read
 from mimkit.methods.base import Method
 from mimkit.methods.mtm import MTM
+from mimkit.progress import progress as progress_bar
 from mimkit.runs.tokenize import image_batches
-from mimkit.tokens.tokenizer import load_tokenizer
+from mimkit.tokens.tokenizer import load_tokenizer, tokenizer_file
 
 STAGES = ("images", "attention", "spectrum", "reconstruction", "segmentation")
 
@@ -85,12 +92,17 @@ def _read(source: Any, view: Any, count: int, batch_size: int, device: torch.dev
     return torch.cat(batches).to(device) if batches else None
 
 
-def _decoder_of(source: Any, trained_on: str | None, grid: tuple[int, int]) -> tuple[Any, str | None]:
+def _decoder_of(
+    source: Any, trained_on: str | None, grid: tuple[int, int], tokenizer: str | None = None
+) -> tuple[Any, str | None]:
     """ids -> images in [0, 1] through the tokenizer of the token data, or why there is none."""
-    path = recorded_tokenizer([source], trained_on)
+    try:
+        path = recorded_tokenizer([source], trained_on, tokenizer)
+    except FileNotFoundError as err:
+        return None, str(err)
     if path is None:
         return None, "no tokenizer is recorded by the token data: token grids cannot be shown as images"
-    if not Path(path).exists():
+    if not tokenizer_file(path).exists():
         return None, f"the token data records its tokenizer at '{path}', which is gone"
     tok = load_tokenizer(path)
     if (tok.model.shape.grid,) * 2 != tuple(grid):
@@ -102,7 +114,20 @@ def _decoder_of(source: Any, trained_on: str | None, grid: tuple[int, int]) -> t
     def decode(ids: torch.Tensor) -> torch.Tensor:
         return to_unit_range(tok.model.decode(ids.cpu()), tok.mean, tok.std)
 
+    decode.pixels_per_cell = tok.model.shape.patch_size  # type: ignore[attr-defined]
     return decode, None
+
+
+def _real_images(source: Any, count: int, size: int) -> torch.Tensor | None:
+    """The images a token model's inputs were tokenized from, when they were given as images (the same
+    spread sample as the inputs, at the tokenizer's input size, in [0, 1]); None for token data."""
+    if not isinstance(source, TokenizedImages):
+        return None
+    unit = tokenizer_view(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    picked = Subset(source.source, count, spread=True)
+    readable = [i for i in range(len(picked)) if picked.indices[i] not in source.unreadable]
+    images = [unit(picked.load(i)[0])["image"] for i in readable]
+    return torch.stack(images) if images else None
 
 
 def _check_settings(
@@ -138,7 +163,8 @@ def analyze_checkpoint(
     seed: int,
     batch_size: int,
     device: torch.device,
-    bar: tqdm,
+    bar: Any,
+    tokenizer: str | None = None,
 ) -> tuple[CheckpointAnalysis, str]:
     loaded = _load(path, weights, overrides)
     method, encoder, cfg = loaded.method, loaded.encoder, loaded.cfg
@@ -153,7 +179,8 @@ def analyze_checkpoint(
     if not data:
         raise ConfigError(f"mimkit analyze needs --data: '{path}' names no evaluation data of its own")
     trained_on = cfg.data.train if cfg is not None else None
-    (source,) = tokenized_for(spec, [build_source(data, image_size=spec.eval_size)], trained_on)
+    tokenizer = tokenizer or (cfg.data.tokenizer if cfg is not None else None)
+    (source,) = tokenized_for(spec, [build_source(data, image_size=spec.eval_size)], trained_on, tokenizer)
     check_input(spec, source)
     encoder.to(device)
     if method is not None:
@@ -184,9 +211,13 @@ def analyze_checkpoint(
     stats_set = shown if stats_set is None else stats_set
     out.image_count, out.stats_count = shown.shape[0], stats_set.shape[0]
     side = (spec.img_size, spec.img_size)  # of the id grid the encoder reads
-    decode, why = _decoder_of(source, trained_on, side) if tokens else (None, None)
+    decode, why = _decoder_of(source, trained_on, side, tokenizer) if tokens else (None, None)
     if tokens:
-        out.images = decode(shown) if decode is not None else None
+        size = spec.img_size * getattr(decode, "pixels_per_cell", 1)
+        real = _real_images(source, images, size)
+        out.images = real if real is not None else decode(shown) if decode is not None else None
+        out.images_are = "the images" if real is not None else "the tokenizer's decodes of the tokens"
+        out.pixels_per_unit = getattr(decode, "pixels_per_cell", None)
     else:
         out.images = to_unit_range(shown, spec.mean, spec.std).cpu()
     bar.update(1)
@@ -276,6 +307,7 @@ def analyze(
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = True,
+    tokenizer: str | None = None,
 ) -> dict[str, Any]:
     """Every analysis of each checkpoint on the same images (``data``, else the first checkpoint's
     eval.val, else its data.train), written to ``out`` (default: RUN/analysis for one run folder, else
@@ -309,9 +341,7 @@ def analyze(
     dev = pick_device(device)
     taken: set[str] = set()
     items = []
-    with tqdm(
-        total=len(checkpoints) * len(STAGES), desc="analyzing", unit="step", disable=not progress
-    ) as bar:
+    with progress_bar(len(checkpoints) * len(STAGES), "analyzing", "step", enabled=progress) as bar:
         for path in checkpoints:
             item, used = analyze_checkpoint(
                 str(path),
@@ -330,6 +360,7 @@ def analyze(
                 batch_size=batch_size,
                 device=dev,
                 bar=bar,
+                tokenizer=tokenizer,
             )
             data = data or used  # every checkpoint sees the first one's images
             items.append(item)

@@ -19,6 +19,7 @@ from mimkit.data.sources import (
     check_input,
     check_same_classes,
     needs_vocab,
+    source_for,
     tokenized_for,
     vocab_from_data,
 )
@@ -47,7 +48,6 @@ def task_config(
     spec: InputSpec = info["input_spec"]
     if recipe is None and kind == "finetune" and spec.kind != "pixels":
         recipe = "finetune_tokens"  # SeiT++'s recipe: token views, avg_norm, the sqrt rule
-    base = build_config(recipe or kind)
     run = out or f"{Path(checkpoint).with_suffix('')}-{kind}"
     defaults = [f"method.checkpoint={checkpoint}", f"run.out={run}"]
     if "data.crop_pct" not in given:
@@ -60,11 +60,13 @@ def task_config(
             file=sys.stderr,
         )
     source_cfg = info.get("config")
-    if source_cfg is not None:
-        if "data.train" not in given and base.data.train == "demo:train":
+    if source_cfg is not None:  # the run's own data beat the recipe's; the command line beats both
+        if "data.train" not in given:
             defaults.append(f"data.train={source_cfg.eval.train or source_cfg.data.train}")
-        if "eval.val" not in given and not base.eval.val and source_cfg.eval.val:
+        if "eval.val" not in given and source_cfg.eval.val:
             defaults.append(f"eval.val={source_cfg.eval.val}")
+        if "data.tokenizer" not in given and source_cfg.data.tokenizer:
+            defaults.append(f"data.tokenizer={source_cfg.data.tokenizer}")
     return build_config(recipe or kind, [*defaults, *overrides])
 
 
@@ -77,7 +79,7 @@ def scratch_encoder(cfg: Config) -> tuple[ViTEncoder, dict[str, Any]]:
     if cfg.method.name != "finetune":
         raise ConfigError(f"method.checkpoint={SCRATCH} trains a new encoder: it needs method=finetune")
     if needs_vocab(cfg.model):
-        vocab_from_data(cfg.model, build_source(cfg.data.train, max_images=1))
+        vocab_from_data(cfg.model, build_source(cfg.data.train, max_images=1, tokenizer=cfg.data.tokenizer))
     torch.manual_seed(cfg.run.seed)
     encoder = encoder_from_config(cfg.model, cfg.data)
     info = {
@@ -105,7 +107,11 @@ def check_task(cfg: Config) -> None:
 
 
 def train_classifier(
-    cfg: Config, env: DistEnv | None = None, loaded: tuple[ViTEncoder, dict] | None = None
+    cfg: Config,
+    env: DistEnv | None = None,
+    loaded: tuple[ViTEncoder, dict] | None = None,
+    *,
+    show_config: bool = True,
 ) -> dict[str, Any]:
     """Train a linear probe or fine-tune (``cfg.method``) with the engine, then report top-1/top-5 on
     eval.val. Writes the run folder like ``pretrain`` (last.pt, metrics.jsonl, tb/, summary.json).
@@ -140,17 +146,21 @@ def train_classifier(
                 f"data.{key} at its default)"
             )
     size = getattr(task, "img_size", None) or spec.img_size
-    source = build_source(
-        cfg.data.train, image_size=size, max_images=cfg.data.max_images, decode_size=cfg.data.decode_size
+    source = source_for(
+        "data.train",
+        cfg.data.train,
+        image_size=size,
+        max_images=cfg.data.max_images,
+        decode_size=cfg.data.decode_size,
     )
     if not source.has_labels:
         raise ConfigError(f"data.train '{source.name}' has no labels; {task.name} needs them")
-    val = build_source(cfg.eval.val, image_size=size)
+    val = source_for("eval.val", cfg.eval.val, image_size=size)
     if not val.has_labels:
         raise ConfigError(f"eval.val '{val.name}' has no labels; {task.name} needs them to measure accuracy")
     check_same_classes(source, val)
     trained_on = info["config"].data.train if info.get("config") else None
-    source, val = tokenized_for(spec, [source, val], trained_on)
+    source, val = tokenized_for(spec, [source, val], trained_on, cfg.data.tokenizer)
     for data in (source, val):  # token ids of the encoder's vocabulary for a token model, else images
         check_input(spec, data)
     num_classes = task.num_classes or len(source.classes)
@@ -176,6 +186,7 @@ def train_classifier(
             f"mimkit: {task.name} of {task.checkpoint} ({info['method']}, {task.weights}) on {source.name} "
             f"({len(dataset)} samples, {num_classes} classes), effective batch {trainer.eff_batch}, lr "
             f"{trainer.base_lr:.3g}; writing to {out}",
+            show_config=show_config,
         )
         summary: dict[str, Any] = {"protocol": task.name, "checkpoint": task.checkpoint}
         summary["weights"] = task.weights

@@ -56,6 +56,7 @@ def knn(
     num_workers: int | None = None,
     device: str = "auto",
     out: str | None = None,
+    tokenizer: str | None = None,
     env: DistEnv | None = None,
 ) -> dict[str, Any]:
     """k-NN (``protocol="knn"``) or Latent MIM's leave-one-out 1-NN (``"lmim_nn"``) of a checkpoint's
@@ -81,14 +82,18 @@ def knn(
         batch_size=batch_size, num_workers=num_workers, autocast_dtype=autocast_dtype("auto", env.device)
     )
     trained_on = info["config"].data.train if info.get("config") else None
+    tokenizer = tokenizer or (info["config"].data.tokenizer if info.get("config") else None)
     if loo:
-        (queries,) = tokenized_for(encoder.input_spec, [build_source(val, image_size=size)], trained_on)
+        (queries,) = tokenized_for(
+            encoder.input_spec, [build_source(val, image_size=size)], trained_on, tokenizer
+        )
         result = loo_nn_evaluate(encoder, queries, view, env, pool=pool or "mean_prenorm", **common)
     else:
         bank, queries = tokenized_for(
             encoder.input_spec,
             [build_source(train, image_size=size), build_source(val, image_size=size)],
             trained_on,
+            tokenizer,
         )
         result = knn_evaluate(
             encoder,
@@ -126,6 +131,7 @@ def evaluation_table(
     device: str = "auto",
     out: str = "runs/eval",
     overrides: list[str] | None = None,
+    tokenizer: str | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """k-NN, linear probe and fine-tune for each checkpoint (read once each), one table: table.md and
     table.json in ``out``, each training run's folder beside them. Returns (Markdown, rows)."""
@@ -144,10 +150,16 @@ def evaluation_table(
         if "knn" in protocols:
             size, view = evaluation_view(encoder.input_spec)
             feature = pool or default_feature(info)
+            bank, queries = tokenized_for(
+                encoder.input_spec,
+                [build_source(data_train, image_size=size), build_source(data_val, image_size=size)],
+                info["config"].data.train if info.get("config") else None,
+                tokenizer or (info["config"].data.tokenizer if info.get("config") else None),
+            )
             result = knn_evaluate(
                 encoder.to(env.device),
-                build_source(data_train, image_size=size),
-                build_source(data_val, image_size=size),
+                bank,
+                queries,
                 view,
                 env,
                 pool=feature,
@@ -170,10 +182,11 @@ def evaluation_table(
                 f"data.num_workers={'null' if num_workers is None else num_workers}",
                 f"run.device={device}",
                 "run.resume=none",
+                *([f"data.tokenizer={tokenizer}"] if tokenizer else []),
                 *(overrides or []),
             ]
             cfg = task_config(kind, checkpoint, info, None, settings, str(folder / f"{index}-{kind}"))
-            result = train_classifier(cfg, env, loaded=(encoder, info))
+            result = train_classifier(cfg, env, loaded=(encoder, info), show_config=False)
             rows.append({**row, "protocol": kind, "budget": f"{epochs} epochs", **_tops(result)})
     markdown = write_table(rows, folder) if env.is_main else ""
     return markdown, rows

@@ -24,10 +24,13 @@ def find_resume(cfg: Config, out: Path) -> Path | None:
     return resolve_checkpoint(cfg.run.resume)
 
 
-def start_run(cfg: Config, trainer: Trainer, out: Path, description: str) -> None:
+def start_run(
+    cfg: Config, trainer: Trainer, out: Path, description: str, *, show_config: bool = True
+) -> None:
     """The resume (``run.resume``) when there is something to resume, then the run folder's config.yaml,
     the resolved config and a one-line description on stderr. The caller holds the folder's
-    :class:`RunLock`, so temporary files found there are left over from a killed writer."""
+    :class:`RunLock`, so temporary files found there are left over from a killed writer. ``show_config``
+    false (a sub-run of ``mimkit eval``): the config is only written, not printed."""
     env = trainer.env
     resume_from = find_resume(cfg, out)
     if resume_from is not None:
@@ -37,7 +40,10 @@ def start_run(cfg: Config, trainer: Trainer, out: Path, description: str) -> Non
         for path in remove_stale_temporaries(out):
             print(f"note: removed {path}, left by a process killed while writing it", file=sys.stderr)
         (out / "config.yaml").write_text(to_yaml(cfg))
-        print(to_yaml(cfg), file=sys.stderr)
+        if show_config:
+            print(to_yaml(cfg), file=sys.stderr)
+        else:
+            print(f"config: {out / 'config.yaml'}", file=sys.stderr)
         print(description, file=sys.stderr)
         if resume_from is not None:
             print(

@@ -55,6 +55,7 @@ class RunLock:
     def __init__(self, folder: str | Path, env: DistEnv | None = None) -> None:
         self.folder, self.env = Path(folder), env
         self._file = None
+        self._made_folder = self._made_lock = False
 
     def acquire(self) -> None:
         error = None
@@ -68,7 +69,9 @@ class RunLock:
     def _acquire_here(self) -> str | None:
         """None when the lock is ours, else the message that says who holds it."""
         try:
+            self._made_folder = not self.folder.exists()
             self.folder.mkdir(parents=True, exist_ok=True)
+            self._made_lock = not (self.folder / LOCK_NAME).exists()
             handle = open(self.folder / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115
         except OSError as err:
             return f"cannot use run folder '{self.folder}': {err.strerror or err}"
@@ -109,11 +112,23 @@ class RunLock:
 
     def release(self) -> None:
         if self._file is not None:
+            self._drop_if_unused()
             _HELD.discard(self._file.fileno())
             if fcntl is not None:
                 fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+
+    def _drop_if_unused(self) -> None:
+        """The lock file goes with the run that made it (removed while still held), and a folder this
+        run made goes too if it is left empty: a run that failed to start leaves nothing behind."""
+        try:
+            if self._made_lock:
+                (self.folder / LOCK_NAME).unlink()
+            if self._made_folder and not any(self.folder.iterdir()):
+                self.folder.rmdir()
+        except OSError:  # removed by hand meanwhile, or a read-only folder: nothing to tidy
+            pass
 
     def __enter__(self) -> RunLock:
         self.acquire()

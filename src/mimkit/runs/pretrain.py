@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -19,6 +20,7 @@ from mimkit.data.sources import (
     check_input,
     full_size,
     needs_vocab,
+    source_for,
     tokenized_for,
     vocab_from_data,
 )
@@ -40,13 +42,20 @@ def check_buildable(cfg: Config) -> None:
     method is built on the meta device (a token model's vocabulary is read from its data's header)."""
     if needs_vocab(cfg.model):
         try:
-            vocab_from_data(cfg.model, build_source(cfg.data.train, max_images=1))
+            one = build_source(cfg.data.train, max_images=1, tokenizer=token_reader(cfg))
+            vocab_from_data(cfg.model, one)
         except (OSError, ValueError) as err:
             note = f"note: the model is not checked: its vocabulary comes from data.train ({err})"
             print(note, file=sys.stderr)
             return
     with torch.device("meta"):
         build_method(cfg)
+
+
+def token_reader(cfg: Config) -> str | None:
+    """The tokenizer that reads a token model's training images (data.tokenizer); a pixel model reads
+    images as they are."""
+    return cfg.data.tokenizer if cfg.model.stem != "pixels" else None
 
 
 def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
@@ -58,11 +67,13 @@ def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
 
 
 def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
-    source = build_source(
+    source = source_for(
+        "data.train",
         cfg.data.train,
         image_size=cfg.model.img_size,
         max_images=cfg.data.max_images,
         decode_size=cfg.data.decode_size,
+        tokenizer=token_reader(cfg),
     )
     vocab_from_data(cfg.model, source)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
@@ -78,6 +89,18 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     else:
         dataset = ViewDataset(source, views, seed=cfg.run.seed, device_stage=finish)
     trainer = Trainer(method, cfg, env, out)
+    # every evaluation source is read and checked before the run folder is written
+    probes: dict[str, Callable[[ViTEncoder], dict[str, Any]]] = {}
+    if cfg.eval.val and (cfg.eval.knn or cfg.eval.lmim_nn):
+        queries = source_for("eval.val", cfg.eval.val, image_size=cfg.model.img_size)
+        dtype = autocast_dtype(trainer.precision, env.device)
+        if cfg.eval.knn:
+            bank = None if cfg.eval.train else source
+            if bank is not None:
+                bank = full_size(bank)  # evaluations see whole decodes, as any other evaluation does
+            probes["knn"] = knn_probe(cfg, env, dtype, bank=bank, queries=queries, spec=method.input_spec())
+        if cfg.eval.lmim_nn:
+            probes["lmim_nn"] = nn_probe(cfg, env, dtype, queries)
     params = sum(p.numel() for p in method.parameters() if p.requires_grad)
     start_run(
         cfg,
@@ -89,20 +112,8 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     )
 
     summary: dict[str, Any] = {"method": cfg.method.name, "run": str(out)}
-    probes: dict[str, Callable[[ViTEncoder], dict[str, Any]]] = {}
-    if cfg.eval.val and (cfg.eval.knn or cfg.eval.lmim_nn):
-        queries = build_source(cfg.eval.val, image_size=cfg.model.img_size)
-        dtype = autocast_dtype(trainer.precision, env.device)
-        if cfg.eval.knn:
-            bank = None if cfg.eval.train else source
-            if bank is not None:
-                bank = full_size(bank)  # evaluations see whole decodes, as any other evaluation does
-            probes["knn"] = knn_probe(cfg, env, dtype, bank=bank, queries=queries, spec=method.input_spec())
-        if cfg.eval.lmim_nn:
-            probes["lmim_nn"] = nn_probe(cfg, env, dtype, queries)
-    if cfg.eval.baseline and trainer.step == 0:
-        for name, probe in probes.items():
-            summary[f"{name}_at_init"] = probe(method.encoder)
+    if cfg.eval.baseline:
+        summary.update(at_init(out, trainer.step, probes, method.encoder, env.is_main))
     periodic = None
     if probes and cfg.eval.every_epochs > 0:
 
@@ -120,10 +131,62 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     if not summary["stopped_early"]:
         for name, probe in probes.items():
             summary[name] = probe(method.encoder)
+    summary["warnings"] = quality_warnings(summary)
     if env.is_main:
+        for line in summary["warnings"]:
+            print(f"warning: {line}", file=sys.stderr)
         write_json(out / "summary.json", summary)
     barrier(env)
     return summary
+
+
+AT_INIT_FILE = "at_init.json"  # the evaluations of the encoder at initialisation, kept for a resumed run
+
+
+def at_init(
+    out: Path,
+    step: int,
+    probes: dict[str, Callable[[ViTEncoder], dict[str, Any]]],
+    encoder: ViTEncoder,
+    is_main: bool,
+) -> dict[str, Any]:
+    """The probes of the encoder at initialisation, as ``{name}_at_init``: measured at step 0 and kept in
+    the run folder, so that a resumed run still compares its final figure with them."""
+    saved = out / AT_INIT_FILE
+    if step > 0:
+        try:
+            return json.loads(saved.read_text()) if saved.is_file() else {}
+        except ValueError:  # a file a kill cut short: the comparison is lost, not the run
+            return {}
+    measured = {f"{name}_at_init": probe(encoder) for name, probe in probes.items()}
+    if is_main and measured:
+        write_json(saved, measured)
+    return measured
+
+
+def quality_warnings(summary: dict[str, Any]) -> list[str]:
+    """What makes a finished run's figures meaningless, in one line each: an evaluation at or below the
+    same encoder at initialisation (the pre-training did not help, or hurt), and a masked-token accuracy
+    no better than always answering the most common id (the ids carry nothing the model could learn:
+    often a tokenizer that learnt nothing)."""
+    found = []
+    for name, what in (("knn", "k-NN"), ("lmim_nn", "leave-one-out 1-NN")):
+        final, start = summary.get(name), summary.get(f"{name}_at_init")
+        if final and start and final["top1"] <= start["top1"]:
+            found.append(
+                f"the final {what} top-1 {final['top1']:.2f}% is not above the encoder at initialisation "
+                f"({start['top1']:.2f}%): this pre-training did not help (too short, or a learning rate or "
+                "warmup that does not suit it)"
+            )
+    last = summary.get("last_logged") or {}
+    accuracy, majority = last.get("masked_token_acc"), last.get("masked_token_majority")
+    if accuracy is not None and majority is not None and accuracy <= 1.5 * majority:
+        found.append(
+            f"masked-token accuracy {100 * accuracy:.2f}% is no better than always answering the most "
+            f"common id ({100 * majority:.2f}%): the model learnt (almost) nothing about the tokens; check "
+            "the tokenizer's reconstruction PSNR in its run's summary"
+        )
+    return found
 
 
 def pretrain_then(
@@ -159,11 +222,13 @@ def knn_probe(
     be tokenized for a token encoder (by the tokenizer of its token data)."""
     size = cfg.model.img_size
     if bank is None:
-        bank = build_source(cfg.eval.train or cfg.data.train, image_size=size, max_images=cfg.data.max_images)
+        key = "eval.train" if cfg.eval.train else "data.train"
+        spec = cfg.eval.train or cfg.data.train
+        bank = source_for(key, spec, image_size=size, max_images=cfg.data.max_images)
     if queries is None:
-        queries = build_source(cfg.eval.val, image_size=size)
+        queries = source_for("eval.val", cfg.eval.val, image_size=size)
     if spec is not None:
-        bank, queries = tokenized_for(spec, [bank, queries], cfg.data.train)
+        bank, queries = tokenized_for(spec, [bank, queries], cfg.data.train, cfg.data.tokenizer)
     # checked now rather than when the first evaluation runs, possibly after the whole training
     check_knn_sources(bank, queries, hint="eval.train, else data.train, and eval.val; or set eval.knn=false")
     evaluate = partial(

@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
-from tqdm import tqdm
 
 from mimkit.configs import Config
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
@@ -29,6 +28,7 @@ from mimkit.data.sources import ImageSource, Subset, build_source
 from mimkit.data.transforms import Views, tokenizer_view
 from mimkit.distributed import DistEnv, pick_device
 from mimkit.interop.load import load_method
+from mimkit.progress import progress as progress_bar
 from mimkit.runs.lock import RunLock
 from mimkit.runs.pretrain import pretrain_then
 from mimkit.tokens.codebook import load_codebook
@@ -42,6 +42,8 @@ from mimkit.tokens.tokenizer import (
     perplexity,
     psnr,
     save_tokenizer,
+    tokenizer_file,
+    tokenizer_record,
 )
 from mimkit.tokens.vitvqgan import load_vitvqgan
 from mimkit.train.log import write_json
@@ -149,7 +151,7 @@ def prune_on(
     view = tokenizer_view(tokenizer.shape.img_size, mean, std)
     counts = torch.zeros(tokenizer.shape.codebook_size, dtype=torch.long, device=device)
     start = time.time()
-    bar = tqdm(total=len(source), desc="counting codes", unit="img", disable=not progress)
+    bar = progress_bar(len(source), "counting codes", "img", enabled=progress)
     for batch in image_batches(source, view, batch_size=batch_size, num_workers=num_workers):
         ids = tokenizer.encode(batch["image"].to(device))
         counts += torch.bincount(ids.flatten(), minlength=counts.numel())
@@ -167,6 +169,7 @@ def prune_on(
         "count_seconds": round(time.time() - start, 1),
         **quality,
     }
+    report["warnings"] = tokenizer_warnings(report)
     save_tokenizer(
         tokenizer,
         out / "tokenizer.pt",
@@ -178,10 +181,13 @@ def prune_on(
     )
     print(
         f"tokenizer: {report['codes_used']} of {report['codebook_size']} codes used (perplexity "
-        f"{report['perplexity']:.1f}), reconstruction PSNR {report['psnr']:.2f} dB on the first "
-        f"{report['psnr_images']} images; wrote {out / 'tokenizer.pt'} and {out / 'reconstructions.png'}",
+        f"{report['perplexity']:.1f}), reconstruction PSNR {report['psnr']:.2f} dB (the mean image: "
+        f"{report['psnr_mean_image']:.2f} dB) on {report['psnr_images']} images spread over the source; "
+        f"wrote {out / 'tokenizer.pt'} and {out / 'reconstructions.png'}",
         file=sys.stderr,
     )
+    for line in report["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
     return {"tokenizer": report}
 
 
@@ -220,6 +226,7 @@ def import_vitvqgan(
             "codes_used": tokenizer.vocab_size,
             **quality,
         }
+        report["warnings"] = tokenizer_warnings(report)
         save_tokenizer(
             tokenizer, folder / "tokenizer.pt", mean=mean, std=std, matched=codebook, report=report
         )
@@ -238,13 +245,16 @@ def reconstruction_report(
     ids: torch.Tensor | None = None,
     count: int = SAMPLE_IMAGES,
 ) -> dict[str, Any]:
-    """PSNR of decode(encode(x)) against the tokenizer's view of x, on the [0, 1] scale, for the first
-    ``count`` readable images; with ``ids`` (the first records of a token dataset made from ``source``:
-    record k is its k-th readable image) decode(ids) instead, after checking that the records are these
-    images' tokens. A PNG of the first 32 originals beside their reconstructions."""
+    """PSNR of decode(encode(x)) against the tokenizer's view of x, on the [0, 1] scale, for ``count``
+    readable images spread over the source (a folder or file stored class by class shows every class),
+    beside the PSNR of the sample's mean image (what a tokenizer that learnt nothing scores); with ``ids``
+    (the first records of a token dataset made from ``source``: record k is its k-th readable image)
+    decode(ids) of the first images instead, after checking that the records are these images' tokens.
+    A PNG of 32 originals beside their reconstructions."""
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
-    batch = next(image_batches(Subset(source, count), view, batch_size=count, num_workers=0))
+    sample = Subset(source, count, spread=ids is None)
+    batch = next(image_batches(sample, view, batch_size=count, num_workers=0))
     images = batch["image"].to(device)
     encoded = tokenizer.encode(images)
     if ids is not None:
@@ -260,9 +270,41 @@ def reconstruction_report(
     recon = tokenizer.decode(encoded) * std + mean
     originals = images * std + mean
     values = psnr(recon, originals)
+    mean_image = psnr(originals.mean(0, keepdim=True).expand_as(originals), originals)
     if grid_png is not None:
-        save_grid(torch.stack([originals[:32], recon[:32]], dim=1).flatten(0, 1), grid_png, nrow=16)
-    return {"psnr": float(values.mean()), "psnr_images": len(values)}
+        shown = torch.linspace(0, len(images) - 1, min(32, len(images)), device=device).round().long()
+        pairs = torch.stack([originals[shown], recon[shown]], dim=1).flatten(0, 1)
+        save_grid(pairs, grid_png, nrow=16)
+    return {
+        "psnr": float(values.mean()),
+        "psnr_mean_image": float(mean_image.mean()),
+        "psnr_images": len(values),
+    }
+
+
+PSNR_MARGIN_DB = 3.0  # a tokenizer's reconstructions must beat the mean image by this much to count
+MIN_PERPLEXITY = 8.0  # fewer equally used codes than this: the codebook collapsed
+
+
+def tokenizer_warnings(report: dict[str, Any]) -> list[str]:
+    """What makes a tokenizer's ids worthless to train on, one line each: reconstructions no better than
+    the images' mean (the decoder learnt the average, every image looks alike), or a collapsed codebook."""
+    found = []
+    quality, baseline = report.get("psnr"), report.get("psnr_mean_image")
+    if quality is not None and baseline is not None and quality < baseline + PSNR_MARGIN_DB:
+        found.append(
+            f"the tokenizer's reconstruction PSNR {quality:.2f} dB is not clearly above the mean image's "
+            f"{baseline:.2f} dB (by at least {PSNR_MARGIN_DB:g} dB): it learnt little, its decodes look "
+            "alike, and models trained on its ids learn little; train it longer"
+        )
+    used, size, spread = report.get("codes_used"), report.get("codebook_size"), report.get("perplexity")
+    if spread is not None and spread < MIN_PERPLEXITY:
+        of = f" of {size}" if size else ""
+        found.append(
+            f"the tokenizer's codes collapsed: {used}{of} used, worth {spread:.1f} equally used codes "
+            "(perplexity); its ids carry little about the images"
+        )
+    return found
 
 
 # -- mimkit tokenize ---------------------------------------------------------------------------------
@@ -329,7 +371,8 @@ def tokenize(
             codebook=tokenizer.codebook().cpu(),
             classes=source.classes,
             meta={
-                "tokenizer": str(Path(tokenizer_path).resolve()),
+                # SeiT's files sit beside the shards folder, so one relative path serves both layouts
+                **tokenizer_record(tokenizer_path, shards_dir.parent if to == "seit" else shards_dir),
                 "tokenizer_shape": dict(tokenizer.shape.__dict__),
                 "source": source.name,
             },
@@ -348,7 +391,8 @@ def tokenize(
         done = set(writer.done_shards())
         skipped: list[str] = []
         start = time.time()
-        bar = tqdm(total=len(source), desc="tokenizing", unit="img", disable=not progress)
+        tokenized_now = 0
+        bar = progress_bar(len(source), "tokenizing", "img", enabled=progress)
         bar.update(sum(min(shard_size, len(source) - k * shard_size) for k in done if k < n_shards))
         for k in range(n_shards):
             if k in done:
@@ -369,12 +413,14 @@ def tokenize(
             ids = np.concatenate(ids_parts) if ids_parts else np.zeros((0, grid, grid), np.int64)
             labels = np.concatenate(labels_parts) if labels_parts else np.zeros(0, np.int64)
             writer.write_shard(k, ids, labels)
+            tokenized_now += len(ids)
         bar.close()
         dataset = shards = writer.finish()
         seconds = time.time() - start
         if to == "seit":
             dataset = convert(shards_dir, target, to="seit")
         report = tokenize_report(dataset, data, source, tokenizer, loaded, view, dev, skipped, seconds)
+        report["tokenized_now"] = tokenized_now  # 0: the dataset was complete already
         write_json(report_path, report)
         if to == "seit":
             shards.drop_cache()
@@ -391,7 +437,7 @@ def check_same_run(folder: Path, source: ImageSource, shard_size: int, tokenizer
         "source": source.name,
         "images": len(source),
         "shard_size": shard_size,
-        "tokenizer": str(Path(tokenizer_path).resolve()),
+        "tokenizer": str(tokenizer_file(tokenizer_path).resolve()),
     }
     if record.is_file():
         before = json.loads(record.read_text())
@@ -441,7 +487,7 @@ def tokenize_report(
         other.close()
     src_bytes, counted = source_bytes(data, source)
     quality = reconstruction_report(tokenizer, source, view, loaded, None, device)
-    return {
+    report = {
         "dataset": str(dataset.path),
         "format": dataset.format,
         "images": n,
@@ -461,19 +507,26 @@ def tokenize_report(
         **quality,
         "seconds": round(seconds, 1),
     }
+    report["warnings"] = tokenizer_warnings(report)
+    return report
 
 
 def format_report(report: dict[str, Any], path: Path) -> str:
     b = report["bytes_per_image"]
-    return (
+    done = (
         f"tokenized {report['images']} images ({report['skipped_images']} skipped) into {report['dataset']} "
-        f"in {report['seconds']} s: {report['grid'][0]}x{report['grid'][1]} ids of {report['vocab_size']} "
+        f"in {report['seconds']} s"
+        if report.get("tokenized_now", report["images"])
+        else f"{report['dataset']} was complete already ({report['images']} images; nothing to tokenize)"
+    )
+    return (
+        f"{done}: {report['grid'][0]}x{report['grid'][1]} ids of {report['vocab_size']} "
         f"codes ({report['codes_used']} used, perplexity {report['perplexity']:.1f}); bytes per image: "
         f"mimkit {b['mimkit']:.1f}, SeiT {b['seit']:.1f} (mimkit/SeiT {report['mimkit_to_seit']:.3f}), "
         f"source {report['source']['bytes_per_image']:.1f} ({report['source']['counted']}; tokens are "
         f"{100 * report['ratio_to_source']:.2f}% of it); reconstruction PSNR {report['psnr']:.2f} dB on "
-        f"{report['psnr_images']} images; report: {path}"
-    )
+        f"{report['psnr_images']} images (the mean image: {report['psnr_mean_image']:.2f} dB); report: {path}"
+    ) + "".join(f"\nwarning: {line}" for line in report.get("warnings", ()))
 
 
 # -- mimkit tokenizer encode / decode ----------------------------------------------------------------

@@ -621,8 +621,8 @@ def _target(
     vocab_size = _folder_codebook(path, codebook, vocab_size)
     if not overwrite and path.exists():
         raise ValueError(
-            f"{path}: already exists; remove it (and its {index_path(path).name}) first, or pass "
-            "overwrite=True"
+            f"{path}: already exists and is not overwritten; remove it (and its {index_path(path).name}) "
+            "first, or write to another name"
         )
     return path, vocab_size or DEFAULT_VOCAB
 

@@ -12,6 +12,7 @@ compact [K', code_dim] table a token dataset stores.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,6 +27,49 @@ from mimkit.checkpoint import CheckpointError, load, save_atomic
 from mimkit.models.pos_embed import sincos_2d
 
 TOKENIZER_KIND = "mimkit-tokenizer"
+# The tokenizer shipped in the package (a few MB), named "demo" wherever a tokenizer is asked for: trained
+# on CIFAR-10 training images that are not the demo set's (see data/demo/README.md for the command).
+DEMO_TOKENIZER_NAME = "demo"
+DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "demo" / "tokenizer.pt"
+
+
+def tokenizer_record(tokenizer: str | Path, dataset_dir: str | Path) -> dict[str, str]:
+    """How a token dataset names its tokenizer so that moving both together keeps the link: the shipped
+    one by its name, another by its absolute path and its path relative to the dataset's folder."""
+    if str(tokenizer) == DEMO_TOKENIZER_NAME:
+        return {"tokenizer": DEMO_TOKENIZER_NAME}
+    resolved = tokenizer_file(tokenizer).resolve()
+    try:
+        relative = os.path.relpath(resolved, Path(dataset_dir).resolve())
+    except ValueError:  # another drive
+        relative = str(resolved)
+    return {"tokenizer": str(resolved), "tokenizer_relative": relative}
+
+
+def recorded_tokenizer_path(meta: dict[str, Any], dataset_dir: str | Path) -> str | None:
+    """The tokenizer a dataset's header names, found where it was or where it is beside the dataset now;
+    None when it names none. Raises FileNotFoundError naming both places and ``--tokenizer`` when gone."""
+    recorded = meta.get("tokenizer")
+    if not recorded:
+        return None
+    if recorded == DEMO_TOKENIZER_NAME or tokenizer_file(recorded).exists():
+        return str(recorded)
+    relative = meta.get("tokenizer_relative")
+    if relative and tokenizer_file(Path(dataset_dir) / relative).exists():
+        return str(Path(dataset_dir) / relative)
+    beside = f" nor at '{Path(dataset_dir) / relative}'" if relative else ""
+    raise FileNotFoundError(
+        f"the token data '{dataset_dir}' records its tokenizer at '{recorded}'{beside}, which is gone: "
+        "give its tokenizer with --tokenizer PATH (data.tokenizer=PATH in a config)"
+    )
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer.pt a name means: ``demo`` (the shipped one), a run folder, or the file itself."""
+    if str(path) == DEMO_TOKENIZER_NAME:
+        return DEMO_TOKENIZER
+    path = Path(path).expanduser()
+    return path / "tokenizer.pt" if path.is_dir() else path
 
 
 @dataclass(frozen=True)
@@ -305,14 +349,13 @@ class LoadedTokenizer(NamedTuple):
 
 
 def load_tokenizer(path: str | Path) -> LoadedTokenizer:
-    """A tokenizer written by :func:`save_tokenizer` (a run folder: its ``tokenizer.pt``), in eval mode."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.pt"
+    """A tokenizer written by :func:`save_tokenizer` (a run folder: its ``tokenizer.pt``; ``demo``: the
+    shipped one), in eval mode."""
+    path = tokenizer_file(path)
     if not path.exists():
         raise FileNotFoundError(
-            f"no tokenizer at '{path}' (expected a tokenizer.pt written by `mimkit tokenizer train`, or its "
-            "run folder)"
+            f"no tokenizer at '{path}' (expected a tokenizer.pt written by `mimkit tokenizer train`, its "
+            "run folder, or 'demo' for the one shipped with mimkit)"
         )
     state = load(path)
     if state.get("kind") != TOKENIZER_KIND:

@@ -649,6 +649,7 @@ class Trainer:
             "images_per_s": round(images / seconds, 1) if seconds > 0 else None,
             "sessions": self.totals["sessions"],
             "last_logged_loss": session.last_loss if math.isfinite(session.last_loss) else None,
+            "last_logged": session.last_scalars,  # every scalar of the last logged step (quality checks)
             "skipped_images": len(skipped),
         }
         if env.enabled:
@@ -690,6 +691,7 @@ class Trainer:
         scalars["lr"] = max(group["lr"] for group in self.optimizer.param_groups)
         scalars["img/s"] = images / seconds if seconds > 0 else 0.0
         session.log.scalars(self.step, scalars, epoch=self.epoch + self.iter / iters)
+        session.last_scalars = scalars
         return scalars["loss"]
 
 
@@ -703,6 +705,7 @@ class _Session:
         self.last_save = time.monotonic()
         self.window_images = self.images_seen = 0
         self.last_loss = math.nan
+        self.last_scalars: dict[str, float] = {}
 
     def take_window(self) -> tuple[int, float]:
         """Images and seconds since the last call."""

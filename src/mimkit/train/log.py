@@ -13,6 +13,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from mimkit.progress import PLAIN_INTERVAL, is_terminal
+
 
 class RunLogger:
     def __init__(
@@ -31,6 +33,8 @@ class RunLogger:
         self.enabled = enabled
         self.total, self.done, self.started, self.start_done = total, initial, time.monotonic(), initial
         self.bar = None
+        self.plain = False
+        self.last_line = time.monotonic()
         self.writer = None
         self.jsonl = None
         if not enabled:
@@ -46,15 +50,18 @@ class RunLogger:
                 self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1)
             except ImportError:  # tensorboard is a declared dependency; stay usable without it
                 self.writer = None
-        if progress:
-            self.bar = tqdm(
-                total=total, initial=initial, unit="it", dynamic_ncols=True, file=sys.stderr, disable=None
-            )
+        if progress and is_terminal():
+            self.bar = tqdm(total=total, initial=initial, unit="it", dynamic_ncols=True, file=sys.stderr)
+        self.plain = progress and self.bar is None
 
     def advance(self, n: int = 1) -> None:
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
+        elif self.plain and time.monotonic() - self.last_line >= PLAIN_INTERVAL:
+            # no terminal and logged steps far apart: a plain line now and then says the run is alive
+            self.last_line = time.monotonic()
+            print(f"{self.done}/{self.total} it, eta {self.eta()}", file=sys.stderr, flush=True)
 
     def scalars(self, step: int, values: dict[str, float], *, epoch: float) -> None:
         if not self.enabled:
@@ -71,6 +78,7 @@ class RunLogger:
         else:  # no terminal: one line per logged step instead of a bar
             text = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
             print(f"step {step} epoch {epoch:.2f} {text} eta {self.eta()}", file=sys.stderr, flush=True)
+            self.last_line = time.monotonic()
 
     def eta(self) -> str:
         rate = (self.done - self.start_done) / max(time.monotonic() - self.started, 1e-9)

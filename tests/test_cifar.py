@@ -1,0 +1,110 @@
+"""The CIFAR downloads users have (python and binary batches) and held-out splits of any source."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mimkit.configs import ConfigError, build_config
+from mimkit.data.sources import build_source
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_download(root: Path, per_batch: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Both CIFAR-10 layouts of the same images: pickled batches as Python writes them (bytes keys,
+    protocol 2) and the binary records (a label byte, then 3,072 bytes, channel-major)."""
+    rng = np.random.default_rng(0)
+    py, binary = root / "cifar-10-batches-py", root / "cifar-10-batches-bin"
+    py.mkdir(parents=True)
+    binary.mkdir(parents=True)
+    with open(py / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in CLASSES]}, f, protocol=2)
+    (binary / "batches.meta.txt").write_text("\n".join(CLASSES) + "\n\n")
+    images, labels = [], []
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, 10, per_batch)]
+        with open(py / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": y, b"batch_label": b"b"}, f, protocol=2)
+        np.concatenate([np.array(y, np.uint8)[:, None], data], 1).tofile(binary / f"{name}.bin")
+        if name != "test_batch":
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.extend(y)
+    return np.concatenate(images), np.array(labels)
+
+
+def test_python_and_binary_batches_read_the_same_images(tmp_path):
+    images, labels = make_download(tmp_path / "data")
+    py = build_source(str(tmp_path / "data" / "cifar-10-batches-py"))
+    binary = build_source(str(tmp_path / "data" / "cifar-10-batches-bin"))
+    assert len(py) == len(binary) == 100  # the five training batches
+    assert py.classes == binary.classes == tuple(CLASSES)
+    np.testing.assert_array_equal(py.x, images)
+    np.testing.assert_array_equal(binary.x, images)
+    np.testing.assert_array_equal(py.y, labels)
+    image, label = py.load(3)
+    assert tuple(image.shape) == (3, 32, 32) and label == labels[3]
+    test = build_source(str(tmp_path / "data" / "cifar-10-batches-bin" / "test_batch.bin"))
+    assert len(test) == 20 and test.classes == tuple(CLASSES)
+
+
+def test_a_download_root_with_one_cifar_folder_is_read_and_with_two_is_refused(tmp_path):
+    make_download(tmp_path / "data")
+    with pytest.raises(ValueError, match="holds cifar-10-batches-py and cifar-10-batches-bin: name the one"):
+        build_source(str(tmp_path / "data"))
+    os.rename(tmp_path / "data" / "cifar-10-batches-bin", tmp_path / "elsewhere")
+    assert len(build_source(str(tmp_path / "data"))) == 100
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_not_run(tmp_path):
+    make_download(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": _Boom(), b"labels": [0]}, f, protocol=2)
+    with pytest.raises(
+        ValueError, match=r"data_batch_2: not a CIFAR python batch \(refused '(posix|os)\.system'"
+    ):
+        build_source(str(tmp_path / "cifar-10-batches-py"))
+
+
+def test_a_cut_binary_batch_is_named(tmp_path):
+    make_download(tmp_path)
+    batch = tmp_path / "cifar-10-batches-bin" / "data_batch_1.bin"
+    batch.write_bytes(batch.read_bytes()[:-5])
+    with pytest.raises(ValueError, match=r"data_batch_1.bin: 61455 bytes is not a whole number of 3073-byte"):
+        build_source(str(tmp_path / "cifar-10-batches-bin"))
+
+
+def test_held_out_split_is_disjoint_stratified_and_fixed():
+    train, val = build_source("demo:train#train=0.1"), build_source("demo:train#val=0.1")
+    assert len(train) == 1800 and len(val) == 200
+    assert not set(train.indices) & set(val.indices)
+    labels = build_source("demo:train").y
+    assert np.bincount(labels[val.indices], minlength=10).tolist() == [20] * 10
+    assert build_source("demo:train#val=0.1").indices == val.indices
+    assert val.name == "demo:train#val=0.1" and val.classes == train.classes
+
+
+def test_val_fraction_makes_the_split_the_run_and_later_commands_read():
+    cfg = build_config("demo", ["data.val_fraction=0.1"])
+    assert (cfg.data.train, cfg.eval.val) == ("demo:train#train=0.1", "demo:train#val=0.1")
+    again = build_config(
+        None, [f"data.train={cfg.data.train}", f"eval.val={cfg.eval.val}", "data.val_fraction=0.1"]
+    )
+    assert again.data.train == "demo:train#train=0.1"  # a saved config is not split twice
+    with pytest.raises(ConfigError, match=r"holds out part of data.train as eval.val, but eval.val is given"):
+        build_config("demo", ["data.val_fraction=0.1", "eval.val=demo:val"])
+    with pytest.raises(ConfigError, match=r"'data.val_fraction' must lie in \[0, 1\); got 1.0"):
+        build_config("demo", ["data.val_fraction=1.0"])
+    with pytest.raises(ValueError, match="a held-out split is written PATH#train=F or PATH#val=F"):
+        build_source("demo:train#test=0.1")

@@ -1,0 +1,159 @@
+"""The token half for a new user: the shipped tokenizer, images tokenized as a token model reads them,
+token data that keep their tokenizer when moved, and the quality gates that say when a result is
+meaningless."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mimkit.configs import build_config
+from mimkit.data.sources import Subset, TokenizedImages, build_source, tokenizer_of
+from mimkit.data.transforms import tokenizer_view
+from mimkit.methods.token_views import views_codebook
+from mimkit.runs.pretrain import quality_warnings
+from mimkit.runs.tokenize import format_report, reconstruction_report, tokenize, tokenizer_warnings
+from mimkit.tokens.dataset import open_tokens
+from mimkit.tokens.tokenizer import DEMO_TOKENIZER, load_tokenizer
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    return load_tokenizer("demo")
+
+
+def test_the_shipped_tokenizer_is_small_pruned_and_states_its_quality(demo_tokenizer):
+    assert DEMO_TOKENIZER.stat().st_size < 5_000_000
+    model, info = demo_tokenizer.model, demo_tokenizer.info
+    assert model.pruned and model.shape.grid == 8 and model.shape.img_size == 32
+    report = info["report"]
+    # held-out reconstructions far above the mean image, and the codebook in use
+    assert report["psnr_on"] == "demo:val (held out)"
+    assert report["psnr"] > report["psnr_mean_image"] + 6
+    assert report["codes_used"] == model.vocab_size and report["perplexity"] > 100
+    assert report["warnings"] == []
+    assert "none of the demo set's" in info["trained_on"]
+
+
+def test_images_are_tokenized_once_as_the_tokenizer_encodes_them(demo_tokenizer):
+    images = Subset(build_source("demo:val"), 40)
+    tokenized = build_source("demo:val", max_images=40, tokenizer="demo")
+    assert isinstance(tokenized, TokenizedImages)
+    assert tokenized.kind == "token_ids" and tokenized.grid == (8, 8) and tokenized.vocab_size == 384
+    assert tokenizer_of(tokenized) == "demo" and tokenized.classes == images.classes
+    view = tokenizer_view(32, demo_tokenizer.mean, demo_tokenizer.std)
+    for index in (0, 17, 39):
+        image, label = images.load(index)
+        expected = demo_tokenizer.model.encode(view(image)["image"][None])[0]
+        ids, got_label = tokenized.load(index)
+        assert ids.dtype == torch.int64 and torch.equal(ids, expected) and got_label == label
+    # the token views move ids through the tokenizer's own codebook
+    assert torch.equal(views_codebook(None, tokenized, 384), demo_tokenizer.model.codebook())
+
+
+def test_token_data_find_their_tokenizer_when_both_move(tmp_path):
+    (tmp_path / "a").mkdir()
+    shutil.copy(DEMO_TOKENIZER, tmp_path / "a" / "tokenizer.pt")
+    tokenize(str(tmp_path / "a"), "demo:val", str(tmp_path / "a" / "tokens"), max_images=16, progress=False)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = build_source(str(tmp_path / "b" / "tokens"))
+    assert tokenizer_of(moved) == str(tmp_path / "b" / "tokens" / ".." / "tokenizer.pt")
+    (tmp_path / "b" / "tokenizer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"which is gone: give its tokenizer with --tokenizer PATH"):
+        tokenizer_of(build_source(str(tmp_path / "b" / "tokens")))
+
+
+def test_the_shipped_tokenizer_is_recorded_by_name_and_a_finished_dataset_is_not_redone(tmp_path):
+    first = tokenize("demo", "demo:val", str(tmp_path / "tokens"), max_images=8, progress=False)
+    assert first["tokenized_now"] == 8 and format_report(first, tmp_path).startswith("tokenized 8 images")
+    assert open_tokens(tmp_path / "tokens").meta["tokenizer"] == "demo"
+    assert tokenizer_of(build_source(str(tmp_path / "tokens"))) == "demo"
+    again = tokenize("demo", "demo:val", str(tmp_path / "tokens"), max_images=8, progress=False)
+    assert again["tokenized_now"] == 0
+    assert format_report(again, tmp_path).startswith(
+        f"{tmp_path / 'tokens'} was complete already (8 images; nothing to tokenize)"
+    )
+
+
+def test_reconstruction_quality_is_measured_over_the_classes_beside_the_mean_image(demo_tokenizer):
+    source = build_source("demo:val")  # stored class by class: the first 50 images are all airplanes
+    view = tokenizer_view(32, demo_tokenizer.mean, demo_tokenizer.std)
+    spec = demo_tokenizer
+    report = reconstruction_report(
+        demo_tokenizer.model, source, view, spec, None, torch.device("cpu"), count=20
+    )
+    assert report["psnr_images"] == 20
+    # every class is in the sample, so its mean image is a poor fit: far below the tokenizer
+    assert report["psnr_mean_image"] < report["psnr"] - 6
+    labels = np.asarray(source.y)[Subset(source, 20, spread=True).indices]
+    assert len(set(labels.tolist())) == 10
+
+
+def test_a_tokenizer_that_learnt_nothing_is_named():
+    bad = {"psnr": 13.3, "psnr_mean_image": 12.96, "codes_used": 5, "codebook_size": 384, "perplexity": 3.2}
+    assert tokenizer_warnings(bad) == [
+        "the tokenizer's reconstruction PSNR 13.30 dB is not clearly above the mean image's 12.96 dB (by at "
+        "least 3 dB): it learnt little, its decodes look alike, and models trained on its ids learn little; "
+        "train it longer",
+        "the tokenizer's codes collapsed: 5 of 384 used, worth 3.2 equally used codes (perplexity); its ids "
+        "carry little about the images",
+    ]
+    good = {"psnr": 22.2, "psnr_mean_image": 12.4, "codes_used": 384, "codebook_size": 384, "perplexity": 340}
+    assert tokenizer_warnings(good) == []
+
+
+def test_runs_whose_figures_mean_nothing_say_so():
+    summary = {
+        "knn": {"top1": 20.4},
+        "knn_at_init": {"top1": 25.8},
+        "last_logged": {"masked_token_acc": 0.0044, "masked_token_majority": 0.0151},
+    }
+    knn, tokens = quality_warnings(summary)
+    assert knn.startswith("the final k-NN top-1 20.40% is not above the encoder at initialisation (25.80%)")
+    assert tokens.startswith(
+        "masked-token accuracy 0.44% is no better than always answering the most common id (1.51%)"
+    )
+    fine = {
+        "knn": {"top1": 30.0},
+        "knn_at_init": {"top1": 25.8},
+        "last_logged": {"masked_token_acc": 0.06, "masked_token_majority": 0.015},
+    }
+    assert quality_warnings(fine) == []
+
+
+def test_the_token_default_recipe_reads_the_demo_through_the_shipped_tokenizer():
+    cfg = build_config("mtm_demo")
+    assert (cfg.data.train, cfg.data.tokenizer, cfg.eval.val) == ("demo:train", "demo", "demo:val")
+    assert cfg.model.stem == "token_ids" and cfg.eval.baseline
+
+
+@pytest.mark.slow
+def test_the_token_default_runs_end_to_end_and_keeps_its_baseline_through_a_resume(tmp_path):
+    """mtm_demo at a tiny size: images tokenized by the shipped tokenizer, k-NN beside the encoder at
+    initialisation, the masked-token accuracy beside its majority baseline; a resumed run still has the
+    at-initialisation figure of its first session."""
+    from mimkit.runs.pretrain import pretrain
+
+    sizes = ("model.embed_dim", "model.depth", "model.num_heads", "method.decoder")
+    small = [
+        *(o for o in TINY if o.startswith(sizes)),  # the tests' depth-2, width-64 model
+        "data.max_images=64",
+        "data.num_workers=0",
+        "optim.epochs=2",
+        "optim.batch_size=16",
+        "eval.every_epochs=0",
+        "run.progress=false",
+        f"run.out={tmp_path / 'run'}",
+    ]
+    first = pretrain(build_config("mtm_demo", [*small, "run.stop_at_step=3"]))
+    assert first["stopped_early"] and "knn" not in first
+    resumed = pretrain(build_config("mtm_demo", small))
+    assert resumed["knn_at_init"] == first["knn_at_init"]
+    assert resumed["knn"]["val"] == "demo:val (tokenized by demo)" and resumed["knn"]["val_images"] == 500
+    last = resumed["last_logged"]
+    assert 0 < last["masked_token_majority"] < 1 and "masked_token_acc" in last
+    assert isinstance(resumed["warnings"], list)
