@@ -141,10 +141,20 @@ def test_pixel_and_token_checkpoints_share_one_report(runs: dict[str, Path], tmp
     mae, mtm = report["checkpoints"]
     assert mtm["input"] == {"kind": "token_ids", "grid": [4, 4], "patch_size": 2}
     assert mtm["distance_unit"] == "cells" and mae["distance_unit"] == "px"
+    # one unit on the page: a cell is the tokenizer's 4 px, and the maps are drawn over the real images
+    assert (mtm["pixels_per_unit"], mae["pixels_per_unit"]) == (4, 1)
+    assert mtm["images_are"] == "the images"
     assert np.array(mtm["attention_distance"]["renorm"]).shape == (2, 2)
     assert 0 <= mtm["reconstruction"]["masked_token_accuracy"] <= 1
+    assert mtm["reconstruction"]["accuracy_images"] == 8  # the statistics' images, not the 2 shown
     assert "reconstruction_note" not in mtm and not any("tokenizer" in n for n in mtm["notes"])
     assert (out / "figures" / "reconstruction_1_mtm.png").exists()
+    page = (out / "report.html").read_text()
+    cells = float(np.array(mtm["attention_distance"]["renorm"]).mean())
+    assert f"{4 * cells:.2f} px ({cells:.2f} cells)" in page
+    side_by_side = "grid-template-columns: repeat(2, minmax(0, 1fr))"
+    assert page.count(side_by_side) == 4  # maps, heads, reconstructions, segments: one column each
+    assert "% at ratio" in page  # MTM's masked-token accuracy in the summary table
 
 
 def test_a_token_model_whose_tokenizer_is_gone_is_analysed_with_a_note(runs: dict[str, Path], tmp_path: Path):
@@ -158,6 +168,8 @@ def test_a_token_model_whose_tokenizer_is_gone_is_analysed_with_a_note(runs: dic
         moved.rename(runs["tokenizer"])
     (mtm,) = strict_json(out / "report.json")["checkpoints"]
     assert "which is gone" in mtm["reconstruction_note"]
+    assert mtm["pixels_per_unit"] is None  # no tokenizer: its distances stay in cells, on a row of their own
+    assert mtm["images_are"] == "the tokenizer's decodes of the tokens"
     assert "segmentation" in mtm and mtm["reconstruction"]["mask"] is None  # predicted, not shown
     assert 0 <= mtm["reconstruction"]["masked_token_accuracy"] <= 1
     assert "which is gone" in (out / "report.html").read_text()

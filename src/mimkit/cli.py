@@ -128,12 +128,15 @@ def _analyze(args: argparse.Namespace) -> int:
     )
     for row in result["checkpoints"]:
         distance, rank = row["attention_distance_mean"], row["effective_rank_mean"]
-        print(
-            f"{row['label']}: mean attention distance {distance:.2f} (all blocks and heads), "
-            f"effective rank {rank:.1f}"
-            if distance is not None and rank is not None
-            else row["label"]
-        )
+        if distance is None or rank is None:
+            print(row["label"])
+            continue
+        unit, scale = row["distance_unit"], row["pixels_per_unit"]
+        shown = f"{distance:.2f} {unit}"
+        if unit == "cells" and scale:
+            shown = f"{distance * scale:.2f} px ({distance:.2f} cells of {scale:g} px each)"
+        line = f"{row['label']}: mean attention distance {shown} (all blocks and heads)"
+        print(f"{line}, effective rank {rank:.1f}")
     print(f"report: {result['report']}\nnumbers: {result['json']}\nfigures: {result['figures']}")
     return 0
 

@@ -348,7 +348,9 @@ def _masked_token_text(a: CheckpointAnalysis) -> str:
     accuracy = a.reconstruction_info.get("masked_token_accuracy")
     if accuracy is None:
         return ""
-    return f"{100 * accuracy:.1f}% at ratio {a.reconstruction_info['mask_ratio']:.2f}"
+    images = a.reconstruction_info.get("accuracy_images")
+    on = f" on {images} images" if images else ""
+    return f"{100 * accuracy:.1f}% at ratio {a.reconstruction_info['mask_ratio']:.2f}{on}"
 
 
 def _summary_rows(items: list[CheckpointAnalysis]) -> str:
@@ -433,8 +435,9 @@ def write_report(
         "<th>same, raw</th><th>effective rank (mean)</th><th>RankMe (mean)</th>"
         "<th>effective rank (cls)</th><th>masked-token accuracy</th></tr>" + _summary_rows(items) + "</table>"
         + "<p class='help'>Distances in pixels of the input image; a token model's cells count as its "
-        "tokenizer's cell size (a 4-px cell: 1 cell = 4 px). MTM's masked-token accuracy: the most likely "
-        "id equals the token's on masked patches, with the reconstructions' masks.</p>",
+        "tokenizer's cell size (a 4-px cell: 1 cell = 4 px). MTM's masked-token accuracy: how often the most "
+        "likely id is the token's, on the masked patches of the images averaged for the statistics, at the "
+        "median of its mask-ratio distribution.</p>",
         "<h2>Mean attention distance</h2><p class='help'>Per block and head, averaged over the query "
         "patches of every analysed image; the distance between patch centres is weighted by attention. "
         "Broader attention means larger values.</p>" + add("attention_distance", distance_figure(items)),

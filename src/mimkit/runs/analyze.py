@@ -262,10 +262,19 @@ def analyze_checkpoint(
         ratio = float(method.mask_ratio(0.5))
         rec = reconstruct_tokens(method, shown, decode=decode, noise=noise, mask_ratio=ratio)
         out.reconstruction = rec.images
-        out.reconstruction_info = {"mask_ratio": ratio, "masked_token_accuracy": rec.accuracy}
+        # the accuracy over the images averaged for the statistics: the few shown are too few to tell
+        gen = torch.Generator().manual_seed(seed)
+        stats_noise = torch.rand(stats_set.shape[0], encoder.num_patches, generator=gen).to(device)
+        accuracy = reconstruct_tokens(method, stats_set, noise=stats_noise, mask_ratio=ratio).accuracy
+        out.reconstruction_info = {
+            "mask_ratio": ratio,
+            "masked_token_accuracy": accuracy,
+            "accuracy_images": stats_set.shape[0],
+        }
         if rec.images is None:
             out.reconstruction_note = (
-                f"masked-token accuracy {100 * rec.accuracy:.1f}% at ratio {ratio:.2f}; {why}"
+                f"masked-token accuracy {100 * accuracy:.1f}% at ratio {ratio:.2f} on {stats_set.shape[0]} "
+                f"images; {why}"
             )
     else:
         if norm_pix is not None:
@@ -380,6 +389,8 @@ def analyze(
         {
             "label": a.label,
             "attention_distance_mean": None if a.distance is None else float(a.distance.renorm.mean()),
+            "distance_unit": a.distance_unit,
+            "pixels_per_unit": a.pixels_per_unit,
             "effective_rank_mean": None if a.spectrum_mean is None else a.spectrum_mean.effective_rank,
         }
         for a in items
