@@ -292,3 +292,19 @@ def test_settings_complete_an_official_file_and_leave_a_run_as_saved(runs: dict[
         "complete official files; this checkpoint states its own config" in n for n in from_run["notes"]
     )
     assert main(["analyze", str(official), "--out", str(tmp_path / "s"), *args, "model.num_headz=2"]) == 2
+
+
+def test_a_moved_tokenizer_is_given_with_tokenizer(runs: dict[str, Path], tmp_path: Path, capsys):
+    """The token data name a tokenizer that is gone: images cannot be read for the token model until
+    --tokenizer says where it is now."""
+    moved = runs["tokenizer"].with_name("tok-elsewhere")
+    runs["tokenizer"].rename(moved)
+    try:
+        args = ["knn", str(runs["mtm"]), "--val", "demo:val", "--num-workers", "0"]
+        assert main([*args, "--out", str(tmp_path / "a.json")]) == 2
+        assert "which is gone: give its tokenizer with --tokenizer PATH" in capsys.readouterr().err
+        assert main([*args, "--tokenizer", str(moved), "--out", str(tmp_path / "b.json")]) == 0
+    finally:
+        moved.rename(runs["tokenizer"])
+    result = strict_json(tmp_path / "b.json")
+    assert result["val"] == f"demo:val (tokenized by {moved})" and result["val_images"] == 500

@@ -107,4 +107,6 @@ def test_val_fraction_makes_the_split_the_run_and_later_commands_read():
     with pytest.raises(ConfigError, match=r"'data.val_fraction' must lie in \[0, 1\); got 1.0"):
         build_config("demo", ["data.val_fraction=1.0"])
     with pytest.raises(ValueError, match="a held-out split is written PATH#train=F or PATH#val=F"):
-        build_source("demo:train#test=0.1")
+        build_source("demo:train#val=1.5")
+    with pytest.raises(FileNotFoundError, match="data path 'photos#2' does not exist"):
+        build_source("photos#2")  # a '#' in a name is a name

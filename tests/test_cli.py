@@ -207,3 +207,15 @@ def test_progress_without_a_terminal_is_plain_timed_lines(capsys):
     quiet.update(100)
     quiet.close()  # within the interval: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_a_run_without_a_terminal_says_it_is_alive_between_logged_steps(tmp_path, capsys, monkeypatch):
+    from mimkit.train import log
+
+    monkeypatch.setattr(log, "PLAIN_INTERVAL", 0.0)
+    logger = log.RunLogger(tmp_path, enabled=True, total=10, initial=0, progress=True, tensorboard=False)
+    logger.advance(3)
+    logger.scalars(3, {"loss": 1.5}, epoch=0.3)
+    logger.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("3/10 it, eta ") and lines[1].startswith("step 3 epoch 0.30 loss 1.5 eta ")

@@ -389,3 +389,19 @@ def test_probe_and_fine_tune_check_that_train_and_val_name_the_same_classes(tiny
         ):
             train_classifier(cfg)
         assert not (tmp_path / task / "last.pt").exists()  # checked before any training
+
+
+def test_follow_up_runs_use_the_runs_own_data_over_a_recipes(tiny_checkpoint, tmp_path):
+    """A shipped recipe's data never beat the run's (finetune_cifar10 names the CIFAR-10 download); the
+    command line beats both."""
+    from mimkit.interop.load import load_encoder
+    from mimkit.runs.classify import task_config
+
+    _, info = load_encoder(tiny_checkpoint)
+    run_cfg = info["config"]
+    run_cfg.eval.val, run_cfg.data.tokenizer = "synthetic:16", "demo"
+    cfg = task_config("finetune", tiny_checkpoint, info, "finetune_cifar10", [], str(tmp_path / "f"))
+    assert (cfg.data.train, cfg.eval.val, cfg.data.tokenizer) == ("synthetic:64", "synthetic:16", "demo")
+    given = ["data.train=synthetic:8", "eval.val=synthetic:4"]
+    cfg = task_config("finetune", tiny_checkpoint, info, "finetune_cifar10", given, str(tmp_path / "g"))
+    assert (cfg.data.train, cfg.eval.val) == ("synthetic:8", "synthetic:4")

@@ -157,3 +157,12 @@ def test_the_token_default_runs_end_to_end_and_keeps_its_baseline_through_a_resu
     last = resumed["last_logged"]
     assert 0 < last["masked_token_majority"] < 1 and "masked_token_acc" in last
     assert isinstance(resumed["warnings"], list)
+
+
+def test_a_tokenizer_given_to_a_pixel_model_is_an_error_not_ignored():
+    from mimkit.configs import ConfigError
+    from mimkit.runs.pretrain import token_reader
+
+    with pytest.raises(ConfigError, match=r"data.tokenizer=demo turns images into token ids for a token"):
+        token_reader(build_config("demo", ["data.tokenizer=demo"]))
+    assert token_reader(build_config("mtm_demo")) == "demo"

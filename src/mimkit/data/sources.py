@@ -663,15 +663,15 @@ SPLIT_SEED = 0  # the held-out split is the same for every run, whatever its see
 
 def split_spec(spec: str) -> tuple[str, str | None, float]:
     """``PATH#train=F`` / ``PATH#val=F``: the source at PATH without / with its held-out fraction F."""
-    if "#" not in spec:
-        return spec, None, 0.0
     base, _, suffix = spec.rpartition("#")
     part, _, value = suffix.partition("=")
+    if not base or part not in ("train", "val") or not value:  # a plain path, '#' in a name included
+        return spec, None, 0.0
     try:
         fraction = float(value)
     except ValueError:
         fraction = -1.0
-    if part not in ("train", "val") or not 0 < fraction < 1:
+    if not 0 < fraction < 1:
         raise ValueError(
             f"'{spec}': a held-out split is written PATH#train=F or PATH#val=F with 0 < F < 1 (the part "
             "kept for training, or the held-out fraction F)"

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from mimkit.checkpoint import seed_all
-from mimkit.configs import Config
+from mimkit.configs import Config, ConfigError
 from mimkit.data.loader import EncodedDataset, ViewDataset
 from mimkit.data.sources import (
     ImageSource,
@@ -55,6 +55,11 @@ def check_buildable(cfg: Config) -> None:
 def token_reader(cfg: Config) -> str | None:
     """The tokenizer that reads a token model's training images (data.tokenizer); a pixel model reads
     images as they are."""
+    if cfg.data.tokenizer and cfg.model.stem == "pixels" and cfg.method.name != "vq_tokenizer":
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer} turns images into token ids for a token model "
+            "(model.stem=token_ids), but this model takes pixels: leave data.tokenizer unset"
+        )
     return cfg.data.tokenizer if cfg.model.stem != "pixels" else None
 
 
