@@ -405,3 +405,20 @@ def test_follow_up_runs_use_the_runs_own_data_over_a_recipes(tiny_checkpoint, tm
     given = ["data.train=synthetic:8", "eval.val=synthetic:4"]
     cfg = task_config("finetune", tiny_checkpoint, info, "finetune_cifar10", given, str(tmp_path / "g"))
     assert (cfg.data.train, cfg.eval.val) == ("synthetic:8", "synthetic:4")
+
+
+def test_an_accuracy_at_chance_level_is_said_to_be():
+    from mimkit.eval.features import chance_top1, chance_warning, topk_accuracy
+
+    labels = torch.arange(10).repeat(100)  # 1,000 balanced labels: chance is 10%
+    assert chance_top1(labels) == 10.0 and chance_top1(torch.tensor([0, 0, 0, 1])) == 75.0
+    scores = torch.zeros(1000, 10)
+    scores[:, 3] = 1  # always class 3
+    result = {**topk_accuracy(scores, labels), "val_images": 1000}
+    assert (result["top1"], result["chance_top1"]) == (10.0, 10.0)
+    assert chance_warning(result, "k-NN") == (
+        "k-NN top-1 10.00% is at chance level: always answering the most common class scores 10.00% on "
+        "these 1000 images (3 standard errors: 2.85 points)"
+    )
+    assert chance_warning({**result, "top1": 12.8}, "k-NN") is not None  # within 3 standard errors
+    assert chance_warning({**result, "top1": 13.0}, "k-NN") is None

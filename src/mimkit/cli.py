@@ -95,6 +95,8 @@ def _knn(args: argparse.Namespace) -> int:
             f"k-NN (k={result['k']}, T={result['temperature']}, {result['pool']}) on {result['val']}: "
             f"top-1 {result['top1']:.2f}%{top5}"
         )
+    for line in result.get("warnings", ()):
+        print(f"warning: {line}", file=sys.stderr)
     if "written_to" in result:
         print(f"written to {result['written_to']}")
     return 0

@@ -3,6 +3,7 @@ batch) over a labelled source, sharded across ranks and gathered back in source 
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -108,7 +109,34 @@ def topk_accuracy(
             continue
         hit = (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
         out[f"top{k}"] = round(100.0 * hit, 3)
+    out["chance_top1"] = chance_top1(labels)
     return out
+
+
+def chance_top1(labels: torch.Tensor) -> float:
+    """The top-1 of always answering the most common class of the evaluated labels (100 / classes when
+    they are balanced): what an encoder that learnt nothing scores."""
+    if labels.numel() == 0:
+        return float("nan")
+    counts = torch.bincount(labels.long().clamp_min(0))
+    return round(100.0 * counts.max().item() / labels.numel(), 3)
+
+
+def chance_warning(result: dict[str, Any], what: str) -> str | None:
+    """One line when a top-1 is not told apart from chance: within 3 standard errors of the most common
+    class's share, over the images evaluated."""
+    top1, chance = result.get("top1"), result.get("chance_top1")
+    images = result.get("val_images") or result.get("images")
+    if top1 is None or chance is None or not images or chance != chance:  # NaN: nothing evaluated
+        return None
+    p = chance / 100
+    margin = 300 * math.sqrt(p * (1 - p) / images)
+    if top1 > chance + margin:
+        return None
+    return (
+        f"{what} top-1 {top1:.2f}% is at chance level: always answering the most common class scores "
+        f"{chance:.2f}% on these {images} images (3 standard errors: {margin:.2f} points)"
+    )
 
 
 def classify(
@@ -133,4 +161,4 @@ def classify(
         encode=predict,
         out_dim=module.num_classes,
     )
-    return topk_accuracy(logits, labels)
+    return {**topk_accuracy(logits, labels), "images": len(labels)}

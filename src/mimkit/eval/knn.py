@@ -13,7 +13,7 @@ from torch import nn
 from mimkit.data.loader import ViewDataset
 from mimkit.data.sources import ImageSource, check_same_classes
 from mimkit.distributed import DistEnv
-from mimkit.eval.features import count_all, extract_features, topk_accuracy
+from mimkit.eval.features import chance_top1, count_all, extract_features, topk_accuracy
 
 
 @torch.no_grad()
@@ -136,4 +136,5 @@ def loo_nn_evaluate(
         "val_images": len(feats),
         "skipped_images": count_all(len(skipped), env),
         "top1": round(100.0 * hit, 3),
+        "chance_top1": chance_top1(labels),
     }

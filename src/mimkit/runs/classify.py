@@ -24,7 +24,7 @@ from mimkit.data.sources import (
     vocab_from_data,
 )
 from mimkit.distributed import DistEnv, barrier, init_distributed
-from mimkit.eval.features import classify
+from mimkit.eval.features import chance_warning, classify
 from mimkit.interop.load import load_encoder
 from mimkit.methods import TASKS, encoder_from_config
 from mimkit.methods.linprobe import cached_features
@@ -198,6 +198,10 @@ def train_classifier(
             if getattr(module, "ema", None) is not None:
                 ema = classify(module, lambda x: module.logits(x, ema=True), val, view, env, **eval_kwargs)
                 summary.update({f"ema_{k}": v for k, v in ema.items()})
+            summary["warnings"] = [line for line in [chance_warning(summary, task.name)] if line]
+            if env.is_main:
+                for line in summary["warnings"]:
+                    print(f"warning: {line}", file=sys.stderr)
         if env.is_main:
             write_json(out / "summary.json", summary)
     barrier(env)

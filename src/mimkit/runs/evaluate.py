@@ -12,6 +12,7 @@ from mimkit.configs import ConfigError, EvalConfig, build_config
 from mimkit.data.sources import build_source, tokenized_for
 from mimkit.data.transforms import Views, eval_view
 from mimkit.distributed import DistEnv, init_distributed
+from mimkit.eval.features import chance_warning
 from mimkit.eval.knn import knn_evaluate, loo_nn_evaluate
 from mimkit.interop.load import load_encoder
 from mimkit.models.input_spec import InputSpec
@@ -107,6 +108,8 @@ def knn(
             **common,
         )
     result = {"checkpoint": str(checkpoint), "weights": weights, **result}
+    what = "leave-one-out 1-NN" if loo else "k-NN"
+    result["warnings"] = [line for line in [chance_warning(result, what)] if line]
     target = (
         Path(out) if out else (Path(checkpoint) / f"{protocol}.json" if Path(checkpoint).is_dir() else None)
     )

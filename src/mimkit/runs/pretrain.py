@@ -22,10 +22,12 @@ from mimkit.data.sources import (
     needs_vocab,
     source_for,
     tokenized_for,
+    tokenizer_of,
     vocab_from_data,
 )
 from mimkit.data.transforms import DeviceNormalize, training_data
 from mimkit.distributed import DistEnv, barrier, init_distributed
+from mimkit.eval.features import chance_warning
 from mimkit.eval.knn import check_knn_sources, knn_evaluate, loo_nn_evaluate
 from mimkit.methods import build_method
 from mimkit.models.input_spec import InputSpec
@@ -33,6 +35,7 @@ from mimkit.models.vit import ViTEncoder
 from mimkit.runs.evaluate import evaluation_view
 from mimkit.runs.folder import run_dir, start_run
 from mimkit.runs.lock import RunLock
+from mimkit.tokens.tokenizer import load_tokenizer
 from mimkit.train.engine import Trainer, autocast_dtype
 from mimkit.train.log import write_json
 
@@ -81,6 +84,10 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
         tokenizer=token_reader(cfg),
     )
     vocab_from_data(cfg.model, source)
+    inherited = tokenizer_warnings_of(source)
+    if env.is_main:
+        for line in inherited:
+            print(f"warning: {line}", file=sys.stderr)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     method = build_method(cfg)
     seed_all(cfg.run.seed + env.rank)  # drop path differs across ranks (masks come from per-sample seeds)
@@ -136,7 +143,7 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     if not summary["stopped_early"]:
         for name, probe in probes.items():
             summary[name] = probe(method.encoder)
-    summary["warnings"] = quality_warnings(summary)
+    summary["warnings"] = inherited + quality_warnings(summary)
     if env.is_main:
         for line in summary["warnings"]:
             print(f"warning: {line}", file=sys.stderr)
@@ -169,6 +176,17 @@ def at_init(
     return measured
 
 
+def tokenizer_warnings_of(source: ImageSource) -> list[str]:
+    """The warnings of the report of the tokenizer a token model's data come from (a tokenizer that learnt
+    nothing makes every later figure meaningless), said again where those data are used."""
+    try:
+        path = tokenizer_of(source)
+        report = load_tokenizer(path).info.get("report", {}) if path else {}
+    except (OSError, ValueError):  # no tokenizer to ask: nothing to repeat
+        return []
+    return [f"the tokens come from {path}, whose report says: {line}" for line in report.get("warnings", [])]
+
+
 def quality_warnings(summary: dict[str, Any]) -> list[str]:
     """What makes a finished run's figures meaningless, in one line each: an evaluation at or below the
     same encoder at initialisation (the pre-training did not help, or hurt), and a masked-token accuracy
@@ -177,6 +195,8 @@ def quality_warnings(summary: dict[str, Any]) -> list[str]:
     found = []
     for name, what in (("knn", "k-NN"), ("lmim_nn", "leave-one-out 1-NN")):
         final, start = summary.get(name), summary.get(f"{name}_at_init")
+        if final and (line := chance_warning(final, f"the final {what}")):
+            found.append(line)
         if final and start and final["top1"] <= start["top1"]:
             found.append(
                 f"the final {what} top-1 {final['top1']:.2f}% is not above the encoder at initialisation "
