@@ -77,6 +77,77 @@ def test_a_pickle_that_would_run_code_is_refused_not_run(tmp_path):
         build_source(str(tmp_path / "cifar-10-batches-py"))
 
 
+def _glob(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _short(data: bytes) -> bytes:
+    return b"U" + bytes([len(data)]) + data  # a Python 2 str, read as bytes
+
+
+def _batch_with(array: bytes) -> bytes:
+    """A protocol-2 pickle {b'data': <array>, b'labels': []} around hand-written array opcodes."""
+    return b"\x80\x02}(" + _short(b"data") + array + _short(b"labels") + b"]u."
+
+
+def _dtype(name: bytes) -> bytes:
+    return _glob("numpy", "dtype") + b"X" + len(name).to_bytes(4, "little") + name + b"\x85R"
+
+
+HOSTILE = {
+    # object dtype with a list of the wrong length as its state: numpy's own __setstate__ would crash
+    "object array": _batch_with(
+        _glob("numpy.core.multiarray", "_reconstruct")
+        + _glob("numpy", "ndarray")
+        + b"K\x00\x85"
+        + _short(b"b")
+        + b"\x87R"
+        + b"(K\x01J\xe8\x03\x00\x00\x85"
+        + _dtype(b"O")
+        + b"\x89]tb"
+    ),
+    # 100 million uint8 asked for by 190 bytes, never filled
+    "huge array": _batch_with(
+        _glob("numpy.core.multiarray", "_reconstruct")
+        + _glob("numpy", "ndarray")
+        + b"J\x00\xe1\xf5\x05\x85"
+        + _dtype(b"u1")
+        + b"\x87R"
+    ),
+    # a buffer shorter than its shape
+    "short buffer": _batch_with(
+        _glob("numpy.core.multiarray", "_reconstruct")
+        + _glob("numpy", "ndarray")
+        + b"K\x00\x85"
+        + _short(b"b")
+        + b"\x87R"
+        + b"(K\x01J\x00\xe1\xf5\x05\x85"
+        + _dtype(b"u1")
+        + b"\x89"
+        + _short(b"abc")
+        + b"tb"
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("object array", "refused dtype 'O': a CIFAR batch holds integer arrays"),
+        ("huge array", "refused an array that the file never filled"),
+        (
+            "short buffer",
+            r"refused an array of shape \(100000000,\) whose buffer holds 3 bytes, not 100000000",
+        ),
+    ],
+)
+def test_a_crafted_array_is_refused_before_numpy_sees_it(tmp_path, case, message):
+    make_download(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(HOSTILE[case])
+    with pytest.raises(ValueError, match=f"data_batch_3: not a CIFAR python batch \\({message}"):
+        build_source(str(tmp_path / "cifar-10-batches-py"))
+
+
 def test_a_cut_binary_batch_is_named(tmp_path):
     make_download(tmp_path)
     batch = tmp_path / "cifar-10-batches-bin" / "data_batch_1.bin"
@@ -104,6 +175,8 @@ def test_val_fraction_makes_the_split_the_run_and_later_commands_read():
     assert again.data.train == "demo:train#train=0.1"  # a saved config is not split twice
     with pytest.raises(ConfigError, match=r"holds out part of data.train as eval.val, but eval.val is given"):
         build_config("demo", ["data.val_fraction=0.1", "eval.val=demo:val"])
+    hashed = build_config("demo", ["data.train=/data/set#1", "data.val_fraction=0.1"])
+    assert hashed.data.train == "/data/set#1#train=0.1"  # a '#' in the name does not stop the split
     with pytest.raises(ConfigError, match=r"'data.val_fraction' must lie in \[0, 1\); got 1.0"):
         build_config("demo", ["data.val_fraction=1.0"])
     with pytest.raises(ValueError, match="a held-out split is written PATH#train=F or PATH#val=F"):

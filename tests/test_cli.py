@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mimkit.cli import main
-from mimkit.configs import to_dict
+from mimkit.configs import RECIPE_DIR, to_dict
 from mimkit.interop.load import load_encoder
 from mimkit.methods import build_method
 from tests.conftest import TINY, tiny_config
@@ -70,6 +70,7 @@ def test_pretrain_knn_and_export_from_the_command_line(tmp_path, capsys):
     assert data["crop_pct"] == 1.0 and data["interpolation"] == "bicubic"
     assert list(data["mean"]) == pytest.approx([0.485, 0.456, 0.406])
     assert list(data["std"]) == pytest.approx([0.229, 0.224, 0.225])
+    assert load_encoder(str(export))[1]["probe_pool"] == "mean"  # mimkit knn on the export: the same feature
     encoder, _ = load_encoder(str(out))
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -188,9 +189,13 @@ def test_version_and_recipe_descriptions_in_whole_sentences(capsys):
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("mimkit ")
     text = "# One idea (with a\n# parenthesis) that runs over: two lines.\n# More.\nmodel:\n"
     assert recipe_summary(text) == "One idea (with a parenthesis) that runs over"
+    assert recipe_summary("# A (b: c) d. E.\n") == "A (b: c) d."  # a colon inside brackets is not an end
     assert main(["recipes"]) == 0
     listed = capsys.readouterr().out
     assert "mtm_demo" in listed and "finetune_tokens" in listed
+    for path in RECIPE_DIR.glob("*.yaml"):  # no description is cut inside a parenthesis
+        summary = recipe_summary(path.read_text())
+        assert summary and summary.count("(") == summary.count(")"), (path.name, summary)
 
 
 def test_progress_without_a_terminal_is_plain_timed_lines(capsys):

@@ -366,7 +366,7 @@ def test_a_bad_npz_given_to_knn_is_one_line(tiny_checkpoint, tmp_path, capfd):
     assert main(["knn", tiny_checkpoint, "--train", str(bad), "--val", "synthetic:16"]) == 2
     err = capfd.readouterr().err
     assert (
-        err.startswith(f"mimkit: error: {bad}: not a readable .npz file (BadZipFile: ")
+        err.startswith(f"mimkit: error: --train: {bad}: not a readable .npz file (BadZipFile: ")
         and err.count("\n") == 1
     )
 
@@ -405,6 +405,9 @@ def test_follow_up_runs_use_the_runs_own_data_over_a_recipes(tiny_checkpoint, tm
     given = ["data.train=synthetic:8", "eval.val=synthetic:4"]
     cfg = task_config("finetune", tiny_checkpoint, info, "finetune_cifar10", given, str(tmp_path / "g"))
     assert (cfg.data.train, cfg.eval.val) == ("synthetic:8", "synthetic:4")
+    split = ["data.train=demo:val", "data.val_fraction=0.2"]  # the held-out part, not the run's eval.val
+    cfg = task_config("linprobe", tiny_checkpoint, info, None, split, str(tmp_path / "h"))
+    assert (cfg.data.train, cfg.eval.val) == ("demo:val#train=0.2", "demo:val#val=0.2")
 
 
 def test_an_accuracy_at_chance_level_is_said_to_be():

@@ -146,6 +146,7 @@ def test_the_token_default_runs_end_to_end_and_keeps_its_baseline_through_a_resu
         "optim.epochs=2",
         "optim.batch_size=16",
         "eval.every_epochs=0",
+        "eval.lmim_nn=true",  # the leave-one-out 1-NN reads demo:val through the tokenizer too
         "run.progress=false",
         f"run.out={tmp_path / 'run'}",
     ]
@@ -154,6 +155,7 @@ def test_the_token_default_runs_end_to_end_and_keeps_its_baseline_through_a_resu
     resumed = pretrain(build_config("mtm_demo", small))
     assert resumed["knn_at_init"] == first["knn_at_init"]
     assert resumed["knn"]["val"] == "demo:val (tokenized by demo)" and resumed["knn"]["val_images"] == 500
+    assert resumed["lmim_nn"]["val"] == "demo:val (tokenized by demo)"
     last = resumed["last_logged"]
     assert 0 < last["masked_token_majority"] < 1 and "masked_token_acc" in last
     assert isinstance(resumed["warnings"], list)
@@ -166,3 +168,28 @@ def test_a_tokenizer_given_to_a_pixel_model_is_an_error_not_ignored():
     with pytest.raises(ConfigError, match=r"data.tokenizer=demo turns images into token ids for a token"):
         token_reader(build_config("demo", ["data.tokenizer=demo"]))
     assert token_reader(build_config("mtm_demo")) == "demo"
+    with pytest.raises(
+        ConfigError, match=r"^data.tokenizer: no tokenizer at 'runs/tokenizer_cifar10'; train one"
+    ):
+        token_reader(build_config("mtm_cifar10"))
+
+
+def test_a_relative_tokenizer_is_recorded_absolute(tmp_path, monkeypatch):
+    from mimkit.runs.pretrain import token_reader
+
+    (tmp_path / "tok").mkdir()
+    shutil.copy(DEMO_TOKENIZER, tmp_path / "tok" / "tokenizer.pt")
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config("mtm_demo", ["data.tokenizer=tok"])
+    assert token_reader(cfg) == cfg.data.tokenizer == str(tmp_path / "tok")
+
+
+def test_a_token_datasets_held_out_split_is_per_class(tmp_path):
+    tokenize("demo", "demo:val", str(tmp_path / "tokens"), max_images=100, progress=False)
+    val = build_source(f"{tmp_path / 'tokens'}#val=0.1")
+    labels = np.asarray(open_tokens(tmp_path / "tokens").labels)
+    per_class = np.bincount(labels, minlength=10)
+    # a tenth of each class, at least one and never the whole of a class of two or more
+    expected = [min(max(1, round(0.1 * n)), max(n - 1, 1)) if n else 0 for n in per_class]
+    assert np.bincount(labels[val.indices], minlength=10).tolist() == expected
+    assert sum(expected) == 11  # a split that ignored the labels would hold out exactly 10

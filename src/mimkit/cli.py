@@ -7,7 +7,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 import sys
 import textwrap
@@ -316,10 +315,12 @@ def recipe_summary(text: str) -> str:
             break
         lines.append(line.lstrip("# ").strip())
     comment = " ".join(part for part in lines if part)
-    match = re.search(r"[.:](\s|$)", comment)
-    if not match:
-        return comment
-    return comment[: match.start() + (comment[match.start()] == ".")]
+    depth = 0
+    for i, char in enumerate(comment):
+        depth += (char == "(") - (char == ")")
+        if depth == 0 and char in ".:" and (i + 1 == len(comment) or comment[i + 1].isspace()):
+            return comment[: i + (char == ".")]
+    return comment
 
 
 def _recipes(args: argparse.Namespace) -> int:

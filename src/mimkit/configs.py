@@ -349,11 +349,29 @@ def build_config(
     return cfg
 
 
+def split_spec(spec: str) -> tuple[str, str | None, float]:
+    """``PATH#train=F`` / ``PATH#val=F``: the source at PATH without / with its held-out fraction F."""
+    base, _, suffix = spec.rpartition("#")
+    part, _, value = suffix.partition("=")
+    if not base or part not in ("train", "val") or not value:  # a plain path, '#' in a name included
+        return spec, None, 0.0
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction < 1:
+        raise ValueError(
+            f"'{spec}': a held-out split is written PATH#train=F or PATH#val=F with 0 < F < 1 (the part "
+            "kept for training, or the held-out fraction F)"
+        )
+    return base, part, fraction
+
+
 def _hold_out(cfg: Config, overrides: dict) -> None:
     """data.val_fraction: data.train loses its held-out part, which becomes eval.val (once: a saved config
     already says so)."""
     fraction = cfg.data.val_fraction
-    if not fraction or "#" in cfg.data.train:
+    if not fraction or split_spec(cfg.data.train)[1] is not None:
         return
     if cfg.eval.val and "val" in overrides.get("eval", {}):
         raise ConfigError(
@@ -368,6 +386,8 @@ def _hold_out(cfg: Config, overrides: dict) -> None:
         )
     train = cfg.data.train
     cfg.data.train, cfg.eval.val = f"{train}#train={fraction:g}", f"{train}#val={fraction:g}"
+    if cfg.eval.train == train:  # a memory bank of the same images must not hold the held-out ones
+        cfg.eval.train = cfg.data.train
 
 
 def _shorten_warmup(cfg: Config, recipe: dict, overrides: dict) -> None:

@@ -175,7 +175,7 @@ def attention_figure(a: CheckpointAnalysis) -> Figure:
     block = f"block {a.layer + 1}" + ("" if a.distance is None else f" of {a.distance.renorm.shape[0]}")
     axes = np.atleast_2d(fig.subplots(n, cols, squeeze=False))
     gh, gw = a.grid
-    colours = list(CLUSTER_COLOURS)[: len(a.queries)]
+    colours = [CLUSTER_COLOURS[i % len(CLUSTER_COLOURS)] for i in range(len(a.queries))]
     for r in range(n):
         image = a.images[r] if a.images is not None else None
         size = tuple(image.shape[-2:]) if image is not None else (gh * 8, gw * 8)

@@ -2,8 +2,9 @@
 
 - the python version (``cifar-10-batches-py/``: ``data_batch_1`` .. ``data_batch_5``, ``test_batch``,
   ``batches.meta``; CIFAR-100's ``train``, ``test``, ``meta``), the files torchvision's ``CIFAR10`` reads.
-  They are pickles, and a pickle can run any code: :class:`_ArraysOnly` admits only numpy arrays and plain
-  containers, so a hostile file is refused, never run;
+  They are pickles, and a pickle can run any code: :class:`_ArraysOnly` admits only integer arrays and
+  plain containers, through stand-ins that check an array's shape, dtype and buffer before numpy copies it,
+  so a hostile file is refused, never run, and cannot ask for more memory than its own size;
 - the binary version (``cifar-10-batches-bin/``: ``data_batch_N.bin``, ``test_batch.bin``,
   ``batches.meta.txt``; CIFAR-100's ``train.bin`` / ``test.bin`` with two label bytes, coarse then fine).
 
@@ -13,6 +14,7 @@ or batch files (``cifar-10-batches-py/test_batch`` for the test split).
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 from typing import ClassVar
@@ -30,29 +32,112 @@ TRAIN_FILES = {
 FOLDERS = ("cifar-10-batches-py", "cifar-10-batches-bin", "cifar-100-python", "cifar-100-binary")
 
 
-class _ArraysOnly(pickle.Unpickler):
-    """Unpickles numpy arrays, dicts, lists, strings and numbers; any other global is refused."""
+MAX_ELEMENTS = 10**9  # no CIFAR batch holds more values than this (one holds 30.7 million)
+ARRAY_DTYPES = ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8")  # what a batch's arrays may hold
 
-    ALLOWED: ClassVar[set[tuple[str, str]]] = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how Python 3 writes bytes in protocol 2 (a re-pickled batch)
+
+class _DType:
+    """Stands for ``numpy.dtype`` in a pickle: a name from :data:`ARRAY_DTYPES` and a byte order."""
+
+    def __init__(self, name: object = "", align: object = False, copy: object = True) -> None:
+        name = name.decode("latin-1") if isinstance(name, bytes) else name
+        if name not in ARRAY_DTYPES:
+            raise pickle.UnpicklingError(f"refused dtype {name!r}: a CIFAR batch holds integer arrays")
+        self.name, self.order = name, "|"
+
+    def __setstate__(self, state: object) -> None:
+        order = state[1] if isinstance(state, tuple) and len(state) > 1 else "|"
+        order = order.decode("latin-1") if isinstance(order, bytes) else order
+        if order not in ("|", "<", ">", "="):
+            raise pickle.UnpicklingError(f"refused byte order {order!r}")
+        self.order = order
+
+    def numpy(self) -> np.dtype:
+        dtype = np.dtype(self.name)
+        return dtype.newbyteorder(self.order) if self.order in "<>" else dtype
+
+
+class _Array:
+    """Stands for a pickled ``numpy.ndarray``: its state is checked (an integer dtype, at most 2 dims, a
+    buffer of exactly the size the shape and dtype say) and only then copied out of the file's bytes, so a
+    crafted file cannot reach numpy's own unpickling of objects nor ask for more memory than it holds."""
+
+    def __init__(self, *args: object) -> None:
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("refused an array state that is not numpy's (version, shape, ...)")
+        _, shape, dtype, fortran, raw = state
+        ints = isinstance(shape, tuple) and all(type(n) is int for n in shape)
+        if not ints or len(shape) > 2:
+            raise pickle.UnpicklingError(f"refused an array of shape {shape!r}: a batch's are 1-D or 2-D")
+        if any(n < 0 for n in shape) or math.prod(shape) > MAX_ELEMENTS:
+            raise pickle.UnpicklingError(f"refused an array of shape {shape!r}")
+        if not isinstance(dtype, _DType) or not isinstance(raw, bytes | str):
+            raise pickle.UnpicklingError("refused an array without an integer dtype and a byte buffer")
+        raw = raw.encode("latin-1") if isinstance(raw, str) else raw
+        kind = dtype.numpy()
+        if len(raw) != math.prod(shape) * kind.itemsize:
+            raise pickle.UnpicklingError(
+                f"refused an array of shape {shape} whose buffer holds {len(raw)} bytes, not "
+                f"{math.prod(shape) * kind.itemsize}"
+            )
+        self.array = np.frombuffer(raw, kind).reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _reconstruct(cls: object, shape: object, dtype: object) -> _Array:
+    if cls is not _Array:
+        raise pickle.UnpicklingError("refused an array of a class other than numpy.ndarray")
+    return _Array()
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """How Python 3 writes bytes in protocol 2 (``_codecs.encode(str, 'latin1')``): only that."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refused _codecs.encode other than of text to latin-1 bytes")
+    return text.encode("latin-1")
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles integer arrays, dicts, lists, strings and numbers, through stand-ins for numpy's
+    classes; any other global is refused. Nothing in the file reaches numpy's own ``__setstate__``."""
+
+    STANDINS: ClassVar[dict[tuple[str, str], object]] = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): _Array,
+        ("numpy", "dtype"): _DType,
+        ("_codecs", "encode"): _latin1,
     }
 
     def find_class(self, module: str, name: str) -> object:
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
+        if (module, name) in self.STANDINS:
+            return self.STANDINS[(module, name)]
         raise pickle.UnpicklingError(f"refused '{module}.{name}': a CIFAR batch holds only arrays and lists")
+
+
+def _arrays(value: object) -> object:
+    """The loaded value with every stand-in array replaced by its numpy array."""
+    if isinstance(value, _Array):
+        if value.array is None:
+            raise pickle.UnpicklingError("refused an array that the file never filled")
+        return value.array
+    if isinstance(value, dict):
+        return {k: _arrays(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_arrays(v) for v in value]
+    return value
 
 
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            value = _ArraysOnly(f, encoding="bytes").load()
+            value = _arrays(_ArraysOnly(f, encoding="bytes").load())
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
         raise ValueError(f"{path}: not a CIFAR python batch ({err})") from err
+    except (MemoryError, RecursionError) as err:
+        raise ValueError(f"{path}: not a CIFAR python batch ({type(err).__name__})") from err
     if not isinstance(value, dict):
         raise ValueError(f"{path}: not a CIFAR python batch (a {type(value).__name__}, not a dict)")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in value.items()}

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from mimkit.configs import ModelConfig
+from mimkit.configs import ModelConfig, split_spec
 from mimkit.data import cifar
 from mimkit.data.transforms import tokenizer_view
 from mimkit.models.input_spec import InputSpec
@@ -446,6 +446,9 @@ class TokenSource(ImageSource):
         return torch.from_numpy(ids), int(labels[index]) if labels is not None else -1
 
 
+LARGE_TO_TOKENIZE = 100_000  # images a token model's source tokenizes at start without a note
+
+
 class TokenizedImages(ImageSource):
     """Images as a token model takes them, tokenized by a tokenizer (a token model's ``data.tokenizer``, or
     the one its token data record): all at once when built, in batches, with progress, so that training
@@ -457,7 +460,11 @@ class TokenizedImages(ImageSource):
     def __init__(self, source: ImageSource, tokenizer: str | Path, *, batch_size: int = 256) -> None:
         if source.kind != "pixels":
             raise ValueError(f"'{source.name}' is already a token dataset; only images are tokenized")
-        loaded = load_tokenizer(tokenizer)
+        try:
+            loaded = load_tokenizer(tokenizer)
+        except FileNotFoundError as err:
+            hint = "give the tokenizer with --tokenizer PATH (data.tokenizer=PATH)"
+            raise FileNotFoundError(f"{err}; {hint}") from err
         self.source, self.tokenizer_path = source, str(tokenizer)
         model = loaded.model
         view = tokenizer_view(model.shape.img_size, loaded.mean, loaded.std)
@@ -469,7 +476,16 @@ class TokenizedImages(ImageSource):
         self.ids = np.zeros((len(source), side, side), np.int16 if self.vocab_size < 2**15 else np.int32)
         self.labels = np.full(len(source), -1, np.int64)
         self.unreadable: dict[int, str] = {}
-        bar = progress(len(source), f"tokenizing {source.name}", "img", enabled=len(source) > 2 * batch_size)
+        talk = os.environ.get("RANK", "0") == "0"  # under torchrun every rank tokenizes; one says so
+        if len(source) > LARGE_TO_TOKENIZE and talk:
+            print(
+                f"note: tokenizing the {len(source)} images of '{source.name}' in this process first; "
+                "for a set this large, `mimkit tokenize` once (in parallel, resumable) and give the tokens",
+                file=sys.stderr,
+            )
+        bar = progress(
+            len(source), f"tokenizing {source.name}", "img", enabled=talk and len(source) > 2 * batch_size
+        )
         with torch.no_grad(), bar:
             for start in range(0, len(source), batch_size):
                 images, kept = [], []
@@ -538,6 +554,11 @@ def tokenized_for(
     """The sources as a token encoder takes them: images are tokenized by ``tokenizer`` (see
     :func:`recorded_tokenizer`); the rest is returned as it is (and images stay images when no tokenizer
     is known: check_input says so)."""
+    if spec.kind == "pixels" and tokenizer:
+        raise ValueError(
+            f"a tokenizer ('{tokenizer}') reads images for token models, but this encoder takes pixels: "
+            "leave --tokenizer (data.tokenizer) unset"
+        )
     if spec.kind == "pixels" or all(s.kind != "pixels" for s in sources):
         return list(sources)
     tokenizer = recorded_tokenizer(sources, trained_on, tokenizer)
@@ -661,31 +682,23 @@ def source_for(key: str, spec: str | None, **kwargs: Any) -> ImageSource:
 SPLIT_SEED = 0  # the held-out split is the same for every run, whatever its seed
 
 
-def split_spec(spec: str) -> tuple[str, str | None, float]:
-    """``PATH#train=F`` / ``PATH#val=F``: the source at PATH without / with its held-out fraction F."""
-    base, _, suffix = spec.rpartition("#")
-    part, _, value = suffix.partition("=")
-    if not base or part not in ("train", "val") or not value:  # a plain path, '#' in a name included
-        return spec, None, 0.0
-    try:
-        fraction = float(value)
-    except ValueError:
-        fraction = -1.0
-    if not 0 < fraction < 1:
-        raise ValueError(
-            f"'{spec}': a held-out split is written PATH#train=F or PATH#val=F with 0 < F < 1 (the part "
-            "kept for training, or the held-out fraction F)"
-        )
-    return base, part, fraction
+def labels_of(source: ImageSource) -> np.ndarray | None:
+    """Every label of a source without reading its images (None when it does not know them so)."""
+    for labels in (
+        getattr(source, "labels", None),
+        getattr(source, "y", None),
+        getattr(getattr(source, "dataset", None), "labels", None),
+    ):
+        if labels is not None:
+            return np.asarray(labels)
+    return None
 
 
 def held_out_indices(source: ImageSource, fraction: float, part: str) -> list[int]:
     """A fixed, class-stratified held-out split: in each class (all images when unlabelled) a seeded
     permutation's first round(F x n) images are held out (at least one, and one left for training, where
     a class has two)."""
-    labels = getattr(source, "labels", None)
-    if labels is None:
-        labels = getattr(source, "y", None)
+    labels = labels_of(source)
     labels = np.zeros(len(source), np.int64) if labels is None else np.asarray(labels)
     rng = np.random.default_rng(SPLIT_SEED)
     held = np.zeros(len(source), bool)

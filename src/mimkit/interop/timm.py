@@ -103,7 +103,7 @@ def load_export(path: Path) -> tuple[ViTEncoder, dict[str, Any]]:
         "input_spec": encoder.input_spec,
         "weights": meta.get("weights"),
         "step": None,
-        "probe_pool": default_pool(meta.get("method")),
+        "probe_pool": meta.get("pool") or default_pool(meta.get("method")),  # the run's feature, when said
     }
     return encoder, info
 

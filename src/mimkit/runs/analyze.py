@@ -23,9 +23,9 @@ from mimkit.configs import ConfigError
 from mimkit.data.sources import (
     Subset,
     TokenizedImages,
-    build_source,
     check_input,
     recorded_tokenizer,
+    source_for,
     tokenized_for,
 )
 from mimkit.data.transforms import eval_view, tokenizer_view
@@ -175,12 +175,15 @@ def analyze_checkpoint(
             "encoders"
         )
     _check_settings(path, encoder, layer=layer, queries=queries, ks=ks, upsample=upsample)
+    data_given = bool(data)
     data = data or (cfg and (cfg.eval.val or cfg.data.train)) or None
     if not data:
         raise ConfigError(f"mimkit analyze needs --data: '{path}' names no evaluation data of its own")
     trained_on = cfg.data.train if cfg is not None else None
     tokenizer = tokenizer or (cfg.data.tokenizer if cfg is not None else None)
-    (source,) = tokenized_for(spec, [build_source(data, image_size=spec.eval_size)], trained_on, tokenizer)
+    key = "--data" if data_given else "eval.val" if cfg is not None and cfg.eval.val else "data.train"
+    read = source_for(key, data, image_size=spec.eval_size)
+    (source,) = tokenized_for(spec, [read], trained_on, tokenizer)
     check_input(spec, source)
     encoder.to(device)
     if method is not None:
@@ -265,7 +268,13 @@ def analyze_checkpoint(
         # the accuracy over the images averaged for the statistics: the few shown are too few to tell
         gen = torch.Generator().manual_seed(seed)
         stats_noise = torch.rand(stats_set.shape[0], encoder.num_patches, generator=gen).to(device)
-        accuracy = reconstruct_tokens(method, stats_set, noise=stats_noise, mask_ratio=ratio).accuracy
+        hits = cells = 0.0
+        for start in range(0, stats_set.shape[0], batch_size):  # logits are N x L x cells x K: in batches
+            part = slice(start, start + batch_size)
+            done = reconstruct_tokens(method, stats_set[part], noise=stats_noise[part], mask_ratio=ratio)
+            masked = float(done.mask.sum())
+            hits, cells = hits + done.accuracy * masked, cells + masked
+        accuracy = hits / cells if cells else float("nan")
         out.reconstruction_info = {
             "mask_ratio": ratio,
             "masked_token_accuracy": accuracy,

@@ -32,6 +32,7 @@ from mimkit.models.input_spec import InputSpec
 from mimkit.models.vit import ViTEncoder
 from mimkit.runs.folder import run_dir, start_run
 from mimkit.runs.lock import RunLock
+from mimkit.tokens.tokenizer import absolute_tokenizer
 from mimkit.train.engine import Trainer, autocast_dtype
 from mimkit.train.log import write_json
 
@@ -63,10 +64,10 @@ def task_config(
     if source_cfg is not None:  # the run's own data beat the recipe's; the command line beats both
         if "data.train" not in given:
             defaults.append(f"data.train={source_cfg.eval.train or source_cfg.data.train}")
-        if "eval.val" not in given and source_cfg.eval.val:
+        if not given & {"eval.val", "data.val_fraction"} and source_cfg.eval.val:
             defaults.append(f"eval.val={source_cfg.eval.val}")
-        if "data.tokenizer" not in given and source_cfg.data.tokenizer:
-            defaults.append(f"data.tokenizer={source_cfg.data.tokenizer}")
+        if "data.tokenizer" not in given:  # null too: a run on token data reads the tokenizer they record
+            defaults.append(f"data.tokenizer={source_cfg.data.tokenizer or 'null'}")
     return build_config(recipe or kind, [*defaults, *overrides])
 
 
@@ -160,6 +161,8 @@ def train_classifier(
         raise ConfigError(f"eval.val '{val.name}' has no labels; {task.name} needs them to measure accuracy")
     check_same_classes(source, val)
     trained_on = info["config"].data.train if info.get("config") else None
+    if cfg.data.tokenizer:
+        cfg.data.tokenizer = absolute_tokenizer(cfg.data.tokenizer)
     source, val = tokenized_for(spec, [source, val], trained_on, cfg.data.tokenizer)
     for data in (source, val):  # token ids of the encoder's vocabulary for a token model, else images
         check_input(spec, data)

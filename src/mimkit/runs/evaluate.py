@@ -5,11 +5,12 @@ rule)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from mimkit.configs import ConfigError, EvalConfig, build_config
-from mimkit.data.sources import build_source, tokenized_for
+from mimkit.data.sources import build_source, source_for, tokenized_for
 from mimkit.data.transforms import Views, eval_view
 from mimkit.distributed import DistEnv, init_distributed
 from mimkit.eval.features import chance_warning
@@ -86,13 +87,13 @@ def knn(
     tokenizer = tokenizer or (info["config"].data.tokenizer if info.get("config") else None)
     if loo:
         (queries,) = tokenized_for(
-            encoder.input_spec, [build_source(val, image_size=size)], trained_on, tokenizer
+            encoder.input_spec, [source_for("--val", val, image_size=size)], trained_on, tokenizer
         )
         result = loo_nn_evaluate(encoder, queries, view, env, pool=pool or "mean_prenorm", **common)
     else:
         bank, queries = tokenized_for(
             encoder.input_spec,
-            [build_source(train, image_size=size), build_source(val, image_size=size)],
+            [source_for("--train", train, image_size=size), source_for("--val", val, image_size=size)],
             trained_on,
             tokenizer,
         )
@@ -170,6 +171,8 @@ def evaluation_table(
                 autocast_dtype=autocast_dtype("auto", env.device),
             )
             rows.append({**row, "protocol": "knn", "budget": f"k={result['k']}, {feature}", **_tops(result)})
+            if env.is_main and (line := chance_warning(result, f"{checkpoint}: k-NN")):
+                print(f"warning: {line}", file=sys.stderr)
         for kind, epochs in (("linprobe", linprobe_epochs), ("finetune", finetune_epochs)):
             if kind not in protocols:
                 continue

@@ -96,6 +96,13 @@ class RunLock:
             )
             self._file = handle
             return None
+        try:  # the file locked must still be the folder's: a run ending meanwhile removes its lock file
+            same = os.fstat(handle.fileno()).st_ino == os.stat(self.folder / LOCK_NAME).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            handle.close()
+            return self._acquire_here()
         handle.seek(0)
         handle.truncate()
         record = {

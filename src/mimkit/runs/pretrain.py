@@ -35,7 +35,7 @@ from mimkit.models.vit import ViTEncoder
 from mimkit.runs.evaluate import evaluation_view
 from mimkit.runs.folder import run_dir, start_run
 from mimkit.runs.lock import RunLock
-from mimkit.tokens.tokenizer import load_tokenizer
+from mimkit.tokens.tokenizer import absolute_tokenizer, load_tokenizer, tokenizer_file
 from mimkit.train.engine import Trainer, autocast_dtype
 from mimkit.train.log import write_json
 
@@ -58,12 +58,22 @@ def check_buildable(cfg: Config) -> None:
 def token_reader(cfg: Config) -> str | None:
     """The tokenizer that reads a token model's training images (data.tokenizer); a pixel model reads
     images as they are."""
-    if cfg.data.tokenizer and cfg.model.stem == "pixels" and cfg.method.name != "vq_tokenizer":
+    tokenizer = cfg.data.tokenizer
+    if not tokenizer or cfg.method.name == "vq_tokenizer":
+        return None
+    if cfg.model.stem == "pixels":
         raise ConfigError(
-            f"data.tokenizer={cfg.data.tokenizer} turns images into token ids for a token model "
+            f"data.tokenizer={tokenizer} turns images into token ids for a token model "
             "(model.stem=token_ids), but this model takes pixels: leave data.tokenizer unset"
         )
-    return cfg.data.tokenizer if cfg.model.stem != "pixels" else None
+    if not tokenizer_file(tokenizer).is_file():
+        raise ConfigError(
+            f"data.tokenizer: no tokenizer at '{tokenizer}'; train one (`mimkit tokenizer train --config "
+            "tokenizer_cifar10` writes runs/tokenizer_cifar10), or give data.tokenizer=demo for the one "
+            "shipped with mimkit (32 px images)"
+        )
+    cfg.data.tokenizer = absolute_tokenizer(tokenizer)
+    return cfg.data.tokenizer
 
 
 def pretrain(cfg: Config, env: DistEnv | None = None) -> dict[str, Any]:
@@ -112,7 +122,8 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
                 bank = full_size(bank)  # evaluations see whole decodes, as any other evaluation does
             probes["knn"] = knn_probe(cfg, env, dtype, bank=bank, queries=queries, spec=method.input_spec())
         if cfg.eval.lmim_nn:
-            probes["lmim_nn"] = nn_probe(cfg, env, dtype, queries)
+            (read,) = tokenized_for(method.input_spec(), [queries], cfg.data.train, cfg.data.tokenizer)
+            probes["lmim_nn"] = nn_probe(cfg, env, dtype, read)
     params = sum(p.numel() for p in method.parameters() if p.requires_grad)
     start_run(
         cfg,
@@ -167,8 +178,14 @@ def at_init(
     saved = out / AT_INIT_FILE
     if step > 0:
         try:
-            return json.loads(saved.read_text()) if saved.is_file() else {}
-        except ValueError:  # a file a kill cut short: the comparison is lost, not the run
+            return json.loads(saved.read_text())
+        except (OSError, ValueError):  # measured by no session, or cut short by a kill: say it is lost
+            if is_main and probes:
+                print(
+                    f"note: {saved} is missing or unreadable: this resumed run cannot compare its final "
+                    "figures with the encoder at initialisation",
+                    file=sys.stderr,
+                )
             return {}
     measured = {f"{name}_at_init": probe(encoder) for name, probe in probes.items()}
     if is_main and measured:

@@ -64,6 +64,12 @@ def recorded_tokenizer_path(meta: dict[str, Any], dataset_dir: str | Path) -> st
     )
 
 
+def absolute_tokenizer(path: str) -> str:
+    """How a run's config records its tokenizer: the shipped one by name, another by its absolute path
+    (so that the run's later commands find it from any folder)."""
+    return path if path == DEMO_TOKENIZER_NAME else str(Path(path).expanduser().resolve())
+
+
 def tokenizer_file(path: str | Path) -> Path:
     """The tokenizer.pt a name means: ``demo`` (the shipped one), a run folder, or the file itself."""
     if str(path) == DEMO_TOKENIZER_NAME:
