@@ -193,3 +193,42 @@ def test_a_token_datasets_held_out_split_is_per_class(tmp_path):
     expected = [min(max(1, round(0.1 * n)), max(n - 1, 1)) if n else 0 for n in per_class]
     assert np.bincount(labels[val.indices], minlength=10).tolist() == expected
     assert sum(expected) == 11  # a split that ignored the labels would hold out exactly 10
+
+
+def test_evaluation_data_a_model_cannot_read_stop_the_run_before_its_first_step(tmp_path):
+    """Tokens of another vocabulary as eval.val: refused when the run starts, not after it trained."""
+    from mimkit.runs.pretrain import pretrain
+    from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
+
+    torch.manual_seed(0)
+    shape = TokenizerShape(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, codebook_size=32)
+    save_tokenizer(
+        VQTokenizer(shape, kmeans_init=False).eval(),
+        tmp_path / "other" / "tokenizer.pt",
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+    )
+    tokenize(
+        str(tmp_path / "other"), "demo:val", str(tmp_path / "other-tokens"), max_images=16, progress=False
+    )
+    sizes = ("model.embed_dim", "model.depth", "model.num_heads", "method.decoder")
+    small = [*(o for o in TINY if o.startswith(sizes)), "data.max_images=32", "data.num_workers=0"]
+    out = tmp_path / "run"
+    cfg = build_config("mtm_demo", [*small, f"eval.val={tmp_path / 'other-tokens'}", f"run.out={out}"])
+    with pytest.raises(
+        ValueError, match=r"has 32 codes but the encoder embeds 384: its ids would mean other"
+    ):
+        pretrain(cfg)
+    assert not out.exists()  # no step, no checkpoint, no folder
+
+
+def test_a_separate_memory_bank_is_read_for_the_end_of_run_knn(tmp_path):
+    from mimkit.runs.pretrain import pretrain
+
+    knn = [o for o in TINY if o != "eval.knn=false"]
+    cfg = build_config(
+        None,
+        [*knn, "optim.epochs=1", "eval.train=synthetic:32", "eval.val=synthetic:16", f"run.out={tmp_path}"],
+    )
+    summary = pretrain(cfg)
+    assert summary["knn"]["train_images"] == 32 and summary["knn"]["val_images"] == 16

@@ -123,6 +123,7 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
             probes["knn"] = knn_probe(cfg, env, dtype, bank=bank, queries=queries, spec=method.input_spec())
         if cfg.eval.lmim_nn:
             (read,) = tokenized_for(method.input_spec(), [queries], cfg.data.train, cfg.data.tokenizer)
+            check_input(method.input_spec(), read)
             probes["lmim_nn"] = nn_probe(cfg, env, dtype, read)
     params = sum(p.numel() for p in method.parameters() if p.requires_grad)
     start_run(
@@ -265,14 +266,17 @@ def knn_probe(
     size = cfg.model.img_size
     if bank is None:
         key = "eval.train" if cfg.eval.train else "data.train"
-        spec = cfg.eval.train or cfg.data.train
-        bank = source_for(key, spec, image_size=size, max_images=cfg.data.max_images)
+        where = cfg.eval.train or cfg.data.train
+        bank = source_for(key, where, image_size=size, max_images=cfg.data.max_images)
     if queries is None:
         queries = source_for("eval.val", cfg.eval.val, image_size=size)
     if spec is not None:
         bank, queries = tokenized_for(spec, [bank, queries], cfg.data.train, cfg.data.tokenizer)
     # checked now rather than when the first evaluation runs, possibly after the whole training
     check_knn_sources(bank, queries, hint="eval.train, else data.train, and eval.val; or set eval.knn=false")
+    if spec is not None:  # the vocabulary and grid too, before the first step rather than after the last
+        for source in (bank, queries):
+            check_input(spec, source)
     evaluate = partial(
         knn_evaluate,
         train=bank,
