@@ -2,6 +2,7 @@
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,24 @@ def test_every_command_reports_a_broken_checkpoint_in_one_line(tmp_path, good_ru
         assert "Traceback" not in err and "untrusted" not in err and "trust=True" not in err
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("command", ["knn", "export", "analyze"])
+def test_a_hostile_pickle_is_refused_as_unsafe_and_nothing_suggests_loading_it(tmp_path, capsys, command):
+    path = tmp_path / "hostile.pt"
+    torch.save({"model": _RunsCode()}, path)
+    assert main([command, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"mimkit: error: {path}: refused as unsafe: it holds a pickled 'posix.system', which could run code "
+        "when loaded; mimkit never loads such a file\n"
+    )
+    assert "weights_only" not in err and "truncated" not in err
+
+
 def test_auto_resume_names_a_broken_last_pt(tmp_path, good_run, capsys):
     (good_run / "last.pt").write_bytes((good_run / "last.pt").read_bytes()[:1000])
     assert main(["pretrain", "--out", str(good_run), *TINY]) == 2
@@ -107,3 +126,55 @@ def test_a_run_removes_temporaries_that_a_killed_writer_left(tmp_path, capsys):
     assert main(["pretrain", "--out", str(out), *TINY, "run.stop_at_step=1"]) == 0
     assert [p.name for p in out.glob(".*.tmp*")] == [".notes.tmpl"]  # a user's file is not ours to delete
     assert "removed" in capsys.readouterr().err
+
+
+def test_an_output_that_is_an_input_or_a_special_file_is_refused_before_any_work(tmp_path, good_run, capsys):
+    last = good_run / "last.pt"
+    before = last.read_bytes()
+    assert main(["export", str(good_run), "--out", str(last)]) == 2
+    assert capsys.readouterr().err == (
+        f"mimkit: error: --out '{last}' is the input '{last}': writing it would destroy it; give another "
+        "path\n"
+    )
+    assert last.read_bytes() == before
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    assert (
+        main(["knn", str(good_run), "--train", "synthetic:8", "--val", "synthetic:8", "--out", str(pipe)])
+        == 2
+    )
+    assert f"--out '{pipe}' is not a regular file (a device, pipe or socket)" in capsys.readouterr().err
+    assert stat.S_ISFIFO(pipe.stat().st_mode)  # still the pipe it was
+    images = tmp_path / "X.npz"
+    np.savez(images, x=np.zeros((2, 32, 32, 3), np.uint8), y=np.array([0, 1]))
+    assert main(["tokenizer", "encode", "demo", str(images), "--out", str(images)]) == 2
+    assert f"--out '{images}' is the input '{images}'" in capsys.readouterr().err
+    assert sorted(np.load(images).files) == ["x", "y"]
+
+
+def test_a_failed_export_or_encode_leaves_no_partial_file_and_names_the_path(
+    tmp_path, good_run, capsys, monkeypatch
+):
+    import safetensors.torch
+
+    from mimkit.interop import timm as timm_export
+    from mimkit.runs import tokenize as tokenize_run
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def safetensors_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")  # what a full disk leaves: part of the file, then the error
+        raise safetensors.SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(timm_export, "save_file", safetensors_full)
+    out = tmp_path / "enc.safetensors"
+    assert main(["export", str(good_run), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"mimkit: error: could not write '{out}': Error while serializing: IoError(No space left on device)\n"
+    )
+    monkeypatch.setattr(tokenize_run.np, "savez", no_space)
+    ids = tmp_path / "ids.npz"
+    assert main(["tokenizer", "encode", "demo", "demo:val", "--max-images", "4", "--out", str(ids)]) == 2
+    assert capsys.readouterr().err == f"mimkit: error: '{ids}': No space left on device\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "good") == []  # no partial, no temporary

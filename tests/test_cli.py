@@ -224,3 +224,28 @@ def test_a_run_without_a_terminal_says_it_is_alive_between_logged_steps(tmp_path
     logger.close()
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("3/10 it, eta ") and lines[1].startswith("step 3 epoch 0.30 loss 1.5 eta ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["tokenize", "demo", "demo:val", "OUT"],
+            "; the same command again resumes at the first shard not written",
+        ),
+        (["pretrain", "--out", "OUT"], "; --resume auto continues from the last checkpoint saved, if any"),
+        (["knn", "OUT"], ""),
+    ],
+)
+def test_a_second_ctrl_c_says_what_continues_in_the_commands_own_words(
+    tmp_path, capsys, monkeypatch, argv, said
+):
+    import mimkit.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for name in ("tokenize", "pretrain", "knn"):
+        monkeypatch.setattr(cli, name, interrupted)
+    assert main([a.replace("OUT", str(tmp_path / "x")) for a in argv]) == 130
+    assert capsys.readouterr().err == f"mimkit: interrupted at once{said}\n"

@@ -232,3 +232,13 @@ def test_a_separate_memory_bank_is_read_for_the_end_of_run_knn(tmp_path):
     )
     summary = pretrain(cfg)
     assert summary["knn"]["train_images"] == 32 and summary["knn"]["val_images"] == 16
+
+
+def test_a_broken_class_file_of_seit_data_is_named(tmp_path):
+    data = tmp_path / "d-token.data.bin.gz"
+    tokenize("demo", "demo:val", str(data), to="seit", max_images=8, progress=False)
+    classes = tmp_path / "d-class-to-id.json"
+    assert classes.is_file()
+    classes.write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{classes}: not valid JSON \(Expecting property name"):
+        open_tokens(data)

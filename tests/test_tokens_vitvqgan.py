@@ -327,7 +327,9 @@ def test_prefixed_keys_are_refused_with_the_prefix_named() -> None:
 def test_whole_pickled_module_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "vitvq.ckpt"
     torch.save(torch.nn.Linear(2, 2), path)
-    with pytest.raises(CheckpointError, match=re.escape(f"{path}: holds a pickled")) as err:
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"{path}: refused as unsafe: it holds a pickled")
+    ) as err:
         load_vitvqgan(path)
     assert "torch.save(model.state_dict(), path)" in str(err.value)
 

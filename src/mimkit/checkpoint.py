@@ -10,6 +10,7 @@ import re
 import shutil
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,35 @@ class UnsafeCheckpoint(CheckpointError):
     """A well-formed checkpoint that pickles types outside the allowed set (a safe load refuses them)."""
 
 
+class OutputPathError(ValueError):
+    """An output path that would destroy an input or replace something that is not a file."""
+
+
+def check_output(path: str | Path, inputs: Sequence[str | Path] = (), what: str = "output") -> Path:
+    """A path a command may write a file to: not a special file (a device, a pipe: renaming over it would
+    replace it), not a folder, and not one of the files or folders the command reads (writing it would
+    destroy the input). Checked before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise OutputPathError(f"{what} '{path}' is {kind}: give the path of a file to write")
+    for source in inputs:
+        source = Path(source)
+        try:
+            same = path.exists() and source.exists() and os.path.samefile(path, source)
+        except OSError:
+            same = False
+        if same:
+            raise OutputPathError(
+                f"{what} '{path}' is the input '{source}': writing it would destroy it; give another path"
+            )
+    return path
+
+
 def save_atomic(state: dict, path: str | Path) -> Path:
     """Write to a temporary file beside ``path`` then rename, so a crash never leaves half a checkpoint. A
     failed write (full disk, no permission) removes its temporary file and names the path."""
-    path = Path(path)
+    path = check_output(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,10 +120,13 @@ def load(path: str | Path) -> dict:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the safe unpickler raises many types on damaged bytes
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        # torch names a refused global in one of two ways, depending on its version
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+) whose", str(err))
         if isinstance(err, pickle.UnpicklingError) and refused:
+            name = (refused.group(1) or refused.group(2)).rstrip(",.")
             raise UnsafeCheckpoint(
-                f"{path}: holds a pickled '{refused.group(1)}', which a safe load refuses"
+                f"{path}: refused as unsafe: it holds a pickled '{name}', which could run code when loaded; "
+                "mimkit never loads such a file"
             ) from err
         raise CheckpointError(f"{path}: truncated or not a checkpoint ({_damage(path, err)})") from err
     if not isinstance(state, dict):

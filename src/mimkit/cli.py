@@ -594,13 +594,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimkit: error: {_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "mimkit: interrupted at once; --resume auto continues from the last checkpoint saved, if any",
-            file=sys.stderr,
-        )
+        print(f"mimkit: interrupted at once{_how_to_continue(args)}", file=sys.stderr)
         return 130
     finally:
         cleanup()
+
+
+def _how_to_continue(args: argparse.Namespace) -> str:
+    """What a second Ctrl-C leaves, in the words of the command that was stopped."""
+    command = (args.command, getattr(args, "action", None))
+    if command[0] in ("pretrain", "linprobe", "finetune") or command in (
+        ("tokenizer", "train"),
+        ("tokenadapt", "train"),
+    ):
+        return "; --resume auto continues from the last checkpoint saved, if any"
+    if command[0] == "tokenize":
+        return "; the same command again resumes at the first shard not written"
+    return ""
 
 
 def _version() -> str:

@@ -666,6 +666,19 @@ class Subset(ImageSource):
         return self.source.path_of(self.indices[index])
 
 
+def source_paths(spec: str) -> list[Path]:
+    """The files and folders a source spec reads (for output-path checks): its comma-separated parts, globs
+    expanded, a held-out split's base, a token dataset's path; none for demo and synthetic sources."""
+    base = split_spec(str(spec))[0].removeprefix("tokens:")
+    found: list[Path] = []
+    for part in (p.strip() for p in base.split(",") if p.strip()):
+        if part.startswith(("demo:", "synthetic")):
+            continue
+        expanded = sorted(glob.glob(os.path.expanduser(part))) if glob.has_magic(part) else [part]
+        found.extend(Path(p) for p in expanded if Path(p).exists())
+    return found
+
+
 def source_for(key: str, spec: str | None, **kwargs: Any) -> ImageSource:
     """:func:`build_source` of a config key's value, an error naming the key: the user may not know that a
     recipe set it (``data.train: data path 'data/cifar-10-batches-py' does not exist``)."""

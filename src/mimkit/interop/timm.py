@@ -12,7 +12,7 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mimkit.checkpoint import CheckpointError
+from mimkit.checkpoint import CheckpointError, check_output
 from mimkit.methods import default_pool
 from mimkit.models.input_spec import InputSpec
 from mimkit.models.vit import ViTEncoder
@@ -38,10 +38,17 @@ def save_export(encoder: ViTEncoder, info: dict, out: str | Path, weights: str =
         "encoder": json.dumps(encoder.spec),
         "input_spec": json.dumps(encoder.input_spec.to_dict()),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata=meta)
-    out.chmod(0o644 & ~_umask())  # an ordinary file, readable as any other export
+    out = check_output(out, what="--out")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:  # written beside, then renamed: a kill or a full disk never leaves half an export
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(tmp), metadata=meta)
+        tmp.chmod(0o644 & ~_umask())  # an ordinary file, readable as any other export
+        os.replace(tmp, out)
+    except Exception as err:  # safetensors reports a read-only or full folder as its own error type
+        tmp.unlink(missing_ok=True)
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        raise CheckpointError(f"could not write '{out}': {reason}") from err
     return {"path": str(out), "pool": pool, **spec}
 
 

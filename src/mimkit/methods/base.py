@@ -97,6 +97,11 @@ class Method(Trainable):
 
     def export_encoder(self, weights: str = "student") -> ViTEncoder:
         choices = self.encoders()
+        if not choices:
+            raise ValueError(
+                f"method '{self.name}' has no encoder to evaluate, analyse or export (a tokenizer is used "
+                "through `mimkit tokenize` and `mimkit tokenizer decode`)"
+            )
         if weights not in choices:
             raise ValueError(f"method '{self.name}' has no '{weights}' weights; it has: {', '.join(choices)}")
         return choices[weights]

@@ -336,8 +336,8 @@ def analyze(
         raise ConfigError("mimkit analyze needs at least one checkpoint")
     if images < 1:
         raise ConfigError(f"--images must be at least 1; got {images}")
-    if stats_images < 0:
-        raise ConfigError(f"--stats-images must be >= 0; got {stats_images}")
+    if stats_images < 1:  # 0 used to mean "the shown images", silently
+        raise ConfigError(f"--stats-images must be at least 1 (images averaged); got {stats_images}")
     if not ks or min(ks) < 1:
         raise ConfigError(f"--ks must be positive cluster counts; got {list(ks)}")
     if upsample < 1:

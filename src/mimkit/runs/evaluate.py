@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mimkit.checkpoint import check_output, resolve_checkpoint
 from mimkit.configs import ConfigError, EvalConfig, build_config
 from mimkit.data.sources import build_source, source_for, tokenized_for
 from mimkit.data.transforms import Views, eval_view
@@ -69,6 +70,11 @@ def knn(
     if temperature is not None and not temperature > 0:
         raise ConfigError(f"--temperature must be > 0; got {temperature}")
     env = env or init_distributed(device)
+    target = (
+        Path(out) if out else (Path(checkpoint) / f"{protocol}.json" if Path(checkpoint).is_dir() else None)
+    )
+    if target is not None:  # before any work: never over the checkpoint, a device or a pipe
+        check_output(target, [resolve_checkpoint(checkpoint)], "--out")
     encoder, info = load_encoder(checkpoint, weights)
     encoder.to(env.device)
     loo = protocol == "lmim_nn"
@@ -111,9 +117,6 @@ def knn(
     result = {"checkpoint": str(checkpoint), "weights": weights, **result}
     what = "leave-one-out 1-NN" if loo else "k-NN"
     result["warnings"] = [line for line in [chance_warning(result, what)] if line]
-    target = (
-        Path(out) if out else (Path(checkpoint) / f"{protocol}.json" if Path(checkpoint).is_dir() else None)
-    )
     if target is not None and env.is_main:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_json(target, result)

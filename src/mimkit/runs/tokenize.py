@@ -9,6 +9,7 @@ normalisation it was trained with.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -22,9 +23,10 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from mimkit.checkpoint import check_output
 from mimkit.configs import Config
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
-from mimkit.data.sources import ImageSource, Subset, build_source
+from mimkit.data.sources import ImageSource, Subset, build_source, source_paths
 from mimkit.data.transforms import Views, tokenizer_view
 from mimkit.distributed import DistEnv, pick_device
 from mimkit.interop.load import load_method
@@ -534,7 +536,9 @@ def encode_ids(
     tokenizer_path: str, data: str, out: str, *, max_images: int | None = None, device: str = "auto"
 ) -> dict[str, Any]:
     """The id grids of a few images as a .npz (``ids`` [N, h, w], ``y``), for a look or a quick test;
-    a dataset to train on is made by :func:`tokenize`."""
+    a dataset to train on is made by :func:`tokenize`. Never written over its images, and written
+    beside then renamed, so that a failure leaves no partial file under its name."""
+    target = check_output(out, source_paths(data), "--out")
     _, tokenizer, dev, view = tokenizer_on(tokenizer_path, device)
     source = build_source(data, image_size=tokenizer.shape.img_size, max_images=max_images)
     ids, labels = [], []
@@ -542,7 +546,14 @@ def encode_ids(
         ids.append(tokenizer.encode(batch["image"].to(dev)).cpu().numpy().astype(np.int16))
         labels.append(batch["label"].numpy())
     grids = np.concatenate(ids)
-    np.savez(out, ids=grids, y=np.concatenate(labels))
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:  # a file object: NumPy adds no '.npz' to the name
+            np.savez(f, ids=grids, y=np.concatenate(labels))
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(target)) from err  # named by its final path
     return {"images": len(grids), "grid": list(grids.shape[1:]), "path": out}
 
 

@@ -257,6 +257,9 @@ def convert(
     _check_to(to)
     # one pass over the records: decoded directly, no cache file made for it
     source = src if isinstance(src, TokenDataset) else open_tokens(src, cache=False)
+    target = Path(dst)
+    if target.exists() and os.path.samefile(target, source.path):
+        raise ValueError(f"'{dst}' is the dataset being converted: writing it would destroy it; give another")
     common = {
         "grid": source.grid,
         "vocab_size": source.vocab_size,

@@ -192,8 +192,11 @@ def load_codebook(path: Path) -> torch.Tensor | None:
 def load_classes(path: Path) -> tuple[str, ...]:
     if not path.is_file():
         return ()
-    mapping = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TokenRecordError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(mapping, dict) or not all(type(v) is int for v in mapping.values()):
         raise TokenRecordError(f"{path}: expected a JSON object of class name -> integer id")
     ids = sorted(mapping.values())
     if ids != list(range(len(ids))):

@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from mimkit.checkpoint import check_output
 from mimkit.progress import PLAIN_INTERVAL, is_terminal
 
 
@@ -122,9 +123,14 @@ def write_json(path: Path, data: Any) -> None:
 def replace_text(path: Path, text: str) -> None:
     """Write beside ``path`` then rename over it, so a reader (or a kill) never sees half a file; the
     temporary is one the next run removes if a kill leaves it (checkpoint.remove_stale_temporaries)."""
+    check_output(path)  # never renamed over a device or a pipe
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no temporary behind
+        raise
 
 
 def _finite(value: Any) -> Any:
