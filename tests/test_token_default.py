@@ -4,6 +4,7 @@ meaningless."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -241,4 +242,43 @@ def test_a_broken_class_file_of_seit_data_is_named(tmp_path):
     assert classes.is_file()
     classes.write_text("{not json")
     with pytest.raises(ValueError, match=rf"{classes}: not valid JSON \(Expecting property name"):
+        open_tokens(data)
+
+
+def _npz(path, y=None, names=True):
+    arrays = {"x": np.zeros((4, 8, 8, 3), np.uint8)}
+    if y is not None:
+        arrays["y"] = np.asarray(y)
+    if names:
+        arrays["class_names"] = np.array(["a", "b", "c"])
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_labels_are_checked_where_a_source_is_opened(tmp_path, capsys):
+    unlabelled = build_source(_npz(tmp_path / "nolabels.npz"))
+    assert not unlabelled.has_labels and unlabelled.load(0)[1] == -1
+    assert "'class_names' but no labels 'y': read as unlabelled images" in capsys.readouterr().err
+    tokenize("demo", str(tmp_path / "nolabels.npz"), str(tmp_path / "tok"), progress=False)
+    assert open_tokens(tmp_path / "tok").labels is None  # no column of -1 "labels"
+    for y, bad in (([0, 1, -3, 2], "label -3 of record 2"), ([0, 99, 1, 2], "label 99 of record 1")):
+        path = _npz(tmp_path / f"bad{bad[6:9].strip()}.npz", y)
+        with pytest.raises(
+            ValueError, match=rf"{bad} is not a class index \(1 such labels\); labels must be 0..2"
+        ):
+            build_source(path)
+    with pytest.raises(ValueError, match=r"label -1 of record 0 is not a class index .* must be 0 or more"):
+        build_source(_npz(tmp_path / "neg.npz", [-1, 0, 1, 2], names=False))
+
+
+@pytest.mark.parametrize("line", ["--3", "\u0663", "3.0", ""])
+def test_a_seit_label_line_that_is_not_an_integer_is_named(tmp_path, line):
+    data = tmp_path / "d-token.data.bin.gz"
+    tokenize("demo", "demo:val", str(data), to="seit", max_images=4, progress=False)
+    labels = (tmp_path / "d-label.txt").read_text().splitlines()
+    labels[2] = line
+    (tmp_path / "d-label.txt").write_text("\n".join(labels) + "\n")
+    with pytest.raises(
+        ValueError, match=rf"d-label.txt: line 3 \(record 2\) is {re.escape(repr(line))}, not an integer"
+    ):
         open_tokens(data)

@@ -33,6 +33,7 @@ from mimkit.data import cifar
 from mimkit.data.transforms import tokenizer_view
 from mimkit.models.input_spec import InputSpec
 from mimkit.progress import progress
+from mimkit.tokens.base import check_label_range
 from mimkit.tokens.dataset import TokenDataset, TokenRecordError, is_token_dataset, open_tokens
 from mimkit.tokens.tokenizer import load_tokenizer, recorded_tokenizer_path
 
@@ -147,13 +148,22 @@ def npz_source(paths: Sequence[Path]) -> ArraySource:
     if len(named) > 1:
         listed = "; ".join(f"{path} ({_listing(p[2])})" for path, p in zip(paths, parts, strict=True) if p[2])
         raise ValueError(f"npz files name different classes: {listed}")
+    name = ",".join(str(p) for p in paths)
+    if named and y is None:  # class names without labels name nothing: the source is unlabelled
+        print(f"note: {name}: 'class_names' but no labels 'y': read as unlabelled images", file=sys.stderr)
+        named = set()
     from_labels = not named and y is not None and len(y) > 0
     classes: tuple[str, ...] = ()
     if named:
         classes = named.pop()
     elif from_labels:
-        classes = tuple(str(c) for c in range(int(y.max()) + 1))
-    return ArraySource(x, y, classes, ",".join(str(p) for p in paths), classes_from_labels=from_labels)
+        classes = tuple(str(c) for c in range(max(int(y.max()), 0) + 1))
+    if y is not None:
+        if y.ndim != 1 or len(y) != len(x) or (len(y) and y.dtype.kind not in "iu"):
+            got = f"{y.dtype} {list(y.shape)} for {len(x)} images"
+            raise ValueError(f"{name}: 'y' must hold one integer label per image; got {got}")
+        check_label_range(y, () if from_labels else classes, name)  # numbered classes reach any label
+    return ArraySource(x, y, classes, name, classes_from_labels=from_labels)
 
 
 def _listing(names: Sequence[str], limit: int = 12) -> str:

@@ -414,7 +414,7 @@ def tokenize(
                 bar.update(len(ids_parts[-1]))
             ids = np.concatenate(ids_parts) if ids_parts else np.zeros((0, grid, grid), np.int64)
             labels = np.concatenate(labels_parts) if labels_parts else np.zeros(0, np.int64)
-            writer.write_shard(k, ids, labels)
+            writer.write_shard(k, ids, labels if source.has_labels else None)  # no -1 "labels"
             tokenized_now += len(ids)
         bar.close()
         dataset = shards = writer.finish()

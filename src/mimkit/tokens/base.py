@@ -156,7 +156,9 @@ def check_ids(ids: np.ndarray, vocab_size: int, what: str, *, first_record: int 
     return ids
 
 
-def check_labels(labels: np.ndarray | Sequence[int] | None, n: int, what: str) -> np.ndarray | None:
+def check_labels(
+    labels: np.ndarray | Sequence[int] | None, n: int, what: str, classes: Sequence[str] = ()
+) -> np.ndarray | None:
     if labels is None:
         return None
     arr = np.asarray(labels)
@@ -164,7 +166,26 @@ def check_labels(labels: np.ndarray | Sequence[int] | None, n: int, what: str) -
         raise ValueError(f"{what}: {n} records need {n} labels; got shape {tuple(arr.shape)}")
     if n and arr.dtype.kind not in "iu":
         raise ValueError(f"{what}: labels must be integers; got {arr.dtype}")
-    return arr.astype(np.int64)
+    arr = arr.astype(np.int64)
+    check_label_range(arr, classes, what)
+    return arr
+
+
+def check_label_range(labels: np.ndarray | None, classes: Sequence[str], what: str) -> None:
+    """Labels are class indices: each at least 0 and, when the classes are named, below their count. The
+    one check every source makes when it is opened (a -1 would index the last class, a 99 crash a
+    classifier head mid-run)."""
+    if labels is None or not len(labels):
+        return
+    labels = np.asarray(labels)
+    bad = np.flatnonzero((labels < 0) | (labels >= len(classes) if classes else labels < 0))
+    if len(bad):
+        i = int(bad[0])
+        allowed = f"0..{len(classes) - 1} (its {len(classes)} classes)" if classes else "0 or more"
+        raise ValueError(
+            f"{what}: label {int(labels[i])} of record {i} is not a class index ({len(bad)} such labels); "
+            f"labels must be {allowed}"
+        )
 
 
 def check_codebook(codebook: torch.Tensor | np.ndarray | None, what: str) -> torch.Tensor | None:

@@ -66,6 +66,7 @@ from mimkit.tokens.base import (
     cache_dir,
     check_codebook,
     check_ids,
+    check_label_range,
     check_labels,
     write_atomic,
 )
@@ -864,7 +865,7 @@ class CompactWriter:
         ids = check_ids(ids, self.vocab_size, what)
         if ids.shape[1:] != self.grid:
             raise ValueError(f"{what}: records of grid {ids.shape[1:]} in a {self.grid} dataset")
-        lab = check_labels(labels, len(ids), what)
+        lab = check_labels(labels, len(ids), what, self.classes)
         data = build_shard(self.coder.encode(ids), lab)
         return write_atomic(self.path / shard_name(k), lambda f: f.write(data))
 
@@ -994,6 +995,10 @@ class CompactTokens(TokenDataset):
                 f"{self.path / HEADER}: says {h['records']} records; the shards hold {sum(counts)}"
             )
         self.labels = np.concatenate([ix.labels for ix in indexes]) if h.get("labels") and indexes else None
+        try:
+            check_label_range(self.labels, self.classes, str(self.path))
+        except ValueError as err:
+            raise TokenRecordError(str(err)) from err
         self._maps: list[np.ndarray | None] = [None] * len(self.shard_paths)
         self.dtype = np.dtype(np.uint8 if self.vocab_size <= 256 else np.uint16)
         self.cache: Path | None = None

@@ -222,7 +222,7 @@ def write_tokens(
         )
         return _write_seit(swriter, [(ids, labels)])
     _fresh_folder(dst)
-    labels = check_labels(labels, len(ids), str(dst))
+    labels = check_labels(labels, len(ids), str(dst), classes or ())
     undo = _Undo(dst)
     try:
         writer = compact.CompactWriter(

@@ -38,6 +38,7 @@ import json
 import math
 import mmap
 import os
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,6 +53,7 @@ from mimkit.tokens.base import (
     cache_dir,
     check_codebook,
     check_ids,
+    check_label_range,
     check_labels,
     write_atomic,
 )
@@ -60,6 +62,7 @@ from mimkit.tokens.codebook import load_codebook as read_codebook
 DATA_SUFFIX = "-token.data.bin.gz"
 INDEX_SUFFIX = "-token.index.npy.gz"
 LABEL_SUFFIX = "-label.txt"
+LABEL_LINE = re.compile(r"-?[0-9]+")
 CLASSES_SUFFIX = "-class-to-id.json"
 META_SUFFIX = "-meta.json"
 CODEBOOK = "codebook.ckpt"
@@ -169,14 +172,14 @@ def load_index(path: Path) -> np.ndarray:
 def load_labels(path: Path) -> np.ndarray | None:
     if not path.is_file():
         return None
-    lines = path.read_text(encoding="utf-8").splitlines()
     try:
-        return np.array([int(line) for line in lines], dtype=np.int64)
-    except ValueError:
-        bad = next(i for i, line in enumerate(lines) if not line.strip().lstrip("-").isdigit())
-        raise TokenRecordError(
-            f"{path}: line {bad + 1} (record {bad}) is {lines[bad]!r}, not an integer label"
-        ) from None
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise TokenRecordError(f"{path}: not text ({err})") from err
+    for i, line in enumerate(lines):  # ASCII digits only: int() would take '٣' or ' 3 ' and hide a damage
+        if not LABEL_LINE.fullmatch(line.strip()):
+            raise TokenRecordError(f"{path}: line {i + 1} (record {i}) is {line!r}, not an integer label")
+    return np.array([int(line) for line in lines], dtype=np.int64)
 
 
 def load_codebook(path: Path) -> torch.Tensor | None:
@@ -394,6 +397,10 @@ class SeitTokens(TokenDataset):
             )
         self.codebook = load_codebook(self.folder / CODEBOOK)
         self.classes = load_classes(sibling(self.path, CLASSES_SUFFIX))
+        try:
+            check_label_range(self.labels, self.classes, str(self.label_path))
+        except ValueError as err:
+            raise TokenRecordError(str(err)) from err
         saved = self._saved_meta()
         self.meta = saved.get("meta", {})
         self._buf: np.ndarray | None = None
@@ -694,7 +701,7 @@ class SeitWriter:
             self.grid = (arr.shape[1], arr.shape[2])
         elif (arr.shape[1], arr.shape[2]) != self.grid:
             raise ValueError(f"{self.path}: records of grid {arr.shape[1:]} added to a {self.grid} dataset")
-        lab = check_labels(labels, len(arr), str(self.path))
+        lab = check_labels(labels, len(arr), str(self.path), self.classes)
         if self._has_labels is None:
             self._has_labels = lab is not None
         elif self._has_labels != (lab is not None) and len(arr):
