@@ -96,3 +96,24 @@ def test_token_embeddings_spec():
 def test_frozen():
     with pytest.raises(AttributeError):
         pixel_spec().img_size = 64
+
+
+def test_the_tokenizer_fingerprint_is_optional_and_for_token_inputs_only():
+    spec = InputSpec(
+        kind="token_ids", channels=1, img_size=8, patch_size=1, vocab_size=384, codebook_sha256="ab"
+    )
+    assert InputSpec.from_dict(spec.to_dict()) == spec
+    old = {k: v for k, v in spec.to_dict().items() if k != "codebook_sha256"}  # a checkpoint from before
+    assert InputSpec.from_dict(old).codebook_sha256 is None
+    with pytest.raises(
+        ValueError, match="codebook_sha256 identifies a tokenizer; a pixel InputSpec has none"
+    ):
+        InputSpec(
+            kind="pixels",
+            channels=3,
+            mean=(0.5,) * 3,
+            std=(0.5,) * 3,
+            img_size=8,
+            patch_size=4,
+            codebook_sha256="ab",
+        )

@@ -17,6 +17,7 @@ from mimkit.data.transforms import tokenizer_view
 from mimkit.methods.token_views import views_codebook
 from mimkit.runs.pretrain import quality_warnings
 from mimkit.runs.tokenize import format_report, reconstruction_report, tokenize, tokenizer_warnings
+from mimkit.tokens.base import codebook_sha256
 from mimkit.tokens.dataset import open_tokens
 from mimkit.tokens.tokenizer import DEMO_TOKENIZER, load_tokenizer
 from tests.conftest import TINY
@@ -282,3 +283,71 @@ def test_a_seit_label_line_that_is_not_an_integer_is_named(tmp_path, line):
         ValueError, match=rf"d-label.txt: line 3 \(record 2\) is {re.escape(repr(line))}, not an integer"
     ):
         open_tokens(data)
+
+
+def _other_tokenizer(folder):
+    """A tokenizer of the same vocabulary as the shipped one (384 codes, unpruned), other codes."""
+    from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
+
+    torch.manual_seed(1)
+    shape = TokenizerShape(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, codebook_size=384)
+    save_tokenizer(
+        VQTokenizer(shape, kmeans_init=False).eval(),
+        folder / "tokenizer.pt",
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+    )
+    return folder
+
+
+def test_ids_of_another_tokenizer_of_the_same_vocabulary_are_refused(tmp_path, capsys):
+    from mimkit.cli import main
+    from mimkit.runs.pretrain import pretrain
+
+    other = _other_tokenizer(tmp_path / "other")
+    sizes = ("model.embed_dim", "model.depth", "model.num_heads", "method.decoder")
+    small = [
+        *(o for o in TINY if o.startswith(sizes)),
+        "data.max_images=32",
+        "data.num_workers=0",
+        "optim.epochs=1",
+        "optim.batch_size=16",
+        "eval.knn=false",
+        "run.progress=false",
+    ]
+    pretrain(build_config("mtm_demo", [*small, f"run.out={tmp_path / 'run'}"]))
+    spec = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["input_spec"]
+    assert spec["codebook_sha256"] == codebook_sha256(load_tokenizer("demo").model.codebook())
+    argv = [
+        "knn",
+        str(tmp_path / "run"),
+        "--val",
+        "demo:val",
+        "--num-workers",
+        "0",
+        "--tokenizer",
+        str(other),
+    ]
+    assert main(argv) == 2
+    assert (
+        "was made by another tokenizer than this encoder's training tokens (codebook sha256"
+        in capsys.readouterr().err
+    )
+    tokenize(str(other), "demo:val", str(tmp_path / "c-tokens"), max_images=16, progress=False)
+    assert (
+        main(["knn", str(tmp_path / "run"), "--val", str(tmp_path / "c-tokens"), "--num-workers", "0"]) == 2
+    )
+    assert "c-tokens' was made by another tokenizer" in capsys.readouterr().err
+    # and a run given them as eval.val stops before its first step
+    tokenize("demo", "demo:train", str(tmp_path / "b-tokens"), max_images=32, progress=False)
+    mixed = [
+        *small,
+        "data.tokenizer=null",
+        f"data.train={tmp_path / 'b-tokens'}",
+        f"eval.val={tmp_path / 'c-tokens'}",
+        "eval.knn=true",
+        f"run.out={tmp_path / 'mixed'}",
+    ]
+    with pytest.raises(ValueError, match="c-tokens' was made by another tokenizer"):
+        pretrain(build_config("mtm_demo", mixed))
+    assert not (tmp_path / "mixed").exists()

@@ -33,7 +33,7 @@ from mimkit.data import cifar
 from mimkit.data.transforms import tokenizer_view
 from mimkit.models.input_spec import InputSpec
 from mimkit.progress import progress
-from mimkit.tokens.base import check_label_range
+from mimkit.tokens.base import check_label_range, codebook_sha256
 from mimkit.tokens.dataset import TokenDataset, TokenRecordError, is_token_dataset, open_tokens
 from mimkit.tokens.tokenizer import load_tokenizer, recorded_tokenizer_path
 
@@ -577,6 +577,14 @@ def tokenized_for(
     return [TokenizedImages(s, tokenizer) if s.kind == "pixels" else s for s in sources]
 
 
+def codebook_fingerprint(source: ImageSource) -> str | None:
+    """The identity of the tokenizer a source's ids come from (its codebook's sha256), when it has one."""
+    codebook = getattr(source, "codebook", None)
+    if codebook is None:
+        codebook = getattr(getattr(source, "dataset", None), "codebook", None)
+    return None if codebook is None else codebook_sha256(codebook)
+
+
 def check_input(spec: InputSpec, source: ImageSource) -> None:
     """An encoder meets the source it is fed before the first batch: images for a pixel encoder, token ids
     from the same vocabulary, on a grid at least as large as its input, for a token encoder (whose views
@@ -614,6 +622,14 @@ def check_input(spec: InputSpec, source: ImageSource) -> None:
             raise ValueError(
                 f"'{source.name}' has {source.grid[0]}x{source.grid[1]} id grids, smaller than the "
                 f"encoder's {spec.img_size}x{spec.img_size} input"
+            )
+    if spec.kind != "pixels" and spec.codebook_sha256:  # the same K is not the same tokenizer
+        found = codebook_fingerprint(source)
+        if found is not None and found != spec.codebook_sha256:
+            raise ValueError(
+                f"'{source.name}' was made by another tokenizer than this encoder's training tokens "
+                f"(codebook sha256 {found[:12]}..., the encoder's {spec.codebook_sha256[:12]}...): its ids "
+                "mean other codes; give tokens or a --tokenizer of the model's own tokenizer"
             )
 
 

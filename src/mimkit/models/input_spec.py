@@ -44,6 +44,9 @@ class InputSpec:
       evaluation resizes to ``eval_size / crop_pct`` then centre-crops ``eval_size``.
     - ``patch_size``: input units per patch side; ``grid``: patches per side (h, w), derived if omitted.
     - ``vocab_size``: the number of token ids (token ids only).
+    - ``codebook_sha256``: for token inputs, the fingerprint of the codebook the training tokens came from
+      (:func:`mimkit.tokens.base.codebook_sha256`): ids of another tokenizer mean other codes even when
+      the vocabulary size agrees. None when not known (checkpoints written before it was recorded).
     """
 
     kind: str
@@ -56,6 +59,7 @@ class InputSpec:
     patch_size: int
     grid: tuple[int, int] | None = None
     vocab_size: int | None = None
+    codebook_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -108,6 +112,8 @@ class InputSpec:
             _int("vocab_size", self.vocab_size)
         elif self.vocab_size is not None:
             raise ValueError(f"vocab_size applies to token ids only; a {self.kind} InputSpec has none")
+        if self.codebook_sha256 is not None and self.kind == "pixels":
+            raise ValueError("codebook_sha256 identifies a tokenizer; a pixel InputSpec has none")
 
     @property
     def num_patches(self) -> int:
@@ -132,6 +138,7 @@ class InputSpec:
             "patch_size": self.patch_size,
             "grid": list(self.grid),
             "vocab_size": self.vocab_size,
+            "codebook_sha256": self.codebook_sha256,
         }
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from mimkit.data.sources import (
     ImageSource,
     build_source,
     check_input,
+    codebook_fingerprint,
     full_size,
     needs_vocab,
     source_for,
@@ -102,6 +104,9 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     method = build_method(cfg)
     seed_all(cfg.run.seed + env.rank)  # drop path differs across ranks (masks come from per-sample seeds)
     check_input(method.input_spec(), source)
+    fingerprint = codebook_fingerprint(source) if method.input_spec().kind != "pixels" else None
+    if fingerprint is not None:  # saved with the encoder: its later inputs must come from this tokenizer
+        method.encoder.input_spec = replace(method.input_spec(), codebook_sha256=fingerprint)
     method.use_data(source)
     data = training_data(cfg.data, env.device, method.input_spec().kind)
     views = method.train_transform(data)

@@ -4,6 +4,7 @@ both writers make."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -186,6 +187,13 @@ def check_label_range(labels: np.ndarray | None, classes: Sequence[str], what: s
             f"{what}: label {int(labels[i])} of record {i} is not a class index ({len(bad)} such labels); "
             f"labels must be {allowed}"
         )
+
+
+def codebook_sha256(codebook: torch.Tensor | np.ndarray) -> str:
+    """The identity of a tokenizer's ids: sha256 of its codebook as contiguous float32 [K, D] bytes (the
+    same for a dataset's stored table and the tokenizer that wrote it)."""
+    table = torch.as_tensor(codebook).detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(table.numpy().tobytes()).hexdigest()
 
 
 def check_codebook(codebook: torch.Tensor | np.ndarray | None, what: str) -> torch.Tensor | None:
