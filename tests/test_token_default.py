@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mimkit.configs import build_config
-from mimkit.data.sources import Subset, TokenizedImages, build_source, tokenizer_of
+from mimkit.data.sources import DEMO_FILE, Subset, TokenizedImages, build_source, tokenizer_of
 from mimkit.data.transforms import tokenizer_view
 from mimkit.methods.token_views import views_codebook
 from mimkit.runs.pretrain import quality_warnings
@@ -351,3 +351,42 @@ def test_ids_of_another_tokenizer_of_the_same_vocabulary_are_refused(tmp_path, c
     with pytest.raises(ValueError, match="c-tokens' was made by another tokenizer"):
         pretrain(build_config("mtm_demo", mixed))
     assert not (tmp_path / "mixed").exists()
+
+
+def test_a_full_disk_leaves_no_temporary_and_names_the_dataset_then_the_rerun_completes(
+    tmp_path, monkeypatch
+):
+    """A SeiT conversion that fails to flush its stream (ENOSPC) and fails again closing it in the clean-up:
+    the temporary stream goes all the same, the error names the dataset, and the rerun writes it whole."""
+    import errno
+    import gzip
+
+    from mimkit.tokens.dataset import convert
+
+    tokenize("demo", "demo:val", str(tmp_path / "src"), max_images=16, progress=False)
+    target = tmp_path / "out" / "d-token.data.bin.gz"
+    real_close = gzip.GzipFile.close
+
+    def full(self):
+        if self.mode == gzip.WRITE and self.fileobj is not None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_close(self)
+
+    monkeypatch.setattr(gzip.GzipFile, "close", full)
+    with pytest.raises(OSError) as err:
+        convert(tmp_path / "src", target, to="seit")
+    assert (err.value.filename, err.value.strerror) == (str(target), "No space left on device")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # no temporary left
+    monkeypatch.setattr(gzip.GzipFile, "close", real_close)
+    done = convert(tmp_path / "src", target, to="seit")
+    assert len(done) == 16 and np.array_equal(done.read(3), open_tokens(tmp_path / "src").read(3))
+
+
+def test_a_source_changed_in_place_is_not_resumed_into_the_same_tokens(tmp_path):
+    d = np.load(DEMO_FILE)
+    images = tmp_path / "imgs.npz"
+    np.savez(images, x=d["x_val"][:16], y=d["y_val"][:16])
+    tokenize("demo", str(images), str(tmp_path / "t"), shard_size=8, progress=False)
+    np.savez(images, x=d["x_val"][16:32], y=d["y_val"][16:32])  # same name, same count, other images
+    with pytest.raises(ValueError, match=r"holds tokens of another run \(images_sha256 '[0-9a-f]{64}' there"):
+        tokenize("demo", str(images), str(tmp_path / "t"), shard_size=8, progress=False)

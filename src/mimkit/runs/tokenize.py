@@ -8,6 +8,7 @@ normalisation it was trained with.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,13 +27,14 @@ from torchvision.utils import make_grid, save_image
 from mimkit.checkpoint import check_output
 from mimkit.configs import Config
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
-from mimkit.data.sources import ImageSource, Subset, build_source, source_paths
+from mimkit.data.sources import ImageSource, Subset, UnreadableImage, build_source, source_paths
 from mimkit.data.transforms import Views, tokenizer_view
 from mimkit.distributed import DistEnv, pick_device
 from mimkit.interop.load import load_method
 from mimkit.progress import progress as progress_bar
 from mimkit.runs.lock import RunLock
 from mimkit.runs.pretrain import pretrain_then
+from mimkit.tokens.base import codebook_sha256
 from mimkit.tokens.codebook import load_codebook
 from mimkit.tokens.compact import CompactWriter
 from mimkit.tokens.dataset import convert, open_tokens
@@ -365,7 +367,7 @@ def tokenize(
     if to == "seit":  # before any work: the name, the vocabulary and the folder's codebook must fit
         check_seit_target(target, tokenizer.codebook().cpu(), tokenizer.vocab_size)
     with RunLock(shards_dir):
-        check_same_run(shards_dir, source, shard_size, tokenizer_path)
+        check_same_run(shards_dir, source, shard_size, tokenizer_path, tokenizer)
         writer = CompactWriter(
             shards_dir,
             grid=(grid, grid),
@@ -431,22 +433,45 @@ def tokenize(
     return report
 
 
-def check_same_run(folder: Path, source: ImageSource, shard_size: int, tokenizer_path: str) -> None:
+SAMPLED_IMAGES = 64  # images whose pixels fingerprint a source for a resumed tokenize
+
+
+def images_sha256(source: ImageSource, count: int = SAMPLED_IMAGES) -> str:
+    """A fingerprint of a source's content: sha256 of the pixels of ``count`` images spread over it (an
+    unreadable one counts by its position), so that a source changed in place (same name, same count)
+    between a kill and a rerun is told apart."""
+    digest = hashlib.sha256()
+    picked = Subset(source, count, spread=True)
+    for i in range(len(picked)):
+        try:
+            image, label = picked.load(i)
+            digest.update(image.numpy().tobytes() + str(label).encode())
+        except UnreadableImage:
+            digest.update(f"unreadable {picked.indices[i]}".encode())
+    return digest.hexdigest()
+
+
+def check_same_run(
+    folder: Path, source: ImageSource, shard_size: int, tokenizer_path: str, tokenizer: VQTokenizer
+) -> None:
     """A folder being tokenized records what it is made of (``tokenize.json``); a later run that resumes
-    it must tokenize the same images the same way, or its shards would mix two datasets."""
+    it must tokenize the same images the same way, or its shards would mix two datasets: the source's
+    name, size and a fingerprint of its pixels, the shard size, and the tokenizer's path and codebook."""
     record = folder / "tokenize.json"
     now = {
         "source": source.name,
         "images": len(source),
+        "images_sha256": images_sha256(source),
         "shard_size": shard_size,
         "tokenizer": str(tokenizer_file(tokenizer_path).resolve()),
+        "codebook_sha256": codebook_sha256(tokenizer.codebook()),
     }
     if record.is_file():
         before = json.loads(record.read_text())
-        changed = [
+        changed = [  # a record written before a key was kept does not name it: not compared
             f"{key} {before.get(key)!r} there, {value!r} now"
             for key, value in now.items()
-            if before.get(key) != value
+            if key in before and before[key] != value
         ]
         if changed:
             raise ValueError(

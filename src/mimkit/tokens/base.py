@@ -131,8 +131,10 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename in (None, str(tmp)):  # named by the file it was for
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     return path
 

@@ -31,6 +31,7 @@ With ``cache=False`` the stream is decompressed into the process's memory instea
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -707,7 +708,10 @@ class SeitWriter:
         elif self._has_labels != (lab is not None) and len(arr):
             raise ValueError(f"{self.path}: either every record has a label or none has")
         data, lengths = encode_records(arr)
-        self._gz.write(data)
+        try:
+            self._gz.write(data)
+        except OSError as err:  # a full disk: named by the dataset being written
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
         self._offsets.extend((self._offsets[-1] + np.cumsum(lengths)).tolist())
         if lab is not None:
             self._labels.append(lab)
@@ -723,10 +727,12 @@ class SeitWriter:
             _target(self.path, self.codebook, self.vocab_size, self.overwrite)
             self._write_small_files(made)
             os.replace(self._tmp, self.path)  # last: the dataset appears whole
-        except BaseException:
+        except BaseException as err:
             for path in made:
                 path.unlink(missing_ok=True)
             self.abort()
+            if isinstance(err, OSError) and err.filename is None:  # a full disk, named by the dataset
+                raise OSError(err.errno, err.strerror, str(self.path)) from err
             raise
         return SeitTokens(self.path, grid=self.grid)  # its cache is made here, once
 
@@ -767,9 +773,11 @@ class SeitWriter:
         write(sibling(self.path, META_SUFFIX), lambda f: f.write(meta_text.encode()))
 
     def abort(self) -> None:
-        """Drop an unfinished dataset: its temporary stream file, and the folders made for it if empty."""
-        self._gz.close()
-        self._raw.close()
+        """Drop an unfinished dataset: its temporary stream file, and the folders made for it if empty. On a
+        full disk closing the streams fails again; the temporary goes all the same."""
+        for stream in (self._gz, self._raw):
+            with contextlib.suppress(OSError):
+                stream.close()
         self._tmp.unlink(missing_ok=True)
         for folder in self._made_dirs:
             try:
