@@ -100,13 +100,19 @@ def test_frozen():
 
 def test_the_tokenizer_fingerprint_is_optional_and_for_token_inputs_only():
     spec = InputSpec(
-        kind="token_ids", channels=1, img_size=8, patch_size=1, vocab_size=384, codebook_sha256="ab"
+        kind="token_ids",
+        channels=1,
+        img_size=8,
+        patch_size=1,
+        vocab_size=384,
+        codebook_signature=(0.5, -0.25),
     )
     assert InputSpec.from_dict(spec.to_dict()) == spec
-    old = {k: v for k, v in spec.to_dict().items() if k != "codebook_sha256"}  # a checkpoint from before
-    assert InputSpec.from_dict(old).codebook_sha256 is None
+    old = {k: v for k, v in spec.to_dict().items() if k != "codebook_signature"}  # a checkpoint from before
+    assert InputSpec.from_dict(old).codebook_signature is None
+    assert "codebook_signature" not in InputSpec.from_dict(old).to_dict()  # older readers refuse unknown keys
     with pytest.raises(
-        ValueError, match="codebook_sha256 identifies a tokenizer; a pixel InputSpec has none"
+        ValueError, match="codebook_signature identifies a tokenizer; a pixel InputSpec has none"
     ):
         InputSpec(
             kind="pixels",
@@ -115,5 +121,5 @@ def test_the_tokenizer_fingerprint_is_optional_and_for_token_inputs_only():
             std=(0.5,) * 3,
             img_size=8,
             patch_size=4,
-            codebook_sha256="ab",
+            codebook_signature=(0.5, -0.25),
         )

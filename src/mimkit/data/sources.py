@@ -33,7 +33,7 @@ from mimkit.data import cifar
 from mimkit.data.transforms import tokenizer_view
 from mimkit.models.input_spec import InputSpec
 from mimkit.progress import progress
-from mimkit.tokens.base import check_label_range, codebook_sha256
+from mimkit.tokens.base import check_label_range, codebook_signature, same_codebook
 from mimkit.tokens.dataset import TokenDataset, TokenRecordError, is_token_dataset, open_tokens
 from mimkit.tokens.tokenizer import load_tokenizer, recorded_tokenizer_path
 
@@ -125,6 +125,8 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...
     if y is not None:
         if y.shape != (len(x),):
             raise ValueError(f"{path}: 'y' must have shape [{len(x)}] to match 'x'; got {list(y.shape)}")
+        if len(y) and (y.dtype.kind not in "iu" or (y.dtype.kind == "u" and int(y.max()) > 2**62)):
+            raise ValueError(f"{path}: 'y' must hold integer class indices; got {y.dtype}")  # no 0.7 -> 0
         y = y.astype(np.int64)
     return x, y, classes
 
@@ -153,16 +155,13 @@ def npz_source(paths: Sequence[Path]) -> ArraySource:
         print(f"note: {name}: 'class_names' but no labels 'y': read as unlabelled images", file=sys.stderr)
         named = set()
     from_labels = not named and y is not None and len(y) > 0
+    if y is not None:  # before classes are numbered from the labels: a label of 10**12 must not be
+        check_label_range(y, next(iter(named)) if named else (), name)
     classes: tuple[str, ...] = ()
     if named:
         classes = named.pop()
     elif from_labels:
         classes = tuple(str(c) for c in range(max(int(y.max()), 0) + 1))
-    if y is not None:
-        if y.ndim != 1 or len(y) != len(x) or (len(y) and y.dtype.kind not in "iu"):
-            got = f"{y.dtype} {list(y.shape)} for {len(x)} images"
-            raise ValueError(f"{name}: 'y' must hold one integer label per image; got {got}")
-        check_label_range(y, () if from_labels else classes, name)  # numbered classes reach any label
     return ArraySource(x, y, classes, name, classes_from_labels=from_labels)
 
 
@@ -577,12 +576,13 @@ def tokenized_for(
     return [TokenizedImages(s, tokenizer) if s.kind == "pixels" else s for s in sources]
 
 
-def codebook_fingerprint(source: ImageSource) -> str | None:
-    """The identity of the tokenizer a source's ids come from (its codebook's sha256), when it has one."""
+def codebook_fingerprint(source: ImageSource) -> tuple[float, ...] | None:
+    """The identity of the tokenizer a source's ids come from (:func:`codebook_signature` of its codebook),
+    when it has one."""
     codebook = getattr(source, "codebook", None)
     if codebook is None:
         codebook = getattr(getattr(source, "dataset", None), "codebook", None)
-    return None if codebook is None else codebook_sha256(codebook)
+    return None if codebook is None else codebook_signature(codebook)
 
 
 def check_input(spec: InputSpec, source: ImageSource) -> None:
@@ -623,13 +623,13 @@ def check_input(spec: InputSpec, source: ImageSource) -> None:
                 f"'{source.name}' has {source.grid[0]}x{source.grid[1]} id grids, smaller than the "
                 f"encoder's {spec.img_size}x{spec.img_size} input"
             )
-    if spec.kind != "pixels" and spec.codebook_sha256:  # the same K is not the same tokenizer
+    if spec.kind != "pixels" and spec.codebook_signature:  # the same K is not the same tokenizer
         found = codebook_fingerprint(source)
-        if found is not None and found != spec.codebook_sha256:
+        if found is not None and not same_codebook(found, spec.codebook_signature):
             raise ValueError(
                 f"'{source.name}' was made by another tokenizer than this encoder's training tokens "
-                f"(codebook sha256 {found[:12]}..., the encoder's {spec.codebook_sha256[:12]}...): its ids "
-                "mean other codes; give tokens or a --tokenizer of the model's own tokenizer"
+                "(their codebooks differ): its ids mean other codes; give tokens or a --tokenizer of the "
+                "model's own tokenizer"
             )
 
 

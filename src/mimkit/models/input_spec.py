@@ -44,9 +44,10 @@ class InputSpec:
       evaluation resizes to ``eval_size / crop_pct`` then centre-crops ``eval_size``.
     - ``patch_size``: input units per patch side; ``grid``: patches per side (h, w), derived if omitted.
     - ``vocab_size``: the number of token ids (token ids only).
-    - ``codebook_sha256``: for token inputs, the fingerprint of the codebook the training tokens came from
-      (:func:`mimkit.tokens.base.codebook_sha256`): ids of another tokenizer mean other codes even when
-      the vocabulary size agrees. None when not known (checkpoints written before it was recorded).
+    - ``codebook_signature``: for token inputs, the identity of the codebook the training tokens came from
+      (:func:`mimkit.tokens.base.codebook_signature`, one number per code, compared with a tolerance):
+      ids of another tokenizer mean other codes even when the vocabulary size agrees. None when not known
+      (checkpoints written before it was recorded).
     """
 
     kind: str
@@ -59,7 +60,7 @@ class InputSpec:
     patch_size: int
     grid: tuple[int, int] | None = None
     vocab_size: int | None = None
-    codebook_sha256: str | None = None
+    codebook_signature: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -112,8 +113,10 @@ class InputSpec:
             _int("vocab_size", self.vocab_size)
         elif self.vocab_size is not None:
             raise ValueError(f"vocab_size applies to token ids only; a {self.kind} InputSpec has none")
-        if self.codebook_sha256 is not None and self.kind == "pixels":
-            raise ValueError("codebook_sha256 identifies a tokenizer; a pixel InputSpec has none")
+        if self.codebook_signature is not None:
+            if self.kind == "pixels":
+                raise ValueError("codebook_signature identifies a tokenizer; a pixel InputSpec has none")
+            set_("codebook_signature", _floats("codebook_signature", self.codebook_signature))
 
     @property
     def num_patches(self) -> int:
@@ -138,7 +141,8 @@ class InputSpec:
             "patch_size": self.patch_size,
             "grid": list(self.grid),
             "vocab_size": self.vocab_size,
-            "codebook_sha256": self.codebook_sha256,
+            # only when known: readers of before it was recorded refuse unknown keys
+            **({"codebook_signature": list(self.codebook_signature)} if self.codebook_signature else {}),
         }
 
     @classmethod

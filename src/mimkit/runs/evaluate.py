@@ -11,7 +11,7 @@ from typing import Any
 
 from mimkit.checkpoint import check_output, resolve_checkpoint
 from mimkit.configs import ConfigError, EvalConfig, build_config
-from mimkit.data.sources import build_source, source_for, tokenized_for
+from mimkit.data.sources import build_source, source_for, source_paths, tokenized_for
 from mimkit.data.transforms import Views, eval_view
 from mimkit.distributed import DistEnv, init_distributed
 from mimkit.eval.features import chance_warning
@@ -73,12 +73,13 @@ def knn(
     target = (
         Path(out) if out else (Path(checkpoint) / f"{protocol}.json" if Path(checkpoint).is_dir() else None)
     )
-    if target is not None:  # before any work: never over the checkpoint, a device or a pipe
-        check_output(target, [resolve_checkpoint(checkpoint)], "--out")
     encoder, info = load_encoder(checkpoint, weights)
     encoder.to(env.device)
     loo = protocol == "lmim_nn"
     train, val = labelled_data(info, train, val)
+    if target is not None:  # before any work: never over the checkpoint, the data, a device or a pipe
+        inputs = [resolve_checkpoint(checkpoint), *source_paths(train or ""), *source_paths(val or "")]
+        check_output(target, inputs, "--out")
     if not val or (not loo and not train):
         needs = "--val (the evaluation set)" if loo else "--train (memory bank) and --val (queries)"
         raise ConfigError(

@@ -106,7 +106,7 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     check_input(method.input_spec(), source)
     fingerprint = codebook_fingerprint(source) if method.input_spec().kind != "pixels" else None
     if fingerprint is not None:  # saved with the encoder: its later inputs must come from this tokenizer
-        method.encoder.input_spec = replace(method.input_spec(), codebook_sha256=fingerprint)
+        method.encoder.input_spec = replace(method.input_spec(), codebook_signature=fingerprint)
     method.use_data(source)
     data = training_data(cfg.data, env.device, method.input_spec().kind)
     views = method.train_transform(data)

@@ -34,7 +34,7 @@ from mimkit.interop.load import load_method
 from mimkit.progress import progress as progress_bar
 from mimkit.runs.lock import RunLock
 from mimkit.runs.pretrain import pretrain_then
-from mimkit.tokens.base import codebook_sha256
+from mimkit.tokens.base import codebook_signature, same_codebook
 from mimkit.tokens.codebook import load_codebook
 from mimkit.tokens.compact import CompactWriter
 from mimkit.tokens.dataset import convert, open_tokens
@@ -451,6 +451,10 @@ def images_sha256(source: ImageSource, count: int = SAMPLED_IMAGES) -> str:
     return digest.hexdigest()
 
 
+def _same(key: str, before: Any, now: Any) -> bool:
+    return same_codebook(before, now) if key == "codebook_signature" else before == now
+
+
 def check_same_run(
     folder: Path, source: ImageSource, shard_size: int, tokenizer_path: str, tokenizer: VQTokenizer
 ) -> None:
@@ -464,14 +468,14 @@ def check_same_run(
         "images_sha256": images_sha256(source),
         "shard_size": shard_size,
         "tokenizer": str(tokenizer_file(tokenizer_path).resolve()),
-        "codebook_sha256": codebook_sha256(tokenizer.codebook()),
+        "codebook_signature": list(codebook_signature(tokenizer.codebook())),
     }
     if record.is_file():
         before = json.loads(record.read_text())
         changed = [  # a record written before a key was kept does not name it: not compared
             f"{key} {before.get(key)!r} there, {value!r} now"
             for key, value in now.items()
-            if key in before and before[key] != value
+            if key in before and not _same(key, before[key], value)
         ]
         if changed:
             raise ValueError(

@@ -4,7 +4,6 @@ both writers make."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -174,6 +173,14 @@ def check_labels(
     return arr
 
 
+MAX_UNNAMED_CLASSES = 1_000_000  # labels without class names are numbered: more would be a damaged file
+
+
+def unlabelled_column(labels: np.ndarray | None) -> bool:
+    """A label column of -1 only: what earlier versions wrote for images without labels, read as none."""
+    return labels is not None and len(labels) > 0 and bool((np.asarray(labels) == -1).all())
+
+
 def check_label_range(labels: np.ndarray | None, classes: Sequence[str], what: str) -> None:
     """Labels are class indices: each at least 0 and, when the classes are named, below their count. The
     one check every source makes when it is opened (a -1 would index the last class, a 99 crash a
@@ -181,21 +188,32 @@ def check_label_range(labels: np.ndarray | None, classes: Sequence[str], what: s
     if labels is None or not len(labels):
         return
     labels = np.asarray(labels)
-    bad = np.flatnonzero((labels < 0) | (labels >= len(classes) if classes else labels < 0))
+    top = len(classes) if classes else MAX_UNNAMED_CLASSES
+    bad = np.flatnonzero((labels < 0) | (labels >= top))
     if len(bad):
         i = int(bad[0])
-        allowed = f"0..{len(classes) - 1} (its {len(classes)} classes)" if classes else "0 or more"
+        allowed = f"0..{top - 1} (its {top} classes)" if classes else f"0..{top - 1} (unnamed classes)"
         raise ValueError(
             f"{what}: label {int(labels[i])} of record {i} is not a class index ({len(bad)} such labels); "
             f"labels must be {allowed}"
         )
 
 
-def codebook_sha256(codebook: torch.Tensor | np.ndarray) -> str:
-    """The identity of a tokenizer's ids: sha256 of its codebook as contiguous float32 [K, D] bytes (the
-    same for a dataset's stored table and the tokenizer that wrote it)."""
-    table = torch.as_tensor(codebook).detach().to("cpu", torch.float32).contiguous()
-    return hashlib.sha256(table.numpy().tobytes()).hexdigest()
+SIGNATURE_TOLERANCE = 1e-4  # the same codebook normalised on two devices differs by ~1e-7
+
+
+def codebook_signature(codebook: torch.Tensor | np.ndarray) -> tuple[float, ...]:
+    """The identity of a tokenizer's ids, robust to the last bits a GPU or another CPU changes when it
+    normalises the table: each code's projection on one fixed direction (in float64), one number per code.
+    Two tokenizers' tables give different numbers; one table on two devices, the same to ~1e-7."""
+    table = torch.as_tensor(codebook).detach().to("cpu", torch.float64)
+    direction = torch.linspace(-1.0, 1.0, table.shape[1], dtype=torch.float64)
+    direction = direction / direction.norm().clamp_min(1e-12)
+    return tuple(round(float(v), 6) for v in table @ direction)
+
+
+def same_codebook(a: Sequence[float], b: Sequence[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= SIGNATURE_TOLERANCE for x, y in zip(a, b, strict=True))
 
 
 def check_codebook(codebook: torch.Tensor | np.ndarray | None, what: str) -> torch.Tensor | None:

@@ -68,6 +68,7 @@ from mimkit.tokens.base import (
     check_ids,
     check_label_range,
     check_labels,
+    unlabelled_column,
     write_atomic,
 )
 from mimkit.tokens.codebook import load_codebook as read_codebook
@@ -995,6 +996,8 @@ class CompactTokens(TokenDataset):
                 f"{self.path / HEADER}: says {h['records']} records; the shards hold {sum(counts)}"
             )
         self.labels = np.concatenate([ix.labels for ix in indexes]) if h.get("labels") and indexes else None
+        if unlabelled_column(self.labels):  # written by an earlier version for unlabelled images
+            self.labels = None
         try:
             check_label_range(self.labels, self.classes, str(self.path))
         except ValueError as err:

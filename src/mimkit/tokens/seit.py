@@ -56,6 +56,7 @@ from mimkit.tokens.base import (
     check_ids,
     check_label_range,
     check_labels,
+    unlabelled_column,
     write_atomic,
 )
 from mimkit.tokens.codebook import load_codebook as read_codebook
@@ -398,6 +399,8 @@ class SeitTokens(TokenDataset):
             )
         self.codebook = load_codebook(self.folder / CODEBOOK)
         self.classes = load_classes(sibling(self.path, CLASSES_SUFFIX))
+        if unlabelled_column(self.labels):  # written by an earlier version for unlabelled images
+            self.labels = None
         try:
             check_label_range(self.labels, self.classes, str(self.label_path))
         except ValueError as err:
