@@ -423,3 +423,21 @@ def test_labels_earlier_versions_wrote_and_labels_no_file_should_hold(tmp_path, 
     assert main(["knn", str(run), "--train", "synthetic:8", "--val", val, "--out", val]) == 2
     assert f"--out '{val}' is the input '{val}'" in capsys.readouterr().err
     assert sorted(np.load(val).files) == ["class_names", "x", "y"]
+
+
+def test_decode_refuses_another_tokenizers_tokens_and_never_writes_over_its_inputs(tmp_path, capsys):
+    from mimkit.cli import main
+
+    other = _other_tokenizer(tmp_path / "other")
+    tokenize("demo", "demo:val", str(tmp_path / "t"), max_images=8, progress=False)
+    assert (
+        main(["tokenizer", "decode", str(other), str(tmp_path / "t"), "--out", str(tmp_path / "g.png")]) == 2
+    )
+    assert "was made by another tokenizer than" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
+    tokenizer_pt = other / "tokenizer.pt"
+    before = tokenizer_pt.read_bytes()
+    assert main(["tokenizer", "decode", str(other), str(tmp_path / "t"), "--out", str(tokenizer_pt)]) == 2
+    assert f"--out '{tokenizer_pt}' is the input" in capsys.readouterr().err
+    assert tokenizer_pt.read_bytes() == before
+    assert main(["tokenizer", "decode", "demo", str(tmp_path / "t"), "--out", str(tmp_path / "g.png")]) == 0

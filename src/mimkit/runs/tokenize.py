@@ -598,12 +598,20 @@ def decode_grid(
 ) -> dict[str, Any]:
     """A PNG of the first ``count`` records decoded to images; with ``images`` (the source they were made
     from, same order) each original beside its reconstruction, and their PSNR."""
+    inputs = [tokenizer_file(tokenizer_path), *source_paths(tokens), *source_paths(images or "")]
+    check_output(out, inputs, "--out")
     loaded, tokenizer, dev, view = tokenizer_on(tokenizer_path, device)
     dataset = open_tokens(tokens)
     if tuple(dataset.grid) != (tokenizer.shape.grid,) * 2 or dataset.vocab_size != tokenizer.vocab_size:
         raise ValueError(
             f"'{tokens}' has {dataset.grid[0]}x{dataset.grid[1]} grids of {dataset.vocab_size} codes; the "
             f"tokenizer makes {tokenizer.shape.grid}x{tokenizer.shape.grid} grids of {tokenizer.vocab_size}"
+        )
+    stored, own = dataset.codebook, codebook_signature(tokenizer.codebook())
+    if stored is not None and not same_codebook(codebook_signature(stored), own):
+        raise ValueError(
+            f"'{tokens}' was made by another tokenizer than '{tokenizer_path}' (their codebooks differ): "
+            "decoded through it, its ids would show other images"
         )
     count = min(count, len(dataset))
     ids = torch.from_numpy(np.stack([dataset.read(i) for i in range(count)]))
