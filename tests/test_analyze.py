@@ -23,6 +23,7 @@ from mimkit.tokens.dataset import write_tokens
 from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
 from tests.conftest import TINY
 
+QUICK = ["--images", "2", "--stats-images", "4", "--ks", "2"]  # a report in a second
 RUN = [*TINY, "optim.epochs=1", "optim.batch_size=16", "eval.knn=false", "run.progress=false"]
 
 
@@ -308,3 +309,24 @@ def test_a_moved_tokenizer_is_given_with_tokenizer(runs: dict[str, Path], tmp_pa
         moved.rename(runs["tokenizer"])
     result = strict_json(tmp_path / "b.json")
     assert result["val"] == f"demo:val (tokenized by {moved})" and result["val_images"] == 500
+
+
+def test_a_full_disk_names_the_report_file_and_leaves_no_part_of_it(
+    runs: dict[str, Path], tmp_path: Path, capsys, monkeypatch
+):
+    import errno
+
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.name == ".report.html.tmp":
+            real(self, data[:10])  # part of it, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    out = tmp_path / "full"
+    args = ["analyze", str(runs["mae"]), "--out", str(out), *QUICK]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"mimkit: error: '{out / 'report.html'}': No space left on device\n"
+    assert not (out / "report.html").exists() and not (out / ".report.html.tmp").exists()
