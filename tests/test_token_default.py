@@ -441,3 +441,15 @@ def test_decode_refuses_another_tokenizers_tokens_and_never_writes_over_its_inpu
     assert f"--out '{tokenizer_pt}' is the input" in capsys.readouterr().err
     assert tokenizer_pt.read_bytes() == before
     assert main(["tokenizer", "decode", "demo", str(tmp_path / "t"), "--out", str(tmp_path / "g.png")]) == 0
+
+
+def test_a_rerun_removes_what_a_killed_tokenize_left(tmp_path, capsys):
+    data = tmp_path / "d-token.data.bin.gz"  # a run killed before its rename left only temporaries
+    left = [tmp_path / ".d-token.data.bin.gz.tmp4242", tmp_path / ".d-label.txt.tmp77"]
+    others = [tmp_path / ".codebook.ckpt.tmp5", tmp_path / ".e-token.data.bin.gz.tmp9"]  # not this dataset's
+    for path in [*left, *others]:
+        path.write_bytes(b"partial")
+    tokenize("demo", "demo:val", str(data), to="seit", max_images=8, progress=False)
+    assert len(open_tokens(data)) == 8
+    assert not any(p.exists() for p in left) and all(p.exists() for p in others)
+    assert f"note: removed {left[0]}, left by a process killed while writing it" in capsys.readouterr().err

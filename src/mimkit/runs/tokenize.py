@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -367,6 +368,9 @@ def tokenize(
     if to == "seit":  # before any work: the name, the vocabulary and the folder's codebook must fit
         check_seit_target(target, tokenizer.codebook().cpu(), tokenizer.vocab_size)
     with RunLock(shards_dir):
+        for path in leftovers(shards_dir, target if to == "seit" else None):
+            path.unlink(missing_ok=True)
+            print(f"note: removed {path}, left by a process killed while writing it", file=sys.stderr)
         check_same_run(shards_dir, source, shard_size, tokenizer_path, tokenizer)
         writer = CompactWriter(
             shards_dir,
@@ -453,6 +457,19 @@ def images_sha256(source: ImageSource, count: int = SAMPLED_IMAGES) -> str:
 
 def _same(key: str, before: Any, now: Any) -> bool:
     return same_codebook(before, now) if key == "codebook_signature" else before == now
+
+
+def leftovers(shards_dir: Path, seit_target: Path | None) -> list[Path]:
+    """Temporary files (``.NAME.tmpPID``) a killed tokenize left: in its shards folder, and beside a SeiT
+    target those of this dataset's own files (``.NAME-...``; the folder's codebook is shared, so its
+    temporary is left alone). Called holding the shards folder's lock: no other run writes them."""
+    temporary = re.compile(r"\..+\.tmp\d*")
+    found = [p for p in shards_dir.iterdir() if temporary.fullmatch(p.name)] if shards_dir.is_dir() else []
+    if seit_target is not None and seit_target.parent.is_dir():
+        name = seit_target.name[: -len("-token.data.bin.gz")]
+        own = re.compile(re.escape(f".{name}-") + r".+\.tmp\d*")
+        found += [p for p in seit_target.parent.iterdir() if own.fullmatch(p.name)]
+    return sorted(found)
 
 
 def check_same_run(
