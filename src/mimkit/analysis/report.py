@@ -8,7 +8,6 @@ import base64
 import html
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from mimkit.analysis.attention import AttentionDistance
 from mimkit.analysis.reconstruction import Reconstruction
 from mimkit.analysis.segmentation import Segmentation
 from mimkit.analysis.spectrum import Spectrum
+from mimkit.tokens.base import write_atomic
 
 CLUSTER_COLOURS = colormaps["tab10"].colors
 
@@ -389,22 +389,11 @@ p.help { font-size: 13px; color: #555; max-width: 1000px; }
 """
 
 
-def _write(path: Path, data: bytes) -> None:
-    """A report file written beside then renamed; a full disk names the file and leaves no part of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror, str(path)) from err
-
-
 def prepare_folder(out: str | Path) -> Path:
     """OUT/figures, created, emptied of an earlier report's PNGs and shown to be writable."""
     figures = Path(out) / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    for stale in [*figures.glob("*.png"), *figures.glob(".*.tmp"), *Path(out).glob(".report.*.tmp")]:
+    for stale in [*figures.glob("*.png"), *figures.glob(".*.tmp*"), *Path(out).glob(".report.*.tmp*")]:
         stale.unlink()  # an earlier report's figures, and what a killed writer left
     probe = figures / ".writable"
     probe.write_bytes(b"")
@@ -422,7 +411,7 @@ def write_report(
 
     def add(name: str, fig: Figure) -> str:
         png = _png(fig)
-        _write(figures / f"{name}.png", png)
+        write_atomic(figures / f"{name}.png", lambda f: f.write(png))
         embedded[name] = base64.b64encode(png).decode("ascii")
         return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{embedded[name]}">'
 
@@ -508,9 +497,10 @@ def write_report(
         f"{html.escape(json.dumps(settings))}.</p>" + "".join(sections) + "</body></html>"
     )
     paths = {"html": out / "report.html", "json": out / "report.json", "figures": figures}
-    _write(paths["html"], page.encode("utf-8"))
+    write_atomic(paths["html"], lambda f: f.write(page.encode("utf-8")))
     report = {"data": data, "settings": settings, "checkpoints": [numbers(a) for a in items]}
-    _write(paths["json"], (json.dumps(report, indent=1, allow_nan=False) + "\n").encode("utf-8"))
+    text = json.dumps(report, indent=1, allow_nan=False) + "\n"
+    write_atomic(paths["json"], lambda f: f.write(text.encode("utf-8")))
     return paths
 
 

@@ -576,12 +576,16 @@ def tokenized_for(
     return [TokenizedImages(s, tokenizer) if s.kind == "pixels" else s for s in sources]
 
 
+def codebook_of(source: ImageSource) -> torch.Tensor | None:
+    """The codebook a source's ids index: the tokenizer's reading its images, or a token dataset's."""
+    codebook = getattr(source, "codebook", None)
+    return codebook if codebook is not None else getattr(getattr(source, "dataset", None), "codebook", None)
+
+
 def codebook_fingerprint(source: ImageSource) -> tuple[float, ...] | None:
     """The identity of the tokenizer a source's ids come from (:func:`codebook_signature` of its codebook),
     when it has one."""
-    codebook = getattr(source, "codebook", None)
-    if codebook is None:
-        codebook = getattr(getattr(source, "dataset", None), "codebook", None)
+    codebook = codebook_of(source)
     return None if codebook is None else codebook_signature(codebook)
 
 
@@ -692,6 +696,11 @@ class Subset(ImageSource):
         return self.source.path_of(self.indices[index])
 
 
+def _expanded(part: str) -> list[str]:
+    """One part of a source spec: a glob's matches, sorted, or the path itself."""
+    return sorted(glob.glob(os.path.expanduser(part))) if glob.has_magic(part) else [part]
+
+
 def source_paths(spec: str) -> list[Path]:
     """The files and folders a source spec reads (for output-path checks): its comma-separated parts, globs
     expanded, a held-out split's base, a token dataset's path; none for demo and synthetic sources."""
@@ -700,8 +709,7 @@ def source_paths(spec: str) -> list[Path]:
     for part in (p.strip() for p in base.split(",") if p.strip()):
         if part.startswith(("demo:", "synthetic")):
             continue
-        expanded = sorted(glob.glob(os.path.expanduser(part))) if glob.has_magic(part) else [part]
-        found.extend(Path(p) for p in expanded if Path(p).exists())
+        found.extend(Path(p) for p in _expanded(part) if Path(p).exists())
     return found
 
 
@@ -764,13 +772,21 @@ def build_source(
     ``tokenizer`` (a token model's ``data.tokenizer``): images are tokenized by it once, as they are read."""
     spec = str(spec).strip()
     base, part, fraction = split_spec(spec)
-    if part is not None:
+    if part is not None:  # the base source says its own notes when it is built
         whole = build_source(base, image_size=image_size, decode_size=decode_size)
-        source = Subset(whole, held_out_indices(whole, fraction, part))
+        source: ImageSource = Subset(whole, held_out_indices(whole, fraction, part))
         source.name = spec
-        if max_images is not None:
-            source = Subset(source, max_images)
-        return TokenizedImages(source, tokenizer) if tokenizer and source.kind == "pixels" else source
+    else:
+        source = _stored_source(spec, image_size, decode_size)
+    if max_images is not None:
+        source = Subset(source, max_images)
+    if tokenizer and source.kind == "pixels":
+        source = TokenizedImages(source, tokenizer)
+    return source
+
+
+def _stored_source(spec: str, image_size: int, decode_size: int | None) -> ImageSource:
+    """The source a spec names, before any split, subset or tokenizer."""
     if spec.startswith("tokens:"):
         source: ImageSource = TokenSource(open_tokens(spec.split(":", 1)[1]))
     elif "," not in spec and not glob.has_magic(spec) and _is_tokens(spec):
@@ -785,7 +801,7 @@ def build_source(
     else:
         paths: list[Path] = []
         for part in (p.strip() for p in spec.split(",") if p.strip()):
-            expanded = sorted(glob.glob(os.path.expanduser(part))) if glob.has_magic(part) else [part]
+            expanded = _expanded(part)
             if not expanded or not Path(expanded[0]).exists():
                 raise FileNotFoundError(f"data path '{part}' does not exist")
             paths.extend(Path(p) for p in expanded)
@@ -814,8 +830,4 @@ def build_source(
                 "JPEGs are cut into crops from a picture smaller than the input",
                 file=sys.stderr,
             )
-    if max_images is not None:
-        source = Subset(source, max_images)
-    if tokenizer and source.kind == "pixels":
-        source = TokenizedImages(source, tokenizer)
     return source

@@ -22,6 +22,7 @@ import torch
 from timm.data.mixup import mixup_target
 
 from mimkit.data.loader import per_sample_uniform
+from mimkit.data.sources import codebook_of
 from mimkit.methods.base import BatchTransform
 from mimkit.tokens.augment import TokenEDA, TokenMixup, colour_choice, random_resized_crop
 from mimkit.tokens.codebook import embed, load_codebook, requantize
@@ -57,9 +58,7 @@ def views_codebook(path: str | None, source: Any, vocab_size: int) -> torch.Tens
     if path:
         codebook = load_codebook(path)
     else:
-        codebook = getattr(source, "codebook", None)
-        if codebook is None:
-            codebook = getattr(getattr(source, "dataset", None), "codebook", None)
+        codebook = codebook_of(source)
         if codebook is None:
             raise ValueError(
                 f"'{source.name}' carries no codebook, which the token views need to move ids through the "

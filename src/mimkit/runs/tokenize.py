@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -35,7 +34,7 @@ from mimkit.interop.load import load_method
 from mimkit.progress import progress as progress_bar
 from mimkit.runs.lock import RunLock
 from mimkit.runs.pretrain import pretrain_then
-from mimkit.tokens.base import codebook_signature, same_codebook
+from mimkit.tokens.base import codebook_signature, same_codebook, write_atomic
 from mimkit.tokens.codebook import load_codebook
 from mimkit.tokens.compact import CompactWriter
 from mimkit.tokens.dataset import convert, open_tokens
@@ -592,14 +591,8 @@ def encode_ids(
         ids.append(tokenizer.encode(batch["image"].to(dev)).cpu().numpy().astype(np.int16))
         labels.append(batch["label"].numpy())
     grids = np.concatenate(ids)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # a file object: NumPy adds no '.npz' to the name
-            np.savez(f, ids=grids, y=np.concatenate(labels))
-        os.replace(tmp, target)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror, str(target)) from err  # named by its final path
+    # a file object: NumPy adds no '.npz' to the name
+    write_atomic(target, lambda f: np.savez(f, ids=grids, y=np.concatenate(labels)))
     return {"images": len(grids), "grid": list(grids.shape[1:]), "path": out}
 
 

@@ -176,9 +176,17 @@ def check_labels(
 MAX_UNNAMED_CLASSES = 1_000_000  # labels without class names are numbered: more would be a damaged file
 
 
-def unlabelled_column(labels: np.ndarray | None) -> bool:
-    """A label column of -1 only: what earlier versions wrote for images without labels, read as none."""
-    return labels is not None and len(labels) > 0 and bool((np.asarray(labels) == -1).all())
+def read_labels(labels: np.ndarray | None, classes: Sequence[str], what: str) -> np.ndarray | None:
+    """The labels a token dataset holds, as its reader keeps them: a column of -1 only (what earlier
+    versions wrote for images without labels) is no labels; any other label outside the classes is a
+    :class:`TokenRecordError` naming it."""
+    if labels is not None and len(labels) and bool((np.asarray(labels) == -1).all()):
+        return None
+    try:
+        check_label_range(labels, classes, what)
+    except ValueError as err:
+        raise TokenRecordError(str(err)) from err
+    return labels
 
 
 def check_label_range(labels: np.ndarray | None, classes: Sequence[str], what: str) -> None:

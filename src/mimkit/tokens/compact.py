@@ -66,9 +66,8 @@ from mimkit.tokens.base import (
     cache_dir,
     check_codebook,
     check_ids,
-    check_label_range,
     check_labels,
-    unlabelled_column,
+    read_labels,
     write_atomic,
 )
 from mimkit.tokens.codebook import load_codebook as read_codebook
@@ -996,12 +995,7 @@ class CompactTokens(TokenDataset):
                 f"{self.path / HEADER}: says {h['records']} records; the shards hold {sum(counts)}"
             )
         self.labels = np.concatenate([ix.labels for ix in indexes]) if h.get("labels") and indexes else None
-        if unlabelled_column(self.labels):  # written by an earlier version for unlabelled images
-            self.labels = None
-        try:
-            check_label_range(self.labels, self.classes, str(self.path))
-        except ValueError as err:
-            raise TokenRecordError(str(err)) from err
+        self.labels = read_labels(self.labels, self.classes, str(self.path))
         self._maps: list[np.ndarray | None] = [None] * len(self.shard_paths)
         self.dtype = np.dtype(np.uint8 if self.vocab_size <= 256 else np.uint16)
         self.cache: Path | None = None

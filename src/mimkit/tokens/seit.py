@@ -54,9 +54,8 @@ from mimkit.tokens.base import (
     cache_dir,
     check_codebook,
     check_ids,
-    check_label_range,
     check_labels,
-    unlabelled_column,
+    read_labels,
     write_atomic,
 )
 from mimkit.tokens.codebook import load_codebook as read_codebook
@@ -399,12 +398,7 @@ class SeitTokens(TokenDataset):
             )
         self.codebook = load_codebook(self.folder / CODEBOOK)
         self.classes = load_classes(sibling(self.path, CLASSES_SUFFIX))
-        if unlabelled_column(self.labels):  # written by an earlier version for unlabelled images
-            self.labels = None
-        try:
-            check_label_range(self.labels, self.classes, str(self.label_path))
-        except ValueError as err:
-            raise TokenRecordError(str(err)) from err
+        self.labels = read_labels(self.labels, self.classes, str(self.label_path))
         saved = self._saved_meta()
         self.meta = saved.get("meta", {})
         self._buf: np.ndarray | None = None
