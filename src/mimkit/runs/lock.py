@@ -69,7 +69,7 @@ class RunLock:
     def _acquire_here(self) -> str | None:
         """None when the lock is ours, else the message that says who holds it."""
         try:
-            self._made_folder = not self.folder.exists()
+            self._made_folder = self._made_folder or not self.folder.exists()  # kept across a retry
             self.folder.mkdir(parents=True, exist_ok=True)
             self._made_lock = not (self.folder / LOCK_NAME).exists()
             handle = open(self.folder / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115
