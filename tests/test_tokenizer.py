@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +180,109 @@ def test_tokenize_resumes_at_the_first_missing_shard(tmp_path: Path) -> None:
     again = open_tokens(tmp_path / "a")
     assert len(again) == len(full) == 250
     assert all(np.array_equal(again.read(i), full.read(i)) for i in range(250))
+
+
+def test_tokenize_to_seit_killed_after_the_rename_finishes_on_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tok = small_tokenizer(seed=11)
+    tok.prune(torch.ones(64, dtype=torch.long))
+    save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
+    args = {"to": "seit", "num_workers": 0, "max_images": 40, "progress": False}
+    out = tmp_path / "d" / "val-token.data.bin.gz"
+    shards = tmp_path / "d" / "val-token.shards"
+
+    rmtree = shutil.rmtree
+
+    def killed(path: Path, *args: object, **kwargs: object) -> None:
+        if str(path).endswith("-token.shards"):
+            raise KeyboardInterrupt  # stopped between the data file's rename and the shards' removal
+        rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("mimkit.runs.tokenize.shutil.rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(out), **args)
+    monkeypatch.undo()
+    written = open_tokens(out).read_many(range(40))
+    assert out.is_file() and shards.is_dir()
+    capsys.readouterr()
+    report = tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(out), **args)
+    assert f"note: {out} was written before the last run stopped" in capsys.readouterr().err
+    assert report["tokenized_now"] == 0 and not shards.exists()
+    assert np.array_equal(open_tokens(out).read_many(range(40)), written)
+    # a SeiT file that is not these shards' is never taken for done
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr("mimkit.runs.tokenize.shutil.rmtree", killed)
+        tokenize(
+            str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "e" / "val-token.data.bin.gz"), **args
+        )
+    monkeypatch.undo()
+    shutil.copy(tmp_path / "e" / "val-label.txt", tmp_path / "e" / "kept.txt")
+    (tmp_path / "e" / "val-label.txt").write_text("".join(f"{(i + 1) % 10}\n" for i in range(40)))
+    with pytest.raises(
+        ValueError, match=r"val-token\.data\.bin\.gz' already exists and is not what these shards"
+    ):
+        tokenize(
+            str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "e" / "val-token.data.bin.gz"), **args
+        )
+
+
+class FillingDisk:
+    """``open`` for mimkit's atomic writer on a disk with ``room`` bytes left: a write past it fails with
+    ENOSPC, as a full disk does, and freeing it (``room = None``) lets writes through again."""
+
+    def __init__(self, room: int | None) -> None:
+        self.room = room
+        self.writes: list[tuple[str, int]] = []  # (file name, bytes) of every write, in order
+
+    def __call__(self, path: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        f = open(path, mode, *args, **kwargs)  # type: ignore[call-overload]  # noqa: SIM115
+        if "w" not in mode:
+            return f
+        disk, write = self, f.write
+
+        def limited(data: bytes) -> int:
+            disk.writes.append((Path(str(path)).name, len(data)))
+            if disk.room is not None:
+                if len(data) > disk.room:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                disk.room -= len(data)
+            return write(data)
+
+        f.write = limited
+        return f
+
+
+def test_a_full_disk_mid_tokenize_names_the_file_leaves_nothing_partial_and_the_rerun_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tok = small_tokenizer(seed=12)
+    tok.prune(torch.ones(64, dtype=torch.long))
+    save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
+    args = {"shard_size": 10, "num_workers": 0, "max_images": 40, "progress": False}
+    disk = FillingDisk(room=None)
+    monkeypatch.setattr("mimkit.tokens.base.open", disk, raising=False)
+    tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "straight"), **args)
+    third = next(k for k, (name, _) in enumerate(disk.writes) if "shard-00002" in name)
+    # the codec, its parameters and two shards fit; the disk is full in the third
+    disk.room = sum(size for _, size in disk.writes[:third]) + 10
+    with pytest.raises(OSError) as err:
+        tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "t"), **args)
+    assert err.value.errno == errno.ENOSPC and Path(err.value.filename).parent == tmp_path / "t"
+    left = sorted(p.name for p in (tmp_path / "t").iterdir())
+    assert (
+        not [n for n in left if ".tmp" in n] and "mimkit-tokens.json" not in left
+    )  # no temporary, no header
+    shards = [n for n in left if n.startswith("shard-")]
+    assert Path(err.value.filename).name == "shard-00002.mtok" and shards == [
+        "shard-00000.mtok",
+        "shard-00001.mtok",
+    ]
+    disk.room = None  # space freed: the rerun resumes after the shards that were written whole
+    tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "t"), **args)
+    straight, resumed = open_tokens(tmp_path / "straight"), open_tokens(tmp_path / "t")
+    assert np.array_equal(straight.read_many(range(40)), resumed.read_many(range(40)))
+    assert np.array_equal(straight.labels, resumed.labels)
 
 
 def test_input_spec_and_source_must_agree(tmp_path: Path) -> None:

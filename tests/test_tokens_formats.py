@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import pickle
 import re
 import shutil
@@ -16,6 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from mimkit.cli import main
 from mimkit.data.sources import DEMO_FILE
 from mimkit.tokens import compact
 from mimkit.tokens.base import cache_dir
@@ -39,6 +41,19 @@ def token_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test decompresses SeiT streams into its own cache folder."""
     monkeypatch.setenv("MIMKIT_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "tokens"
+
+
+def assert_refused_by_all(path: Path, match: str) -> None:
+    """A dataset every reader refuses whole, and verify with the same words (one check, not two)."""
+    for cache in (True, False):
+        with pytest.raises((TokenRecordError, ValueError, OSError), match=match):
+            open_tokens(path, cache=cache).read_many(range(1))
+    with pytest.raises((TokenRecordError, ValueError, OSError), match=match):
+        info(path)
+    report = verify(path)
+    assert (report["records"], report["ok"], report["sound"]) == (None, 0, False), report
+    (only,) = report["bad_records"]
+    assert only["record"] is None and re.search(match, only["error"]), only
 
 
 def random_tokens(n: int, grid: tuple[int, int] = (6, 6), vocab: int = 300, seed: int = 0) -> np.ndarray:
@@ -234,27 +249,32 @@ def test_seit_flipped_byte_is_reported_once_where_the_stream_fails(tmp_path: Pat
     assert stream_error["record"] is None and found, stream_error
     fails_at, inside = int(found.group(1)), int(found.group(2))
     assert 0 < fails_at < offsets[-1] and offsets[inside] <= fails_at < offsets[inside + 1]
-    files = [b for b in report["bad_records"] if b["record"] is None]
-    unreadable = [
-        b["record"] for b in report["bad_records"] if "reach past where the stream fails" in b["error"]
-    ]
-    assert len(files) == 1 and unreadable == [i for i in range(50) if offsets[i + 1] > fails_at]
-    assert (
-        report["ok"] + report["bad"] == 50 and report["bad"] >= len(unreadable) and report["ok"] >= inside - 1
+    # a reader cannot use a stream that fails: the whole dataset is unsound, as every reader says
+    assert (report["records"], report["ok"], report["sound"], len(report["bad_records"])) == (
+        None,
+        0,
+        False,
+        1,
     )
-    with pytest.raises(TokenRecordError, match=re.escape(stream_error["error"])):
-        open_tokens(data)
-    # a damaged CRC-32: every record readable, the stream error still reported (once)
+    for cache in (True, False):
+        with pytest.raises(TokenRecordError, match=re.escape(stream_error["error"])):
+            open_tokens(data, cache=cache)
+    # a damaged CRC-32 at the very end: every record decodes, yet readers refuse the stream, and so verify
     raw = bytearray(good)
     raw[-8] ^= 0x01
     data.write_bytes(bytes(raw))
     report = verify(data)
-    assert (report["records"], report["ok"], report["bad"]) == (50, 50, 0)
     (only,) = report["bad_records"]
-    assert only["record"] is None and re.search(
-        rf"checksum of the gzip member that ends at decompressed byte {offsets[-1]} does not match",
-        only["error"],
+    assert (
+        report["sound"] is False
+        and only["record"] is None
+        and re.search(
+            rf"checksum of the gzip member that ends at decompressed byte {offsets[-1]} does not match",
+            only["error"],
+        )
     )
+    with pytest.raises(TokenRecordError, match=re.escape(only["error"])):
+        open_tokens(data)
 
 
 def _seit_files(folder: Path, stream: bytes, offsets: list[int], labels: list[int] | None = None) -> Path:
@@ -281,11 +301,8 @@ def test_seit_truncated_stream_names_the_file_and_record(tmp_path: Path) -> None
     ):
         open_tokens(data)
     report = verify(data)
-    assert report["bad"] >= 1 and report["ok"] + report["bad"] == 50
-    assert report["bad_records"][0]["record"] is None and "truncated" in report["bad_records"][0]["error"]
-    assert any(
-        b["record"] == 49 and "past where the stream fails" in b["error"] for b in report["bad_records"]
-    )
+    assert report["sound"] is False and report["records"] is None
+    assert "truncated: the gzip stream ends after" in report["bad_records"][0]["error"]
 
 
 def test_seit_index_that_does_not_match_the_stream(tmp_path: Path) -> None:
@@ -320,8 +337,9 @@ def test_seit_damaged_records_name_the_record(tmp_path: Path) -> None:
     with pytest.raises(IndexError, match="record 3 is out of range"):
         ds.read(3)
     report = verify(data)
-    assert (report["records"], report["ok"], report["bad"]) == (3, 1, 2)
+    assert (report["records"], report["ok"], report["bad"], report["sound"]) == (3, 1, 2, False)
     assert [b["record"] for b in report["bad_records"]] == [1, 2]
+    assert "record 1: decodes to 3 ids, expected 4" in report["bad_records"][0]["error"]
 
 
 def test_seit_grid_and_vocabulary_checks(tmp_path: Path) -> None:
@@ -355,6 +373,46 @@ def test_seit_cache_is_made_once_and_reused(tmp_path: Path, token_cache: Path) -
     second.drop_cache()
     assert not cached[0].exists() and np.array_equal(first.read(7), ids[7])  # a live map outlives unlink
     assert second.cache is None and np.array_equal(second.read_many([7, 1]), ids[[7, 1]])
+
+
+@pytest.mark.parametrize("to", ["seit", "mimkit"])
+def test_a_cache_damaged_on_disk_is_decoded_again_never_read(
+    tmp_path: Path, token_cache: Path, capsys: pytest.CaptureFixture[str], to: str
+) -> None:
+    ids = random_tokens(80, vocab=300, seed=21)
+    dst = tmp_path / ("t-token.data.bin.gz" if to == "seit" else "c")
+    write_tokens(dst, ids, to=to, vocab_size=300)
+    cache = open_tokens(dst).cache
+    assert cache is not None and cache.is_file()
+    stat = cache.stat()
+    raw = bytearray(cache.read_bytes())
+    raw[-5] ^= 0x01  # one byte of the last record's ids, the file's size and times kept
+    cache.write_bytes(bytes(raw))
+    os.utime(cache, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    capsys.readouterr()
+    again = open_tokens(dst)
+    assert again.cache == cache and np.array_equal(again.read_many(range(80)), ids)
+    assert f"note: {cache}: this decoded cache does not match its checksum" in capsys.readouterr().err
+    cache.with_name(cache.name + ".json").unlink()  # a cache without its sidecar is not trusted either
+    assert np.array_equal(open_tokens(dst).read(79), ids[79]) and "does not match" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("to", ["seit", "mimkit"])
+def test_a_cache_the_disk_has_no_room_for_is_refused_before_its_first_byte(
+    tmp_path: Path, token_cache: Path, monkeypatch: pytest.MonkeyPatch, to: str
+) -> None:
+    dst = tmp_path / ("t-token.data.bin.gz" if to == "seit" else "c")
+    write_tokens(dst, random_tokens(30, vocab=300, seed=22), to=to, vocab_size=300).drop_cache()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr("mimkit.tokens.base.shutil.disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(
+        OSError, match=r"this token dataset needs \d+ bytes, its disk has 1000 bytes free"
+    ) as err:
+        open_tokens(dst)
+    assert Path(err.value.filename).parent == token_cache
+    assert list(token_cache.iterdir()) == []  # nothing begun
+    monkeypatch.undo()
+    assert open_tokens(dst).read(3).shape == (6, 6)
 
 
 def test_seit_read_many_is_one_pass_and_falls_back_exactly(
@@ -430,7 +488,7 @@ def test_compact_cache_is_decoded_once_and_shared(
     write_tokens(tmp_path / "c", ids, np.arange(50), vocab_size=vocab, shard_size=16)
     assert capsys.readouterr().out == ""  # building the cache prints nothing on stdout
     (cached,) = token_cache.glob("*.npy")
-    assert sorted(p.name for p in token_cache.iterdir()) == [cached.name[:-4] + ".bad.json", cached.name]
+    assert sorted(p.name for p in token_cache.iterdir()) == [cached.name, cached.name + ".json"]
     stored = np.load(cached)
     assert stored.dtype == dtype and stored.shape == (50, 6, 6) and np.array_equal(stored, ids)
     before = cached.stat()
@@ -535,10 +593,10 @@ def test_compact_flipped_byte_is_reported_never_decoded(tmp_path: Path, token_ca
         with pytest.raises(TokenRecordError, match=r"shard-00001\.mtok: record 30 \(5 of this shard\)"):
             ds.read_many([2, 30])
         assert np.array_equal(ds.read(31), ids[31]) and np.array_equal(ds.read_many([31, 0]), ids[[31, 0]])
-    (sidecar,) = token_cache.glob("*.bad.json")
+    (sidecar,) = token_cache.glob("*.npy.json")
     assert list(json.loads(sidecar.read_text())["bad"]) == ["30"]
     report = verify(tmp_path / "c")
-    assert (report["records"], report["ok"], report["bad"]) == (40, 39, 1)
+    assert (report["records"], report["ok"], report["bad"], report["sound"]) == (40, 39, 1, False)
     assert report["bad_records"][0]["record"] == 30
 
 
@@ -550,9 +608,7 @@ def test_compact_truncated_shard(tmp_path: Path) -> None:
         TokenRecordError, match=r"shard-00000\.mtok: truncated: \d+ bytes, the header says \d+"
     ):
         open_tokens(tmp_path / "c")
-    report = verify(tmp_path / "c")
-    assert (report["ok"], report["bad"]) == (10, 20)
-    assert "shard-00000.mtok" in report["bad_records"][0]["error"]
+    assert_refused_by_all(tmp_path / "c", r"shard-00000\.mtok: truncated: \d+ bytes, the header says \d+")
 
 
 def _edit_header(folder: Path, **changes: object) -> None:
@@ -570,38 +626,18 @@ def test_compact_header_must_agree_with_codec_and_shards(tmp_path: Path) -> None
         shutil.copytree(tmp_path / "c", tmp_path / "e", dirs_exist_ok=True)
         _edit_header(tmp_path / "e", **changes)
         match = rf"mimkit-tokens\.json: {why}: the header does not belong to these records"
-        for call in (lambda: open_tokens(tmp_path / "e"), lambda: info(tmp_path / "e")):
-            with pytest.raises(TokenRecordError, match=match):
-                call()
-        report = verify(tmp_path / "e")
-        assert (report["records"], report["ok"], report["bad"]) == (30, 0, 30)
-        (only,) = report["bad_records"]
-        assert only["record"] is None and re.search(match, only["error"])
+        assert_refused_by_all(tmp_path / "e", match)
     shutil.copytree(tmp_path / "c", tmp_path / "e", dirs_exist_ok=True)
     _edit_header(tmp_path / "e", records=29)
-    with pytest.raises(TokenRecordError, match=r"mimkit-tokens\.json: says 29 records; the shards hold 30"):
-        open_tokens(tmp_path / "e")
-    report = verify(tmp_path / "e")
-    assert (report["records"], report["ok"], report["bad"]) == (30, 30, 0)
-    assert [b["error"].split("/")[-1] for b in report["bad_records"]] == [
-        "mimkit-tokens.json: says 29 records; its shards hold 30"
-    ]
+    assert_refused_by_all(tmp_path / "e", r"mimkit-tokens\.json: says 29 records; the shards hold 30")
     _edit_header(tmp_path / "e", records=30, grid="6x6")
-    with pytest.raises(TokenRecordError, match=r"'grid' must be \[H, W\] of positive integers; got '6x6'"):
-        open_tokens(tmp_path / "e")
-    report = verify(tmp_path / "e")
-    assert (report["records"], report["ok"], report["bad"]) == (0, 0, 0) and len(report["bad_records"]) == 1
+    assert_refused_by_all(tmp_path / "e", r"'grid' must be \[H, W\] of positive integers; got '6x6'")
 
 
 def test_compact_missing_codec_is_one_dataset_error(tmp_path: Path) -> None:
     write_tokens(tmp_path / "c", random_tokens(30, seed=25), shard_size=20)
     (tmp_path / "c" / "codec.npz").unlink()
-    report = verify(tmp_path / "c")
-    assert (report["records"], report["ok"], report["bad"]) == (30, 0, 30)
-    (only,) = report["bad_records"]
-    assert only["record"] is None and only["error"].endswith(
-        "codec.npz: the codec named in mimkit-tokens.json is missing"
-    )
+    assert_refused_by_all(tmp_path / "c", r"codec\.npz: the codec named in mimkit-tokens\.json is missing$")
 
 
 def test_compact_cache_path_is_keyed_by_content_and_name(tmp_path: Path, token_cache: Path) -> None:
@@ -723,6 +759,14 @@ def test_detection_and_open_errors(tmp_path: Path) -> None:
         ValueError, match=r"'.*other' is not a token dataset: expected SeiT's files .* mimkit"
     ):
         open_tokens(tmp_path / "other")
+    # a convert killed before its header: the error says which command finishes it, and verify fails
+    write_tokens(tmp_path / "k", random_tokens(4))
+    (tmp_path / "k" / compact.HEADER).unlink()
+    match = (
+        r"k: an incomplete mimkit token dataset: 1 shard file\(s\) but no mimkit-tokens\.json; the command "
+        r"writing it stopped before the end\. `mimkit tokenize` run again with the same arguments resumes it"
+    )
+    assert_refused_by_all(tmp_path / "k", match)
 
 
 def test_convert_both_ways_keeps_everything(tmp_path: Path) -> None:
@@ -755,6 +799,7 @@ def test_info_and_verify(tmp_path: Path) -> None:
         assert got["bytes_per_image"] == pytest.approx(ds.stored_bytes() / 2)
         report = verify(ds.path)
         assert (report["records"], report["ok"], report["bad"], report["bad_records"]) == (2, 2, 0, [])
+        assert report["sound"] is True
 
 
 @pytest.mark.parametrize(("to", "cache"), [("seit", True), ("mimkit", True), ("mimkit", False)])
@@ -768,3 +813,113 @@ def test_dataloader_workers_read_the_right_records(tmp_path: Path, to: str, cach
     got = [(x, y) for x, y in loader]
     assert torch.equal(torch.cat([x for x, _ in got]), torch.from_numpy(ids))
     assert torch.equal(torch.cat([y for _, y in got]), torch.from_numpy(labels))
+
+
+# ----------------------------------------------------------------------------------------------------
+# verify and the readers: one check
+
+
+def _gz_crc(folder: Path) -> None:  # two ids changed in the stream, the gzip trailer's CRC-32 kept
+    data = folder / "t-token.data.bin.gz"
+    raw = bytearray(gzip.decompress(data.read_bytes()))
+    raw[40] ^= 1
+    raw[41] ^= 1
+    trailer = data.read_bytes()[-8:]
+    data.write_bytes(gzip.compress(bytes(raw), mtime=0)[:-8] + trailer)
+
+
+def _rewrite_index(folder: Path, offsets: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, offsets)
+    (folder / "t-token.index.npy.gz").write_bytes(gzip.compress(buf.getvalue()))
+
+
+def _extra_offset(folder: Path) -> None:  # 33 offsets for 32 records: one record too many is indexed
+    offsets = np.load(io.BytesIO(gzip.decompress((folder / "t-token.index.npy.gz").read_bytes())))
+    _rewrite_index(folder, np.append(offsets, offsets[-1] + 36))
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+SEIT_DAMAGE = {
+    "gzip CRC": (_gz_crc, r"t-token\.data\.bin\.gz: the checksum of the gzip member .* does not match"),
+    "header cut in half": (
+        lambda f: (f / "t-token.data.bin.gz").write_bytes((f / "t-token.data.bin.gz").read_bytes()[:5]),
+        r"t-token\.data\.bin\.gz: truncated: the gzip stream ends after 0 decompressed bytes",
+    ),
+    "33 offsets for 32 records": (_extra_offset, r"holds 34 offsets but t-label\.txt has 32 labels"),
+    "missing index": (
+        lambda f: (f / "t-token.index.npy.gz").unlink(),
+        r"t-token\.index\.npy\.gz: the index of a SeiT token file is missing",
+    ),
+    "label count": (
+        lambda f: (f / "t-label.txt").write_text("0\n" * 31),
+        r"holds 33 offsets but t-label\.txt has 31 labels",
+    ),
+    "missing codebook": (
+        lambda f: (f / "codebook.ckpt").unlink(),
+        r"codebook\.ckpt: missing; t-meta\.json says this dataset's ids index a codebook",
+    ),
+    "flipped codebook": (
+        lambda f: torch.save(torch.load(f / "codebook.ckpt").flip(0), f / "codebook.ckpt"),
+        r"codebook\.ckpt: not the codebook this dataset was written with .*: damaged or replaced",
+    ),
+    "meta grid": (
+        lambda f: _edit_json(f / "t-meta.json", grid="6x6"),
+        r"t-meta\.json: 'grid' must be \[H, W\] \(integers\); got '6x6'",
+    ),
+}
+COMPACT_DAMAGE = {
+    "header cut in half": (
+        lambda f: (f / compact.HEADER).write_text((f / compact.HEADER).read_text()[:200]),
+        r"mimkit-tokens\.json: not valid JSON",
+    ),
+    "path-traversal shard name": (
+        lambda f: _edit_json(
+            f / compact.HEADER,
+            shards=[
+                {**s, "file": "../" + s["file"]}
+                for s in json.loads((f / compact.HEADER).read_text())["shards"]
+            ],
+        ),
+        r"shard entry 0 must be \{file: shard-NNNNN\.mtok, records, bytes\}",
+    ),
+    "labels: false": (
+        lambda f: _edit_json(f / compact.HEADER, labels=False),
+        r"shard-00000\.mtok: labels unexpected in this shard",
+    ),
+    "missing codebook": (
+        lambda f: (f / compact.CODEBOOK).unlink(),
+        r"codebook\.safetensors: the codebook named in mimkit-tokens\.json is missing",
+    ),
+    "flipped codebook": (
+        lambda f: (f / compact.CODEBOOK).write_bytes((f / compact.CODEBOOK).read_bytes()[:-4] + bytes(4)),
+        r"codebook\.safetensors: sha256 differs from the header's \(the codebook is damaged or replaced\)",
+    ),
+    "records count": (
+        lambda f: _edit_json(f / compact.HEADER, records=31),
+        r"mimkit-tokens\.json: says 31 records; the shards hold 32",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("to", "case"),
+    [("seit", case) for case in SEIT_DAMAGE] + [("mimkit", case) for case in COMPACT_DAMAGE],
+)
+def test_verify_fails_on_every_damage_readers_refuse_with_their_words(
+    tmp_path: Path, token_cache: Path, capsys: pytest.CaptureFixture[str], to: str, case: str
+) -> None:
+    damage, match = (SEIT_DAMAGE if to == "seit" else COMPACT_DAMAGE)[case]
+    folder = tmp_path / "d"
+    dst = folder / "t-token.data.bin.gz" if to == "seit" else folder
+    write_tokens(dst, random_tokens(32, vocab=64, seed=30), np.arange(32) % 3, to=to, codebook=codebook(64))
+    assert verify(dst)["sound"] and main(["tokens", "verify", str(dst)]) == 0
+    damage(folder)
+    assert_refused_by_all(dst, match)
+    capsys.readouterr()
+    assert main(["tokens", "verify", str(dst)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("unreadable: ") and re.search(match, out)

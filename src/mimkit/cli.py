@@ -207,8 +207,11 @@ def _export(args: argparse.Namespace) -> int:
         f"  model.load_state_dict(safetensors.torch.load_file({spec['path']!r}))\n"
         f"  config = timm.data.resolve_data_config({{}}, model=model)  # mimkit's evaluation view\n"
         f"(model(x) is the run's k-NN feature, '{spec['pool']}'"
-        + ("; timm has no pooling before the final norm: it pools after it" if spec["pool"] == "mean_prenorm"
-           else "")
+        + (
+            "; timm has no pooling before the final norm: it pools after it"
+            if spec["pool"] == "mean_prenorm"
+            else ""
+        )
         + ")"
     )
     return 0
@@ -300,11 +303,13 @@ def _tokens(args: argparse.Namespace) -> int:
     elif args.action == "info":
         for key, value in result.items():
             print(f"{key:18s} {value}")
+    elif result["records"] is None:
+        print(f"unreadable: {result['bad_records'][0]['error']}")
     else:
         for bad in result["bad_records"]:
-            print(f"damaged: {bad}")
+            print(f"damaged: record {bad['record']}: {bad['error']}")
         print(f"{result['path']}: {result['records']} records, {result['ok']} good, {result['bad']} damaged")
-    return 1 if args.action == "verify" and result.get("bad") else 0
+    return 1 if args.action == "verify" and not result["sound"] else 0
 
 
 def recipe_summary(text: str) -> str:
@@ -552,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("src")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=_tokens)
-    t = tok.add_parser("verify", help="check every record (exit 1 if any is damaged)")
+    t = tok.add_parser(
+        "verify", help="read every record as training does (exit 1 on any damage a reader refuses)"
+    )
     t.add_argument("src")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=_tokens)

@@ -34,9 +34,9 @@ from mimkit.interop.load import load_method
 from mimkit.progress import progress as progress_bar
 from mimkit.runs.lock import RunLock
 from mimkit.runs.pretrain import pretrain_then
-from mimkit.tokens.base import codebook_signature, same_codebook, write_atomic
+from mimkit.tokens.base import TokenDataset, codebook_signature, same_codebook, write_atomic
 from mimkit.tokens.codebook import load_codebook
-from mimkit.tokens.compact import CompactWriter
+from mimkit.tokens.compact import HEADER, CompactWriter
 from mimkit.tokens.dataset import convert, open_tokens
 from mimkit.tokens.seit import check_seit_target
 from mimkit.tokens.tokenizer import (
@@ -76,7 +76,8 @@ def save_grid(images: torch.Tensor, png: Path | str, nrow: int) -> None:
     images = images.clamp(0, 1).float().cpu()
     scale = max(1, 96 // images.shape[-1])
     images = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
-    save_image(make_grid(images, nrow=nrow, padding=2, pad_value=1.0), png)
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    write_atomic(Path(png), lambda f: save_image(grid, f, format="png"))  # a full disk names the file
 
 
 def image_batches(
@@ -364,7 +365,9 @@ def tokenize(
         if to == "mimkit"
         else target.with_name(target.name.replace("-token.data.bin.gz", "-tokenize_report.json"))
     )
-    if to == "seit":  # before any work: the name, the vocabulary and the folder's codebook must fit
+    # a run killed after the SeiT files were renamed into place, before its shards were removed
+    converted = to == "seit" and target.exists() and (shards_dir / HEADER).is_file()
+    if to == "seit" and not converted:  # before any work: the name, vocabulary and folder's codebook fit
         check_seit_target(target, tokenizer.codebook().cpu(), tokenizer.vocab_size)
     with RunLock(shards_dir):
         for path in leftovers(shards_dir, target if to == "seit" else None):
@@ -424,7 +427,9 @@ def tokenize(
         bar.close()
         dataset = shards = writer.finish()
         seconds = time.time() - start
-        if to == "seit":
+        if converted:
+            dataset = converted_before(shards, target)
+        elif to == "seit":
             dataset = convert(shards_dir, target, to="seit")
         report = tokenize_report(dataset, data, source, tokenizer, loaded, view, dev, skipped, seconds)
         report["tokenized_now"] = tokenized_now  # 0: the dataset was complete already
@@ -434,6 +439,40 @@ def tokenize(
             shutil.rmtree(shards_dir)
     print(format_report(report, report_path), file=sys.stderr)
     return report
+
+
+def converted_before(shards: TokenDataset, target: Path) -> TokenDataset:
+    """The SeiT dataset an earlier run of the same tokenize wrote from these shards before it was
+    stopped (it renames the data file into place last, then removes the shards): checked record by
+    record, labels and codebook too, so that only that run's output is taken as done."""
+    try:
+        there = open_tokens(target, cache=False)
+        same = (
+            len(there) == len(shards)
+            and there.grid == shards.grid
+            and (there.labels is None) == (shards.labels is None)
+            and (there.labels is None or np.array_equal(there.labels, shards.labels))
+            and there.codebook is not None
+            and shards.codebook is not None
+            and torch.equal(there.codebook, shards.codebook)
+            and all(
+                np.array_equal(ids, there.read_many(np.arange(start, start + len(ids))))
+                for start, ids in shards.chunks()
+            )
+        )
+    except (ValueError, OSError) as err:
+        same, why = False, str(err)
+    else:
+        why = "other records"
+    if not same:
+        raise ValueError(
+            f"'{target}' already exists and is not what these shards ({target.name[: -len('.data.bin.gz')]}"
+            f".shards) convert to ({why}); remove it (and its index) or write to another name"
+        )
+    print(
+        f"note: {target} was written before the last run stopped; its shards are removed now", file=sys.stderr
+    )
+    return there
 
 
 SAMPLED_IMAGES = 64  # images whose pixels fingerprint a source for a resumed tokenize

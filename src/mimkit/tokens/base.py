@@ -4,7 +4,13 @@ both writers make."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
+import shutil
+import sys
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -119,6 +125,98 @@ def cache_dir() -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "mimkit") / "tokens"
 
 
+def cache_sidecar(cache: Path) -> Path:
+    """The small JSON file beside a decoded cache: its size and CRC-32, and what its format keeps there."""
+    return cache.with_name(cache.name + ".json")
+
+
+class _Summing:
+    """A file object that keeps the size and CRC-32 of what is written through it."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.size, self.crc = f, 0, 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        return self.f.write(data)
+
+
+def file_crc32(path: Path, block: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            crc = zlib.crc32(data, crc)
+    return crc
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 2**20 else f"{n / 2**20:.1f} MiB"
+
+
+def check_free_space(path: Path, need: int, what: str) -> None:
+    """Refuse, before the first byte, a file of ``need`` bytes that the disk holding ``path`` has no room
+    for: the same error a full disk gives, naming the file and both sizes."""
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("/"))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # unknown: the write itself will tell
+    if need > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: {what} needs {_size(need)}, its disk has {_size(free)} free",
+            str(path),
+        )
+
+
+def write_cache(
+    cache: Path, fill: Callable[[IO[bytes]], dict[str, Any] | None], size: int | None = None
+) -> dict[str, Any]:
+    """Write a decoded cache through :func:`write_atomic`, ``fill`` writing its bytes and returning what
+    the format keeps beside them; ``size``, the bytes it will take where the format knows it, is checked
+    against the disk's free space first. The sidecar (size, CRC-32 and that) is in place before the
+    cache is renamed into place, so a cache is never seen without it. Returns the sidecar's contents."""
+    if size is not None:
+        check_free_space(cache, size, "the decoded cache of this token dataset")
+    saved: dict[str, Any] = {}
+
+    def write(f: IO[bytes]) -> None:
+        summed = _Summing(f)
+        saved.update(fill(summed) or {})  # type: ignore[arg-type]
+        saved.update(bytes=summed.size, crc32=summed.crc)
+        text = json.dumps(saved)
+        write_atomic(cache_sidecar(cache), lambda g: g.write(text.encode()))
+
+    write_atomic(cache, write)
+    return saved
+
+
+def read_cache(cache: Path) -> dict[str, Any] | None:
+    """The sidecar of a sound cache file (its size and CRC-32 match the sidecar's), None when there is no
+    cache. A damaged cache - a byte changed on disk, a sidecar lost - is removed with a note, and None
+    returned, so the caller decodes it again: a cache is read only when it holds what was decoded."""
+    if not cache.is_file():
+        return None
+    try:
+        saved = json.loads(cache_sidecar(cache).read_text(encoding="utf-8"))
+        if saved["bytes"] == cache.stat().st_size and saved["crc32"] == file_crc32(cache):
+            return dict(saved)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    print(
+        f"note: {cache}: this decoded cache does not match its checksum (damaged on disk); decoding it again",
+        file=sys.stderr,
+    )
+    remove_cache(cache)
+    return None
+
+
+def remove_cache(cache: Path) -> None:
+    cache.unlink(missing_ok=True)
+    cache_sidecar(cache).unlink(missing_ok=True)
+
+
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Write ``path`` through a temporary file beside it, flushed to disk, then renamed into place, so a
     crash (or a second writer) never leaves a half-written file under the final name."""
@@ -222,6 +320,13 @@ def codebook_signature(codebook: torch.Tensor | np.ndarray) -> tuple[float, ...]
 
 def same_codebook(a: Sequence[float], b: Sequence[float]) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= SIGNATURE_TOLERANCE for x, y in zip(a, b, strict=True))
+
+
+def codebook_digest(codebook: torch.Tensor) -> str:
+    """sha256 of a codebook's float32 values and shape: what a dataset records of the table its ids index,
+    so that a table lost or replaced beside it is told (whatever file layout holds it)."""
+    table = codebook.detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(f"{tuple(table.shape)}".encode() + table.numpy().tobytes()).hexdigest()
 
 
 def check_codebook(codebook: torch.Tensor | np.ndarray | None, what: str) -> torch.Tensor | None:

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from mimkit.tokens.base import write_atomic
 
 __all__ = [
     "build_synonyms",
@@ -96,10 +98,11 @@ def save_codebook(codebook: torch.Tensor, path: str | Path) -> Path:
     codebook = _check_codebook(codebook, "codebook").detach().cpu().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        save_file({SAFETENSORS_KEY: codebook}, str(path))
+        data = save({SAFETENSORS_KEY: codebook})
+        write_atomic(path, lambda f: f.write(data))
     elif path.suffix in TORCH_SUFFIXES:
         # clone: saving a view would store its whole base storage
-        torch.save(codebook.clone(), path)
+        write_atomic(path, lambda f: torch.save(codebook.clone(), f))
     else:
         raise ValueError(
             f"{path}: unknown codebook file type (use {', '.join(TORCH_SUFFIXES)} or .safetensors)"
@@ -249,7 +252,8 @@ def save_synonyms(synonyms: dict[int, list[int]], path: str | Path) -> Path:
     path = Path(path)
     checked = _validate_synonyms(synonyms, None, "synonyms")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({str(code): ranked for code, ranked in checked.items()}))
+    text = json.dumps({str(code): ranked for code, ranked in checked.items()})
+    write_atomic(path, lambda f: f.write(text.encode()))
     return path
 
 

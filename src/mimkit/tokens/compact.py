@@ -67,8 +67,11 @@ from mimkit.tokens.base import (
     check_codebook,
     check_ids,
     check_labels,
+    read_cache,
     read_labels,
+    remove_cache,
     write_atomic,
+    write_cache,
 )
 from mimkit.tokens.codebook import load_codebook as read_codebook
 
@@ -96,7 +99,7 @@ FLAG_LABELS = 1
 ZSTD_LEVEL = 19
 BAD_CHECKSUM = "checksum mismatch (the bytes are damaged)"
 BAD_DECODE = "does not decode to one grid (damaged, or written by another codec)"
-CACHE_LAYOUT = "ids-npy-1"  # part of the cache key: a new cache layout never reads an old file
+CACHE_LAYOUT = "ids-npy-2"  # part of the cache key: a new cache layout never reads an old file
 CACHE_CHUNK = 4096  # records decoded and written to the cache at a time (bounded memory)
 CACHE_NOTICE_S = 2.0  # building the cache says so on stderr when it takes longer than this
 
@@ -566,11 +569,6 @@ def cache_path(key: str, name: str) -> Path:
     return cache_dir() / f"{name}-{key}.npy"
 
 
-def sidecar_path(cache: Path) -> Path:
-    """The damaged-record list that belongs to a cache file."""
-    return cache.with_name(cache.name[: -len(".npy")] + ".bad.json")
-
-
 def _npy_layout(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
     """(data offset, shape, dtype) of a C-ordered .npy file whose size matches its header."""
     with open(path, "rb") as f:
@@ -935,9 +933,10 @@ class CompactTokens(TokenDataset):
     256 codes) or uint16, [N, H, W], in .npy layout; every reading process memory-maps that one file, so
     ``read(i)`` is a copy out of the page cache. The file is keyed by the folder's absolute path, the
     header's sha256 and the size and mtime of the header, codec and every shard, so a changed dataset
-    gets a new one; it is written through a temporary and a rename. Records that fail their checksum
-    are listed in a sidecar ``.bad.json`` (written before the cache itself, so a cache is never seen
-    without it) and still raise :class:`TokenRecordError` naming the shard file and record.
+    gets a new one; it is written through a temporary and a rename. Its sidecar (``.npy.json``, written
+    before the cache itself, so a cache is never seen without it) holds the cache's size and CRC-32,
+    checked whenever it is opened (a cache damaged on disk is decoded again), and the records that
+    failed their checksum, which still raise :class:`TokenRecordError` naming the shard file and record.
     ``cache=False``: each ``read(i)`` decodes its record from the memory-mapped shards (random access,
     no cache file; what ``info`` and ``verify`` use)."""
 
@@ -1046,18 +1045,17 @@ class CompactTokens(TokenDataset):
     def _cached(self) -> dict[int, str]:
         """The damaged records listed beside a sound cache file, building both first when needed."""
         assert self.cache is not None
-        bad_path = sidecar_path(self.cache)
-        if self.cache.is_file() and bad_path.is_file():
+        saved = read_cache(self.cache)
+        if saved is not None:
             try:
                 _, shape, dtype = _npy_layout(self.cache)
-                listed = json.loads(bad_path.read_text(encoding="utf-8"))
                 if shape == (len(self), *self.grid) and dtype == self.dtype:
-                    return {int(i): str(why) for i, why in listed["bad"].items()}
+                    return {int(i): str(why) for i, why in saved["bad"].items()}
             except (OSError, ValueError, KeyError, AttributeError):
                 pass  # unreadable: made again below
-        return self._build_cache(bad_path)
+        return self._build_cache()
 
-    def _build_cache(self, bad_path: Path) -> dict[int, str]:
+    def _build_cache(self) -> dict[int, str]:
         """Decode every record (checksums verified) into the cache, a chunk of records at a time:
         entropy-decoded one by one, their ids looked up together, written straight to the temporary. A
         record that fails is written as zeros and listed in the sidecar, which is in place before the
@@ -1066,7 +1064,7 @@ class CompactTokens(TokenDataset):
         n, started, told = len(self), time.perf_counter(), False
         bad: dict[int, str] = {}
 
-        def write(f: IO[bytes]) -> None:
+        def fill(f: IO[bytes]) -> dict[str, Any]:
             nonlocal told
             header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False}
             np.lib.format.write_array_header_1_0(f, {**header, "shape": (n, *self.grid)})
@@ -1081,10 +1079,9 @@ class CompactTokens(TokenDataset):
                         file=sys.stderr,
                     )
                     told = True
-            listed = json.dumps({"records": n, "bad": {str(i): w for i, w in sorted(bad.items())}})
-            write_atomic(bad_path, lambda g: g.write(listed.encode()))
+            return {"records": n, "bad": {str(i): w for i, w in sorted(bad.items())}}
 
-        write_atomic(self.cache, write)
+        write_cache(self.cache, fill, size=n * math.prod(self.grid) * self.dtype.itemsize)
         return bad
 
     def _decode_range(self, lo: int, hi: int) -> tuple[np.ndarray, dict[int, str]]:
@@ -1115,8 +1112,7 @@ class CompactTokens(TokenDataset):
         cache is otherwise kept and never cleaned). Reading again decodes from the shards."""
         self.close()
         if self.cache is not None:
-            self.cache.unlink(missing_ok=True)
-            sidecar_path(self.cache).unlink(missing_ok=True)
+            remove_cache(self.cache)
             self.cache = None
         self._bad = {}
 
@@ -1187,79 +1183,3 @@ class CompactTokens(TokenDataset):
     def close(self) -> None:
         self._maps = [None] * len(self.shard_paths)
         self._ids = None
-
-
-# ----------------------------------------------------------------------------------------------------
-# verification
-
-
-def verify_compact(folder: Path) -> dict[str, Any]:
-    """Every shard and record of a mimkit folder checked, without stopping at the first bad one: header
-    (its fields, its grid and vocabulary against the codec's, its record count against the shards'),
-    codec and codebook hashes, each shard's size, trailer and footer, each record's CRC-32 and decoding.
-    A problem of a whole file is reported once (record None); the records it leaves unreadable (all of
-    them without a usable codec, a shard's when the shard is) are counted bad. Returns {"records": N,
-    "bad": the records damaged or unreadable, "problems": [{"record": i or None, "error": why}, ...]}."""
-    try:
-        header = read_header(folder)
-    except TokenRecordError as err:
-        return {"records": 0, "bad": 0, "problems": [{"record": None, "error": str(err)}]}
-    problems: list[dict[str, Any]] = []
-    records = sum(int(entry["records"]) for entry in header["shards"])
-    if records != header["records"]:
-        problems.append(
-            {
-                "record": None,
-                "error": f"{folder / HEADER}: says {header['records']} records; its shards hold {records}",
-            }
-        )
-    try:
-        coder = RankCoder.load(_checked(folder, header["codec"], "codec"))
-        mismatch = header_codec_problem(folder, header, coder)
-        if mismatch:
-            raise TokenRecordError(mismatch)
-    except TokenRecordError as err:  # no record can be read: nothing more to check
-        problems.append({"record": None, "error": str(err)})
-        return {"records": records, "bad": records, "problems": problems}
-    try:
-        cb = load_codebook(folder, header.get("codebook"))
-        if cb is not None and cb.shape[0] != header["vocab_size"]:
-            where = folder / header["codebook"]["file"]
-            raise TokenRecordError(
-                f"{where}: has {cb.shape[0]} rows; {HEADER} says vocab_size {header['vocab_size']}"
-            )
-    except TokenRecordError as err:
-        problems.append({"record": None, "error": str(err)})
-    bad = 0
-    first = 0
-    for k, entry in enumerate(header["shards"]):
-        path = folder / entry["file"]
-        n = int(entry["records"])
-        try:
-            if not path.is_file():
-                raise TokenRecordError(f"{path}: shard {k} is missing")
-            if path.stat().st_size != entry["bytes"]:
-                raise TokenRecordError(
-                    f"{path}: truncated or altered: {path.stat().st_size} bytes, the header says "
-                    f"{entry['bytes']}"
-                )
-            ix = read_shard_index(path)
-            if len(ix) != n:
-                raise TokenRecordError(f"{path}: holds {len(ix)} records, the header says {n}")
-        except TokenRecordError as err:
-            problems.append({"record": None, "error": f"{err} (records {first}..{first + n - 1} unreadable)"})
-            bad += n
-            first += n
-            continue
-        buf = np.fromfile(path, dtype=np.uint8)
-        for j in range(n):
-            rec = buf[ix.starts[j] : ix.ends[j]]
-            where = f"{path}: record {first + j} ({j} of this shard)"
-            if zlib.crc32(rec) != ix.crcs[j]:
-                problems.append({"record": first + j, "error": f"{where}: {BAD_CHECKSUM}"})
-                bad += 1
-            elif coder.decode_symbols(words(rec)) is None:
-                problems.append({"record": first + j, "error": f"{where}: does not decode to one grid"})
-                bad += 1
-        first += n
-    return {"records": records, "bad": bad, "problems": problems}

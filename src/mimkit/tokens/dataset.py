@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mimkit.tokens import compact, seit
-from mimkit.tokens.base import TokenDataset, TokenRecordError, check_codebook, check_labels
+from mimkit.tokens.base import CHUNK, TokenDataset, TokenRecordError, check_codebook, check_labels
 
 __all__ = [
     "TokenDataset",
@@ -116,8 +116,9 @@ def open_tokens(
     if kind == "mimkit-incomplete":
         n = len(compact.shard_files(where))
         raise ValueError(
-            f"{where}: an incomplete mimkit token dataset: {n} shard file(s) but no {compact.HEADER} "
-            "(the writer's finish() has not run; resume writing it)"
+            f"{where}: an incomplete mimkit token dataset: {n} shard file(s) but no {compact.HEADER}; the "
+            "command writing it stopped before the end. `mimkit tokenize` run again with the same arguments "
+            "resumes it; one `mimkit tokens convert` left must be removed and converted again"
         )
     return compact.CompactTokens(where, grid=grid, vocab_size=vocab_size, cache=cache)
 
@@ -336,28 +337,50 @@ def info(src: str | os.PathLike[str] | TokenDataset) -> dict[str, Any]:
 
 
 def verify(src: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check every record of a token dataset without stopping at the first damaged one. mimkit format:
-    the header against the codec and the shards, each shard's footer and each record's checksum and
-    decoding; SeiT: the gzip stream, the index against the stream, and that each record decodes to H*W
-    ids below the vocabulary size. Returns ``{format, path, records, ok, bad, bad_records: [{record,
-    error}, ...]}``: ``ok + bad == records``, ``bad`` counting the records found damaged or left
-    unreadable by a damaged file; ``bad_records`` lists problems of whole files first (``record`` None,
-    each once) and then the damaged records, at most MAX_LISTED in all. A sound dataset has an empty
-    ``bad_records``."""
+    """Check a token dataset the way training reads it, without stopping at the first damaged record: the
+    check is the readers' own (one check, not two). The dataset is opened as every reader opens it -
+    each file's checks: header, index, codec, codebook, labels, the whole SeiT stream - and what that
+    refuses makes the whole dataset unsound; then every record is read, each damaged one listed. Returns
+    ``{format, path, records, ok, bad, sound, bad_records: [{record, error}, ...]}``: ``sound`` is False
+    whenever a reader would refuse anything; ``records`` is None when the dataset cannot be opened at all
+    (then ``ok`` is 0); ``bad_records`` lists the problem of the whole dataset first (``record`` None) and
+    then the damaged records, at most MAX_LISTED in all."""
 
     p = Path(src).expanduser()
     layout = _layout(p)
-    if layout is None or layout[0] == "mimkit-incomplete":
+    if layout is None:
         open_tokens(p)  # raises the detection error with its explanation
     kind, where = layout  # type: ignore[misc]
-    found = seit.verify_seit(where) if kind == "seit" else compact.verify_compact(where)
-    records, bad = int(found["records"]), int(found["bad"])
-    listed = sorted(found["problems"], key=lambda b: b["record"] is not None)  # stable: files first
-    return {
-        "format": kind,
-        "path": str(where),
-        "records": records,
-        "ok": records - bad,
-        "bad": bad,
-        "bad_records": listed[:MAX_LISTED],
-    }
+    result: dict[str, Any] = {"format": kind.replace("-incomplete", ""), "path": str(where)}
+    try:
+        ds = open_tokens(where, cache=False)
+    except (TokenRecordError, ValueError, OSError) as err:
+        folder = where if where.is_dir() else where.parent
+        error = str(err) if str(folder) in str(err) else f"{where}: {err}"  # named by its file
+        return {
+            **result,
+            "records": None,
+            "ok": 0,
+            "bad": None,
+            "sound": False,
+            "bad_records": [{"record": None, "error": error}],
+        }
+    listed: list[dict[str, Any]] = []
+    bad = 0
+    with ds:
+        for start in range(0, len(ds), CHUNK):
+            chunk = range(start, min(start + CHUNK, len(ds)))
+            try:
+                ds.read_many(np.asarray(chunk))
+                continue
+            except TokenRecordError:
+                pass
+            for i in chunk:  # the chunk holds a damaged record: each read on its own
+                try:
+                    ds.read(i)
+                except TokenRecordError as err:
+                    bad += 1
+                    if len(listed) < MAX_LISTED:
+                        listed.append({"record": i, "error": str(err)})
+    n = len(ds)
+    return {**result, "records": n, "ok": n - bad, "bad": bad, "sound": bad == 0, "bad_records": listed}

@@ -15,8 +15,10 @@
   codebook for all its SeiT datasets (train and val): writing a dataset with another codebook into it is
   refused before anything is written (:func:`check_seit_target`).
 - optional ``NAME-class-to-id.json`` ({class name: id}, as the release's imagenet1k-class-to-id.json).
-- optional ``NAME-meta.json``, ours: the grid, vocabulary size and tokenizer description. The official
-  reader never opens it; we read it when present so that no information is lost in a conversion.
+- optional ``NAME-meta.json``, ours: the grid, vocabulary size, tokenizer description and a digest of the
+  codebook the ids index. The official reader never opens it; we read it when present so that no
+  information is lost in a conversion, and so that a ``codebook.ckpt`` lost or replaced beside the
+  dataset is refused rather than read.
 
 The writer refuses an existing ``NAME-token.data.bin.gz`` (as a mimkit folder that already holds a dataset
 is refused) unless it is given ``overwrite=True``, and renames the data file into place last, after the
@@ -24,8 +26,10 @@ index and the small files, so that a new dataset appears under its final name on
 
 Reading decompresses the stream once into a cache file (``$MIMKIT_CACHE/tokens``, default
 ``~/.cache/mimkit/tokens``) keyed by the .gz file's absolute path, size and mtime, written through a
-temporary file and a rename; every process (loader workers included) memory-maps that one file, so the
-page cache holds one copy rather than one per worker as the reference's in-memory bytes object does.
+temporary file and a rename, with its size and CRC-32 beside it (checked whenever it is opened, so a
+cache damaged on disk is decoded again, never read); every process (loader workers included)
+memory-maps that one file, so the page cache holds one copy rather than one per worker as the
+reference's in-memory bytes object does.
 With ``cache=False`` the stream is decompressed into the process's memory instead (no file is made).
 """
 
@@ -55,8 +59,12 @@ from mimkit.tokens.base import (
     check_codebook,
     check_ids,
     check_labels,
+    codebook_digest,
+    read_cache,
     read_labels,
+    remove_cache,
     write_atomic,
+    write_cache,
 )
 from mimkit.tokens.codebook import load_codebook as read_codebook
 
@@ -330,16 +338,16 @@ def _stream_error(gz: Path, damage: StreamDamage, offsets: np.ndarray) -> TokenR
 def cached_stream(gz: Path, offsets: np.ndarray) -> Path:
     """The decompressed stream of ``gz`` in the cache, made once (atomically) and reused after."""
     target = cache_path(gz)
-    if target.is_file():
+    if read_cache(target) is not None:
         return target
 
-    def write(f: IO[bytes]) -> None:
+    def fill(f: IO[bytes]) -> None:
         try:
             _decompress_to(gz, f)
         except StreamDamage as damage:
             raise _stream_error(gz, damage, offsets) from None
 
-    write_atomic(target, write)
+    write_cache(target, fill, size=int(offsets[-1]))  # the stream's length: the index's last offset
     return target
 
 
@@ -396,10 +404,10 @@ class SeitTokens(TokenDataset):
                 f"{len(self.labels)} labels (expected {len(self.labels) + 1} offsets); record {first} is the "
                 "first without a counterpart"
             )
-        self.codebook = load_codebook(self.folder / CODEBOOK)
+        saved = self._saved_meta()
+        self.codebook = self._recorded_codebook(saved.get("codebook_sha256"))
         self.classes = load_classes(sibling(self.path, CLASSES_SUFFIX))
         self.labels = read_labels(self.labels, self.classes, str(self.label_path))
-        saved = self._saved_meta()
         self.meta = saved.get("meta", {})
         self._buf: np.ndarray | None = None
         self._memory: np.ndarray | None = None  # the stream held in memory when cache=False
@@ -425,9 +433,42 @@ class SeitTokens(TokenDataset):
             return {}
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise TokenRecordError(f"{path}: not valid JSON ({err})") from err
-        return saved if isinstance(saved, dict) else {}
+        if not isinstance(saved, dict):
+            raise TokenRecordError(f"{path}: expected a JSON object")
+        grid, vocab = saved.get("grid"), saved.get("vocab_size")
+        if grid is not None and not (
+            isinstance(grid, list) and len(grid) == 2 and all(type(v) is int and v >= 0 for v in grid)
+        ):
+            raise TokenRecordError(f"{path}: 'grid' must be [H, W] (integers); got {grid!r}")
+        if vocab is not None and not (type(vocab) is int and 1 <= vocab <= DEFAULT_VOCAB):
+            raise TokenRecordError(
+                f"{path}: 'vocab_size' must be an integer in 1..{DEFAULT_VOCAB}; got {vocab!r}"
+            )
+        if saved.get("grid") == [0, 0]:  # what an empty dataset records
+            saved.pop("grid")
+        return saved
+
+    def _recorded_codebook(self, digest: str | None) -> torch.Tensor | None:
+        """The folder's ``codebook.ckpt``, checked against the digest our ``NAME-meta.json`` records of the
+        codebook the dataset was written with (SeiT's own files record none: nothing to check there)."""
+        path = self.folder / CODEBOOK
+        codebook = load_codebook(path)
+        if digest is None:
+            return codebook
+        meta = sibling(self.path, META_SUFFIX).name
+        if codebook is None:
+            raise TokenRecordError(
+                f"{path}: missing; {meta} says this dataset's ids index a codebook (sha256 {digest[:12]}...) "
+                "that belongs beside it"
+            )
+        if codebook_digest(codebook) != digest:
+            raise TokenRecordError(
+                f"{path}: not the codebook this dataset was written with ({meta} records sha256 "
+                f"{digest[:12]}..., the file holds {codebook_digest(codebook)[:12]}...): damaged or replaced"
+            )
+        return codebook
 
     def _vocab(self, given: int | None, saved: dict[str, Any]) -> int:
         if self.codebook is not None:
@@ -570,7 +611,7 @@ class SeitTokens(TokenDataset):
         Reading again decompresses the stream into memory."""
         self.close()
         if self.cache is not None:
-            self.cache.unlink(missing_ok=True)
+            remove_cache(self.cache)
             self.cache = None  # reading again decompresses into memory
 
 
@@ -765,7 +806,16 @@ class SeitWriter:
             write(classes_path, lambda f: f.write(mapping.encode()))
         else:
             classes_path.unlink(missing_ok=True)
-        saved = {"grid": list(self.grid or (0, 0)), "vocab_size": self.vocab_size, "meta": self.meta}
+        saved: dict[str, Any] = {
+            "grid": list(self.grid or (0, 0)),
+            "vocab_size": self.vocab_size,
+            "meta": self.meta,
+        }
+        written_with = (
+            self.codebook if self.codebook is not None else load_codebook(self.path.parent / CODEBOOK)
+        )
+        if written_with is not None:  # readers check the folder's codebook.ckpt against it
+            saved["codebook_sha256"] = codebook_digest(written_with)
         meta_text = json.dumps(saved, indent=1, sort_keys=True, default=str)
         write(sibling(self.path, META_SUFFIX), lambda f: f.write(meta_text.encode()))
 
@@ -804,115 +854,3 @@ def write_seit(
         writer.abort()
         raise
     return writer.finish()
-
-
-# ----------------------------------------------------------------------------------------------------
-# verification
-
-
-def verify_seit(data_path: Path) -> dict[str, Any]:
-    """Every record of a SeiT dataset checked, without stopping at the first bad one: the stream is
-    decompressed as far as it goes (where it fails is reported once, and the records that reach past that
-    byte are counted unreadable), the index is checked against it, and each record must decode to H*W ids
-    below the vocabulary size. Returns {"records": N, "bad": the records damaged or unreadable,
-    "problems": [{"record": i or None, "error": why}, ...]} (record None: a problem of a whole file)."""
-    problems: list[dict[str, Any]] = []
-    bad: set[int] = set()
-
-    def problem(record: int | None, why: str) -> None:
-        problems.append({"record": record, "error": why})
-        if record is not None:
-            bad.add(record)
-
-    idx_path = index_path(data_path)
-    try:
-        offsets = load_index(idx_path)
-    except (FileNotFoundError, TokenRecordError) as err:
-        return {"records": 0, "bad": 0, "problems": [{"record": None, "error": str(err)}]}
-    n = len(offsets) - 1
-    label_path = sibling(data_path, LABEL_SUFFIX)
-    try:
-        labels = load_labels(label_path)
-    except TokenRecordError as err:
-        problem(None, str(err))
-        labels = None
-    if labels is not None and len(labels) != n:
-        problem(None, f"{label_path}: {len(labels)} labels for the {n} records of {idx_path.name}")
-    try:
-        cb = load_codebook(data_path.parent / CODEBOOK)
-    except TokenRecordError as err:
-        problem(None, str(err))
-        cb = None
-    saved = _verified_meta(sibling(data_path, META_SUFFIX), problem)
-    vocab = int(cb.shape[0]) if cb is not None else int(saved.get("vocab_size") or DEFAULT_VOCAB)
-    grid = saved.get("grid")
-    cells = int(grid[0]) * int(grid[1]) if grid else None
-    # decompressed into a private temporary: the cache only ever holds whole streams
-    tmp = cache_dir() / f".verify-{os.getpid()}-{split_name(data_path)[1]}.bin"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    fails_at: int | None = None  # where the decompressed stream stops being trustworthy
-    try:
-        with open(tmp, "wb") as f:
-            try:
-                _decompress_to(data_path, f)
-            except StreamDamage as damage:
-                problem(None, str(_stream_error(data_path, damage, offsets)))
-                fails_at = damage.written
-        stream = np.fromfile(tmp, dtype=np.uint8)
-    finally:
-        tmp.unlink(missing_ok=True)
-    for _, why in index_problems(offsets, None if fails_at is not None else len(stream)):
-        problem(None, f"{idx_path}: {why}")
-    for i in range(n):
-        start, end = int(offsets[i]), int(offsets[i + 1])
-        where = f"{data_path}: record {i}"
-        if not 0 <= start <= end:
-            problem(i, f"{idx_path}: record {i}: offsets {start}..{end} run backwards")
-            continue
-        if fails_at is not None and end > fails_at:
-            problem(i, f"{where}: unreadable: bytes {start}..{end} reach past where the stream fails")
-            continue
-        if end > len(stream):
-            problem(i, f"{where}: lies past the end of the stream ({len(stream)} bytes)")
-            continue
-        try:
-            ids = decode_record(stream[start:end])
-        except ValueError as err:
-            problem(i, f"{where}: {err}")
-            continue
-        if cells is None:  # the first record decides, as when opening
-            side = math.isqrt(len(ids))
-            cells = len(ids) if len(ids) and side * side == len(ids) else -1
-        if len(ids) != cells:
-            expected = cells if cells > 0 else "a square number of"
-            problem(i, f"{where}: decodes to {len(ids)} ids, expected {expected}")
-        elif ids.max() >= vocab:
-            problem(i, f"{where}: holds id {int(ids.max())}, outside the vocabulary [0, {vocab})")
-    return {"records": n, "bad": len(bad), "problems": problems}
-
-
-def _verified_meta(path: Path, problem: Callable[[int | None, str], None]) -> dict[str, Any]:
-    """``NAME-meta.json``'s grid and vocab_size as far as they are sound (what is not is reported)."""
-    if not path.is_file():
-        return {}
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        problem(None, f"{path}: not valid JSON ({err})")
-        return {}
-    if not isinstance(saved, dict):
-        problem(None, f"{path}: expected a JSON object")
-        return {}
-    out: dict[str, Any] = {}
-    grid, vocab = saved.get("grid"), saved.get("vocab_size")
-    if grid is not None:
-        if isinstance(grid, list) and len(grid) == 2 and all(type(v) is int and v >= 0 for v in grid):
-            out["grid"] = grid if grid != [0, 0] else None
-        else:
-            problem(None, f"{path}: 'grid' must be [H, W] (integers); got {grid!r}")
-    if vocab is not None:
-        if type(vocab) is int and 1 <= vocab <= DEFAULT_VOCAB:
-            out["vocab_size"] = vocab
-        else:
-            problem(None, f"{path}: 'vocab_size' must be an integer in 1..{DEFAULT_VOCAB}; got {vocab!r}")
-    return out
