@@ -1,9 +1,9 @@
 """Storage of token datasets against pixels: bytes per image as raw pixels, PNG, JPEG (q90, q75), SeiT's
-format and ours (split into shards, codec tables and header); for both formats the one-time cost of
-their decoded cache and the records read per second on one core from it (``read(i)`` in a random order
-and ``read_many`` of 256), and ours decoded directly from its shards without a cache; entropy bounds of
-the tokens. Prints one JSON object. Speeds are best-of-N rounds that alternate between the formats, and
-are only as steady as the machine is idle.
+format and ours (split into shards and header); for both formats the one-time cost of their decoded
+cache (gunzip of SeiT's stream; zstd of our chunks) and the records read per second on one core from it
+(``read(i)`` in a random order and ``read_many`` of 256), and ours decoded directly from its shards
+without a cache; entropy bounds of the tokens. Prints one JSON object. Speeds are best-of-N rounds that
+alternate between the formats, and are only as steady as the machine is idle.
 
     python bench/storage.py --tokens runs/tok/cifar_part3          # a dataset our tokenizer wrote
     python bench/storage.py --proxy 5000                           # k-means proxy tokens (no tokenizer)
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mimkit.tokens.compact import CODEC, HEADER, TOP, CompactWriter
+from mimkit.tokens.compact import HEADER
 from mimkit.tokens.dataset import TokenDataset, open_tokens, write_tokens
 from mimkit.tokens.seit import DEFAULT_VOCAB as SEIT_VOCAB
 
@@ -175,17 +175,6 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="use the first N records/images only")
     parser.add_argument("--speed-records", type=int, default=5000, help="records timed per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--fit-records", type=int, default=20_000, help="records the mimkit codec is fitted on"
-    )
-    parser.add_argument(
-        "--fit-from",
-        choices=("spread", "first"),
-        default="spread",
-        help="fit on records spread over the data (as convert does) or the first ones (as tokenize does)",
-    )
-    parser.add_argument("--levels", type=int, help="mimkit coder levels (default: automatic)")
-    parser.add_argument("--top", type=int, default=TOP, help="mimkit coder list length")
     args = parser.parse_args()
 
     with np.load(args.images) as z:
@@ -224,20 +213,7 @@ def main() -> None:
             if vocab <= SEIT_VOCAB
             else None
         )
-        writer = CompactWriter(
-            folder / "mimkit", grid=ids.shape[1:], vocab_size=vocab, levels=args.levels, top=args.top
-        )
-        k = min(n, args.fit_records)
-        fit_rows = (
-            np.arange(k)
-            if args.fit_from == "first"
-            else np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
-        )
-        writer.fit(ids[fit_rows])
-        for k, start in enumerate(range(0, n, writer.shard_size)):
-            stop = start + writer.shard_size
-            writer.write_shard(k, ids[start:stop], None if labels is None else labels[start:stop])
-        ours = writer.finish()
+        ours = write_tokens(folder / "mimkit", ids, labels, vocab_size=vocab)
         ours.drop_cache()
         if seit is not None:
             seit.drop_cache()
@@ -247,7 +223,6 @@ def main() -> None:
         sizes["mimkit_shards"] = (
             sum(p.stat().st_size for p in ours.files() if p.name.startswith("shard-")) / n
         )
-        sizes["mimkit_codec_tables"] = (folder / "mimkit" / CODEC).stat().st_size / n
         sizes["mimkit_header"] = (folder / "mimkit" / HEADER).stat().st_size / n
         if given is not None:
             sizes[f"given_{given.format}_all_records"] = given.stored_bytes() / len(given)
@@ -255,16 +230,6 @@ def main() -> None:
         result["mimkit_to_seit"] = sizes["mimkit"] / sizes["seit"] if seit is not None else None
         result["mimkit_shards_to_seit"] = sizes["mimkit_shards"] / sizes["seit"] if seit is not None else None
         result["mimkit_codec"] = ours.header["codec"]
-        # coded bytes of the records the codec was fitted on and of the others (held out)
-        payload = (ours._rows[:, 1] - ours._rows[:, 0]).astype(np.float64)
-        in_fit = np.zeros(n, bool)
-        in_fit[fit_rows] = True
-        result["mimkit_fit"] = {
-            "records": int(in_fit.sum()),
-            "from": args.fit_from,
-            "payload_bytes_fit_records": float(payload[in_fit].mean()),
-            "payload_bytes_heldout_records": float(payload[~in_fit].mean()) if (~in_fit).any() else None,
-        }
         paths = {"seit": seit.path, "mimkit": ours.path} if seit is not None else {"mimkit": ours.path}
         result["cache_build_s_per_1000"] = cache_build_seconds(paths, args.rounds)
         timed = {name: open_tokens(path) for name, path in paths.items()}

@@ -22,6 +22,7 @@ from mimkit.eval.knn import knn_evaluate
 from mimkit.models.input_spec import InputSpec
 from mimkit.models.vit import ViTEncoder, build_encoder
 from mimkit.runs.tokenize import decode_grid, import_vitvqgan, tokenize, tokenizer_view, train_tokenizer
+from mimkit.tokens.compact import CompactWriter
 from mimkit.tokens.dataset import open_tokens
 from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, load_tokenizer, save_tokenizer
 from mimkit.tokens.vitvqgan import to_vitvqgan
@@ -158,25 +159,30 @@ def test_tokenize_demo_set_reads_back_the_encoded_ids_and_labels(tmp_path: Path,
     assert len(build_source(str(out))) == 300
 
 
-def test_tokenize_resumes_at_the_first_missing_shard(tmp_path: Path) -> None:
+def test_tokenize_resumes_at_the_first_missing_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tok = small_tokenizer(seed=2)
     tok.prune(torch.ones(64, dtype=torch.long))
     save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
     args = {"shard_size": 100, "batch_size": 50, "num_workers": 0, "max_images": 250, "progress": False}
-    tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "a"), **args)
-    full = open_tokens(tmp_path / "a")
-    shards = sorted(p for p in (tmp_path / "a").iterdir() if p.name.startswith("shard-"))
-    assert len(shards) == 3
-    # keep shard 0 only (a run killed after its first shard), then run again
-    for p in (tmp_path / "a").iterdir():
-        if (p.name.startswith("shard-") and p != shards[0]) or p.name in (
-            "mimkit-tokens.json",
-            "tokenize_report.json",
-        ):
-            p.unlink()
-    before = shards[0].stat().st_mtime_ns
-    tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "a"), **args)
-    assert shards[0].stat().st_mtime_ns == before  # not rewritten
+    tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "full"), **args)
+    full = open_tokens(tmp_path / "full")
+    write_shard = CompactWriter.write_shard
+
+    def killed_in_shard_1(self: CompactWriter, k: int, *rest: object) -> Path:
+        if k == 1:
+            raise KeyboardInterrupt  # a run stopped after its first shard
+        return write_shard(self, k, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(CompactWriter, "write_shard", killed_in_shard_1)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "a"), **args)
+    monkeypatch.undo()
+    shards = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name.startswith("shard-"))
+    assert shards == ["shard-00000.mtok"] and not (tmp_path / "a" / "mimkit-tokens.json").exists()
+    before = (tmp_path / "a" / "shard-00000.mtok").stat().st_mtime_ns
+    report = tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "a"), **args)
+    assert (tmp_path / "a" / "shard-00000.mtok").stat().st_mtime_ns == before  # not rewritten
+    assert report["tokenized_now"] == 150
     again = open_tokens(tmp_path / "a")
     assert len(again) == len(full) == 250
     assert all(np.array_equal(again.read(i), full.read(i)) for i in range(250))

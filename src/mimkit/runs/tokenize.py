@@ -53,7 +53,6 @@ from mimkit.tokens.vitvqgan import load_vitvqgan
 from mimkit.train.log import write_json
 
 SAMPLE_IMAGES = 256  # reconstruction PSNR and the decoded grid are measured on this many images
-FIT_IMAGES = 10_000  # mimkit's format fits its tables on this many images, spread over the source
 
 
 class OnDevice(NamedTuple):
@@ -389,15 +388,6 @@ def tokenize(
             shard_size=shard_size,
         )
         n_shards = -(-len(source) // shard_size)
-        if not writer.fitted:  # the codec's tables, from images spread over the whole source
-            pick = np.unique(np.linspace(0, len(source) - 1, min(len(source), FIT_IMAGES)).astype(int))
-            sample = [
-                tokenizer.encode(batch["image"].to(dev)).cpu().numpy()
-                for batch in image_batches(
-                    Subset(source, pick), view, batch_size=batch_size, num_workers=num_workers
-                )
-            ]
-            writer.fit(np.concatenate(sample) if sample else np.zeros((0, grid, grid), np.int64))
         done = set(writer.done_shards())
         skipped: list[str] = []
         start = time.time()

@@ -38,8 +38,6 @@ __all__ = [
 ]
 
 FORMATS = ("seit", "mimkit")
-# convert/write_tokens fit the compact coder on at most this many records (spread over the dataset)
-FIT_RECORDS = 20_000
 # verify lists at most this many damaged records (their total count is always given)
 MAX_LISTED = 1000
 
@@ -71,7 +69,11 @@ def _layout(path: Path) -> tuple[str, Path] | None:
         if len(found) > 1:
             names = ", ".join(p.name for p in found)
             raise ValueError(f"{path}: holds {len(found)} SeiT token files ({names}); name one of them")
-        if compact.shard_files(path) or (path / compact.CODEC).is_file():
+        if (
+            compact.shard_files(path)
+            or (path / compact.WRITING).is_file()
+            or (path / compact.OLD_CODEC).is_file()
+        ):
             return "mimkit-incomplete", path
         return None
     prefixed = path.with_name(path.name + seit.DATA_SUFFIX)
@@ -149,7 +151,7 @@ def _fresh_folder(dst: str | os.PathLike[str]) -> None:
 
     p = Path(dst).expanduser()
     if p.is_dir() and (
-        (p / compact.HEADER).exists() or (p / compact.CODEC).exists() or compact.shard_files(p)
+        (p / compact.HEADER).exists() or (p / compact.WRITING).exists() or compact.shard_files(p)
     ):
         raise ValueError(
             f"{p}: already holds a mimkit token dataset (or part of one); remove it or choose another folder"
@@ -168,7 +170,7 @@ class _Undo:
 
     def __call__(self) -> None:
 
-        ours = {compact.HEADER, compact.CODEC, compact.WRITING, compact.CODEBOOK}
+        ours = {compact.HEADER, compact.WRITING, compact.CODEBOOK}
         if self.folder.is_dir():
             for p in set(self.folder.iterdir()) - self.before:
                 if p.is_file() and (p.name in ours or compact.SHARD_RE.fullmatch(p.name)):
@@ -178,13 +180,6 @@ class _Undo:
                 folder.rmdir()
             except OSError:
                 break  # not empty (or gone): leave it and the folders above
-
-
-def _fit_sample(n: int, limit: int = FIT_RECORDS) -> np.ndarray:
-    """Record indices to fit the compact coder on: all of them, or ``limit`` spread evenly."""
-    if n <= limit:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
 
 
 def write_tokens(
@@ -235,7 +230,6 @@ def write_tokens(
             meta=meta,
             shard_size=shard_size or compact.SHARD_SIZE,
         )
-        writer.fit(ids[_fit_sample(len(ids))])
         for k, start in enumerate(range(0, len(ids), writer.shard_size)):
             stop = start + writer.shard_size
             writer.write_shard(k, ids[start:stop], None if labels is None else labels[start:stop])
@@ -278,7 +272,6 @@ def convert(
     undo = _Undo(dst)
     try:
         cwriter = compact.CompactWriter(dst, shard_size=shard_size or compact.SHARD_SIZE, **common)
-        cwriter.fit(source.read_many(_fit_sample(len(source))))
         size = cwriter.shard_size
         for k, start in enumerate(range(0, len(source), size)):
             stop = min(start + size, len(source))
