@@ -125,8 +125,7 @@ def test_clip_grad_must_be_positive_or_null_and_is_applied_at_its_value(tiny, mo
     )
     cfg = tiny("optim.clip_grad=0.5")
     trainer = Trainer(build_method(cfg), cfg, init_distributed("cpu"), cfg.run.out)
-    trainer.micro_step({"image": torch.randn(8, 3, 16, 16)}, boundary=True)
-    trainer.optimizer_step(progress=0.0)
+    trainer.train_step([{"image": torch.randn(8, 3, 16, 16)}], progress=0.0)
     assert seen == [0.5]
 
 

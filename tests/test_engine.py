@@ -221,11 +221,11 @@ class Exploding(Trainable):
             return type(out)(out.loss * float("nan"), out.metrics)
         return out
 
-    def before_step(self, progress, valid=None):
-        self.method.before_step(progress, valid)
+    def before_step(self, progress):
+        self.method.before_step(progress)
 
-    def after_step(self, progress, valid=None):
-        self.method.after_step(progress, valid)
+    def after_step(self, progress):
+        self.method.after_step(progress)
 
 
 SYNC = {"step": ["run.host_sync=step"], "log": ["run.host_sync=log", "optim.fused=true"]}
@@ -366,9 +366,7 @@ def test_host_sync_log_steps_never_wait_for_the_device(tiny, tmp_path, method):
     batch.pop("skipped")
     for step in range(3):
         with Recorder():
-            trainer.start_step(progress=step / 10)
-            trainer.micro_step(batch, boundary=True)
-            trainer.optimizer_step(progress=step / 10)
+            trainer.train_step([batch], progress=step / 10)
     assert trainer.step == 3 and waits == []
 
 

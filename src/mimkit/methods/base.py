@@ -41,16 +41,15 @@ class Trainable(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         raise NotImplementedError
 
-    def before_step(self, progress: float, valid: torch.Tensor | None = None) -> None:
+    def before_step(self, progress: float) -> None:
         """Called before the first micro-batch of every optimizer step with the fraction of training done
         (data iterations / total); schedules that the loss reads, and teachers that move before the
-        step (Latent MIM), are set here. ``valid``: see :meth:`after_step`."""
+        step (Latent MIM), are set here."""
 
-    def after_step(self, progress: float, valid: torch.Tensor | None = None) -> None:
-        """Called after every optimizer step with the fraction of training done; EMA teachers move here.
-        ``valid`` is a 0-dim float on the device, 0.0 from the first step whose loss was not finite on
-        (the engine may read that mark only at the next log step, and skips the optimizer's updates until
-        then): state moved here, outside the optimizer, must then stand still (None: always valid)."""
+    def after_step(self, progress: float) -> None:
+        """Called after every optimizer step with the fraction of training done; EMA teachers move here
+        (an :class:`EMATeacher` stands still after a step the engine found not finite on its own: the
+        engine's guard holds its validity)."""
 
     def no_weight_decay_names(self, decay_tokens: bool) -> set[str]:
         """Full names of parameters excluded from weight decay beyond 1-D tensors and biases."""
@@ -127,13 +126,13 @@ class MomentumMethod(Method):
     def init_teacher(self, base_momentum: float, *, include_buffers: bool = True) -> None:
         self.teacher = EMATeacher(self.online(), base_momentum, include_buffers=include_buffers)
 
-    def before_step(self, progress: float, valid: torch.Tensor | None = None) -> None:
+    def before_step(self, progress: float) -> None:
         if self.teacher_moves == "before":
-            self.teacher.update(self.online(), progress, valid=valid)
+            self.teacher.update(self.online(), progress)
 
-    def after_step(self, progress: float, valid: torch.Tensor | None = None) -> None:
+    def after_step(self, progress: float) -> None:
         if self.teacher_moves == "after":
-            self.teacher.update(self.online(), progress, valid=valid)
+            self.teacher.update(self.online(), progress)
 
     def encoders(self) -> dict[str, ViTEncoder]:
         return {"student": self.encoder, "teacher": self.teacher.module.encoder}

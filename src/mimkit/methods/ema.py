@@ -35,6 +35,11 @@ class EMATeacher(nn.Module):
         # the momentum of the latest update, for logging; a tensor so that compiled forwards that read it
         # are not specialised to its value
         self.register_buffer("momentum", torch.tensor(float(base_momentum)), persistent=False)
+        # set by the training engine's non-finite guard: a 0-dim float on the device, 0.0 from the first
+        # step found not finite (not yet read by the host) on, that stops the teacher without a host sync;
+        # and, host side, ``hold`` for a step whose move was already made on these weights
+        self.valid: torch.Tensor | None = None
+        self.hold = False
 
     def train(self, mode: bool = True) -> EMATeacher:
         super().train(mode)
@@ -58,9 +63,13 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def update(self, student: nn.Module, progress: float = 0.0, valid: torch.Tensor | None = None) -> float:
         """Move towards ``student`` with the momentum of the cosine schedule at ``progress``; returns it.
-        ``valid`` (a 0-dim float on the device, see :meth:`Trainable.after_step`) at 0.0 leaves the teacher
-        as it is, with no host sync."""
+        ``valid`` (a 0-dim float on the device; by default the engine's, see :attr:`valid`) at 0.0 leaves
+        the teacher as it is, with no host sync."""
         m = cosine_momentum(self.base_momentum, progress) if self.cosine else self.base_momentum
+        if self.hold:
+            self.momentum.fill_(m)
+            return m
+        valid = self.valid if valid is None else valid
         teacher_params, student_params, buffers = self._pairs(student)
         if valid is None:
             torch._foreach_lerp_(teacher_params, student_params, 1.0 - m)

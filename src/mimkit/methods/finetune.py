@@ -187,9 +187,9 @@ class FineTune(Trainable):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
         return StepOutput(loss, {"train_acc": (logits.argmax(1) == labels).float().mean()})
 
-    def after_step(self, progress: float, valid: torch.Tensor | None = None) -> None:
+    def after_step(self, progress: float) -> None:
         if self.ema is not None:
-            self.ema.update(self.model, valid=valid)
+            self.ema.update(self.model)
 
     def param_groups(self, weight_decay: float, decay_tokens: bool = False) -> list[dict]:
         """timm's layer-decay groups: stem (cls, positions, patch embedding) id 0, block i -> i + 1, the

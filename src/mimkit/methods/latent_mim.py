@@ -204,11 +204,11 @@ class LatentMIM(MomentumMethod):
             noise=MaskNoise(self.encoder.num_patches),
         )
 
-    def before_step(self, progress: float, valid: torch.Tensor | None = None) -> None:
+    def before_step(self, progress: float) -> None:
         """The reference moves the target encoder inside forward, on the first micro-batch of each optimizer
         step, before computing targets (so with the weights of the step before), and reads the similarity
         target at the same point; this is that point."""
-        super().before_step(progress, valid)
+        super().before_step(progress)
         self.sim_target.fill_(cosine_decay(self.cfg.sim_init, self.cfg.sim_end, progress))
 
     def forward(self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> StepOutput:

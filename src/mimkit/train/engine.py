@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,55 +17,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mimkit import checkpoint
-from mimkit.configs import Config, diff, to_dict
+from mimkit.configs import Config
 from mimkit.data.loader import EpochSampler, ViewDataset, close_loader, make_loader
-from mimkit.distributed import (
-    DistEnv,
-    all_gather_rows,
-    all_reduce_max,
-    broadcast_flag,
-    gather_objects,
-    max_over_ranks,
-)
-from mimkit.methods.base import Trainable
+from mimkit.distributed import DistEnv, all_gather_rows, broadcast_flag, gather_objects, max_over_ranks
+from mimkit.methods.base import StepOutput, Trainable
 from mimkit.methods.ema import EMATeacher
+from mimkit.train.guard import NonFiniteGuard, NonFiniteLoss, all_finite, optimizer_tensors
 from mimkit.train.log import RunLogger
 from mimkit.train.optim import build_optimizers, effective_batch, lr_at, resolve_lr
+from mimkit.train.signals import RunInterrupted, StopSignals, interrupted
+from mimkit.train.state import resume_training, training_state
 
-# settings that may change when a run is resumed (they do not change what is being trained)
-RESUMABLE_CHANGES = ("run.", "eval.", "data.num_workers", "data.normalize", "recipe")
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss or its gradients, or the weights after an optimizer step, became NaN or inf; the message
-    gives the step and the last good checkpoint. A checkpoint with non-finite weights is never written."""
-
-
-class RunInterrupted(RuntimeError):
-    """SIGINT or SIGTERM stopped the run at a step boundary, after saving; ``signal`` is the number."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signal = signum
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@torch.no_grad()
-def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """A device-side boolean: whether every entry of every tensor is finite (no host sync). The max-abs
-    norm of each tensor is inf or NaN exactly when the tensor holds one (a 2-norm would overflow on large
-    finite weights); ``_foreach_norm`` is the multi-tensor kernel torch's own gradient clipping uses."""
-    if not tensors:
-        return torch.ones((), dtype=torch.bool)
-    norms = torch._foreach_norm(tensors, float("inf"))
-    return torch.isfinite(torch.stack(norms)).all()
-
-
-def optimizer_tensors(states: Any) -> list[torch.Tensor]:
-    """The float tensors of an optimizer's per-parameter states (AdamW's moments and step counts)."""
-    return [t for entry in states for t in entry.values() if torch.is_tensor(t) and t.is_floating_point()]
+__all__ = ["NonFiniteLoss", "RunInterrupted", "Trainer", "all_finite", "autocast_dtype"]
 
 
 def fused_adamw(optimizer: torch.optim.Optimizer) -> bool:
@@ -172,37 +133,85 @@ class Trainer:
             self.model = self.module
         self.forward = torch.compile(self.model, mode=cfg.run.compile_mode) if cfg.run.compile else self.model
         self.host_sync = resolve_host_sync(cfg.run.host_sync, self.optimizers, self.precision)
+        self.guard = NonFiniteGuard(self.module, env, self.host_sync)
+        self.signals = StopSignals(announce=env.is_main)
         self.epoch = 0  # epochs completed
         self.iter = 0  # micro-batches done in the current epoch
         self.step = 0  # optimizer steps done
         self.skipped: set[str] = set()  # unreadable images met by this rank, one message per file
         # what earlier sessions of this run did, so that summaries count the whole run
         self.totals = {"images_seen": 0, "seconds": 0.0, "sessions": 0}
-        self._nonfinite = torch.zeros((), dtype=torch.bool, device=env.device)  # a loss of this step
-        # on the device until the host reads them (check_health): the number of the first optimizer step
-        # whose loss or gradients were not finite, and of the first update that left the weights or the
-        # optimizer state non-finite (-1: none)
-        self._first_bad_loss = torch.full((), -1, dtype=torch.long, device=env.device)
-        self._first_bad_state = torch.full((), -1, dtype=torch.long, device=env.device)
-        # (epoch, micro-batch, RNG states) at the start of each step not yet read, to rewind to a bad one
-        self._step_starts: dict[int, tuple[int, int, dict]] = {}
-        # the step whose before_step already ran on the weights this run resumed from, or was rewound to
-        # (a teacher that moves before the step must not move twice for it)
-        self._before_step_done: int | None = None
-        self._buffers_before = [b.detach().clone() for b in self.module.buffers()]
-        self._stop_signal = 0  # set by the signal handler, acted on at a step boundary
-        self._stop_now = 0  # the signal every rank agreed to stop on after the current step (0: none)
         self.last_saved: tuple[Path, int] | None = None  # the last good checkpoint and its step
         self._session: _Session | None = None  # the fit() in progress
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_count = 0
 
     # ---- one step -----------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict[str, Any]], progress: float) -> None:
+        """One optimizer step over ``optim.accum_iter`` micro-batches, in the order it happens.
+        ``progress``: the fraction of training's data iterations done, which schedules read."""
+        number = self.step + 1
+        # 1. where a rewind would start; the method's schedules, and a teacher that moves first
+        self.guard.start_step(number, self.epoch, self.iter)
+        with self.guard.before_step_hooks(number):
+            self.module.before_step(progress)
+        # 2. views on the device, forward, backward; gradients averaged over the micro-batches
+        for k, batch in enumerate(micro_batches):
+            batch = self.device_batch(batch)
+            with self.gradient_sync(last=k == len(micro_batches) - 1):
+                with self.autocast():
+                    out = self.forward(batch)
+                self.scaler.scale(out.loss / self.cfg.optim.accum_iter).backward()
+            self.guard.mark_loss(out.loss)
+            self.add_metrics(out)
+            self.iter += 1
+        # 3. a loss or gradient that is not finite marks the step bad: read now (host_sync=step) or at
+        # the next log step, and never applied
+        self.guard.mark_gradients(
+            number, (p.grad for p in self.module.parameters()), self.scaler.is_enabled()
+        )
+        if self.host_sync == "step":
+            self.check_health()
+        elif not self.env.enabled:
+            self.signals.agreed = self.signals.requested  # host-side: no sync to agree with itself
+        # 4. clip, update (a marked step's update is skipped on the device), then the teacher
+        if self.cfg.optim.clip_grad:
+            for optimizer in self.optimizers.values():
+                self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.clip_grad)
+        for optimizer in self.optimizers.values():
+            self.guard.skip_if_bad(optimizer)
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        self.zero_grad()
+        self.guard.mark_update(number, self._trained_state())
+        self.step += 1
+        self.module.after_step(progress)
+
+    def device_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A loader batch on the device, through the method's device-side stage."""
+        batch = to_device(batch, self.env.device)
+        if self.batch_transform is not None:
+            with torch.no_grad():
+                batch = self.batch_transform(batch)
+        return batch
+
+    def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP averages gradients over the ranks at the last micro-batch of a step only."""
+        return contextlib.nullcontext() if last or not self.env.enabled else self.model.no_sync()
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             return torch.autocast(self.env.device.type, dtype=dtype)
         return contextlib.nullcontext()
+
+    def add_metrics(self, out: StepOutput) -> None:
+        """Summed on the device; averaged and read at the next log step (no host sync per step)."""
+        metrics = {"loss": out.loss.detach().float(), **{k: v.float() for k, v in out.metrics.items()}}
+        for key, value in metrics.items():
+            self._metric_sums[key] = self._metric_sums.get(key, 0) + value
+        self._metric_count += 1
 
     def set_lr(self, lr: float) -> None:
         for optimizer in self.optimizers.values():
@@ -213,110 +222,24 @@ class Trainer:
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
 
-    def start_step(self, progress: float) -> None:
-        """Before the first micro-batch of an optimizer step: the method's own schedules (and teachers that
-        move before the step) read ``progress``, the fraction of data iterations done."""
-        number = self.step + 1
-        self._step_starts[number] = (self.epoch, self.iter, checkpoint.rng_state())
-        valid = self._valid()
-        if self._before_step_done == number:  # resumed after this step's before_step had run: not again
-            self.module.before_step(progress, valid=torch.zeros_like(valid))
-        else:
-            self.module.before_step(progress, valid=self._hook_valid(valid))
-        self._before_step_done = None
-        # buffers move in the forward (BatchNorm statistics of a head): kept as they were at the start of
-        # the first bad step, to be put back with the rest of that state
-        for buffer, before in zip(self.module.buffers(), self._buffers_before, strict=True):
-            before.copy_(torch.where(valid.bool(), buffer, before))
-
-    def _hook_valid(self, valid: torch.Tensor) -> torch.Tensor | None:
-        """What the method's hooks get: with host_sync=step no bad step survives to them (None: the plain
-        update); with log the device's mark."""
-        return valid if self.host_sync == "log" else None
-
-    def _valid(self) -> torch.Tensor:
-        """1.0 on the device while no step of this run was found not finite, else 0.0: what the method's
-        hooks move outside the optimizer (EMA teachers) is scaled by it."""
-        return (self._first_bad_loss < 0).float()
-
-    def micro_step(self, batch: dict[str, Any], *, boundary: bool) -> None:
-        """Forward and backward of one micro-batch; gradients are averaged over accum_iter micro-batches."""
-        if self.batch_transform is not None:
-            with torch.no_grad():
-                batch = self.batch_transform(batch)
-        sync = contextlib.nullcontext() if boundary or not self.env.enabled else self.model.no_sync()
-        with sync:
-            with self.autocast():
-                out = self.forward(batch)
-            self.scaler.scale(out.loss / self.cfg.optim.accum_iter).backward()
-        self._nonfinite |= ~torch.isfinite(out.loss.detach())
-        metrics = {"loss": out.loss.detach().float(), **{k: v.float() for k, v in out.metrics.items()}}
-        for key, value in metrics.items():
-            self._metric_sums[key] = self._metric_sums.get(key, 0) + value
-        self._metric_count += 1
-
-    def optimizer_step(self, progress: float) -> None:
-        """Apply the accumulated gradients, never a spoiled update. A loss or gradient of this step that
-        is not finite marks the step bad on the device. With ``run.host_sync=step`` the host reads the
-        marks now (one sync per step) and stops before updating; with ``log`` it reads them at the next
-        log step or save, and until then fused AdamW skips every update on the device (``found_inf``) and
-        EMA teachers stand still, so the weights stay those from before the bad step."""
-        number = self.step + 1
-        bad = self._nonfinite
-        if not self.scaler.is_enabled():
-            # an inf gradient from a finite loss would spoil the update (fp16's scaler skips those itself)
-            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            bad = bad | ~all_finite(grads)
-        if self.env.enabled and self.host_sync == "log":
-            bad = all_reduce_max(bad.to(torch.int32), self.env).bool()  # queued on the device, no wait
-        self._first_bad_loss = torch.where(bad & (self._first_bad_loss < 0), number, self._first_bad_loss)
-        self._nonfinite = torch.zeros_like(self._nonfinite)
-        if self.host_sync == "step":
-            self.check_health()
-        elif not self.env.enabled:
-            self._stop_now = self._stop_signal  # host-side: no sync needed to agree with itself
-        if self.cfg.optim.clip_grad:
-            for optimizer in self.optimizers.values():
-                self.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.clip_grad)
-        valid = self._valid()
-        for optimizer in self.optimizers.values():
-            if self.host_sync == "log":
-                optimizer.found_inf = 1.0 - valid  # the fused kernel skips the update (and its step count)
-            self.scaler.step(optimizer)
-        self.scaler.update()
-        self.zero_grad()
-        # a finite but huge gradient can still overflow the update (AdamW's second moment first: the
-        # weights then stop moving rather than turn NaN): marked on the device, read with the rest
-        spoiled = ~all_finite(self._trained_state()) & (self._first_bad_state < 0)
-        self._first_bad_state = torch.where(spoiled, number, self._first_bad_state)
-        self.step += 1
-        self.module.after_step(progress, valid=self._hook_valid(valid))
-
     def check_health(self) -> None:
-        """Read the device's marks (one host sync; every rank gets the same answer). An update that left
+        """Read the guard's marks (one host sync; every rank gets the same answer). An update that left
         non-finite state stops the run unsaved, naming the last good checkpoint. A step whose loss or
-        gradients were not finite was never applied, nor any after it: the counters go back to its start,
-        the weights from before it are saved and the run stops. A stop signal on any rank is noted for the
-        next step boundary."""
-        flags = torch.stack([self._first_bad_loss, self._first_bad_state])
+        gradients were not finite was never applied, nor any after it: the run goes back to its start,
+        saves the weights from before it and stops. A stop signal on any rank is agreed on here."""
+        flags = self.guard.marks()
         if self.env.enabled:
             # a signal may reach only some ranks: the largest signal number wins on all of them
-            flags = torch.cat([flags, flags.new_full((1,), self._stop_signal)])
-            bad_loss, bad_state, self._stop_now = max_over_ranks(flags, self.env)
+            flags = torch.cat([flags, flags.new_full((1,), self.signals.requested)])
+            bad_loss, bad_state, self.signals.agreed = max_over_ranks(flags, self.env)
         else:
-            (bad_loss, bad_state), self._stop_now = flags.tolist(), self._stop_signal
+            (bad_loss, bad_state), self.signals.agreed = flags.tolist(), self.signals.requested
         if bad_state >= 0:
             raise self._spoiled_weights_error(bad_state)
         if bad_loss >= 0:
             later = self.step - bad_loss
-            self.epoch, self.iter, rng = self._step_starts[bad_loss]
+            self.epoch, self.iter = self.guard.rewind(bad_loss)
             self.step = bad_loss - 1
-            self._first_bad_loss.fill_(-1)  # what is left is the state before the bad step: saved below
-            for buffer, before in zip(self.module.buffers(), self._buffers_before, strict=True):
-                buffer.copy_(before)
-            checkpoint.set_rng_state(rng)
-            self._before_step_done = bad_loss
             self.zero_grad()
             path = self.save()
             skipped = f" (the {later} steps after it were not applied either)" if later > 0 else ""
@@ -325,7 +248,7 @@ class Trainer:
                 f"{self.iter}){skipped}; the weights before it are saved in {path}. Resume with --resume "
                 f"{path} after lowering the learning rate, raising warmup or switching run.precision."
             )
-        self._step_starts = {k: v for k, v in self._step_starts.items() if k > self.step}
+        self.guard.forget_before(self.step)
 
     def _trained_state(self) -> list[torch.Tensor]:
         states = [state for optimizer in self.optimizers.values() for state in optimizer.state.values()]
@@ -344,36 +267,9 @@ class Trainer:
             "setting optim.clip_grad."
         )
 
-    # ---- checkpoints --------------------------------------------------------------------------------
+    # ---- checkpoints (train/state.py) ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items() if k != "main"},
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "iter": self.iter,
-            # the data position: samples of the current epoch that all ranks took together, which a run on
-            # another number of processes or per-device batch resumes from
-            "epoch_samples": self.epoch_samples(),
-            "step": self.step,
-            "config": to_dict(self.cfg),
-            "rng": gather_objects(checkpoint.rng_state(), self.env),
-            "skipped": sorted(set().union(*gather_objects(self.skipped, self.env))),
-            "totals": self.run_totals(),
-        }
-        if self._before_step_done is not None:
-            state["before_step_done"] = self._before_step_done
-        # what the trained model takes (a method's ``input_spec()``, a probe's ``encoder``, a fine-tune's
-        # ``model``), so that whoever reads the checkpoint feeds it the input it was trained on, not a
-        # config's guess
-        stated = getattr(self.module, "input_spec", None)
-        spec = stated() if callable(stated) else None
-        for name in ("encoder", "model"):
-            spec = spec or getattr(getattr(self.module, name, None), "input_spec", None)
-        if spec is not None:
-            state["input_spec"] = spec.to_dict()
-        return state
+        return training_state(self)
 
     def save(self, name: str = "last.pt") -> Path:
         """Every rank must call this together (RNG states are gathered); rank 0 writes. Weights that are
@@ -387,69 +283,11 @@ class Trainer:
         return path
 
     def resume(self, path: str | Path) -> None:
-        state = checkpoint.load(path)
-        changed = diff(state["config"], to_dict(self.cfg))
-        fatal = {k: v for k, v in changed.items() if k.startswith(("model.", "method."))}
-        if fatal:
-            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in fatal.items())
-            raise ValueError(
-                f"cannot resume {path}: it was trained with a different model or method ({listed}). "
-                "Use --out for a new run, or --resume none to start over here."
-            )
-        noted = {k: v for k, v in changed.items() if not k.startswith(RESUMABLE_CHANGES)}
-        if noted and self.env.is_main:
-            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in noted.items())
-            print(f"note: resuming {path} with changed settings: {listed}", file=sys.stderr)
-        floats = [t for t in state["model"].values() if t.is_floating_point()]
-        saved_states = [state["optimizer"], *state.get("optimizers", {}).values()]
-        moments = optimizer_tensors(entry for saved in saved_states for entry in saved["state"].values())
-        if not bool(all_finite(floats + moments)):
-            raise checkpoint.CheckpointError(
-                f"{path}: holds non-finite weights or optimizer state; resume from an earlier checkpoint or "
-                "start over with --resume none"
-            )
-        position = self._resumed_iter(state, path)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for name, saved in state.get("optimizers", {}).items():
-            self.optimizers[name].load_state_dict(saved)
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.iter, self.step = state["epoch"], position, state["step"]
-        self.skipped = set(state.get("skipped", ()))
-        self.totals = {**self.totals, **state.get("totals", {})}
-        self.last_saved = (Path(path), self.step)
-        self._before_step_done = state.get("before_step_done")
-        rngs = state["rng"]
-        if len(rngs) == self.env.world_size:
-            checkpoint.set_rng_state(rngs[self.env.rank])
-        else:
-            # another world size: the data order, views and masks still resume exactly (functions of the
-            # seed, epoch and sample index); what draws from the global generators during a step, which
-            # pre-training's defaults do not (fine-tuning's drop path and Mixup do), is reseeded
-            checkpoint.seed_all(self.cfg.run.seed + self.env.rank + 7919 * self.step)
+        resume_training(self, path)
 
     def epoch_samples(self) -> int:
         """Samples of the current epoch that all ranks have taken together."""
         return self.iter * self.cfg.optim.batch_size * self.env.world_size
-
-    def _resumed_iter(self, state: dict[str, Any], path: str | Path) -> int:
-        """The micro-batch position in the checkpoint's epoch under this session's batch size, accumulation
-        and world size, from the samples of the epoch already taken (checkpoints without that count: from
-        their micro-batch position, batch size and world size, one RNG state per rank)."""
-        saved = state["config"]["optim"]
-        saved_world = len(state["rng"])
-        done = state.get("epoch_samples", state["iter"] * saved["batch_size"] * saved_world)
-        bs, accum, world = self.cfg.optim.batch_size, self.cfg.optim.accum_iter, self.env.world_size
-        if done % (bs * accum * world):
-            raise ValueError(
-                f"cannot resume {path} where it stopped: {done} samples of epoch {state['epoch']} are done, "
-                f"not a whole number of optimizer steps of optim.batch_size={bs} x optim.accum_iter={accum} "
-                f"x {world} processes = {bs * accum * world} samples. It was saved with "
-                f"optim.batch_size={saved['batch_size']} x optim.accum_iter={saved.get('accum_iter', 1)} x "
-                f"{saved_world} processes; resume with settings whose product divides {done} (the same "
-                "effective batch does)."
-            )
-        return done // (bs * world)
 
     # ---- the loop -----------------------------------------------------------------------------------
     def fit(
@@ -474,7 +312,7 @@ class Trainer:
         session = self._session = _Session(log)
         stopped_early = False
         try:
-            with self._stop_signals_deferred():
+            with self.signals.deferred():
                 while self.epoch < cfg.optim.epochs and not stopped_early:
                     stopped_early = self._epoch(loader, iters, session)
                     self.check_health()  # before an evaluation reads the weights
@@ -509,44 +347,47 @@ class Trainer:
     def _epoch(self, loader: Any, iters: int, session: _Session) -> bool:
         """The rest of the current epoch; True when ``run.stop_at_step`` was reached."""
         cfg, env = self.cfg, self.env
-        accum, stop_at, total = cfg.optim.accum_iter, cfg.run.stop_at_step, cfg.optim.epochs * iters
+        stop_at, total = cfg.run.stop_at_step, cfg.optim.epochs * iters
         loader.sampler.set_epoch(self.epoch, start=self.epoch_samples())
         self.zero_grad()
-        for batch in loader:
-            if self.iter % accum == 0 and self.iter + accum > iters:
-                # micro-batches left over at an epoch end (iters % accum) are dropped, as in the references
-                # (which compute them, then clear their gradients at the next epoch)
-                session.log.advance(iters - self.iter)
-                break
-            if self._input_stage is not None:
-                with torch.no_grad():  # on the loader's batch: it moves to the device what it works on
-                    batch = self._input_stage(batch)
-            self._report_skipped(batch)
+        for micro_batches in self._steps(loader, iters, session):
             it = self.epoch * iters + self.iter
-            if self.iter % accum == 0:
-                self.set_lr(lr_at(it / iters, **self.schedule))
-                self.start_step(it / total)
-            boundary = (self.iter + 1) % accum == 0
-            self.micro_step(to_device(batch, env.device), boundary=boundary)
-            session.window_images += len(batch["label"]) * env.world_size
-            self.iter += 1
-            session.log.advance()
-            if not boundary:
-                continue
-            self.optimizer_step(progress=it / total)
+            self.set_lr(lr_at(it / iters, **self.schedule))
+            self.train_step(micro_batches, progress=it / total)
+            session.window_images += sum(len(b["label"]) for b in micro_batches) * env.world_size
+            session.log.advance(len(micro_batches))
             if self.step % cfg.run.log_every == 0 or self.step == stop_at:
                 if self.host_sync == "log":
                     self.check_health()
                 session.last_loss = self._log(session, iters)
                 due = time.monotonic() - session.last_save > cfg.run.checkpoint_minutes * 60
-                if not self._stop_now and broadcast_flag(due, env):  # a stop saves below
+                if not self.signals.agreed and broadcast_flag(due, env):  # a stop saves below
                     self.save()
                     session.last_save = time.monotonic()
-            if self._stop_now:
+            if self.signals.agreed:
                 self._stop_for_signal(session, iters)
             if stop_at is not None and self.step >= stop_at:
                 return True
         return False
+
+    def _steps(self, loader: Any, iters: int, session: _Session) -> Iterator[list[dict[str, Any]]]:
+        """The loader's micro-batches in groups of ``optim.accum_iter``, each through the dataset's own
+        device-side stage (uint8 images normalised, JPEGs decoded on the device); unreadable images are
+        reported. Micro-batches left over at an epoch end (iters % accum) are dropped, as in the references
+        (which compute them, then clear their gradients at the next epoch)."""
+        accum, group = self.cfg.optim.accum_iter, []
+        for batch in loader:
+            if not group and self.iter + accum > iters:
+                session.log.advance(iters - self.iter)
+                return
+            if self._input_stage is not None:
+                with torch.no_grad():  # on the loader's batch: it moves to the device what it works on
+                    batch = self._input_stage(batch)
+            self._report_skipped(batch)
+            group.append(batch)
+            if len(group) == accum:
+                yield group
+                group = []
 
     def _loader(self, dataset: ViewDataset) -> tuple[Any, int]:
         cfg, env = self.cfg, self.env
@@ -581,59 +422,22 @@ class Trainer:
             warmup_from=min_lr if optim.warmup_from_min_lr else 0.0,
         )
 
-    # ---- signals ------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _stop_signals_deferred(self) -> Iterator[None]:
-        """While training, SIGINT and SIGTERM (what clusters send before preemption) only ask the run to
-        stop at the next step boundary (under torchrun with host_sync=log: the next log step, where the
-        ranks agree on it); a second SIGINT interrupts at once. Outside the main thread signals cannot be
-        caught, and the defaults stay."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-
-        def request_stop(signum: int, frame: Any) -> None:
-            if signum == signal.SIGINT and self._stop_signal:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            if self.env.is_main:
-                print(
-                    f"\nmimkit: {signal.Signals(signum).name} received; saving at the end of this step "
-                    "(Ctrl-C again to interrupt now)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, request_stop)
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
+    # ---- stop signals (train/signals.py) -----------------------------------------------------------
     def _stop_for_signal(self, session: _Session, iters: int) -> None:
         self.check_health()  # a bad step stops the run with its own message, before a NaN is logged
         if session.window_images:
             session.last_loss = self._log(session, iters)
-        raise self._interrupted(self._stop_now, self.save())
+        raise interrupted(self.signals.agreed, self.step, self.epoch, self.save())
 
     def _stop_if_signalled_late(self) -> None:
         """A signal after the last step's sync (during the final save or evaluation) still stops the run
         here, before what follows training; every rank agrees first."""
-        signum = self._stop_signal
+        signum = self.signals.requested
         if self.env.enabled:
             signum = max_over_ranks(torch.tensor([signum], device=self.env.device), self.env)[0]
         if signum:
-            raise self._interrupted(signum, self.last_saved[0] if self.last_saved else self.save())
-
-    def _interrupted(self, signum: int, path: Path) -> RunInterrupted:
-        return RunInterrupted(
-            f"stopped by {signal.Signals(signum).name} at step {self.step} (epoch {self.epoch}); saved "
-            f"{path}. Run the same command again to resume (--resume auto).",
-            int(signum),
-        )
+            saved = self.last_saved[0] if self.last_saved else self.save()
+            raise interrupted(signum, self.step, self.epoch, saved)
 
     def _summary(self, session: _Session, stopped_early: bool) -> dict[str, Any]:
         env = self.env
