@@ -38,7 +38,7 @@ import torch
 from mimkit.configs import build_config
 from mimkit.distributed import init_distributed
 from mimkit.methods import build_method
-from mimkit.tokens.tokenadapt import TokenAdapt, save_tokenadapt
+from mimkit.models.tokenadapt import TokenAdapt, save_tokenadapt
 from mimkit.train.engine import Trainer
 
 # dense bf16 tensor-core peaks (FLOP/s) for model FLOPs utilisation

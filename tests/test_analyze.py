@@ -18,9 +18,9 @@ from mimkit.configs import build_config
 from mimkit.data.sources import build_source
 from mimkit.interop.load import load_method
 from mimkit.interop.official import to_official
+from mimkit.models.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
 from mimkit.runs.pretrain import pretrain
 from mimkit.tokens.dataset import write_tokens
-from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
 from tests.conftest import TINY
 
 QUICK = ["--images", "2", "--stats-images", "4", "--ks", "2"]  # a report in a second

@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from mimkit.interop import load_official, to_official
-from mimkit.interop.seit import (
+from mimkit.interop.seit_mtm import (
     classifier_to_official,
     load_official_classifier,
     load_official_mtm,
     mtm_to_official,
 )
 from mimkit.methods import MTM, FineTune, FinetuneConfig
+from mimkit.models.tokenadapt import TokenAdapt, to_official_tokenadapt
 from mimkit.models.vit import ViTEncoder
-from mimkit.tokens.tokenadapt import TokenAdapt, to_official_tokenadapt
 
 K, E, CELLS, P, D, DEPTH, MLP = 11, 8, 8, 2, 64, 2, 96  # ids, id width, grid side, patch, encoder
 DEC, DEC_DEPTH = 32, 1  # decoder width (one head: width / 32) and depth

@@ -375,15 +375,15 @@ def test_a_supervised_token_classifier_from_scratch(real_tokens: Path, tmp_path:
 
 
 def small_tokenadapt(out_grid: int = 6):
-    from mimkit.tokens.tokenadapt import TokenAdapt
+    from mimkit.models.tokenadapt import TokenAdapt
 
     torch.manual_seed(0)
     return TokenAdapt(VOCAB, token_dim=DIM, width=128, num_heads=2, in_grid=GRID, out_grid=out_grid).eval()
 
 
 def test_views_split_the_batch_between_the_crop_and_tokenadapt_with_soft_targets(real_tokens: Path):
+    from mimkit.data.token_augment import TokenMixup
     from mimkit.methods.token_views import TokenViews
-    from mimkit.tokens.augment import TokenMixup
     from mimkit.tokens.dataset import open_tokens
 
     data = open_tokens(real_tokens)
@@ -413,7 +413,7 @@ def test_views_split_the_batch_between_the_crop_and_tokenadapt_with_soft_targets
 
 
 def test_mtm_with_tokenadapt_runs_and_resumes_exactly(real_tokens: Path, tmp_path: Path):
-    from mimkit.tokens.tokenadapt import save_tokenadapt
+    from mimkit.models.tokenadapt import save_tokenadapt
 
     save_tokenadapt(small_tokenadapt(out_grid=GRID), tmp_path / "ta.ckpt")
     overrides = [

@@ -15,11 +15,11 @@ from mimkit.configs import build_config
 from mimkit.data.sources import DEMO_FILE, Subset, TokenizedImages, build_source, tokenizer_of
 from mimkit.data.transforms import tokenizer_view
 from mimkit.methods.token_views import views_codebook
+from mimkit.models.tokenizer import DEMO_TOKENIZER, load_tokenizer
 from mimkit.runs.pretrain import quality_warnings
 from mimkit.runs.tokenize import format_report, reconstruction_report, tokenize, tokenizer_warnings
-from mimkit.tokens.base import codebook_signature, same_codebook
 from mimkit.tokens.dataset import open_tokens
-from mimkit.tokens.tokenizer import DEMO_TOKENIZER, load_tokenizer
+from mimkit.tokens.records import codebook_signature, same_codebook
 from tests.conftest import TINY
 
 
@@ -199,8 +199,8 @@ def test_a_token_datasets_held_out_split_is_per_class(tmp_path):
 
 def test_evaluation_data_a_model_cannot_read_stop_the_run_before_its_first_step(tmp_path):
     """Tokens of another vocabulary as eval.val: refused when the run starts, not after it trained."""
+    from mimkit.models.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
     from mimkit.runs.pretrain import pretrain
-    from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
 
     torch.manual_seed(0)
     shape = TokenizerShape(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, codebook_size=32)
@@ -290,7 +290,7 @@ def test_a_seit_label_line_that_is_not_an_integer_is_named(tmp_path, line):
 
 def _other_tokenizer(folder):
     """A tokenizer of the same vocabulary as the shipped one (384 codes, unpruned), other codes."""
-    from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
+    from mimkit.models.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
 
     torch.manual_seed(1)
     shape = TokenizerShape(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, codebook_size=384)

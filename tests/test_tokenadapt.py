@@ -13,21 +13,23 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from mimkit.checkpoint import save_atomic
-from mimkit.tokens.augment import CropBoxes
-from mimkit.tokens.tokenadapt import (
+from mimkit.data.token_augment import CropBoxes
+from mimkit.methods.token_views import (
     AffineParams,
     GeoParams,
-    TokenAdapt,
     affine_warp,
     apply_geometry,
     feature_augment,
     feature_augment_params,
+    scale_boxes,
+    tokenadapt_view,
+)
+from mimkit.models.tokenadapt import (
+    TokenAdapt,
     load_tokenadapt,
     official_key_map,
     save_tokenadapt,
-    scale_boxes,
     to_official_tokenadapt,
-    tokenadapt_view,
 )
 from tests.reference import enhancing_transformer_shapes
 

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from mimkit.cli import main
 from mimkit.configs import build_config
 from mimkit.data.sources import build_source
+from mimkit.data.token_augment import CropBoxes
 from mimkit.methods import build_method
+from mimkit.methods.token_views import AffineParams, GeoParams
 from mimkit.methods.tokenadapt import PairedViews
+from mimkit.models.tokenadapt import load_tokenadapt
+from mimkit.models.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
 from mimkit.runs.tokenadapt import train_tokenadapt
-from mimkit.tokens.augment import CropBoxes
-from mimkit.tokens.tokenadapt import AffineParams, GeoParams, load_tokenadapt
-from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
 from tests.conftest import straight_and_resumed
 
 CODES = 24

@@ -19,13 +19,13 @@ from mimkit.data.sources import TokenSource, build_source, check_input, demo_sou
 from mimkit.data.transforms import eval_view
 from mimkit.distributed import init_distributed
 from mimkit.eval.knn import knn_evaluate
+from mimkit.interop.vitvqgan import to_vitvqgan
 from mimkit.models.input_spec import InputSpec
+from mimkit.models.tokenizer import TokenizerShape, VQTokenizer, load_tokenizer, save_tokenizer
 from mimkit.models.vit import ViTEncoder, build_encoder
 from mimkit.runs.tokenize import decode_grid, import_vitvqgan, tokenize, tokenizer_view, train_tokenizer
 from mimkit.tokens.compact import CompactWriter
 from mimkit.tokens.dataset import open_tokens
-from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, load_tokenizer, save_tokenizer
-from mimkit.tokens.vitvqgan import to_vitvqgan
 from tests.conftest import straight_and_resumed
 
 TOKENIZER = [
@@ -267,7 +267,7 @@ def test_a_full_disk_mid_tokenize_names_the_file_leaves_nothing_partial_and_the_
     save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
     args = {"shard_size": 10, "num_workers": 0, "max_images": 40, "progress": False}
     disk = FillingDisk(room=None)
-    monkeypatch.setattr("mimkit.tokens.base.open", disk, raising=False)
+    monkeypatch.setattr("mimkit.tokens.records.open", disk, raising=False)
     tokenize(str(tmp_path / "tokenizer.pt"), "demo:val", str(tmp_path / "straight"), **args)
     third = next(k for k, (name, _) in enumerate(disk.writes) if "shard-00002" in name)
     # the codec, its parameters and two shards fit; the disk is full in the third

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from mimkit.tokens.augment import (
+from mimkit.data.token_augment import (
     ColourChoice,
     CropBoxes,
     SwapParams,

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 from mimkit.cli import main
 from mimkit.data.sources import DEMO_FILE
 from mimkit.tokens import compact
-from mimkit.tokens.base import cache_dir
 from mimkit.tokens.compact import CompactWriter, decode_chunk, encode_chunk, id_dtype
 from mimkit.tokens.dataset import (
     TokenRecordError,
@@ -31,6 +30,7 @@ from mimkit.tokens.dataset import (
     verify,
     write_tokens,
 )
+from mimkit.tokens.records import cache_dir
 from mimkit.tokens.seit import SeitWriter, check_seit_target
 
 CLASSES = ("cat", "dog", "ship")
@@ -404,7 +404,7 @@ def test_a_cache_the_disk_has_no_room_for_is_refused_before_its_first_byte(
     dst = tmp_path / ("t-token.data.bin.gz" if to == "seit" else "c")
     write_tokens(dst, random_tokens(30, vocab=300, seed=22), to=to, vocab_size=300).drop_cache()
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr("mimkit.tokens.base.shutil.disk_usage", lambda p: usage._replace(free=1000))
+    monkeypatch.setattr("mimkit.tokens.records.shutil.disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(
         OSError, match=r"this token dataset needs \d+ bytes, its disk has 1000 bytes free"
     ) as err:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from mimkit.checkpoint import CheckpointError
-from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer
-from mimkit.tokens.vitvqgan import load_vitvqgan, to_vitvqgan, vitvqgan_shape
+from mimkit.interop.vitvqgan import load_vitvqgan, to_vitvqgan, vitvqgan_shape
+from mimkit.models.tokenizer import TokenizerShape, VQTokenizer
 from tests.reference import enhancing_transformer_shapes
 
 TINY = TokenizerShape(

@@ -23,8 +23,8 @@ import torch
 from mimkit.checkpoint import load
 from mimkit.data.sources import build_source
 from mimkit.data.transforms import tokenizer_view
+from mimkit.models.tokenizer import DEMO_TOKENIZER, load_tokenizer, save_tokenizer, tokenizer_file
 from mimkit.runs.tokenize import reconstruction_report, tokenizer_warnings
-from mimkit.tokens.tokenizer import DEMO_TOKENIZER, load_tokenizer, save_tokenizer, tokenizer_file
 
 TRAINED_ON = "CIFAR-10 training images, 25,000 (2,500 per class), none of the demo set's"
 

@@ -24,7 +24,7 @@ from mimkit.analysis.attention import AttentionDistance
 from mimkit.analysis.reconstruction import Reconstruction
 from mimkit.analysis.segmentation import Segmentation
 from mimkit.analysis.spectrum import Spectrum
-from mimkit.tokens.base import write_atomic
+from mimkit.tokens.records import write_atomic
 
 CLUSTER_COLOURS = colormaps["tab10"].colors
 
@@ -434,7 +434,9 @@ def write_report(
         "<h2>Summary</h2><table><tr><th>checkpoint</th><th>method</th><th>step</th><th>input</th>"
         "<th>attention distance, last block</th><th>attention distance, all blocks</th>"
         "<th>same, raw</th><th>effective rank (mean)</th><th>RankMe (mean)</th>"
-        "<th>effective rank (cls)</th><th>masked-token accuracy</th></tr>" + _summary_rows(items) + "</table>"
+        "<th>effective rank (cls)</th><th>masked-token accuracy</th></tr>"
+        + _summary_rows(items)
+        + "</table>"
         + "<p class='help'>Distances in pixels of the input image; a token model's cells count as its "
         "tokenizer's cell size (a 4-px cell: 1 cell = 4 px). MTM's masked-token accuracy: how often the most "
         "likely id is the token's, on the masked patches of the images averaged for the statistics, at the "

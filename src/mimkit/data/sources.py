@@ -32,10 +32,10 @@ from mimkit.configs import ModelConfig, split_spec
 from mimkit.data import cifar
 from mimkit.data.transforms import tokenizer_view
 from mimkit.models.input_spec import InputSpec
+from mimkit.models.tokenizer import load_tokenizer, recorded_tokenizer_path
 from mimkit.progress import progress
-from mimkit.tokens.base import check_label_range, codebook_signature, same_codebook
 from mimkit.tokens.dataset import TokenDataset, TokenRecordError, is_token_dataset, open_tokens
-from mimkit.tokens.tokenizer import load_tokenizer, recorded_tokenizer_path
+from mimkit.tokens.records import check_label_range, codebook_signature, same_codebook
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEMO_FILE = Path(__file__).parent / "demo" / "cifar10_demo.npz"

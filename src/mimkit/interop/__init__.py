@@ -3,7 +3,7 @@ layouts."""
 
 from mimkit.interop.load import export_encoder, load_encoder, load_method
 from mimkit.interop.official import load_official, to_official
-from mimkit.interop.seit import (
+from mimkit.interop.seit_mtm import (
     classifier_to_official,
     load_official_classifier,
     load_official_mtm,

@@ -1,6 +1,6 @@
 """Read and write checkpoints in the layouts of the official MAE, LUT, Latent MIM and SeiT++ code: the
 layout is detected here, and converted by :mod:`mimkit.interop.mae_lut`, :mod:`mimkit.interop.latent_mim`
-or :mod:`mimkit.interop.seit`."""
+or :mod:`mimkit.interop.seit_mtm`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mimkit.configs import Config
 from mimkit.interop.latent_mim import is_latent_mim, latent_mim_method, latent_mim_to_official
 from mimkit.interop.layouts import WRAPPER_PREFIXES, read, strip_prefixes
 from mimkit.interop.mae_lut import mae_lut_method, mae_lut_to_official
-from mimkit.interop.seit import (
+from mimkit.interop.seit_mtm import (
     classifier_to_official,
     is_seit_mtm,
     mtm_to_official,
@@ -37,8 +37,8 @@ def load_official(
     ``method.head_act=gelu``, or the number of heads of a non-standard width). An encoder-only MAE file
     gives a freshly initialised decoder (said on stderr); a LUT file without 'model_ema', or a Latent MIM
     file without 'target_encoder', starts its teacher as a copy of the student. An SeiT++ MTM file's
-    TokenAdapt modules are not part of the method: :func:`mimkit.interop.seit.load_official_mtm` returns
-    them too; SeiT / SeiT++ classifiers load with :func:`mimkit.interop.seit.load_official_classifier`."""
+    TokenAdapt modules are not part of the method: :func:`mimkit.interop.seit_mtm.load_official_mtm` returns
+    them too; SeiT / SeiT++ classifiers load with :func:`mimkit.interop.seit_mtm.load_official_classifier`."""
     return official_method(read(source, trust=trust), method, overrides, source=source)[0]
 
 
@@ -59,7 +59,7 @@ def official_method(
         if loaded.tokenadapt is not None:
             print(
                 f"note: {source} also holds TokenAdapt weights, not part of the method; "
-                "mimkit.interop.seit.load_official_mtm returns them",
+                "mimkit.interop.seit_mtm.load_official_mtm returns them",
                 file=sys.stderr,
             )
         return loaded.module, loaded.config
@@ -68,7 +68,7 @@ def official_method(
     if seit_classifier_kind(student, ckpt.get("args")):
         raise ValueError(
             f"{source}: an official SeiT / SeiT++ classifier, not a pre-training checkpoint; load it with "
-            "mimkit.interop.seit.load_official_classifier"
+            "mimkit.interop.seit_mtm.load_official_classifier"
         )
     return mae_lut_method(ckpt, student, method, overrides, source)
 
@@ -77,7 +77,7 @@ def to_official(method: Method, *, ddp_prefix: bool = False) -> dict[str, Any]:
     """The weights in the official layout: {'model': ...} and, for LUT, {'model_ema': 'ema.'-prefixed};
     for Latent MIM {'state_dict': ...} with 'module.' in front of every key if ``ddp_prefix`` (what the
     reference's multi-GPU resume expects); for SeiT++'s MTM {'model': ...} in its layout (TokenAdapt
-    modules: :func:`mimkit.interop.seit.mtm_to_official`); a fine-tune of a token encoder pooled as
+    modules: :func:`mimkit.interop.seit_mtm.mtm_to_official`); a fine-tune of a token encoder pooled as
     SeiT's (``pool=avg_norm``) gives the SeiT / SeiT++ classifier layout."""
     if method.name == "mtm":
         return mtm_to_official(method)

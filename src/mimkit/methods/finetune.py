@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.transforms import v2 as T
 
 from mimkit.configs import Config
+from mimkit.data.token_augment import TokenEDA, TokenMixup
 from mimkit.data.transforms import Views, as_ids, eval_view
 from mimkit.methods.base import StepOutput, Trainable
 from mimkit.methods.ema import EMATeacher
@@ -30,7 +31,6 @@ from mimkit.methods.token_views import (
 from mimkit.models.input_spec import InputSpec
 from mimkit.models.pos_embed import resample_pos_embed
 from mimkit.models.vit import LayerNorm6, ViTEncoder
-from mimkit.tokens.augment import TokenEDA, TokenMixup
 from mimkit.tokens.codebook import build_synonyms, embed, synonym_counts, synonym_table
 
 

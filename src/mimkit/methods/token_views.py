@@ -16,17 +16,27 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from timm.data.mixup import mixup_target
 
 from mimkit.data.loader import per_sample_uniform
 from mimkit.data.sources import codebook_of
+from mimkit.data.token_augment import (
+    CropBoxes,
+    TokenEDA,
+    TokenMixup,
+    colour_choice,
+    draw_device,
+    random_resized_crop,
+    resized_crop,
+    rrc_params,
+)
 from mimkit.methods.base import BatchTransform
-from mimkit.tokens.augment import TokenEDA, TokenMixup, colour_choice, random_resized_crop
+from mimkit.models.tokenadapt import TokenAdapt, load_tokenadapt
 from mimkit.tokens.codebook import embed, load_codebook, requantize
-from mimkit.tokens.tokenadapt import TokenAdapt, load_tokenadapt, tokenadapt_view
 
 
 def validate_choice_probabilities(cfg: Any, first: str, second: str) -> None:
@@ -78,6 +88,176 @@ def resolve_tokenadapt(path: str) -> TokenAdapt:
             "TokenAdapt path)"
         )
     return load_tokenadapt(file)
+
+
+# ----------------------------------------------------------------------------------------------------
+# TokenAdapt's geometry in f-space
+
+# The augmentation in ``f``-space (:func:`feature_augment`) is SeiT++'s: horizontal flip (p 0.5); then,
+# with p 0.5, five affine ops in turn, each with its own p 0.5 and its own bilinear resampling with zero
+# fill (rotation U(-30, 30) degrees, x- and y-translation up to 20 % of the width and height, x- and
+# y-shear U(0, 15) degrees, one-sided as the reference's); then a random resized crop per sample (bicubic).
+# Like torchvision on a 4-D tensor, the flip and the affine ops draw one set of parameters for the whole
+# batch; unlike torchvision, translations are kept as fractions rather than rounded to whole positions, so
+# that one draw is the same geometry at every resolution (which pairs pixel and feature augmentations when
+# TokenAdapt is trained).
+
+# SeiT++'s f-space geometry (token_transform.build_geo_transform)
+FLIP_PROB = 0.5
+AFFINE_PROB = 0.5  # RandomApply around the five ops
+OP_PROB = 0.5  # each op's own gate
+MAX_ROTATION = 30.0  # degrees, U(-30, 30)
+MAX_TRANSLATE = 0.2  # fraction of the width (x) or height (y), U(-0.2, 0.2)
+MAX_SHEAR = 15.0  # degrees, U(0, 15): one-sided
+
+
+class AffineParams(NamedTuple):
+    """Per-sample values of the five affine ops; 0 where an op is not applied. Angles and shears in
+    degrees (torchvision's conventions), translations as fractions of the width (x) and height (y)."""
+
+    angle: torch.Tensor  # [B]
+    translate: torch.Tensor  # [B, 2] (x, y)
+    shear: torch.Tensor  # [B, 2] (x, y)
+
+
+class GeoParams(NamedTuple):
+    """One draw of :func:`feature_augment`: flip, affine ops, then crop boxes on the map they were drawn
+    for (:func:`scale_boxes` carries them to a finer map of the same image)."""
+
+    flip: torch.Tensor  # [B] bool
+    affine: AffineParams
+    boxes: CropBoxes
+
+
+def feature_augment_params(
+    batch: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    *,
+    per_sample: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> GeoParams:
+    """Draw :func:`feature_augment`'s parameters for ``batch`` maps of ``height`` x ``width``: the flip
+    and the affine ops once for the whole batch (torchvision's law on a 4-D tensor) or, with
+    ``per_sample``, independently per sample; the crop boxes always per sample (:func:`rrc_params`)."""
+    device = draw_device(generator, device)
+    n = batch if per_sample else 1
+    u = torch.rand((n, 12), generator=generator, device=device).expand(batch, -1)
+    gates = (u[:, 2:7] < OP_PROB) & (u[:, 1:2] < AFFINE_PROB)
+    angle = (u[:, 7] * 2 - 1) * MAX_ROTATION * gates[:, 0]
+    translate = (u[:, 8:10] * 2 - 1) * MAX_TRANSLATE * gates[:, 1:3]
+    shear = u[:, 10:12] * MAX_SHEAR * gates[:, 3:5]
+    boxes = rrc_params(batch, height, width, scale, generator=generator, device=device)
+    return GeoParams(u[:, 0] < FLIP_PROB, AffineParams(angle, translate, shear), boxes)
+
+
+def scale_boxes(boxes: CropBoxes, factor: int) -> CropBoxes:
+    """Crop boxes of a map carried to one ``factor`` times finer (the f-space boxes of a pixel crop)."""
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"boxes scale by a whole factor >= 1; got {factor!r}")
+    return CropBoxes(*(b * factor for b in boxes))
+
+
+def _affine_theta(
+    angle: torch.Tensor, translate: torch.Tensor, shear: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """[B, 2, 3] matrices for ``F.affine_grid`` (align_corners False) of torchvision's affine about the
+    map's centre: output -> input, in the normalised coordinates of a ``height`` x ``width`` map."""
+    rot, sx, sy = (torch.deg2rad(t.double()) for t in (angle, shear[:, 0], shear[:, 1]))
+    tx, ty = translate[:, 0].double() * width, translate[:, 1].double() * height  # pixels
+    # the forward map R(angle) SHy(sy) SHx(sx) is [[a, b], [c, d]] (det 1); its inverse is [[d, -b], [-c, a]]
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -(a * torch.tan(sx) + torch.sin(rot))
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = torch.cos(rot) - c * torch.tan(sx)
+    m00, m01, m10, m11 = d, -b, -c, a
+    m02, m12 = -(m00 * tx + m01 * ty), -(m10 * tx + m11 * ty)
+    theta = torch.stack(
+        [
+            torch.stack([m00, m01 * height / width, m02 * 2 / width], dim=1),
+            torch.stack([m10 * width / height, m11, m12 * 2 / height], dim=1),
+        ],
+        dim=1,
+    )
+    return theta
+
+
+def affine_warp(x: torch.Tensor, params: AffineParams) -> torch.Tensor:
+    """SeiT++'s five affine ops on maps [B, C, H, W], in its order (rotation, x-translation,
+    y-translation, x-shear, y-shear), each its own bilinear resampling with zero fill as a separate
+    torchvision ``RandomAffine`` is; a sample whose value for an op is 0 is left untouched by it."""
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"expected floating maps [B, C, H, W]; got {tuple(x.shape)} {x.dtype}")
+    batch, _, height, width = x.shape
+    angle, translate, shear = (p.to(x.device) for p in params)
+    zero, zeros = torch.zeros_like(angle), torch.zeros_like(translate)
+    ops = [
+        (angle, (angle, zeros, zeros)),
+        (translate[:, 0], (zero, translate * translate.new_tensor([1.0, 0.0]), zeros)),
+        (translate[:, 1], (zero, translate * translate.new_tensor([0.0, 1.0]), zeros)),
+        (shear[:, 0], (zero, zeros, shear * shear.new_tensor([1.0, 0.0]))),
+        (shear[:, 1], (zero, zeros, shear * shear.new_tensor([0.0, 1.0]))),
+    ]
+    for value, (a, t, s) in ops:
+        on = value != 0
+        if not bool(on.any()):
+            continue
+        theta = _affine_theta(a, t, s, height, width)
+        grid = F.affine_grid(theta.to(x.dtype), [batch, 1, height, width], align_corners=False)
+        warped = F.grid_sample(
+            x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        x = torch.where(on.view(-1, 1, 1, 1), warped.to(x.dtype), x)
+    return x
+
+
+def apply_geometry(x: torch.Tensor, params: GeoParams, size: int | tuple[int, int]) -> torch.Tensor:
+    """The deterministic part of :func:`feature_augment`: flip, the affine ops, then each sample's crop
+    box resized to ``size`` (bicubic). Works on any maps the boxes fit (features, or images)."""
+    x = torch.where(params.flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+    return resized_crop(affine_warp(x, params.affine), params.boxes, size)
+
+
+def feature_augment(
+    feat: torch.Tensor,
+    size: int | tuple[int, int],
+    scale: tuple[float, float] = (0.2, 1.0),
+    *,
+    generator: torch.Generator | None = None,
+    return_params: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, GeoParams]:
+    """SeiT++'s geometry of f-space maps [B, D, H, W] (one half-batch) to [B, D, size, size]: flip, the
+    gated affine ops (one draw for the whole tensor), a random resized crop per sample with area
+    fraction in ``scale``. ``generator`` (on the maps' device) makes the draw reproducible."""
+    params = feature_augment_params(
+        feat.shape[0], feat.shape[-2], feat.shape[-1], scale, generator=generator, device=feat.device
+    )
+    out = apply_geometry(feat, params, size)
+    return (out, params) if return_params else out
+
+
+@torch.no_grad()
+def tokenadapt_view(
+    emb: torch.Tensor,
+    ta: TokenAdapt,
+    size: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    *,
+    generator: torch.Generator | None = None,
+    mix: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """SeiT++'s TokenAdapt path of an emb map [B, D, G, G]: f, :func:`feature_augment` to 2 * ``size``,
+    ``mix`` (fine-tuning's Mixup/CutMix, in f-space), g, argmax -> ids [B, size, size]."""
+    feat = feature_augment(ta.lift(emb), 2 * size, scale, generator=generator)
+    if mix is not None:
+        feat = mix(feat)
+    return ta.invert(feat)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the views
 
 
 class TokenViews(BatchTransform):

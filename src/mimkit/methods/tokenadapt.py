@@ -28,22 +28,22 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2 as T
 
+from mimkit.data.token_augment import CropBoxes
 from mimkit.data.transforms import BICUBIC, Views, to_normalized
 from mimkit.methods.base import BatchTransform, Method, StepOutput
-from mimkit.methods.token_views import batch_generator
-from mimkit.models.input_spec import InputSpec
-from mimkit.tokens.augment import CropBoxes
-from mimkit.tokens.codebook import embed, requantize
-from mimkit.tokens.tokenadapt import (
+from mimkit.methods.token_views import (
     AffineParams,
     GeoParams,
-    TokenAdapt,
     apply_geometry,
+    batch_generator,
     feature_augment_params,
     scale_boxes,
 )
-from mimkit.tokens.tokenizer import LoadedTokenizer, VQTokenizer, load_tokenizer
-from mimkit.tokens.vitvqgan import DEFAULT_HEAD_DIM
+from mimkit.models.enhancing import DEFAULT_HEAD_DIM
+from mimkit.models.input_spec import InputSpec
+from mimkit.models.tokenadapt import TokenAdapt
+from mimkit.models.tokenizer import LoadedTokenizer, VQTokenizer, load_tokenizer
+from mimkit.tokens.codebook import embed, requantize
 
 
 @dataclass

@@ -20,7 +20,7 @@ from mimkit.configs import ARCHS
 from mimkit.data.transforms import BICUBIC, Views, to_normalized
 from mimkit.methods.base import Method, StepOutput
 from mimkit.models.input_spec import InputSpec
-from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer, psnr
+from mimkit.models.tokenizer import TokenizerShape, VQTokenizer, psnr
 
 
 @dataclass

@@ -45,7 +45,7 @@ class InputSpec:
     - ``patch_size``: input units per patch side; ``grid``: patches per side (h, w), derived if omitted.
     - ``vocab_size``: the number of token ids (token ids only).
     - ``codebook_signature``: for token inputs, the identity of the codebook the training tokens came from
-      (:func:`mimkit.tokens.base.codebook_signature`, one number per code, compared with a tolerance):
+      (:func:`mimkit.tokens.records.codebook_signature`, one number per code, compared with a tolerance):
       ids of another tokenizer mean other codes even when the vocabulary size agrees. None when not known
       (checkpoints written before it was recorded).
     """

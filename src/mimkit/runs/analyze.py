@@ -34,9 +34,9 @@ from mimkit.interop.load import load_encoder, load_method
 from mimkit.interop.official import read
 from mimkit.methods.base import Method
 from mimkit.methods.mtm import MTM
+from mimkit.models.tokenizer import load_tokenizer, tokenizer_file
 from mimkit.progress import progress as progress_bar
 from mimkit.runs.tokenize import image_batches
-from mimkit.tokens.tokenizer import load_tokenizer, tokenizer_file
 
 STAGES = ("images", "attention", "spectrum", "reconstruction", "segmentation")
 

@@ -29,10 +29,10 @@ from mimkit.interop.load import load_encoder
 from mimkit.methods import TASKS, encoder_from_config
 from mimkit.methods.linprobe import cached_features
 from mimkit.models.input_spec import InputSpec
+from mimkit.models.tokenizer import absolute_tokenizer
 from mimkit.models.vit import ViTEncoder
 from mimkit.runs.folder import run_dir, start_run
 from mimkit.runs.lock import RunLock
-from mimkit.tokens.tokenizer import absolute_tokenizer
 from mimkit.train.engine import Trainer, autocast_dtype
 from mimkit.train.log import write_json
 

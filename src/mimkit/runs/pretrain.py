@@ -33,11 +33,11 @@ from mimkit.eval.features import chance_warning
 from mimkit.eval.knn import check_knn_sources, knn_evaluate, loo_nn_evaluate
 from mimkit.methods import build_method
 from mimkit.models.input_spec import InputSpec
+from mimkit.models.tokenizer import absolute_tokenizer, load_tokenizer, tokenizer_file
 from mimkit.models.vit import ViTEncoder
 from mimkit.runs.evaluate import evaluation_view
 from mimkit.runs.folder import run_dir, start_run
 from mimkit.runs.lock import RunLock
-from mimkit.tokens.tokenizer import absolute_tokenizer, load_tokenizer, tokenizer_file
 from mimkit.train.engine import Trainer, autocast_dtype
 from mimkit.train.log import write_json
 

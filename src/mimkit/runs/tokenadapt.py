@@ -15,9 +15,9 @@ from mimkit.data.sources import ImageSource, Subset, build_source
 from mimkit.distributed import DistEnv
 from mimkit.interop.load import load_method
 from mimkit.methods.tokenadapt import TokenAdaptMethod, load_paired_tokenizer
+from mimkit.models.tokenadapt import load_tokenadapt, save_tokenadapt
 from mimkit.runs.pretrain import pretrain_then
 from mimkit.runs.tokenize import image_batches
-from mimkit.tokens.tokenadapt import load_tokenadapt, save_tokenadapt
 from mimkit.train.engine import to_device
 
 WEIGHTS = "tokenadapt.ckpt"

@@ -31,15 +31,8 @@ from mimkit.data.sources import ImageSource, Subset, UnreadableImage, build_sour
 from mimkit.data.transforms import Views, tokenizer_view
 from mimkit.distributed import DistEnv, pick_device
 from mimkit.interop.load import load_method
-from mimkit.progress import progress as progress_bar
-from mimkit.runs.lock import RunLock
-from mimkit.runs.pretrain import pretrain_then
-from mimkit.tokens.base import TokenDataset, codebook_signature, same_codebook, write_atomic
-from mimkit.tokens.codebook import load_codebook
-from mimkit.tokens.compact import HEADER, CompactWriter
-from mimkit.tokens.dataset import convert, open_tokens
-from mimkit.tokens.seit import check_seit_target
-from mimkit.tokens.tokenizer import (
+from mimkit.interop.vitvqgan import load_vitvqgan
+from mimkit.models.tokenizer import (
     LoadedTokenizer,
     VQTokenizer,
     load_tokenizer,
@@ -49,7 +42,14 @@ from mimkit.tokens.tokenizer import (
     tokenizer_file,
     tokenizer_record,
 )
-from mimkit.tokens.vitvqgan import load_vitvqgan
+from mimkit.progress import progress as progress_bar
+from mimkit.runs.lock import RunLock
+from mimkit.runs.pretrain import pretrain_then
+from mimkit.tokens.codebook import load_codebook
+from mimkit.tokens.compact import HEADER, CompactWriter
+from mimkit.tokens.dataset import convert, open_tokens
+from mimkit.tokens.records import TokenDataset, codebook_signature, same_codebook, write_atomic
+from mimkit.tokens.seit import check_seit_target
 from mimkit.train.log import write_json
 
 SAMPLE_IMAGES = 256  # reconstruction PSNR and the decoded grid are measured on this many images

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from mimkit.tokens.base import write_atomic
+from mimkit.tokens.records import write_atomic
 
 __all__ = [
     "build_synonyms",

@@ -51,7 +51,8 @@ import torch
 import zstandard
 from safetensors.torch import save
 
-from mimkit.tokens.base import (
+from mimkit.tokens.codebook import load_codebook as read_codebook
+from mimkit.tokens.records import (
     TokenDataset,
     TokenRecordError,
     cache_dir,
@@ -64,7 +65,6 @@ from mimkit.tokens.base import (
     write_atomic,
     write_cache,
 )
-from mimkit.tokens.codebook import load_codebook as read_codebook
 
 FORMAT = "mimkit-tokens"
 VERSION = 2

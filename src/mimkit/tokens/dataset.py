@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mimkit.tokens import compact, seit
-from mimkit.tokens.base import CHUNK, TokenDataset, TokenRecordError, check_codebook, check_labels
+from mimkit.tokens.records import CHUNK, TokenDataset, TokenRecordError, check_codebook, check_labels
 
 __all__ = [
     "TokenDataset",

@@ -52,7 +52,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from mimkit.tokens.base import (
+from mimkit.tokens.codebook import load_codebook as read_codebook
+from mimkit.tokens.records import (
     TokenDataset,
     TokenRecordError,
     cache_dir,
@@ -66,7 +67,6 @@ from mimkit.tokens.base import (
     write_atomic,
     write_cache,
 )
-from mimkit.tokens.codebook import load_codebook as read_codebook
 
 DATA_SUFFIX = "-token.data.bin.gz"
 INDEX_SUFFIX = "-token.index.npy.gz"

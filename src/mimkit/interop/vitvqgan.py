@@ -1,5 +1,5 @@
 """Weights of the unofficial ViT-VQGAN of ``thuanz123/enhancing-transformers`` (class ``ViTVQ``, the
-tokenizer SeiT used) in and out of :class:`~mimkit.tokens.tokenizer.VQTokenizer`.
+tokenizer SeiT used) in and out of :class:`~mimkit.models.tokenizer.VQTokenizer`.
 
 Users bring a state dict of that model; we never run or unpickle its code. Files are read with torch's
 weights-only loader, every expected key and shape is checked before anything is copied (a non-strict
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,16 @@ import torch
 from torch import nn
 
 from mimkit.checkpoint import UnsafeCheckpoint, load
-from mimkit.tokens.tokenizer import TokenizerShape, VQTokenizer
+from mimkit.models.enhancing import (
+    attention_heads,
+    key_list,
+    layer_count,
+    prefix_hint,
+    transformer_key_pairs,
+    verify_layout,
+)
+from mimkit.models.tokenizer import TokenizerShape, VQTokenizer
 
-DEFAULT_HEAD_DIM = 64  # the official attention's default head width (its configs never change it)
 IGNORED_PREFIXES = ("loss.",)  # the training loss: LPIPS network and discriminator
 
 PATCH_KEY = "encoder.to_patch_embedding.0.weight"
@@ -49,26 +55,6 @@ _OUT_KEY = "encoder.transformer.layers.0.0.fn.to_out.weight"
 _ANCHORS = (PATCH_KEY, CODEBOOK_KEY, _QKV_KEY, _MLP_KEY)
 _UNIT_NORM_TOLERANCE = 1e-6  # codebook rows this close to length 1 count as already normalised
 _POS_TOLERANCE = 1e-5  # a stored position table must be the sin-cos table to this absolute error
-
-
-# -- the enhancing-transformers transformer layout (shared with TokenAdapt, whose modules are the same) ---
-def transformer_key_pairs(ours: str, theirs: str, depth: int, project_out: bool) -> list[tuple[str, str]]:
-    """(our name, official name) of every weight of a stack of ``depth`` pre-norm blocks and its final
-    LayerNorm: timm ``Block`` s at ``{ours}.blocks.i`` and ``{ours}.norm`` against the official
-    ``{theirs}.transformer.layers.i`` and ``{theirs}.transformer.norm``. ``project_out`` False: the
-    official attention has no ``to_out`` (one head as wide as the model)."""
-    pairs: list[tuple[str, str]] = []
-    for i in range(depth):
-        a, b = f"{ours}.blocks.{i}.", f"{theirs}.transformer.layers.{i}."
-        pairs += [(a + "norm1." + p, b + "0.norm." + p) for p in ("weight", "bias")]
-        pairs.append((a + "attn.qkv.weight", b + "0.fn.to_qkv.weight"))
-        if project_out:
-            pairs += [(a + "attn.proj." + p, b + "0.fn.to_out." + p) for p in ("weight", "bias")]
-        pairs += [(a + "norm2." + p, b + "1.norm." + p) for p in ("weight", "bias")]
-        pairs += [(a + "mlp.fc1." + p, b + "1.fn.net.0." + p) for p in ("weight", "bias")]
-        pairs += [(a + "mlp.fc2." + p, b + "1.fn.net.2." + p) for p in ("weight", "bias")]
-    pairs += [(f"{ours}.norm.{p}", f"{theirs}.transformer.norm.{p}") for p in ("weight", "bias")]
-    return pairs
 
 
 def _weight_pairs(shape: TokenizerShape) -> list[tuple[str, str]]:
@@ -127,29 +113,6 @@ def _weights(state: Mapping[str, Any]) -> Mapping[str, Any]:
     return nested if isinstance(nested, Mapping) else state
 
 
-def key_list(keys: Any, limit: int = 8) -> str:
-    """The first ``limit`` keys, sorted, for an error message."""
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def prefix_hint(sd: Mapping[str, Any], anchors: tuple[str, ...] = _ANCHORS) -> str:
-    """A hint for a state dict whose keys end like ``anchors`` after a prefix (a wrapper's name)."""
-    for key in sd:
-        for anchor in anchors:
-            if key.endswith("." + anchor):
-                return f"; its keys carry a prefix '{key[: -len(anchor)]}' (strip it)"
-    return ""
-
-
-def layer_count(sd: Mapping[str, Any], prefix: str) -> int:
-    """The number of blocks stored under ``{prefix}.transformer.layers``."""
-    pattern = re.compile(rf"^{re.escape(prefix)}\.transformer\.layers\.(\d+)\.")
-    indices = [int(m.group(1)) for k in sd if (m := pattern.match(k))]
-    return max(indices) + 1 if indices else 0
-
-
 # -- geometry ---------------------------------------------------------------------------------------------
 def vitvqgan_shape(
     state_dict: Mapping[str, Any],
@@ -167,7 +130,7 @@ def vitvqgan_shape(
     if absent:
         raise ValueError(
             f"{source}: not a ViT-VQGAN (enhancing-transformers ViTVQ) state dict: missing key(s) "
-            f"{key_list(absent)}; found {key_list(sd, limit=4) or 'no keys'}{prefix_hint(sd)}"
+            f"{key_list(absent)}; found {key_list(sd, limit=4) or 'no keys'}{prefix_hint(sd, _ANCHORS)}"
         )
     patch = sd[PATCH_KEY]
     if patch.dim() != 4 or patch.shape[2] != patch.shape[3]:
@@ -250,32 +213,6 @@ def vitvqgan_shape(
         raise ValueError(f"{source}: {err}") from err
 
 
-def attention_heads(sd: Mapping[str, Any], out_key: str, dim: int, num_heads: int | None, source: str) -> int:
-    """The number of heads of a ``dim``-wide official attention, which its state dict does not record:
-    one when its output projection ``out_key`` is absent (the official code drops it only then),
-    ``num_heads`` when given, else the default head width of 64."""
-    if out_key not in sd:  # only one head as wide as the model has no output projection
-        if num_heads not in (None, 1):
-            raise ValueError(
-                f"{source}: has no attention output projection ({out_key}), which the official code leaves "
-                f"out only for a single head; got num_heads={num_heads}"
-            )
-        return 1
-    if num_heads is not None:
-        if num_heads == 1:
-            raise ValueError(
-                f"{source}: has an attention output projection ({out_key}), so it has more than one head; "
-                "got num_heads=1"
-            )
-        return num_heads
-    if dim % DEFAULT_HEAD_DIM or dim == DEFAULT_HEAD_DIM:
-        raise ValueError(
-            f"{source}: the number of attention heads is not stored and a {dim}-wide model does not have the "
-            f"default head width {DEFAULT_HEAD_DIM}; pass num_heads"
-        )
-    return dim // DEFAULT_HEAD_DIM
-
-
 # -- loading ----------------------------------------------------------------------------------------------
 def _expected_shapes(model: VQTokenizer, pairs: list[tuple[str, str]], with_pos: bool) -> dict[str, tuple]:
     ours = model.state_dict()
@@ -285,39 +222,6 @@ def _expected_shapes(model: VQTokenizer, pairs: list[tuple[str, str]], with_pos:
         table = tuple(model.encoder.pos_embed.shape)
         expected[ENCODER_POS_KEY] = expected[DECODER_POS_KEY] = table
     return expected
-
-
-def verify_layout(
-    sd: Mapping[str, Any],
-    expected: dict[str, tuple],
-    source: str,
-    what: str,
-    *,
-    ignored: tuple[str, ...] = (),
-    hint: str = "",
-) -> None:
-    """Every key of ``expected`` present, a tensor of its shape, and no other key (but those starting
-    with ``ignored``), before anything is copied; otherwise a ValueError naming ``source``, ``what`` the
-    file should have been, and the offending keys (``hint`` follows the unexpected ones)."""
-    missing = [k for k in expected if k not in sd]
-    not_tensors = [k for k in expected if k in sd and not isinstance(sd[k], torch.Tensor)]
-    wrong = [
-        f"{k} {tuple(sd[k].shape)} (expected {expected[k]})"
-        for k in expected
-        if isinstance(sd.get(k), torch.Tensor) and tuple(sd[k].shape) != expected[k]
-    ]
-    unexpected = [k for k in sd if k not in expected and not (ignored and k.startswith(ignored))]
-    problems = []
-    if missing:
-        problems.append(f"missing {key_list(missing)}")
-    if not_tensors:
-        problems.append(f"not tensors: {key_list(not_tensors)}")
-    if wrong:
-        problems.append(f"wrong shape: {key_list(wrong)}")
-    if unexpected:
-        problems.append(f"unexpected {key_list(unexpected)}{hint}")
-    if problems:
-        raise ValueError(f"{source}: does not fit {what}: " + "; ".join(problems))
 
 
 def _shape_text(expected: dict[str, tuple]) -> str:
@@ -358,7 +262,7 @@ def load_vitvqgan(
     with_pos = ENCODER_POS_KEY in sd or DECODER_POS_KEY in sd
     expected = _expected_shapes(model, pairs, with_pos)
     what = f"a ViT-VQGAN of shape {_shape_text(expected)}"
-    verify_layout(sd, expected, source, what, ignored=IGNORED_PREFIXES, hint=prefix_hint(sd))
+    verify_layout(sd, expected, source, what, ignored=IGNORED_PREFIXES, hint=prefix_hint(sd, _ANCHORS))
 
     new = dict(model.state_dict())
     for mine, theirs in pairs:

@@ -35,8 +35,8 @@ from mimkit.configs import ARCHS, Config, build_config
 from mimkit.interop.layouts import WRAPPER_PREFIXES, count_blocks, read, strip_prefixes
 from mimkit.methods import MTM, FineTune, build_method
 from mimkit.models.pos_embed import sincos_2d
+from mimkit.models.tokenadapt import TokenAdapt, load_tokenadapt, to_official_tokenadapt
 from mimkit.models.vit import build_encoder
-from mimkit.tokens.tokenadapt import TokenAdapt, load_tokenadapt, to_official_tokenadapt
 
 TOKENADAPT_PREFIXES = ("conversion_function.", "reverse_transform.")
 UNUSED_DECODER_POS = "decoder_pos_embed"  # the reference's fixed sin-cos decoder table, never read
