@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from mimkit import checkpoint
 from mimkit.cli import main
+from mimkit.models.tokenizer import DEMO_TOKENIZER as DEMO_TOKENIZER_FILE
 from mimkit.runs.pretrain import pretrain
 from tests.conftest import TINY, tiny_config
 
@@ -152,6 +154,36 @@ def test_an_output_that_is_an_input_or_a_special_file_is_refused_before_any_work
     assert sorted(np.load(images).files) == ["x", "y"]
 
 
+def test_an_output_never_replaces_a_file_of_another_kind(tmp_path, good_run, capsys):
+    """A run's config, a tokenizer or any file that is not what the command writes is never replaced; an
+    earlier output of the same kind is."""
+    config = good_run / "config.yaml"
+    before = config.read_bytes()
+    assert main(["export", str(good_run), "--out", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        f"mimkit: error: --out '{config}' exists and is not a safetensors export: writing would replace it; "
+        "give another path, or remove it first\n"
+    )
+    assert config.read_bytes() == before
+    out = tmp_path / "enc.safetensors"
+    assert main(["export", str(good_run), "--out", str(out)]) == 0
+    assert main(["export", str(good_run), "--out", str(out)]) == 0  # an earlier export is replaced
+    tokenizer = tmp_path / "tok" / "tokenizer.pt"
+    tokenizer.parent.mkdir()
+    shutil.copy(DEMO_TOKENIZER_FILE, tokenizer)
+    assert (
+        main(
+            ["tokenizer", "encode", str(tokenizer), "demo:val", "--max-images", "4", "--out", str(tokenizer)]
+        )
+        == 2
+    )
+    assert f"--out '{tokenizer}' is the input '{tokenizer}'" in capsys.readouterr().err
+    assert tokenizer.read_bytes() == DEMO_TOKENIZER_FILE.read_bytes()
+    capsys.readouterr()
+    assert main(["tokenizer", "encode", "demo", "demo:val", "--max-images", "4", "--out", str(config)]) == 2
+    assert "exists and is not an .npz of id grids" in capsys.readouterr().err
+
+
 def test_a_failed_export_or_encode_leaves_no_partial_file_and_names_the_path(
     tmp_path, good_run, capsys, monkeypatch
 ):
@@ -178,3 +210,17 @@ def test_a_failed_export_or_encode_leaves_no_partial_file_and_names_the_path(
     assert main(["tokenizer", "encode", "demo", "demo:val", "--max-images", "4", "--out", str(ids)]) == 2
     assert capsys.readouterr().err == f"mimkit: error: '{ids}': No space left on device\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "good") == []  # no partial, no temporary
+
+
+def test_a_read_only_folder_is_named_by_the_output_not_its_temporary(tmp_path, monkeypatch):
+    """On a read-only file system even removing the (absent) temporary fails: that second error must not
+    hide the first, which names the file asked for."""
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(args[-1]) if args else None)
+
+    monkeypatch.setattr(torch, "save", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    out = tmp_path / "last.pt"
+    with pytest.raises(checkpoint.CheckpointError, match=rf"could not write checkpoint '{out}': .*Read-only"):
+        checkpoint.save_atomic({"a": 1}, out)

@@ -337,14 +337,15 @@ def test_ids_of_another_tokenizer_of_the_same_vocabulary_are_refused(tmp_path, c
     ]
     assert main(argv) == 2
     assert (
-        "was made by another tokenizer than this encoder's training tokens (their codebooks differ)"
-        in capsys.readouterr().err
+        f"was made by another tokenizer ('{other}') than this encoder's training tokens (their codebooks "
+        "differ)" in capsys.readouterr().err
     )
     tokenize(str(other), "demo:val", str(tmp_path / "c-tokens"), max_images=16, progress=False)
     assert (
         main(["knn", str(tmp_path / "run"), "--val", str(tmp_path / "c-tokens"), "--num-workers", "0"]) == 2
     )
-    assert "c-tokens' was made by another tokenizer" in capsys.readouterr().err
+    made_by = other.resolve() / "tokenizer.pt"
+    assert f"c-tokens' was made by another tokenizer ('{made_by}')" in capsys.readouterr().err
     # and a run given them as eval.val stops before its first step
     tokenize("demo", "demo:train", str(tmp_path / "b-tokens"), max_images=32, progress=False)
     mixed = [

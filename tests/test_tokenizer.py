@@ -84,6 +84,9 @@ def test_tokenizer_learns_on_real_images_and_is_pruned(tmp_path: Path) -> None:
     assert (tmp_path / "tok" / "reconstructions.png").stat().st_size > 1000
     spec = checkpoint.load(tmp_path / "tok" / "last.pt")["input_spec"]  # what it takes: [0, 1] pixels
     assert spec["kind"] == "pixels" and spec["mean"] == [0.0] * 3 and spec["patch_size"] == 4
+    # a tokenizer run has no encoder to analyse: one line, and no report folder left behind
+    assert main(["analyze", str(tmp_path / "tok"), "--images", "4"]) == 2
+    assert not (tmp_path / "tok" / "analysis").exists()
 
 
 def test_tokenizer_resumes_exactly(tmp_path: Path) -> None:

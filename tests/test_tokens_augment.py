@@ -104,12 +104,22 @@ def test_load_codebook_rejects_non_codebooks(tmp_path, content, match):
         load_codebook(tmp_path / "bad.ckpt")
 
 
-def test_load_codebook_names_unreadable_files(tmp_path):
+class Hostile:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_load_codebook_names_unreadable_files_and_refuses_hostile_ones(tmp_path, capsys):
     (tmp_path / "junk.ckpt").write_bytes(b"not a pickle")
-    with pytest.raises(
-        ValueError, match=r"junk\.ckpt: not a tensor file that torch\.load\(weights_only=True\)"
-    ):
+    with pytest.raises(ValueError, match=r"junk\.ckpt: truncated or not a checkpoint \(") as err:
         load_codebook(tmp_path / "junk.ckpt")
+    assert "weights_only" not in str(err.value)
+    torch.save({"codebook": Hostile()}, tmp_path / "evil.ckpt")
+    with pytest.raises(
+        ValueError, match=r"evil\.ckpt: refused as unsafe: it holds a pickled '.*print'"
+    ) as err:
+        load_codebook(tmp_path / "evil.ckpt")
+    assert "weights_only" not in str(err.value) and "this ran" not in capsys.readouterr().out
     save_file({"weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match=r"other\.safetensors: no tensor 'codebook' \(found \['weight'\]\)"):
         load_codebook(tmp_path / "other.safetensors")

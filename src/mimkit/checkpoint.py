@@ -3,6 +3,7 @@ checkpoint holds is read by :mod:`mimkit.interop.load`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -10,7 +11,7 @@ import re
 import shutil
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,22 @@ class OutputPathError(ValueError):
     """An output path that would destroy an input or replace something that is not a file."""
 
 
-def check_output(path: str | Path, inputs: Sequence[str | Path] = (), what: str = "output") -> Path:
+def check_output(
+    path: str | Path,
+    inputs: Sequence[str | Path] = (),
+    what: str = "output",
+    *,
+    kind: tuple[str, Callable[[Path], bool]] | None = None,
+) -> Path:
     """A path a command may write a file to: not a special file (a device, a pipe: renaming over it would
     replace it), not a folder, and not one of the files or folders the command reads (writing it would
-    destroy the input). Checked before any work."""
+    destroy the input). ``kind``: (what the command writes, a test of a file's first bytes): an existing
+    file is replaced only when it is of that kind (an earlier output), never a run's config, a checkpoint
+    or a tokenizer given by mistake. Checked before any work."""
     path = Path(path)
     if path.exists() and not path.is_file():
-        kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
-        raise OutputPathError(f"{what} '{path}' is {kind}: give the path of a file to write")
+        found = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise OutputPathError(f"{what} '{path}' is {found}: give the path of a file to write")
     for source in inputs:
         source = Path(source)
         try:
@@ -51,7 +60,41 @@ def check_output(path: str | Path, inputs: Sequence[str | Path] = (), what: str 
             raise OutputPathError(
                 f"{what} '{path}' is the input '{source}': writing it would destroy it; give another path"
             )
+    if kind is not None and path.is_file() and path.stat().st_size and not _is_kind(path, kind[1]):
+        raise OutputPathError(
+            f"{what} '{path}' exists and is not {kind[0]}: writing would replace it; give another path, or "
+            "remove it first"
+        )
     return path
+
+
+def _is_kind(path: Path, test: Callable[[Path], bool]) -> bool:
+    try:
+        return test(path)
+    except (OSError, ValueError):
+        return False
+
+
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    return 2 <= size < path.stat().st_size and head[8:] == b"{"
+
+
+def is_npz(path: Path) -> bool:
+    return zipfile.is_zipfile(path) and all(n.endswith(".npy") for n in zipfile.ZipFile(path).namelist())
+
+
+def is_png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def is_json(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(1) in (b"{", b"[")
 
 
 def save_atomic(state: dict, path: str | Path) -> Path:
@@ -67,7 +110,8 @@ def save_atomic(state: dict, path: str | Path) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this
+            tmp.unlink()
         raise CheckpointError(
             f"could not write checkpoint '{path}': {_first_line(err)}{_free_space(path.parent)}"
         ) from err
@@ -113,6 +157,15 @@ def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    state = safe_load(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__}, not a dict)")
+    return state
+
+
+def safe_load(path: Path) -> Any:
+    """What a torch file holds, read with torch's weights-only unpickler; a refused type is an
+    :class:`UnsafeCheckpoint` that says so (never a hint to load it unsafely), damage a CheckpointError."""
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: truncated or not a checkpoint (an empty file)")
     try:
@@ -129,8 +182,6 @@ def load(path: str | Path) -> dict:
                 "mimkit never loads such a file"
             ) from err
         raise CheckpointError(f"{path}: truncated or not a checkpoint ({_damage(path, err)})") from err
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__}, not a dict)")
     return state
 
 

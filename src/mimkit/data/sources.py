@@ -630,10 +630,15 @@ def check_input(spec: InputSpec, source: ImageSource) -> None:
     if spec.kind != "pixels" and spec.codebook_signature:  # the same K is not the same tokenizer
         found = codebook_fingerprint(source)
         if found is not None and not same_codebook(found, spec.codebook_signature):
+            try:
+                made_by = getattr(source, "tokenizer_path", None) or tokenizer_of(source)
+            except (OSError, ValueError):
+                made_by = None
+            named = f" ('{made_by}')" if made_by else ""
             raise ValueError(
-                f"'{source.name}' was made by another tokenizer than this encoder's training tokens "
+                f"'{source.name}' was made by another tokenizer{named} than this encoder's training tokens "
                 "(their codebooks differ): its ids mean other codes; give tokens or a --tokenizer of the "
-                "model's own tokenizer"
+                "model's own tokenizer (the run's data.tokenizer, or the one its training tokens record)"
             )
 
 

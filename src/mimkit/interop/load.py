@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mimkit.checkpoint import check_output, resolve_checkpoint
+from mimkit.checkpoint import check_output, is_safetensors, resolve_checkpoint
 from mimkit.configs import Config, build_config
 from mimkit.interop.official import official_method, read
 from mimkit.interop.timm import load_export, save_export
@@ -70,6 +70,7 @@ def load_encoder(path: str | Path, weights: str = "student") -> tuple[ViTEncoder
 def export_encoder(checkpoint: str | Path, out: str | Path, weights: str = "student") -> dict:
     """:func:`~mimkit.interop.timm.save_export` of the encoder in ``checkpoint`` (never over the
     checkpoint itself, nor over a device or a pipe)."""
-    check_output(out, [resolve_checkpoint(checkpoint)], "--out")
+    export = ("a safetensors export", is_safetensors)
+    check_output(out, [resolve_checkpoint(checkpoint)], "--out", kind=export)
     encoder, info = load_encoder(checkpoint, weights)
     return save_export(encoder, info, out, weights)

@@ -3,6 +3,7 @@ such an export back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import replace
@@ -12,7 +13,7 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mimkit.checkpoint import CheckpointError, check_output
+from mimkit.checkpoint import CheckpointError, check_output, is_safetensors
 from mimkit.methods import default_pool
 from mimkit.models.input_spec import InputSpec
 from mimkit.models.vit import ViTEncoder
@@ -38,7 +39,7 @@ def save_export(encoder: ViTEncoder, info: dict, out: str | Path, weights: str =
         "encoder": json.dumps(encoder.spec),
         "input_spec": json.dumps(encoder.input_spec.to_dict()),
     }
-    out = check_output(out, what="--out")
+    out = check_output(out, what="--out", kind=("a safetensors export", is_safetensors))
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:  # written beside, then renamed: a kill or a full disk never leaves half an export
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,8 @@ def save_export(encoder: ViTEncoder, info: dict, out: str | Path, weights: str =
         tmp.chmod(0o644 & ~_umask())  # an ordinary file, readable as any other export
         os.replace(tmp, out)
     except Exception as err:  # safetensors reports a read-only or full folder as its own error type
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this
+            tmp.unlink()
         reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
         raise CheckpointError(f"could not write '{out}': {reason}") from err
     return {"path": str(out), "pool": pool, **spec}

@@ -3,7 +3,8 @@ self-contained HTML report with the numbers beside it as JSON."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -307,6 +308,20 @@ def analyze_checkpoint(
     return out, data
 
 
+@contextlib.contextmanager
+def _removed_if_failed(made: list[Path]) -> Iterator[None]:
+    """The folders a report was to go in, removed again (when still empty) if it fails before writing."""
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (or gone): leave it and the folders above
+        raise
+
+
 def analyze(
     checkpoints: Sequence[str],
     *,
@@ -355,11 +370,15 @@ def analyze(
             else Path("analysis")
         )
     )
+    made = [d for d in (target / "figures", target, *target.parents) if not d.exists()]  # deepest first
     prepare_folder(target)  # an unwritable folder is named before any work
     dev = pick_device(device)
     taken: set[str] = set()
     items = []
-    with progress_bar(len(checkpoints) * len(STAGES), "analyzing", "step", enabled=progress) as bar:
+    with (
+        _removed_if_failed(made),
+        progress_bar(len(checkpoints) * len(STAGES), "analyzing", "step", enabled=progress) as bar,
+    ):
         for path in checkpoints:
             item, used = analyze_checkpoint(
                 str(path),

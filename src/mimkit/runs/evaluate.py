@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mimkit.checkpoint import check_output, resolve_checkpoint
+from mimkit.checkpoint import check_output, is_json, resolve_checkpoint
 from mimkit.configs import ConfigError, EvalConfig, build_config
 from mimkit.data.sources import build_source, source_for, source_paths, tokenized_for
 from mimkit.data.transforms import Views, eval_view
@@ -79,7 +79,7 @@ def knn(
     train, val = labelled_data(info, train, val)
     if target is not None:  # before any work: never over the checkpoint, the data, a device or a pipe
         inputs = [resolve_checkpoint(checkpoint), *source_paths(train or ""), *source_paths(val or "")]
-        check_output(target, inputs, "--out")
+        check_output(target, inputs, "--out", kind=("a JSON result", is_json))
     if not val or (not loo and not train):
         needs = "--val (the evaluation set)" if loo else "--train (memory bank) and --val (queries)"
         raise ConfigError(

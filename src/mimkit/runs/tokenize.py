@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from mimkit.checkpoint import check_output
+from mimkit.checkpoint import check_output, is_npz, is_png
 from mimkit.configs import Config
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
 from mimkit.data.sources import ImageSource, Subset, UnreadableImage, build_source, source_paths
@@ -47,7 +47,7 @@ from mimkit.runs.lock import RunLock
 from mimkit.runs.pretrain import pretrain_then
 from mimkit.tokens.codebook import load_codebook
 from mimkit.tokens.compact import HEADER, CompactWriter
-from mimkit.tokens.dataset import convert, open_tokens
+from mimkit.tokens.dataset import TOKENIZE_RECORD, convert, open_tokens
 from mimkit.tokens.records import TokenDataset, codebook_signature, same_codebook, write_atomic
 from mimkit.tokens.seit import check_seit_target
 from mimkit.train.log import write_json
@@ -506,7 +506,7 @@ def check_same_run(
     """A folder being tokenized records what it is made of (``tokenize.json``); a later run that resumes
     it must tokenize the same images the same way, or its shards would mix two datasets: the source's
     name, size and a fingerprint of its pixels, the shard size, and the tokenizer's path and codebook."""
-    record = folder / "tokenize.json"
+    record = folder / TOKENIZE_RECORD
     now = {
         "source": source.name,
         "images": len(source),
@@ -612,7 +612,8 @@ def encode_ids(
     """The id grids of a few images as a .npz (``ids`` [N, h, w], ``y``), for a look or a quick test;
     a dataset to train on is made by :func:`tokenize`. Never written over its images, and written
     beside then renamed, so that a failure leaves no partial file under its name."""
-    target = check_output(out, source_paths(data), "--out")
+    inputs = [tokenizer_file(tokenizer_path), *source_paths(data)]
+    target = check_output(out, inputs, "--out", kind=("an .npz of id grids", is_npz))
     _, tokenizer, dev, view = tokenizer_on(tokenizer_path, device)
     source = build_source(data, image_size=tokenizer.shape.img_size, max_images=max_images)
     ids, labels = [], []
@@ -638,7 +639,7 @@ def decode_grid(
     """A PNG of the first ``count`` records decoded to images; with ``images`` (the source they were made
     from, same order) each original beside its reconstruction, and their PSNR."""
     inputs = [tokenizer_file(tokenizer_path), *source_paths(tokens), *source_paths(images or "")]
-    check_output(out, inputs, "--out")
+    check_output(out, inputs, "--out", kind=("a PNG image", is_png))
     loaded, tokenizer, dev, view = tokenizer_on(tokenizer_path, device)
     dataset = open_tokens(tokens)
     if tuple(dataset.grid) != (tokenizer.shape.grid,) * 2 or dataset.vocab_size != tokenizer.vocab_size:

@@ -8,7 +8,6 @@ nearest-neighbour search, so :func:`embed` never rescales them and :func:`requan
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from mimkit.checkpoint import CheckpointError, safe_load
 from mimkit.tokens.records import write_atomic
 
 __all__ = [
@@ -80,14 +80,12 @@ def load_codebook(path: str | Path) -> torch.Tensor:
             raise ValueError(f"{path}: no tensor '{SAFETENSORS_KEY}' (found {sorted(tensors)[:8]})")
         found: object = tensors[SAFETENSORS_KEY]
     else:
+        if not path.is_file():
+            raise FileNotFoundError(f"codebook '{path}' does not exist")
         try:
-            found = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-            raise ValueError(
-                f"{path}: not a tensor file that torch.load(weights_only=True) can read ({_first_line(err)})"
-            ) from err
+            found = safe_load(path)
+        except CheckpointError as err:  # damaged, or refused as unsafe: never loaded unsafely
+            raise ValueError(str(err)) from err
     return _check_codebook(found, str(path)).to(torch.float32).contiguous()
 
 

@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 FORMATS = ("seit", "mimkit")
+TOKENIZE_RECORD = "tokenize.json"  # written by `mimkit tokenize` into the folder it writes (what resumes)
 # verify lists at most this many damaged records (their total count is always given)
 MAX_LISTED = 1000
 
@@ -117,11 +118,16 @@ def open_tokens(
         return seit.SeitTokens(where, grid=grid, vocab_size=vocab_size, cache=cache)
     if kind == "mimkit-incomplete":
         n = len(compact.shard_files(where))
-        raise ValueError(
-            f"{where}: an incomplete mimkit token dataset: {n} shard file(s) but no {compact.HEADER}; the "
-            "command writing it stopped before the end. `mimkit tokenize` run again with the same arguments "
-            "resumes it; one `mimkit tokens convert` left must be removed and converted again"
-        )
+        if (where / TOKENIZE_RECORD).is_file():  # what `mimkit tokenize` keeps in a folder it writes
+            finish = (
+                "`mimkit tokenize` stopped while writing it: run it again with the same arguments to resume"
+            )
+        else:
+            finish = (
+                "it was being written by a conversion, which does not resume: remove it and convert again"
+            )
+        what = f"an incomplete mimkit token dataset: {n} shard file(s) but no {compact.HEADER}"
+        raise ValueError(f"{where}: {what}; {finish}")
     return compact.CompactTokens(where, grid=grid, vocab_size=vocab_size, cache=cache)
 
 

@@ -4,6 +4,7 @@ both writers make."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -198,16 +199,16 @@ def read_cache(cache: Path) -> dict[str, Any] | None:
     returned, so the caller decodes it again: a cache is read only when it holds what was decoded."""
     if not cache.is_file():
         return None
+    why = "does not match its checksum (damaged on disk)"
     try:
         saved = json.loads(cache_sidecar(cache).read_text(encoding="utf-8"))
         if saved["bytes"] == cache.stat().st_size and saved["crc32"] == file_crc32(cache):
             return dict(saved)
+    except FileNotFoundError:
+        why = f"has lost its checksum file {cache_sidecar(cache).name}"
     except (OSError, ValueError, KeyError, TypeError):
-        pass
-    print(
-        f"note: {cache}: this decoded cache does not match its checksum (damaged on disk); decoding it again",
-        file=sys.stderr,
-    )
+        why = f"has an unreadable checksum file {cache_sidecar(cache).name}"
+    print(f"note: {cache}: this decoded cache {why}; decoding it again", file=sys.stderr)
     remove_cache(cache)
     return None
 
@@ -229,7 +230,8 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this
+            tmp.unlink()
         if isinstance(err, OSError) and err.filename in (None, str(tmp)):  # named by the file it was for
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise

@@ -825,7 +825,8 @@ class SeitWriter:
         for stream in (self._gz, self._raw):
             with contextlib.suppress(OSError):
                 stream.close()
-        self._tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this
+            self._tmp.unlink()
         for folder in self._made_dirs:
             try:
                 folder.rmdir()

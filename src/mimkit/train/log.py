@@ -3,6 +3,7 @@ metrics.jsonl file, all from rank 0."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -129,7 +130,8 @@ def replace_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no temporary behind
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this
+            tmp.unlink()  # a full disk leaves no temporary behind
         raise
 
 
