@@ -129,7 +129,8 @@ def main() -> None:
             source = build_source(str(root), image_size=args.size, decode_size=decode_size)
             data = DataConfig(normalize=normalize, decode=decode)
             views = method.train_transform(data)
-            finish = DeviceNormalize(data.mean, data.std) if normalize == "device" else None
+            layouts = getattr(views, "layouts", {})
+            finish = DeviceNormalize(data.mean, data.std, layouts) if normalize == "device" else None
             if decode == "device":
                 dataset: ViewDataset = EncodedDataset(source, views, finish=finish)
             else:

@@ -349,7 +349,8 @@ def test_uint8_views_normalised_on_the_device_equal_the_loaders(tiny, name):
         k for k, v in floats.items() if torch.is_tensor(v) and v.is_floating_point() and k != "noise"
     ]
     assert all(raw[k].numel() == floats[k].numel() for k in images)
-    finished = DeviceNormalize(cfg.data.mean, cfg.data.std)(raw)
+    views = method.train_transform(dataclasses.replace(cfg.data, normalize="device"))
+    finished = DeviceNormalize(cfg.data.mean, cfg.data.std, views.layouts)(raw)
     for key, value in floats.items():
         if torch.is_tensor(value):
             assert finished[key].dtype == value.dtype and torch.equal(finished[key], value), key
@@ -366,10 +367,19 @@ def test_normalize_resolves_by_device_and_input():
     forced = DataConfig(normalize="device")
     assert training_data(forced, torch.device("cpu")).normalize == "device"
     bad = {"image": torch.zeros(2, 5, 4, 4, dtype=torch.uint8)}
+    finish = DeviceNormalize((0.5,) * 3, (0.2,) * 3, {"image": "images", "patches": "patch_rows"})
     with pytest.raises(
-        ValueError, match=r"batch entry 'image': uint8 of shape \[2, 5, 4, 4\]; expected images"
+        ValueError,
+        match=r"batch entry 'image': uint8 of shape \[2, 5, 4, 4\]; expected images \[B, 3, H, W\]",
     ):
-        DeviceNormalize((0.5,) * 3, (0.2,) * 3)(bad)
+        finish(bad)
+    # told its layout, never guessed from the rank: patch rows declared as images are an error
+    rows = {"patches": torch.zeros(2, 4, 12, dtype=torch.uint8)}
+    assert finish(rows)["patches"].shape == (2, 4, 12)
+    with pytest.raises(ValueError, match=r"batch entry 'patches': .* expected images \[B, 3, H, W\]"):
+        DeviceNormalize((0.5,) * 3, (0.2,) * 3, {"patches": "images"})(rows)
+    with pytest.raises(ValueError, match=r"batch entry 'other': .* expected an entry its views declare"):
+        finish({"other": torch.zeros(2, 3, 4, 4, dtype=torch.uint8)})
 
 
 def test_a_run_normalising_on_the_device_trains_the_same_weights(tiny, tmp_path):

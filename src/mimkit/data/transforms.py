@@ -48,17 +48,22 @@ def training_data(data: Any, device: torch.device, kind: str = "pixels") -> Any:
     return dataclasses.replace(data, normalize=where)
 
 
-class DeviceNormalize(nn.Module):
-    """:func:`to_normalized` on the device, for the uint8 entries of a training batch: images
-    [B, C, H, W] (channels at dim 1) and patch rows [B, L, p*p*C] (channels innermost: :func:`patchify`'s
-    layout, Latent MIM's gapped patches). The same float32 operations in the same order as the loader's,
-    so the numbers are the same; entries of other dtypes pass unchanged. It may run on the loader's batch:
-    the images move to this module's device first."""
+IMAGES, PATCH_ROWS = "images", "patch_rows"  # the layouts a view's uint8 entry may have
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+
+class DeviceNormalize(nn.Module):
+    """:func:`to_normalized` on the device, for the uint8 entries of a training batch, each in the layout
+    its views declare (:attr:`Views.layouts`): ``images`` [B, C, H, W] (channels at dim 1) or ``patch_rows``
+    [B, L, p*p*C] (channels innermost: :func:`patchify`'s layout, Latent MIM's gapped patches). The same
+    float32 operations in the same order as the loader's, so the numbers are the same; entries of other
+    dtypes pass unchanged. It may run on the loader's batch: the images move to this module's device
+    first."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], layouts: dict[str, str]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(list(mean), dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.as_tensor(list(std), dtype=torch.float32), persistent=False)
+        self.layouts = dict(layouts)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = dict(batch)
@@ -66,23 +71,28 @@ class DeviceNormalize(nn.Module):
         for key, value in batch.items():
             if not (torch.is_tensor(value) and value.dtype == torch.uint8):
                 continue
+            layout = self.layouts.get(key)
             value = value.to(self.mean.device, non_blocking=True)
-            if value.ndim == 4 and value.shape[1] == channels:
+            if layout == IMAGES and value.ndim == 4 and value.shape[1] == channels:
                 shape = (1, channels, 1, 1)
                 x = value.to(torch.float32).mul_(1.0 / 255)
-            elif value.ndim == 3 and value.shape[-1] % channels == 0:
+            elif layout == PATCH_ROWS and value.ndim == 3 and value.shape[-1] % channels == 0:
                 shape = (1, 1, 1, channels)
                 x = value.to(torch.float32).mul_(1.0 / 255).unflatten(-1, (-1, channels))
             else:
+                expected = {
+                    IMAGES: f"images [B, {channels}, H, W]",
+                    PATCH_ROWS: f"patch rows [B, L, p*p*{channels}]",
+                }.get(layout, "an entry its views declare a layout for")
                 raise ValueError(
-                    f"batch entry '{key}': uint8 of shape {list(value.shape)}; expected images "
-                    f"[B, {channels}, H, W] or patch rows [B, L, p*p*{channels}] to normalise on the device"
+                    f"batch entry '{key}': uint8 of shape {list(value.shape)}; expected {expected} to "
+                    "normalise on the device"
                 )
             out[key] = x.sub_(self.mean.view(shape)).div_(self.std.view(shape)).reshape(value.shape)
         return out
 
     def extra_repr(self) -> str:
-        return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
+        return f"mean={self.mean.tolist()}, std={self.std.tolist()}, layouts={self.layouts}"
 
 
 def mae_crop(img_size: int, min_scale: float, data: Any) -> T.Compose:
@@ -97,10 +107,15 @@ def mae_crop(img_size: int, min_scale: float, data: Any) -> T.Compose:
 
 
 class Views:
-    """Named pipelines applied to the same image: ``Views(image=...)`` -> {"image": tensor}."""
+    """Named pipelines applied to the same image: ``Views(image=...)`` -> {"image": tensor}. ``layouts``:
+    the layout of each image entry, for what finishes it on the device (``images`` unless said:
+    ``patch_rows`` for patches flattened in the loader)."""
 
-    def __init__(self, **pipelines: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self, *, layouts: dict[str, str] | None = None, **pipelines: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
         self.pipelines = pipelines
+        self.layouts = {name: IMAGES for name in pipelines} | dict(layouts or {})
 
     def __call__(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: pipeline(img) for name, pipeline in self.pipelines.items()}

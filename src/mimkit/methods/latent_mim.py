@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.transforms import v2 as T
 
 from mimkit.configs import num_patches
-from mimkit.data.transforms import BICUBIC, MaskNoise, Views, to_normalized
+from mimkit.data.transforms import BICUBIC, PATCH_ROWS, MaskNoise, Views, to_normalized
 from mimkit.masking import visible_target_split
 from mimkit.methods.base import MomentumMethod, StepOutput, encoder_from_config, validate_decoder
 from mimkit.models.decoders import CrossDecoder
@@ -202,6 +202,7 @@ class LatentMIM(MomentumMethod):
                 [crop, T.RandomHorizontalFlip(), *to_normalized(data), GapPatches(p, self.patch_gap)]
             ),
             noise=MaskNoise(self.encoder.num_patches),
+            layouts={"patches": PATCH_ROWS},
         )
 
     def before_step(self, progress: float) -> None:

@@ -110,7 +110,8 @@ def _pretrain(cfg: Config, env: DistEnv, out: Path) -> dict[str, Any]:
     method.use_data(source)
     data = training_data(cfg.data, env.device, method.input_spec().kind)
     views = method.train_transform(data)
-    finish = DeviceNormalize(data.mean, data.std) if data.normalize == "device" else None
+    layouts = getattr(views, "layouts", {})
+    finish = DeviceNormalize(data.mean, data.std, layouts) if data.normalize == "device" else None
     if data.decode == "device":
         dataset: ViewDataset = EncodedDataset(source, views, seed=cfg.run.seed, finish=finish)
     else:

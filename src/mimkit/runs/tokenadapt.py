@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mimkit.configs import Config
+from mimkit.data.device import to_device
 from mimkit.data.sources import ImageSource, Subset, build_source
 from mimkit.distributed import DistEnv
 from mimkit.interop.load import load_method
@@ -18,7 +19,6 @@ from mimkit.methods.tokenadapt import TokenAdaptMethod, load_paired_tokenizer
 from mimkit.models.tokenadapt import load_tokenadapt, save_tokenadapt
 from mimkit.runs.pretrain import pretrain_then
 from mimkit.runs.tokenize import image_batches
-from mimkit.train.engine import to_device
 
 WEIGHTS = "tokenadapt.ckpt"
 

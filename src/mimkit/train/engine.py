@@ -4,7 +4,6 @@ here: a module's forward(batch) returns a StepOutput, the Trainer does the rest.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import sys
 import time
@@ -18,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mimkit import checkpoint
 from mimkit.configs import Config
+from mimkit.data.device import DeviceStages, to_device
 from mimkit.data.loader import EpochSampler, ViewDataset, close_loader, make_loader
 from mimkit.distributed import DistEnv, all_gather_rows, broadcast_flag, gather_objects, max_over_ranks
 from mimkit.methods.base import StepOutput, Trainable
@@ -28,7 +28,7 @@ from mimkit.train.optim import build_optimizers, effective_batch, lr_at, resolve
 from mimkit.train.signals import RunInterrupted, StopSignals, interrupted
 from mimkit.train.state import resume_training, training_state
 
-__all__ = ["NonFiniteLoss", "RunInterrupted", "Trainer", "all_finite", "autocast_dtype"]
+__all__ = ["NonFiniteLoss", "RunInterrupted", "Trainer", "all_finite", "autocast_dtype", "to_device"]
 
 
 def fused_adamw(optimizer: torch.optim.Optimizer) -> bool:
@@ -90,13 +90,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device))
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch's tensors on ``device``, except the samples' seeds: batch stages seed generators from
-    them, which on the host costs no synchronisation with the device."""
-    return {
-        k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "seed" else v
-        for k, v in batch.items()
-    }
+def batch_size(batch: dict[str, Any]) -> int:
+    """Samples in a batch: its labels', else its first tensor's length."""
+    first = batch.get("label", next((v for v in batch.values() if torch.is_tensor(v)), None))
+    return 0 if first is None else len(first)
 
 
 class Trainer:
@@ -117,14 +114,9 @@ class Trainer:
         # "main", and any other optimizer the module's parameter groups name (a discriminator's)
         self.optimizers = build_optimizers(self.module, cfg.optim, self.base_lr, env.device)
         self.optimizer = self.optimizers["main"]
-        # a device-side stage for training batches; held here, so its frozen modules stay out of the
-        # optimizer, the EMA teacher and the checkpoint
+        # the method's device-side stage; with the dataset's own (set by fit) the one device stage
         self.batch_transform = module.batch_transform()
-        if self.batch_transform is not None:
-            self.batch_transform = self.batch_transform.to(env.device).requires_grad_(False).eval()
-        # the dataset's own device-side finish (uint8 images normalised, JPEGs decoded on the device), set by
-        # fit()
-        self._input_stage: nn.Module | None = None
+        self.stages = DeviceStages(env.device, None, self.batch_transform, check=self._report_skipped)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.precision == "fp16")
         if env.enabled:
             ids = [env.device.index] if env.device.type == "cuda" else None
@@ -145,6 +137,7 @@ class Trainer:
         self._session: _Session | None = None  # the fit() in progress
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_count = 0
+        self.images_stepped = 0  # samples the last step trained on, over every rank
 
     # ---- one step -----------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict[str, Any]], progress: float) -> None:
@@ -157,7 +150,7 @@ class Trainer:
             self.module.before_step(progress)
         # 2. views on the device, forward, backward; gradients averaged over the micro-batches
         for k, batch in enumerate(micro_batches):
-            batch = self.device_batch(batch)
+            batch = self.stages(batch)
             with self.gradient_sync(last=k == len(micro_batches) - 1):
                 with self.autocast():
                     out = self.forward(batch)
@@ -165,6 +158,7 @@ class Trainer:
             self.guard.mark_loss(out.loss)
             self.add_metrics(out)
             self.iter += 1
+            self.images_stepped += batch_size(batch) * self.env.world_size
         # 3. a loss or gradient that is not finite marks the step bad: read now (host_sync=step) or at
         # the next log step, and never applied
         self.guard.mark_gradients(
@@ -187,14 +181,6 @@ class Trainer:
         self.guard.mark_update(number, self._trained_state())
         self.step += 1
         self.module.after_step(progress)
-
-    def device_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """A loader batch on the device, through the method's device-side stage."""
-        batch = to_device(batch, self.env.device)
-        if self.batch_transform is not None:
-            with torch.no_grad():
-                batch = self.batch_transform(batch)
-        return batch
 
     def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP averages gradients over the ranks at the last micro-batch of a step only."""
@@ -299,8 +285,7 @@ class Trainer:
         cfg = self.cfg
         loader, iters = self._loader(dataset)
         stage = getattr(dataset, "device_stage", None)
-        # a copy: the dataset goes to the loader's workers, which must not receive GPU tensors
-        self._input_stage = copy.deepcopy(stage).to(self.env.device) if stage is not None else None
+        self.stages = DeviceStages(self.env.device, stage, self.batch_transform, check=self._report_skipped)
         log = RunLogger(
             self.out_dir,
             enabled=self.env.is_main,
@@ -353,8 +338,9 @@ class Trainer:
         for micro_batches in self._steps(loader, iters, session):
             it = self.epoch * iters + self.iter
             self.set_lr(lr_at(it / iters, **self.schedule))
+            self.images_stepped = 0
             self.train_step(micro_batches, progress=it / total)
-            session.window_images += sum(len(b["label"]) for b in micro_batches) * env.world_size
+            session.window_images += self.images_stepped
             session.log.advance(len(micro_batches))
             if self.step % cfg.run.log_every == 0 or self.step == stop_at:
                 if self.host_sync == "log":
@@ -371,19 +357,14 @@ class Trainer:
         return False
 
     def _steps(self, loader: Any, iters: int, session: _Session) -> Iterator[list[dict[str, Any]]]:
-        """The loader's micro-batches in groups of ``optim.accum_iter``, each through the dataset's own
-        device-side stage (uint8 images normalised, JPEGs decoded on the device); unreadable images are
-        reported. Micro-batches left over at an epoch end (iters % accum) are dropped, as in the references
-        (which compute them, then clear their gradients at the next epoch)."""
+        """The loader's micro-batches in groups of ``optim.accum_iter``. Micro-batches left over at an epoch
+        end (iters % accum) are dropped, as in the references (which compute them, then clear their
+        gradients at the next epoch)."""
         accum, group = self.cfg.optim.accum_iter, []
         for batch in loader:
             if not group and self.iter + accum > iters:
                 session.log.advance(iters - self.iter)
                 return
-            if self._input_stage is not None:
-                with torch.no_grad():  # on the loader's batch: it moves to the device what it works on
-                    batch = self._input_stage(batch)
-            self._report_skipped(batch)
             group.append(batch)
             if len(group) == accum:
                 yield group
@@ -464,12 +445,12 @@ class Trainer:
         """Unreadable images are named (once per file) and counted; a batch with none left is an error
         (the ranks of a DDP run must step together, and a folder of broken files should not train
         silently)."""
-        skipped = batch.pop("skipped")
+        skipped = batch.pop("skipped", [])  # the loader's collate always puts the list there
         for message in skipped:
             if message not in self.skipped:
                 self.skipped.add(message)
                 print(f"warning: skipped unreadable image {message}", file=sys.stderr, flush=True)
-        if "label" not in batch:
+        if "label" not in batch and skipped:
             raise ValueError(f"every image of a batch was unreadable; the first: {skipped[0]}")
 
     @torch.no_grad()
