@@ -65,43 +65,20 @@ def torchrun_two_cpus(
 EXTRA = {"mae": [], "lut": ["method.head_hidden_dim=32"], "latent_mim": ["method.proj_hidden_dim=32"]}
 
 
-METHODS_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import torch.distributed as dist
-    from mimkit.configs import build_config
-    from mimkit.runs.pretrain import pretrain
-    _, out, runs = sys.argv[1:]
-    for method, overrides in json.loads(runs).items():  # one launch: the processes start once
-        summary = pretrain(build_config(None, overrides))
-        with open(f"{out}/{method}/rank{dist.get_rank()}.json", "w") as f:
-            json.dump(summary, f)
-""")
-
-
-@pytest.fixture(scope="module")
-def methods_in_two_processes(tmp_path_factory) -> Path:
-    """MAE, LUT and Latent MIM pre-trained one after the other by the same two gloo processes."""
-    tmp = tmp_path_factory.mktemp("ddp")
-    runs = {
-        method: [
-            *TINY,
-            f"method={method}",
-            *EXTRA[method],
-            f"run.out={tmp / method}",
-            "optim.epochs=1",
-            "optim.warmup_epochs=0",
-            "run.checkpoint_minutes=0",
-        ]
-        for method in EXTRA
-    }
-    result = torchrun_two_cpus(tmp, "pretrain", tmp, [json.dumps(runs)], script=METHODS_SCRIPT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp
-
-
 @pytest.mark.parametrize("method", ["mae", "lut", "latent_mim"])
-def test_two_processes_stay_in_sync(methods_in_two_processes, method):
-    out = methods_in_two_processes / method
+def test_two_processes_stay_in_sync(tmp_path, method):
+    out = tmp_path / "ddp"
+    overrides = [
+        *TINY,
+        f"method={method}",
+        *EXTRA[method],
+        f"run.out={out}",
+        "optim.epochs=1",
+        "optim.warmup_epochs=0",
+        "run.checkpoint_minutes=0",
+    ]
+    result = torchrun_two_cpus(tmp_path, "pretrain", out, overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
     ckpt = checkpoint.load(out / "last.pt")
     # 64 images over 2 ranks x batch 8: 4 steps, RNG states from both ranks saved for exact resume
     assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2
