@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from mimkit.configs import RECIPE_DIR, ConfigError, build_config
@@ -275,3 +277,47 @@ def test_a_run_shorter_than_its_warmup_keeps_the_recipes_share_with_a_note(capsy
     )
     with pytest.raises(ConfigError, match=r"'optim.warmup_epochs' must lie in \[0, optim.epochs=2\]; got 3"):
         build_config("demo", ["optim.epochs=2", "optim.warmup_epochs=3"])  # the user's own: checked
+
+
+def _declared(section: type, prefix: str) -> list[tuple[str, object, object]]:
+    """(key, a value the declared check refuses, the declaration) for every checked field of a section."""
+    import dataclasses
+
+    found = []
+    for f in dataclasses.fields(section):
+        rule = f.metadata.get("check")
+        if rule is None:
+            continue
+        if rule.choices:
+            bad: object = "nonsense"
+        elif rule.low is not None:
+            bad = rule.low if rule.low_open else rule.low - 1
+        else:
+            bad = rule.high if rule.high_open else rule.high + 1
+        found.append((f"{prefix}{f.name}", bad, rule))
+    return found
+
+
+def _every_declared_check() -> list[tuple[str, str, object, object]]:
+    from mimkit import configs
+    from mimkit.methods import build_method  # noqa: F401 (registers every method's config)
+
+    cases = []
+    for section in ("model", "data", "optim", "run", "eval"):
+        kind = type(getattr(configs.Config(), section))
+        cases += [("mae", *case) for case in _declared(kind, f"{section}.")]
+    for name, kind in configs.METHOD_CONFIGS.items():
+        cases += [(name, *case) for case in _declared(kind, "method.")]
+    return cases
+
+
+@pytest.mark.parametrize(("method", "key", "bad", "rule"), _every_declared_check(), ids=lambda v: str(v)[:40])
+def test_every_declared_range_is_checked_once_with_one_message(method, key, bad, rule):
+    """Ranges and choices live on the config fields; validate refuses a value just beyond each with the
+    message that names the key, what it must hold and what it got."""
+    from mimkit.configs import ConfigError, build_config
+
+    value = f"'{bad}'" if isinstance(bad, str) else bad
+    shown = repr(bad) if isinstance(bad, str) else bad
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}' must {rule.must()}; got {shown}")):
+        build_config(None, [f"method={method}", f"{key}={value}"])

@@ -51,23 +51,89 @@ class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the key and what was expected."""
 
 
+@dataclass(frozen=True)
+class Check:
+    """What a config field must hold, declared on the field (:func:`checked`) and checked once, by
+    :func:`validate`, for every section and the method's: a range (``low`` / ``high``, closed unless
+    ``*_open``) or one of ``choices``. ``null``: allowed, and what it means (the text after "or null");
+    ``note``: why, in parentheses after the range."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    null: str | None = None
+    note: str = ""
+
+    def holds(self, value: Any) -> bool:
+        if value is None:
+            return self.null is not None
+        if self.choices:
+            return value in self.choices
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def must(self) -> str:
+        if self.choices:
+            what = f"be one of {', '.join(self.choices)}"
+        elif self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            what = f"lie in {left}{_number(self.low)}, {_number(self.high)}{right}"
+        elif self.low is not None:
+            what = (
+                f"be > {_number(self.low)}"
+                if self.low_open
+                else ("be at least 1" if self.low == 1 else f"be >= {_number(self.low)}")
+            )
+        else:
+            what = f"be < {_number(self.high)}" if self.high_open else f"be <= {_number(self.high)}"
+        extras = [f"or null{self.null}"] if self.null is not None else []
+        return what + "".join(f" ({e})" for e in [*extras, *([self.note] if self.note else [])])
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def checked(default: Any, **check: Any) -> Any:
+    """A dataclass field whose range or choices are declared (:class:`Check`) rather than hand-written."""
+    return field(default=default, metadata={"check": Check(**check)})
+
+
+def check_declared(obj: Any, prefix: str) -> None:
+    """Every declared :class:`Check` of a config section (and of the sections inside it)."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_declared(value, f"{key}.")
+        rule = f.metadata.get("check")
+        if rule is not None and not rule.holds(value):
+            shown = repr(value) if isinstance(value, str) else value
+            raise ConfigError(f"'{key}' must {rule.must()}; got {shown}")
+
+
 @dataclass
 class ModelConfig:
     arch: str = "vit_base"  # vit_tiny | vit_small | vit_base | vit_large | vit_huge
-    img_size: int = 224
-    patch_size: int | None = None  # None: the arch's (16; 14 for vit_huge)
-    embed_dim: int | None = None  # None: the arch's width
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.0
+    img_size: int = checked(224, low=1)
+    patch_size: int | None = checked(None, low=1, null=" for the arch's")  # None: 16; 14 for vit_huge
+    embed_dim: int | None = checked(None, low=1, null=" for the arch's")  # None: the arch's width
+    depth: int | None = checked(None, low=1, null=" for the arch's")
+    num_heads: int | None = checked(None, low=1, null=" for the arch's")
+    mlp_ratio: float = checked(4.0, low=0, low_open=True)
+    drop_path: float = checked(0.0, low=0, high=1, high_open=True)
     # what the encoder takes: pixels | token_ids (SeiT++: a learned embedding of each id, then a patch of
     # patch_size x patch_size cells per token) | token_embeddings (SeiT: codebook vectors, conv stem
     # k4 s2 p1). For tokens, img_size and patch_size count grid cells (SeiT++ on ImageNet: 28 and 2).
-    stem: str = "pixels"
-    vocab_size: int | None = None  # token_ids: ids per cell; None: the training token dataset's
-    token_dim: int = 32  # the width of a cell's embedding (token_ids) or of the codebook vectors
-    token_dropout: float = 0.0  # dropout on the id embeddings (SeiT++: 0.1)
+    stem: str = checked("pixels", choices=("pixels", "token_ids", "token_embeddings"))
+    # token_ids: ids per cell; None: the training token dataset's
+    vocab_size: int | None = checked(None, low=1, null=" for the data's")
+    token_dim: int = checked(
+        32, low=1
+    )  # the width of a cell's embedding (token_ids) or of the codebook vectors
+    token_dropout: float = checked(0.0, low=0, high=1, high_open=True)  # on the id embeddings (SeiT++: 0.1)
 
 
 @dataclass
@@ -75,49 +141,57 @@ class DataConfig:
     train: str = (
         "demo:train"  # demo:train | demo:val | synthetic[:N] | folder | file.npz | glob, comma-separated
     )
-    num_workers: int | None = None  # loader processes; None: the cores this process may use, per local rank
+    # loader processes; None: the cores this process may use, per local rank
+    num_workers: int | None = checked(None, low=0, null="")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then center-crop img_size
-    max_images: int | None = None  # use only the first N images of the source
+    crop_pct: float = checked(
+        0.875, low=0, high=1, low_open=True
+    )  # evaluation: resize to img_size / crop_pct,
+    # then center-crop img_size
+    max_images: int | None = checked(None, low=1, null="")  # use only the first N images of the source
     # where training images become normalised floats: in the loader's workers, or on the device from uint8
     # batches (a quarter of the bytes between processes and to the GPU; the same numbers); auto: the device
     # on GPUs. Evaluations always normalise in the loader.
-    normalize: str = "auto"  # auto | loader | device
+    normalize: str = checked("auto", choices=("auto", "loader", "device"))
     # decode training JPEGs at the smallest scale of 1/2, 1/4, 1/8 whose shorter side stays >= this many
     # px (libjpeg's DCT scaling, through PIL's draft; much faster on large photos); null: full size
-    decode_size: int | None = None
+    decode_size: int | None = checked(None, low=1, null="")
     # where training JPEGs are decoded: cpu (the loader's workers, PIL) or device (the workers only read
     # the files; the training device decodes each batch, nvJPEG on GPUs, and makes the views there, under
     # each sample's seed); pre-training only
-    decode: str = "cpu"  # cpu | device
+    decode: str = checked("cpu", choices=("cpu", "device"))
     # token models: images among the data (data.train, eval.train, eval.val) are tokenized once, as they are
     # read, by this tokenizer (a tokenizer.pt, its run folder, or "demo": the one shipped with mimkit);
     # null: token data are given, and images are read by the tokenizer those data record
     tokenizer: str | None = None
     # hold out this fraction of data.train (per class, fixed) as eval.val: data.train becomes
     # "PATH#train=F" and eval.val "PATH#val=F", which every later command reads the same way
-    val_fraction: float = 0.0
+    val_fraction: float = checked(0.0, low=0, high=1, high_open=True)
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 800
+    epochs: int = checked(800, low=1)
     warmup_epochs: float = 40.0
-    batch_size: int = 64  # per device, per micro-batch
-    accum_iter: int = 1
-    blr: float = 1.5e-4  # base lr, scaled by the effective batch with lr_rule
-    lr: float | None = None  # absolute lr; overrides blr when set
-    lr_rule: str = "linear"  # linear: blr * B / 256 | sqrt: blr * (ref / 256) * sqrt(B / ref)
-    lr_ref_batch: int = 4096  # ref of the sqrt rule (4096 gives blr * sqrt(B) / 4)
-    min_lr: float = 0.0  # the cosine ends here
-    min_lr_frac: float = 0.0  # or at this fraction of the lr, whichever is larger
+    batch_size: int = checked(64, low=1)  # per device, per micro-batch
+    accum_iter: int = checked(1, low=1)
+    blr: float = checked(1.5e-4, low=0, low_open=True)  # base lr, scaled by the effective batch with lr_rule
+    lr: float | None = checked(
+        None, low=0, low_open=True, null=" to scale optim.blr"
+    )  # absolute; overrides blr
+    # linear: blr * B / 256 | sqrt: blr * (ref / 256) * sqrt(B / ref)
+    lr_rule: str = checked("linear", choices=("linear", "sqrt"))
+    lr_ref_batch: int = checked(4096, low=1)  # ref of the sqrt rule (4096 gives blr * sqrt(B) / 4)
+    min_lr: float = checked(0.0, low=0)  # the cosine ends here
+    min_lr_frac: float = checked(0.0, low=0, high=1)  # or at this fraction of the lr, whichever is larger
     warmup_from_min_lr: bool = False  # warm up from min_lr instead of 0
-    weight_decay: float = 0.05
+    weight_decay: float = checked(0.05, low=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad: float | None = None
-    name: str = "adamw"  # adamw | lars (the linear probe's: momentum, trust 0.001, 1-D tensors not adapted)
-    momentum: float = 0.9  # lars only
+    clip_grad: float | None = checked(None, low=0, low_open=True, null=" for no clipping")
+    # adamw | lars (the linear probe's: momentum, trust 0.001, 1-D tensors not adapted)
+    name: str = checked("adamw", choices=("adamw", "lars"))
+    momentum: float = checked(0.9, low=0, high=1, high_open=True)  # lars only
     # AdamW's fused kernel (one launch for all tensors; numerically the same update up to rounding): null
     # fuses on GPUs only, true / false force it on or off (false is the plain loop, a speed baseline)
     fused: bool | None = None
@@ -131,19 +205,22 @@ class RunConfig:
     out: str | None = None  # run folder; default runs/<recipe>
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32
+    # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32
+    precision: str = checked("auto", choices=("auto", "bf16", "fp16", "fp32"))
     # torch.compile of the method's step, forward and loss (the backward follows through AOTAutograd);
     # compile_mode is torch.compile's mode: reduce-overhead adds CUDA graphs, which need static shapes (MAE
     # and LUT keep a fixed count of visible patches; Latent MIM and MTM do too)
     compile: bool = False
-    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = checked(
+        "default", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    )
     # When the host reads the step's health flags (a non-finite loss, gradients or update; a stop signal
     # that reached another rank): "step" reads them before every update (one host sync per step, any
     # optimizer); "log" only at log steps and saves: the step never waits on the device, fused AdamW skips
     # updates on the device from the first non-finite step on, EMA teachers stand still, and the run stops
     # at the next read with the weights from before that step saved. auto: log where it can (fused AdamW,
     # no fp16 loss scaling), else step.
-    host_sync: str = "auto"  # auto | step | log
+    host_sync: str = checked("auto", choices=("auto", "step", "log"))
     # Numerics-changing speed-ups, off by default. tf32: fp32 matmuls in TensorFloat-32 on GPUs that have
     # it (a 10-bit mantissa; for the rest of the process; torch runs cuDNN convolutions so already).
     # float8: the linear layers that train (encoder, decoder, heads; not an EMA teacher nor a frozen
@@ -151,24 +228,28 @@ class RunConfig:
     tf32: bool = False
     float8: bool = False
     # also rewrite last.pt this often within an epoch (0: at every logged step; .inf: at epoch ends only)
-    checkpoint_minutes: float = 20.0
+    checkpoint_minutes: float = checked(20.0, low=0, note="0: at every logged step")
     resume: str = "auto"  # auto (continue out/last.pt if present) | none | path to a checkpoint
-    log_every: int = 20  # optimizer steps between logged scalars
+    log_every: int = checked(20, low=1)  # optimizer steps between logged scalars
     progress: bool = True
-    stop_at_step: int | None = None  # leave early (after saving) at this optimizer step; schedule unchanged
+    # leave early (after saving) at this optimizer step; schedule unchanged
+    stop_at_step: int | None = checked(None, low=1, null="")
 
 
 @dataclass
 class EvalConfig:
     knn: bool = True  # k-NN accuracy at the end of pre-training, when eval.val is set
-    every_epochs: int = 0  # also every N epochs during pre-training (0: only at the end)
+    every_epochs: int = checked(
+        0, low=0, note="0: only at the end"
+    )  # also every N epochs during pre-training
     baseline: bool = False  # also measure the encoder at initialisation, for comparison
     train: str | None = None  # labelled memory bank; None: data.train
     val: str | None = None  # labelled queries
-    k: int = 20
-    temperature: float = 0.07
-    pool: str = "cls"  # cls | mean (of the patch tokens) | mean_prenorm (that mean before the final norm)
-    batch_size: int = 256
+    k: int = checked(20, low=1)
+    temperature: float = checked(0.07, low=0, low_open=True)
+    # cls | mean (of the patch tokens) | mean_prenorm (that mean before the final norm)
+    pool: str = checked("cls", choices=POOLS)
+    batch_size: int = checked(256, low=1)
     # also Latent MIM's leave-one-out 1-NN on eval.val (mean of the patch tokens before the final norm)
     lmim_nn: bool = False
 
@@ -185,17 +266,6 @@ class Config:
 
 
 STEMS = ("pixels", "token_ids", "token_embeddings")
-CHOICES = {
-    "model.stem": STEMS,
-    "optim.lr_rule": ("linear", "sqrt"),
-    "optim.name": ("adamw", "lars"),
-    "run.precision": ("auto", "bf16", "fp16", "fp32"),
-    "run.host_sync": ("auto", "step", "log"),
-    "data.normalize": ("auto", "loader", "device"),
-    "data.decode": ("cpu", "device"),
-    "run.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    "eval.pool": POOLS,
-}
 # float keys for which +inf has a meaning (checkpoint_minutes: never within an epoch)
 MAY_BE_INFINITE = ("run.checkpoint_minutes",)
 
@@ -446,16 +516,15 @@ def _check_finite(obj: Any, prefix: str = "") -> None:
                 raise ConfigError(f"'{key}' must be {what}; got {value}")
 
 
-def _validate_model(model: ModelConfig) -> None:
-    """What building the encoder would refuse, found before anything is built."""
+def _validate_arch(model: ModelConfig) -> None:
+    """An arch's name, with the nearest one (before the sizes, which read the arch's defaults)."""
     if model.arch not in ARCHS:
         near = difflib.get_close_matches(model.arch, ARCHS, n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise ConfigError(f"'model.arch' must be one of {', '.join(ARCHS)}; got {model.arch!r}{hint}")
-    for name in ("patch_size", "embed_dim", "depth", "num_heads"):
-        value = getattr(model, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"'model.{name}' must be at least 1 (or null for the arch's); got {value}")
+
+
+def _validate_sizes(model: ModelConfig) -> None:
     arch = ARCHS[model.arch]
     patch = model.patch_size if model.patch_size is not None else arch.patch_size
     dim = model.embed_dim if model.embed_dim is not None else arch.embed_dim
@@ -468,92 +537,29 @@ def _validate_model(model: ModelConfig) -> None:
         raise ConfigError(f"'model.embed_dim' ({dim}) must be divisible by 'model.num_heads' ({heads})")
     if dim % 4:
         raise ConfigError(f"'model.embed_dim' must be divisible by 4 (the sin-cos position table); got {dim}")
-    if model.mlp_ratio <= 0:
-        raise ConfigError(f"'model.mlp_ratio' must be > 0; got {model.mlp_ratio}")
-    if not 0 <= model.drop_path < 1:
-        raise ConfigError(f"'model.drop_path' must lie in [0, 1); got {model.drop_path}")
-    if model.vocab_size is not None and model.vocab_size < 1:
-        raise ConfigError(
-            f"'model.vocab_size' must be at least 1 (or null for the data's); got {model.vocab_size}"
-        )
-    if model.token_dim < 1:
-        raise ConfigError(f"'model.token_dim' must be at least 1; got {model.token_dim}")
-    if not 0 <= model.token_dropout < 1:
-        raise ConfigError(f"'model.token_dropout' must lie in [0, 1); got {model.token_dropout}")
-
-
-def _validate_optim(optim: OptimConfig) -> None:
-    if optim.clip_grad is not None and optim.clip_grad <= 0:
-        raise ConfigError(f"'optim.clip_grad' must be > 0 (or null for no clipping); got {optim.clip_grad}")
-    if optim.lr is not None and optim.lr <= 0:
-        raise ConfigError(f"'optim.lr' must be > 0 (or null to scale optim.blr); got {optim.lr}")
-    if optim.blr <= 0:
-        raise ConfigError(f"'optim.blr' must be > 0; got {optim.blr}")
-    if optim.min_lr < 0:
-        raise ConfigError(f"'optim.min_lr' must be >= 0; got {optim.min_lr}")
-    if not 0 <= optim.min_lr_frac <= 1:
-        raise ConfigError(f"'optim.min_lr_frac' must lie in [0, 1]; got {optim.min_lr_frac}")
-    if optim.weight_decay < 0:
-        raise ConfigError(f"'optim.weight_decay' must be >= 0; got {optim.weight_decay}")
-    if not all(0 <= b < 1 for b in optim.betas):
-        raise ConfigError(f"'optim.betas' must both lie in [0, 1); got {list(optim.betas)}")
-    if not 0 <= optim.momentum < 1:
-        raise ConfigError(f"'optim.momentum' must lie in [0, 1); got {optim.momentum}")
 
 
 def validate(cfg: Config) -> None:
     """Every value that training would refuse, or would use in a way that makes no sense, is an error
     here, so that ``--print-config`` and a run that has not read its data yet fail the same way."""
     _check_finite(cfg)
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"'{key}' must be one of {', '.join(allowed)}; got {value!r}")
-    positive = [
-        "optim.epochs",
-        "optim.batch_size",
-        "optim.accum_iter",
-        "eval.batch_size",
-        "eval.k",
-        "run.log_every",
-        "model.img_size",
-        "optim.lr_ref_batch",
-    ]
-    for key in positive:
-        if _get(cfg, key) < 1:
-            raise ConfigError(f"'{key}' must be at least 1; got {_get(cfg, key)}")
-    for key in ("run.stop_at_step", "data.max_images", "data.decode_size"):
-        if _get(cfg, key) is not None and _get(cfg, key) < 1:
-            raise ConfigError(f"'{key}' must be at least 1 (or null); got {_get(cfg, key)}")
-    _validate_model(cfg.model)
-    _validate_optim(cfg.optim)
+    _validate_arch(cfg.model)
+    check_declared(cfg, "")
+    _validate_sizes(cfg.model)  # what building the encoder would refuse: sizes that must divide
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"'optim.betas' must both lie in [0, 1); got {list(cfg.optim.betas)}")
     if cfg.optim.warmup_epochs < 0 or cfg.optim.warmup_epochs > cfg.optim.epochs:
         raise ConfigError(
             f"'optim.warmup_epochs' must lie in [0, optim.epochs={cfg.optim.epochs}]; "
             f"got {cfg.optim.warmup_epochs}"
         )
-    if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
-        raise ConfigError(f"'data.num_workers' must be >= 0; got {cfg.data.num_workers}")
     if cfg.data.decode == "device" and cfg.data.decode_size is not None:
         raise ConfigError(
             "'data.decode_size' reduces JPEG decoding in the loader's workers; with data.decode=device the "
             "device decodes at full size: leave one of them unset"
         )
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"'data.val_fraction' must lie in [0, 1); got {cfg.data.val_fraction}")
-    if not 0 < cfg.data.crop_pct <= 1:
-        raise ConfigError(f"'data.crop_pct' must lie in (0, 1]; got {cfg.data.crop_pct}")
     if not all(s > 0 for s in cfg.data.std):
         raise ConfigError(f"'data.std' must be > 0 in every channel; got {list(cfg.data.std)}")
-    if cfg.run.checkpoint_minutes < 0:
-        minutes = cfg.run.checkpoint_minutes
-        raise ConfigError(f"'run.checkpoint_minutes' must be >= 0 (0: at every logged step); got {minutes}")
-    if cfg.eval.temperature <= 0:
-        raise ConfigError(f"'eval.temperature' must be > 0; got {cfg.eval.temperature}")
-    if cfg.eval.every_epochs < 0:
-        raise ConfigError(
-            f"'eval.every_epochs' must be >= 0 (0: only at the end); got {cfg.eval.every_epochs}"
-        )
     try:
         if hasattr(cfg.method, "validate"):
             cfg.method.validate()

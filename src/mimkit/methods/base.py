@@ -139,12 +139,9 @@ class MomentumMethod(Method):
 
 
 def validate_decoder(cfg: Any) -> None:
-    """The ``method.decoder_*`` settings MAE and Latent MIM share. Depth 0 is a valid decoder (the input
-    and prediction layers alone); the width carries a sin-cos position table, hence the multiple of 4."""
-    if cfg.decoder_depth < 0:
-        raise ValueError(f"'method.decoder_depth' must be >= 0; got {cfg.decoder_depth}")
-    if cfg.decoder_num_heads < 1:
-        raise ValueError(f"'method.decoder_num_heads' must be at least 1; got {cfg.decoder_num_heads}")
+    """The ``method.decoder_*`` settings MAE, Latent MIM and MTM share, beyond their declared ranges
+    (depth 0 is a valid decoder: the input and prediction layers alone): the width carries a sin-cos
+    position table, hence the multiple of 4, and must split into the heads."""
     if cfg.decoder_embed_dim < 1 or cfg.decoder_embed_dim % 4:
         raise ValueError(
             f"'method.decoder_embed_dim' must be a positive multiple of 4 (the sin-cos position table); "

@@ -17,7 +17,7 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from mimkit.configs import Config
+from mimkit.configs import Config, checked
 from mimkit.data.token_augment import TokenEDA, TokenMixup
 from mimkit.data.transforms import Views, as_ids, eval_view
 from mimkit.methods.base import StepOutput, Trainable
@@ -41,14 +41,16 @@ class FinetuneConfig:
     # encoder of the model section (a supervised run from scratch, as SeiT's)
     checkpoint: str = ""
     weights: str = "student"  # student | teacher
-    img_size: int | None = None  # None: the checkpoint's; another size resamples the position table
+    # None: the checkpoint's; another size resamples the position table
+    img_size: int | None = checked(None, low=1, null=" for the checkpoint's")
     # avg: mean of the patch tokens + a new fc_norm (the encoder's norm is dropped) | avg_norm: that mean
     # through the encoder's own final norm (SeiT++'s classifier) | cls
-    pool: str = "avg"
-    drop_path: float = 0.1  # rising linearly over the blocks to this value
-    layer_decay: float = 0.75  # lr scale ld^(depth + 1 - layer id); ids: stem 0, block i -> i + 1, head last
+    pool: str = checked("avg", choices=("avg", "avg_norm", "cls"))
+    drop_path: float = checked(0.1, low=0, high=1, high_open=True)  # rising linearly over the blocks to this
+    # lr scale ld^(depth + 1 - layer id); ids: stem 0, block i -> i + 1, head last
+    layer_decay: float = checked(0.75, low=0, high=1, low_open=True)
     head_init_std: float = 2e-5
-    min_crop_scale: float = 0.08
+    min_crop_scale: float = checked(0.08, low=0, high=1, low_open=True)
     rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm's RandAugment spec; null: none
     reprob: float = 0.25  # random erasing
     mixup: float = 0.8
@@ -70,20 +72,8 @@ class FinetuneConfig:
     eda_sc_prob: float = 0.0  # swap two square blocks
 
     def validate(self) -> None:
-        if self.pool not in ("avg", "avg_norm", "cls"):
-            raise ValueError(f"'method.pool' must be avg, avg_norm or cls; got {self.pool!r}")
         validate_choice_probabilities(self, "noise_prob", "coloradapt_prob")
         validate_choice_probabilities(self, "eda_rc_prob", "eda_sc_prob")
-        if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"'method.layer_decay' must lie in (0, 1]; got {self.layer_decay}")
-        if not 0 <= self.drop_path < 1:
-            raise ValueError(f"'method.drop_path' must lie in [0, 1); got {self.drop_path}")
-        if self.img_size is not None and self.img_size < 1:
-            raise ValueError(
-                f"'method.img_size' must be at least 1 (or null for the checkpoint's); got {self.img_size}"
-            )
-        if not 0 < self.min_crop_scale <= 1:
-            raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
 
     def validate_with(self, cfg: Config) -> None:
         """Mixup and CutMix pair the images of a batch (of each half, with a TokenAdapt path)."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from mimkit.configs import num_patches
+from mimkit.configs import checked, num_patches
 from mimkit.data.transforms import BICUBIC, PATCH_ROWS, MaskNoise, Views, to_normalized
 from mimkit.masking import visible_target_split
 from mimkit.methods.base import MomentumMethod, StepOutput, encoder_from_config, validate_decoder
@@ -46,44 +46,28 @@ class LatentMIMConfig:
     num_vis: int | None = None  # visible patches per image; None: ~10.2% of them (20 of 196)
     # px added to each patch's cell, the patch cut at a random offset in [0, gap) inside it; None:
     # patch_size // 4 (4 for 16-px patches; 1 for 4-px ones, where the offset is always 0: no jitter)
-    patch_gap: int | None = None
-    min_crop_scale: float = 0.2  # RandomResizedCrop(scale=(min_crop_scale, 1))
+    patch_gap: int | None = checked(None, low=0, null=" for patch_size // 4")
+    min_crop_scale: float = checked(
+        0.2, low=0, high=1, low_open=True
+    )  # RandomResizedCrop(scale=(min_crop_scale, 1))
     mask_target: bool = True  # the target encoder sees only the masked patches
-    loss: str = "infonce_patches"  # infonce_patches | norm_l2 (the direct-regression ablation)
-    tau: float = 0.2
+    loss: str = checked("infonce_patches", choices=LOSSES)  # norm_l2: the direct-regression ablation
+    tau: float = checked(0.2, low=0, low_open=True)
     # the released run's 0.1 (the reference yaml's default is 0, i.e. off)
-    avg_sim_coeff: float = 0.1
+    avg_sim_coeff: float = checked(0.1, low=0)
     sim_init: float = 0.75  # the similarity target decays along a cosine from sim_init to sim_end
     sim_end: float = 0.25
-    ema_momentum: float = 0.99  # m0 of the cosine schedule to 1
-    proj_depth: int = 3
+    ema_momentum: float = checked(0.99, low=0, high=1)  # m0 of the cosine schedule to 1
+    proj_depth: int = checked(3, low=1, note="the projector is always on")
     # None: the reference's 4096 for encoders 384 wide or more (ViT-S/B/L/H), 8 x width below (a 4096-wide
     # projector on every token would cost more than a narrow encoder itself)
-    proj_hidden_dim: int | None = None
+    proj_hidden_dim: int | None = checked(None, low=1, null=" for the reference's")
     decoder_embed_dim: int = 512
-    decoder_depth: int = 3
-    decoder_num_heads: int = 16
+    decoder_depth: int = checked(3, low=0)
+    decoder_num_heads: int = checked(16, low=1)
     visual_cue: bool = True  # the reference's avg_vis_mask_token
 
     def validate(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"'method.loss' must be one of {', '.join(LOSSES)}; got {self.loss!r}")
-        if self.tau <= 0:
-            raise ValueError(f"'method.tau' must be > 0; got {self.tau}")
-        if self.patch_gap is not None and self.patch_gap < 0:
-            raise ValueError(f"'method.patch_gap' must be >= 0; got {self.patch_gap}")
-        if not 0 < self.min_crop_scale <= 1:
-            raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
-        if self.proj_hidden_dim is not None and self.proj_hidden_dim < 1:
-            raise ValueError(f"'method.proj_hidden_dim' must be >= 1 or null; got {self.proj_hidden_dim}")
-        if self.proj_depth < 1:
-            raise ValueError(
-                f"'method.proj_depth' must be >= 1 (the projector is always on); got {self.proj_depth}"
-            )
-        if not 0 <= self.ema_momentum <= 1:
-            raise ValueError(f"'method.ema_momentum' must lie in [0, 1]; got {self.ema_momentum}")
-        if self.avg_sim_coeff < 0:
-            raise ValueError(f"'method.avg_sim_coeff' must be >= 0; got {self.avg_sim_coeff}")
         validate_decoder(self)
 
     def validate_with(self, cfg: Any) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from mimkit.configs import POOLS, Config
+from mimkit.configs import POOLS, Config, checked
 from mimkit.data.loader import FeatureDataset, ViewDataset
 from mimkit.data.sources import ImageSource
 from mimkit.data.transforms import BICUBIC, RandomCropIds, Views, eval_view, to_normalized
@@ -28,21 +28,15 @@ class LinearProbeConfig:
     name: str = "linprobe"
     checkpoint: str = ""  # run folder, .pt checkpoint, .safetensors export or official file (required)
     weights: str = "student"  # student | teacher
-    pool: str | None = None  # cls | mean | mean_prenorm; None: cls (mean for Latent MIM)
-    min_crop_scale: float = 0.08  # RandomResizedCrop(scale=(min_crop_scale, 1)) + flip
+    pool: str | None = checked(None, choices=POOLS, null=" for the method's")  # None: cls (mean: Latent MIM)
+    min_crop_scale: float = checked(
+        0.08, low=0, high=1, low_open=True
+    )  # RandomResizedCrop(scale=(min_crop_scale, 1)) + flip
     # fast mode: features are extracted once (cache_passes augmented passes over the training set, or
     # the evaluation view if 0) and the probe is trained on them; the full mode augments every epoch
     cached: bool = False
-    cache_passes: int = 1
+    cache_passes: int = checked(1, low=0)
     num_classes: int | None = None  # None: from the training labels
-
-    def validate(self) -> None:
-        if self.pool is not None and self.pool not in POOLS:
-            raise ValueError(f"'method.pool' must be one of {', '.join(POOLS)}; got {self.pool!r}")
-        if self.cache_passes < 0:
-            raise ValueError(f"'method.cache_passes' must be >= 0; got {self.cache_passes}")
-        if not 0 < self.min_crop_scale <= 1:
-            raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
 
 
 class LinearProbe(Trainable):

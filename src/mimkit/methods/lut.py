@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2 as T
 
+from mimkit.configs import checked
 from mimkit.data.transforms import MaskNoise, Views, simple_crop, strong_colour, to_normalized
 from mimkit.masking import disjoint_pair
 from mimkit.methods.base import MomentumMethod, StepOutput
@@ -31,15 +32,18 @@ from mimkit.models.vit import ViTEncoder, mae_init_
 @dataclass
 class LUTConfig(MAEConfig):
     name: str = "lut"
-    w_mae: float = 1.0
-    w_bc: float = 0.25  # the documented value (the reference parser's --w_b 0.1 is never read)
-    ema_momentum: float = 0.996  # m0 of the cosine schedule to 1 (the parser's 0.99996 is not the recipe)
-    head_depth: int = 2
-    pred_depth: int = 2
-    head_hidden_dim: int = 4096
-    head_norm: str = "bn"  # bn | ln | none
-    head_act: str = "relu"  # relu | gelu
-    crop_padding: int = 4
+    w_mae: float = checked(1.0, low=0)
+    w_bc: float = checked(
+        0.25, low=0
+    )  # the documented value (the reference parser's --w_b 0.1 is never read)
+    # m0 of the cosine schedule to 1 (the parser's 0.99996 is not the recipe)
+    ema_momentum: float = checked(0.996, low=0, high=1)
+    head_depth: int = checked(2, low=0)
+    pred_depth: int = checked(2, low=0)
+    head_hidden_dim: int = checked(4096, low=1)
+    head_norm: str = checked("bn", choices=("bn", "ln", "none"))
+    head_act: str = checked("relu", choices=("relu", "gelu"))
+    crop_padding: int = checked(4, low=0)
     # None: the reference's PIL radius range (0.1, 2.0) at 224 px, its upper end scaled to the image size
     blur_sigma: tuple[float, float] | None = None
 
@@ -50,22 +54,10 @@ class LUTConfig(MAEConfig):
                 "'method.min_crop_scale' is MAE's RandomResizedCrop; LUT's views use a simple random "
                 "crop (method.crop_padding) and would ignore it"
             )
-        if self.head_norm not in ("bn", "ln", "none") or self.head_act not in ("relu", "gelu"):
-            raise ValueError(
-                "'method.head_norm' must be bn, ln or none and 'method.head_act' relu or gelu; "
-                f"got {self.head_norm!r}, {self.head_act!r}"
-            )
         if self.mask_ratio < 0.5:
             raise ValueError(
                 f"'method.mask_ratio' must be >= 0.5 for LUT's two disjoint views; got {self.mask_ratio}"
             )
-        for key in ("head_depth", "pred_depth", "crop_padding", "w_mae", "w_bc"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"'method.{key}' must be >= 0; got {getattr(self, key)}")
-        if self.head_hidden_dim < 1:
-            raise ValueError(f"'method.head_hidden_dim' must be at least 1; got {self.head_hidden_dim}")
-        if not 0 <= self.ema_momentum <= 1:
-            raise ValueError(f"'method.ema_momentum' must lie in [0, 1]; got {self.ema_momentum}")
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

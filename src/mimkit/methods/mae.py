@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from mimkit.configs import checked
 from mimkit.data.transforms import MaskNoise, Views, mae_crop
 from mimkit.masking import random_masking
 from mimkit.methods.base import Method, StepOutput, validate_decoder
@@ -18,18 +19,16 @@ from mimkit.models.vit import ViTEncoder
 @dataclass
 class MAEConfig:
     name: str = "mae"
-    mask_ratio: float = 0.75
+    mask_ratio: float = checked(0.75, low=0, high=1, high_open=True)
     norm_pix_loss: bool = True
     decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    min_crop_scale: float = 0.2  # RandomResizedCrop(scale=(min_crop_scale, 1))
+    decoder_depth: int = checked(8, low=0)
+    decoder_num_heads: int = checked(16, low=1)
+    min_crop_scale: float = checked(
+        0.2, low=0, high=1, low_open=True
+    )  # RandomResizedCrop(scale=(min_crop_scale, 1))
 
     def validate(self) -> None:
-        if not 0 <= self.mask_ratio < 1:
-            raise ValueError(f"'method.mask_ratio' must lie in [0, 1); got {self.mask_ratio}")
-        if not 0 < self.min_crop_scale <= 1:
-            raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
         validate_decoder(self)
 
 

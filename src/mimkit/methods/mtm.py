@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mimkit.configs import Config
+from mimkit.configs import Config, checked
 from mimkit.data.transforms import MaskNoise, Views, as_ids
 from mimkit.masking import TokenMask, token_masking, truncated_normal_ratio
 from mimkit.methods.base import Method, StepOutput, encoder_from_config, validate_decoder
@@ -39,35 +39,30 @@ class MTMConfig:
     # the batch's mask ratio: normal(mean, std) truncated to [min, max]; the fraction of patches dropped
     # is mask_ratio_min (the pre-training script's values; MAGE's are 0.55 / 0.25 on [0.5, 1])
     mask_ratio_mean: float = 0.45
-    mask_ratio_std: float = 0.25
+    mask_ratio_std: float = checked(0.25, low=0, low_open=True)
     mask_ratio_min: float = 0.4
     mask_ratio_max: float = 1.0
     decoder_embed_dim: int = 512
-    decoder_depth: int = 4
-    decoder_num_heads: int = 16
-    decoder_dropout: float = 0.1  # on the decoder's projections and attention
-    label_smoothing: float = 0.0
+    decoder_depth: int = checked(4, low=0)
+    decoder_num_heads: int = checked(16, low=1)
+    # on the decoder's projections and attention
+    decoder_dropout: float = checked(0.1, low=0, high=1, high_open=True)
+    label_smoothing: float = checked(0.0, low=0, high=1, high_open=True)
     # the views (method.token_views): codebook vectors of the ids, colour, crop, TokenAdapt, re-quantise
     codebook: str | None = None  # a codebook file (K x D); None: the training token dataset's
-    min_crop_scale: float = 0.2  # random resized crop scale (s, 1), on both paths
+    min_crop_scale: float = checked(
+        0.2, low=0, high=1, low_open=True
+    )  # random resized crop scale (s, 1), both paths
     tokenadapt: str | None = None  # TokenAdapt weights (official tokenadapt.ckpt or a run); None: no TA path
     noise_prob: float = 0.0  # per batch: Emb-Noise with this probability,
     coloradapt_prob: float = 0.0  # else ColorAdapt with this one (SeiT++ pre-training: both off)
 
     def validate(self) -> None:
-        if not self.mask_ratio_std > 0:
-            raise ValueError(f"'method.mask_ratio_std' must be > 0; got {self.mask_ratio_std}")
         if not 0 <= self.mask_ratio_min < self.mask_ratio_max <= 1:
             raise ValueError(
                 "'method.mask_ratio_min' and 'method.mask_ratio_max' must satisfy 0 <= min < max <= 1; "
                 f"got {self.mask_ratio_min} and {self.mask_ratio_max}"
             )
-        if not 0 <= self.decoder_dropout < 1:
-            raise ValueError(f"'method.decoder_dropout' must lie in [0, 1); got {self.decoder_dropout}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"'method.label_smoothing' must lie in [0, 1); got {self.label_smoothing}")
-        if not 0 < self.min_crop_scale <= 1:
-            raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
         validate_choice_probabilities(self, "noise_prob", "coloradapt_prob")
         validate_decoder(self)
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2 as T
 
+from mimkit.configs import checked
 from mimkit.data.token_augment import CropBoxes
 from mimkit.data.transforms import BICUBIC, Views, to_normalized
 from mimkit.methods.base import BatchTransform, Method, StepOutput
@@ -54,9 +55,10 @@ class TokenAdaptConfig:
     # f and g's width; heads are 64 wide as the official attention's, so width is a multiple of 64 (>= 128:
     # the official layout drops the output projection of a single head)
     width: int = 384
-    depth: int = 1
+    depth: int = checked(1, low=1)
     mlp_ratio: float = 4.0
-    out_grid: int | None = None  # g's stored position table; None: the tokenizer's grid (SeiT++'s file: 28)
+    # g's stored position table; None: the tokenizer's grid (SeiT++'s file: 28)
+    out_grid: int | None = checked(None, low=1, null="")
     min_crop_scale: float = 0.2  # the paired crop's area fraction U(min_crop_scale, 1)
     eval_images: int = 1000  # the accuracy at the end is measured on this many eval.val images
 
@@ -66,13 +68,10 @@ class TokenAdaptConfig:
                 f"'method.width' must be a multiple of {DEFAULT_HEAD_DIM} (the official head width) and at "
                 f"least {2 * DEFAULT_HEAD_DIM}; got {self.width}"
             )
-        if self.depth < 1:
-            raise ValueError(f"'method.depth' must be at least 1; got {self.depth}")
         hidden = self.width * self.mlp_ratio
         if self.mlp_ratio <= 0 or hidden != int(hidden):
             raise ValueError(f"'method.mlp_ratio' must give a whole MLP width; got {self.mlp_ratio}")
-        if self.out_grid is not None and self.out_grid < 1:
-            raise ValueError(f"'method.out_grid' must be at least 1 (or null); got {self.out_grid}")
+
         if not 0 < self.min_crop_scale <= 1:
             raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
         if self.eval_images < 1:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torchvision.transforms import v2 as T
 
-from mimkit.configs import ARCHS
+from mimkit.configs import ARCHS, checked
 from mimkit.data.transforms import BICUBIC, Views, to_normalized
 from mimkit.methods.base import Method, StepOutput
 from mimkit.models.input_spec import InputSpec
@@ -26,29 +26,21 @@ from mimkit.models.tokenizer import TokenizerShape, VQTokenizer, psnr
 @dataclass
 class TokenizerConfig:
     name: str = "vq_tokenizer"
-    codebook_size: int = 8192
-    code_dim: int = 32  # the factorised code space the ids index (SeiT's 32)
-    commitment_weight: float = 0.25
-    codebook_decay: float = 0.8  # EMA of the codebook
+    codebook_size: int = checked(8192, low=1)
+    code_dim: int = checked(32, low=1)  # the factorised code space the ids index (SeiT's 32)
+    commitment_weight: float = checked(0.25, low=0)
+    codebook_decay: float = checked(0.8, low=0, high=1, low_open=True, high_open=True)  # EMA of the codebook
     kmeans_init: bool = True  # the codebook starts as k-means centres of the first batch's features
-    dead_code_threshold: float = 2.0  # codes used fewer times (EMA count) are restarted from the batch
-    l1_weight: float = 1.0
-    l2_weight: float = 1.0
-    min_crop_scale: float = 0.8  # RandomResizedCrop(scale=(min_crop_scale, 1)); 1: the whole image
+    # codes used fewer times (EMA count) are restarted from the batch
+    dead_code_threshold: float = checked(2.0, low=0)
+    l1_weight: float = checked(1.0, low=0)
+    l2_weight: float = checked(1.0, low=0)
+    # RandomResizedCrop(scale=(min_crop_scale, 1)); 1: the whole image
+    min_crop_scale: float = checked(0.8, low=0, high=1, low_open=True)
 
     def validate(self) -> None:
-        for name in ("codebook_size", "code_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'method.{name}' must be at least 1; got {getattr(self, name)}")
-        if not 0 < self.codebook_decay < 1:
-            raise ValueError(f"'method.codebook_decay' must lie in (0, 1); got {self.codebook_decay}")
-        for name in ("commitment_weight", "l1_weight", "l2_weight", "dead_code_threshold"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"'method.{name}' must be >= 0; got {getattr(self, name)}")
         if self.l1_weight == 0 and self.l2_weight == 0:
             raise ValueError("'method.l1_weight' and 'method.l2_weight' are both 0: nothing to reconstruct")
-        if not 0 < self.min_crop_scale <= 1:
-            raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
 
 
 def tokenizer_shape(model_cfg: Any, cfg: TokenizerConfig) -> TokenizerShape:
