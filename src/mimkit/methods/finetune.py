@@ -62,14 +62,16 @@ class FinetuneConfig:
     # token-id encoders (SeiT++): the views of mimkit.methods.token_views, made on the device; mixup and
     # cutmix above are the base path's, min_crop_scale its crop; rand_augment and reprob do not apply
     codebook: str | None = None  # a codebook file; None: the training token dataset's
-    noise_prob: float = 0.75  # per batch: Emb-Noise with this probability,
-    coloradapt_prob: float = 0.25  # else ColorAdapt with this one (SeiT++ fine-tuning)
+    noise_prob: float = checked(0.75, low=0, high=1)  # per batch: Emb-Noise with this probability,
+    coloradapt_prob: float = checked(
+        0.25, low=0, high=1
+    )  # else ColorAdapt with this one (SeiT++ fine-tuning)
     tokenadapt: str | None = None  # TokenAdapt weights (file or run); None: no TokenAdapt path
     tokenadapt_mixup: float = 0.8  # Mixup / CutMix of the TokenAdapt path, in its feature space
     tokenadapt_cutmix: float = 1.0
     # Token-EDA per sample (SeiT: 0.25 / 0.25), with the top-5 cosine synonyms of each code
-    eda_rc_prob: float = 0.0  # synonym replacement (each id w.p. 0.25)
-    eda_sc_prob: float = 0.0  # swap two square blocks
+    eda_rc_prob: float = checked(0.0, low=0, high=1)  # synonym replacement (each id w.p. 0.25)
+    eda_sc_prob: float = checked(0.0, low=0, high=1)  # swap two square blocks
 
     def validate(self) -> None:
         validate_choice_probabilities(self, "noise_prob", "coloradapt_prob")

@@ -54,8 +54,10 @@ class MTMConfig:
         0.2, low=0, high=1, low_open=True
     )  # random resized crop scale (s, 1), both paths
     tokenadapt: str | None = None  # TokenAdapt weights (official tokenadapt.ckpt or a run); None: no TA path
-    noise_prob: float = 0.0  # per batch: Emb-Noise with this probability,
-    coloradapt_prob: float = 0.0  # else ColorAdapt with this one (SeiT++ pre-training: both off)
+    noise_prob: float = checked(0.0, low=0, high=1)  # per batch: Emb-Noise with this probability,
+    coloradapt_prob: float = checked(
+        0.0, low=0, high=1
+    )  # else ColorAdapt with this one (SeiT++ pre-training: off)
 
     def validate(self) -> None:
         if not 0 <= self.mask_ratio_min < self.mask_ratio_max <= 1:

@@ -59,8 +59,11 @@ class TokenAdaptConfig:
     mlp_ratio: float = 4.0
     # g's stored position table; None: the tokenizer's grid (SeiT++'s file: 28)
     out_grid: int | None = checked(None, low=1, null="")
-    min_crop_scale: float = 0.2  # the paired crop's area fraction U(min_crop_scale, 1)
-    eval_images: int = 1000  # the accuracy at the end is measured on this many eval.val images
+    # the paired crop's area fraction U(min_crop_scale, 1)
+    min_crop_scale: float = checked(0.2, low=0, high=1, low_open=True)
+    eval_images: int = checked(
+        1000, low=1
+    )  # the accuracy at the end is measured on this many eval.val images
 
     def validate(self) -> None:
         if self.width < 2 * DEFAULT_HEAD_DIM or self.width % DEFAULT_HEAD_DIM:
@@ -71,11 +74,6 @@ class TokenAdaptConfig:
         hidden = self.width * self.mlp_ratio
         if self.mlp_ratio <= 0 or hidden != int(hidden):
             raise ValueError(f"'method.mlp_ratio' must give a whole MLP width; got {self.mlp_ratio}")
-
-        if not 0 < self.min_crop_scale <= 1:
-            raise ValueError(f"'method.min_crop_scale' must lie in (0, 1]; got {self.min_crop_scale}")
-        if self.eval_images < 1:
-            raise ValueError(f"'method.eval_images' must be at least 1; got {self.eval_images}")
 
 
 def load_paired_tokenizer(path: str | None) -> LoadedTokenizer:
