@@ -392,10 +392,10 @@ def test_only_mean_pooled_token_classifiers_have_a_seit_layout(tmp_path):
         load_official_classifier(tmp_path / "c.pth", weights="model_ema")
     encoder = load_official_classifier(tmp_path / "c.pth").module.model
     spec = encoder.spec
-    mean_pooled = FineTune(ViTEncoder(**spec), FinetuneConfig(pool="avg"), CLASSES)
+    mean_pooled = FineTune(ViTEncoder(spec), FinetuneConfig(pool="avg"), CLASSES)
     assert sorted(classifier_to_official(mean_pooled)["model"]) == sorted(official_classifier("emb"))
     with pytest.raises(ValueError, match="pool='cls'"):
-        classifier_to_official(FineTune(ViTEncoder(**spec), FinetuneConfig(pool="cls"), CLASSES))
+        classifier_to_official(FineTune(ViTEncoder(spec), FinetuneConfig(pool="cls"), CLASSES))
     pixels = FineTune(
         ViTEncoder(img_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=1),
         FinetuneConfig(pool="avg_norm"),

@@ -86,7 +86,7 @@ def test_encoder_wiring_spec_features_and_no_timm_equivalent():
     assert enc.stem.proj.weight.shape == (D, C, 4, 4)
     assert (enc.stem.proj.stride, enc.stem.proj.padding) == ((S, S), (1, 1))
     assert enc.input_spec == InputSpec(kind="token_embeddings", channels=C, img_size=GRID, patch_size=S)
-    assert {k: enc.spec[k] for k in ("stem", "token_dim", "stem_kernel", "stem_padding")} == {
+    assert {k: getattr(enc.spec, k) for k in ("stem", "token_dim", "stem_kernel", "stem_padding")} == {
         "stem": "token_embeddings",
         "token_dim": C,
         "stem_kernel": 4,
@@ -104,7 +104,7 @@ def test_encoder_wiring_spec_features_and_no_timm_equivalent():
 
 def test_spec_round_trip_rebuilds_the_same_encoder():
     enc = encoder(depth=2, stem_kernel=6, stem_padding=2, mask_token=True).eval()
-    again = ViTEncoder(**enc.spec)
+    again = ViTEncoder(enc.spec)
     assert isinstance(again.stem, TokenEmbeddingStem) and again.stem.proj.weight.shape == (D, C, 6, 6)
     own = enc.state_dict()
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in own.items()}

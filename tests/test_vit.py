@@ -136,8 +136,8 @@ def test_default_state_dict_is_unchanged_and_the_mask_token_is_opt_in():
 
 def test_the_rebuild_arguments_are_plain_and_rebuild_the_encoder():
     enc = tiny_encoder(mask_token=True)
-    assert enc.spec["stem"] == "pixels" and enc.spec["in_chans"] == 3 and enc.spec["mask_token"] is True
-    again = ViTEncoder(**enc.spec)
+    assert enc.spec.stem == "pixels" and enc.spec.in_chans == 3 and enc.spec.mask_token is True
+    again = ViTEncoder(enc.spec)
     again.load_state_dict(enc.state_dict(), strict=True)
 
 
@@ -237,14 +237,16 @@ def test_token_encoder_full_forward_and_features():
 
 def test_token_encoder_rebuilds_from_its_spec():
     enc = token_encoder(mask_token=True, token_dropout=0.1)
-    assert {k: enc.spec[k] for k in ("stem", "vocab_size", "token_dim", "token_dropout", "mask_token")} == {
+    assert {
+        k: getattr(enc.spec, k) for k in ("stem", "vocab_size", "token_dim", "token_dropout", "mask_token")
+    } == {
         "stem": "token_ids",
         "vocab_size": VOCAB,
         "token_dim": 8,
         "token_dropout": 0.1,
         "mask_token": True,
     }
-    again = ViTEncoder(**enc.spec)
+    again = ViTEncoder(enc.spec)
     again.load_state_dict(enc.state_dict(), strict=True)
     ids = token_ids()
     torch.testing.assert_close(again.eval().forward_features(ids), enc.eval().forward_features(ids))
@@ -313,3 +315,32 @@ def test_input_spec_must_match_the_stem():
         tiny_encoder(vocab_size=10)
     with pytest.raises(ValueError, match="needs vocab_size"):
         tiny_encoder(stem="token_ids")
+
+
+def test_one_encoder_spec_is_held_saved_and_read_back_also_from_an_earlier_export():
+    from mimkit.models.vit import EncoderSpec
+
+    enc = build_encoder("vit_tiny", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2)
+    assert enc.spec == EncoderSpec.of(
+        "vit_tiny", img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2
+    )
+    assert EncoderSpec.from_dict(enc.spec.to_dict()) == enc.spec
+    # what exports wrote before the spec was one dataclass: the stem's keys only, no drop path
+    earlier = {
+        "arch": "vit_tiny",
+        "img_size": 32,
+        "patch_size": 4,
+        "embed_dim": 64,
+        "depth": 2,
+        "num_heads": 2,
+        "mlp_ratio": 4.0,
+        "scaled_pos": False,
+        "stem": "pixels",
+        "in_chans": 3,
+        "mask_token": False,
+    }
+    assert EncoderSpec.from_dict(earlier) == enc.spec
+    with pytest.raises(ValueError, match=r"an encoder spec with unknown keys \['depht'\]"):
+        EncoderSpec.from_dict({**earlier, "depht": 3})
+    with pytest.raises(ValueError, match="embed_dim 64 is not divisible by num_heads 3"):
+        EncoderSpec.of("vit_tiny", embed_dim=64, num_heads=3)

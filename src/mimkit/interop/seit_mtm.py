@@ -36,7 +36,7 @@ from mimkit.interop.layouts import WRAPPER_PREFIXES, count_blocks, read, strip_p
 from mimkit.methods import MTM, FineTune, build_method
 from mimkit.models.pos_embed import sincos_2d
 from mimkit.models.tokenadapt import TokenAdapt, load_tokenadapt, to_official_tokenadapt
-from mimkit.models.vit import build_encoder
+from mimkit.models.vit import EncoderSpec, ViTEncoder
 
 TOKENADAPT_PREFIXES = ("conversion_function.", "reverse_transform.")
 UNUSED_DECODER_POS = "decoder_pos_embed"  # the reference's fixed sin-cos decoder table, never read
@@ -360,21 +360,7 @@ def seit_classifier(
     m = cfg.model
     if kernel is not None:
         padding = (kernel - m.patch_size) // 2  # what keeps the conv's output on the encoder's grid
-    encoder_model = build_encoder(
-        m.arch,
-        img_size=m.img_size,
-        patch_size=m.patch_size,
-        embed_dim=m.embed_dim,
-        depth=m.depth,
-        num_heads=m.num_heads,
-        mlp_ratio=m.mlp_ratio,
-        stem=m.stem,
-        vocab_size=m.vocab_size if m.stem == "token_ids" else None,
-        token_dim=m.token_dim,
-        token_dropout=m.token_dropout if m.stem == "token_ids" else 0.0,
-        stem_kernel=kernel,
-        stem_padding=padding,
-    )
+    encoder_model = ViTEncoder(EncoderSpec.from_config(m, stem_kernel=kernel, stem_padding=padding))
     module = FineTune(encoder_model, cfg.method, num_classes)
     names = _classifier_names(module)
     expected = {k: v for k, v in module.state_dict().items() if k.startswith("model.")}

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from mimkit.checkpoint import CheckpointError, check_output, is_safetensors
 from mimkit.methods import default_pool
 from mimkit.models.input_spec import InputSpec
-from mimkit.models.vit import ViTEncoder
+from mimkit.models.vit import EncoderSpec, ViTEncoder
 
 
 def save_export(encoder: ViTEncoder, info: dict, out: str | Path, weights: str = "student") -> dict:
@@ -36,7 +36,7 @@ def save_export(encoder: ViTEncoder, info: dict, out: str | Path, weights: str =
         "pool": pool,
         "method": info["method"],
         "weights": weights,
-        "encoder": json.dumps(encoder.spec),
+        "encoder": json.dumps(encoder.spec.to_dict()),
         "input_spec": json.dumps(encoder.input_spec.to_dict()),
     }
     out = check_output(out, what="--out", kind=("a safetensors export", is_safetensors))
@@ -100,7 +100,7 @@ def load_export(path: Path) -> tuple[ViTEncoder, dict[str, Any]]:
         raise CheckpointError(f"{path}: truncated or not a safetensors file ({err})") from err
     if meta.get("format") != "mimkit-encoder":
         raise CheckpointError(f"{path}: not a mimkit encoder export (no 'format: mimkit-encoder' metadata)")
-    encoder = ViTEncoder(**json.loads(meta["encoder"]))
+    encoder = ViTEncoder(EncoderSpec.from_dict(json.loads(meta["encoder"])))
     try:
         state = load_file(str(path))
     except Exception as err:

@@ -13,7 +13,7 @@ from torch import nn
 
 from mimkit.methods.ema import EMATeacher
 from mimkit.models.input_spec import InputSpec
-from mimkit.models.vit import ViTEncoder, build_encoder
+from mimkit.models.vit import EncoderSpec, ViTEncoder
 
 
 class StepOutput(NamedTuple):
@@ -158,28 +158,12 @@ def encoder_from_config(model_cfg: Any, data_cfg: Any = None, **extra: Any) -> V
     """The encoder of ``model_cfg``, stating the input of ``data_cfg`` (its normalisation and evaluation
     crop; None: the stem's default) so that checkpoints and evaluations read it from the encoder rather
     than from the config; ``extra``: what a method fixes itself (Latent MIM's positions)."""
-    tokens = {}
-    if model_cfg.stem != "pixels":
-        if model_cfg.stem == "token_ids" and model_cfg.vocab_size is None:
-            raise ValueError(
-                "'model.vocab_size' is not set: a token-id encoder embeds a fixed number of ids (runs take "
-                "it from the training token dataset)"
-            )
-        tokens = {"stem": model_cfg.stem, "token_dim": model_cfg.token_dim}
-        if model_cfg.stem == "token_ids":
-            tokens.update(vocab_size=model_cfg.vocab_size, token_dropout=model_cfg.token_dropout)
-    encoder = build_encoder(
-        model_cfg.arch,
-        img_size=model_cfg.img_size,
-        patch_size=model_cfg.patch_size,
-        embed_dim=model_cfg.embed_dim,
-        depth=model_cfg.depth,
-        num_heads=model_cfg.num_heads,
-        mlp_ratio=model_cfg.mlp_ratio,
-        drop_path_rate=model_cfg.drop_path,
-        **tokens,
-        **extra,
-    )
+    if model_cfg.stem == "token_ids" and model_cfg.vocab_size is None:
+        raise ValueError(
+            "'model.vocab_size' is not set: a token-id encoder embeds a fixed number of ids (runs take "
+            "it from the training token dataset)"
+        )
+    encoder = ViTEncoder(EncoderSpec.from_config(model_cfg, **extra))
     # set after building, so that a bad geometry is named by build_encoder; token inputs have no
     # normalisation and are centre-cropped to the encoder's grid (the stem's own spec)
     if data_cfg is not None and model_cfg.stem == "pixels":

@@ -116,15 +116,15 @@ class FineTune(Trainable):
         super().__init__()
         self.cfg, self.num_classes = cfg, num_classes
         # a pre-training mask token (MTM) has no use in a classifier
-        spec = {**encoder.spec, "drop_path_rate": cfg.drop_path, "mask_token": False}
+        spec = replace(encoder.spec, drop_path_rate=cfg.drop_path, mask_token=False)
         if cfg.img_size is not None:
-            spec["img_size"] = cfg.img_size
-        model = ViTEncoder(**spec)
+            spec = replace(spec, img_size=cfg.img_size)
+        model = ViTEncoder(spec)
         state = {k: v for k, v in encoder.state_dict().items() if k != "mask_token"}
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.grid_size)
         model.load_state_dict(state)
         given = input_spec or encoder.input_spec
-        size = spec["img_size"]
+        size = spec.img_size
         if size != given.img_size:  # the same normalisation and crop at the new size
             given = replace(given, img_size=size, eval_size=size, grid=None)
         model.input_spec = given

@@ -7,6 +7,7 @@ is a timm ViT's, key for key, so an exported encoder loads into
 from __future__ import annotations
 
 import difflib
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from typing import Any
 
@@ -37,119 +38,175 @@ def mae_init_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class ViTEncoder(VisionTransformer):
-    """ViT with a frozen 2-D sin-cos position table (in the state dict, as a non-trainable parameter).
-    ``scaled_pos`` lays the table out as Latent MIM does (positions on linspace(0, 1) * grid).
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What builds an encoder, written once: built from the config (:meth:`from_config`) or a named size
+    (:meth:`of`), held by the encoder as ``spec``, saved in checkpoints and exports as it is
+    (:meth:`to_dict` / :meth:`from_dict`), and the source of the stem (:meth:`build_stem`).
 
-    ``stem`` is "pixels" (images, ``in_chans`` channels), "token_ids" (grids of ``vocab_size`` ids of side
-    ``img_size``, embedded to ``token_dim`` with ``token_dropout``), "token_embeddings" (grids of
-    ``token_dim``-wide vectors of side ``img_size``, through SeiT's conv adapter of kernel ``stem_kernel``
-    (default 4), stride ``patch_size`` and padding ``stem_padding`` (default 1)) or a :class:`Stem` of the
-    encoder's geometry; it is held as ``patch_embed``. ``mask_token`` adds a learned, zero-initialised
-    vector that :meth:`forward_visible` puts in place of chosen patch embeddings (absent by default, so a
-    default state dict is unchanged). ``input_spec`` says what the encoder takes; by default the stem's
-    (pixels: ImageNet mean/std)."""
+    ``stem`` is "pixels" (images of ``in_chans`` channels), "token_ids" (grids of ``vocab_size`` ids of
+    side ``img_size``, embedded to ``token_dim`` with ``token_dropout``) or "token_embeddings" (grids of
+    ``token_dim``-wide vectors through SeiT's conv adapter of kernel ``stem_kernel``, default 4, stride
+    ``patch_size`` and padding ``stem_padding``, default 1). ``scaled_pos`` lays the position table out
+    as Latent MIM does; ``mask_token`` adds a learned, zero-initialised vector for masked patches."""
+
+    arch: str = "vit_base"
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    in_chans: int = 3
+    scaled_pos: bool = False
+    stem: str = "pixels"
+    vocab_size: int | None = None
+    token_dim: int = 32
+    token_dropout: float = 0.0
+    stem_kernel: int | None = None
+    stem_padding: int | None = None
+    mask_token: bool = False
+
+    def __post_init__(self) -> None:
+        sizes = {k: getattr(self, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1; got {value}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {', '.join(STEMS)} or a Stem; got {self.stem!r}")
+        if (
+            self.stem_kernel is not None or self.stem_padding is not None
+        ) and self.stem != "token_embeddings":
+            raise ValueError(
+                f"stem_kernel and stem_padding set the token_embeddings stem's conv; got them with "
+                f"stem={self.stem!r}"
+            )
+        if self.stem == "token_embeddings":  # SeiT's adapter: kernel 4, padding 1 unless given
+            object.__setattr__(self, "stem_kernel", 4 if self.stem_kernel is None else self.stem_kernel)
+            object.__setattr__(self, "stem_padding", 1 if self.stem_padding is None else self.stem_padding)
+        if self.stem == "token_ids" and self.vocab_size is None:
+            raise ValueError("the token_ids stem needs vocab_size")
+        if self.stem != "token_ids" and self.vocab_size is not None:
+            takes = "images" if self.stem == "pixels" else "vectors"
+            raise ValueError(f"vocab_size applies to the token_ids stem; the {self.stem} stem takes {takes}")
+
+    @classmethod
+    def of(cls, arch: str = "vit_base", **given: Any) -> EncoderSpec:
+        """A named size (vit_tiny/small/base/large/huge); a size given as None takes the arch's."""
+        if arch not in ARCHS:
+            near = difflib.get_close_matches(arch, ARCHS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"unknown encoder arch {arch!r} (known: {', '.join(ARCHS)}){hint}")
+        named = ARCHS[arch]
+        for size in ("patch_size", "embed_dim", "depth", "num_heads"):
+            if given.get(size) is None:
+                given[size] = getattr(named, size)
+        return cls(arch=arch, **given)
+
+    @classmethod
+    def from_config(cls, model_cfg: Any, **extra: Any) -> EncoderSpec:
+        """The encoder of a ``model`` config section (its fields of the same name, and ``drop_path``);
+        ``extra``: what a method fixes itself (Latent MIM's positions)."""
+        taken = {f.name: getattr(model_cfg, f.name) for f in fields(cls) if hasattr(model_cfg, f.name)}
+        taken["drop_path_rate"] = model_cfg.drop_path
+        if model_cfg.stem != "token_ids":  # the config always carries them; only that stem reads them
+            taken.update(vocab_size=None, token_dropout=0.0)
+        return cls.of(**{**taken, **extra})
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> EncoderSpec:
+        """A spec saved by :meth:`to_dict`, also one of an earlier version (fewer keys)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(saved) - known)
+        if unknown:
+            raise ValueError(f"an encoder spec with unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**saved)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def build_stem(self) -> Stem | None:
+        """The stem object (timm's ``embed_layer`` pattern); None: timm's pixel patch embedding."""
+        if self.stem == "token_ids":
+            return TokenIdStem(
+                vocab_size=self.vocab_size,
+                img_size=self.img_size,
+                patch_size=self.patch_size,
+                embed_dim=self.embed_dim,
+                token_dim=self.token_dim,
+                dropout=self.token_dropout,
+            )
+        if self.stem == "token_embeddings":
+            return TokenEmbeddingStem(
+                token_dim=self.token_dim,
+                img_size=self.img_size,
+                patch_size=self.patch_size,
+                embed_dim=self.embed_dim,
+                kernel_size=self.stem_kernel,
+                padding=self.stem_padding,
+            )
+        return None
+
+
+STEMS = ("pixels", "token_ids", "token_embeddings")
+
+
+class ViTEncoder(VisionTransformer):
+    """ViT with a frozen 2-D sin-cos position table (in the state dict, as a non-trainable parameter),
+    built from one :class:`EncoderSpec` (``spec``; or its fields as keywords). ``stem``: a :class:`Stem`
+    of the encoder's geometry instead of the spec's; it is held as ``patch_embed``. ``input_spec`` says
+    what the encoder takes; by default the stem's (pixels: ImageNet mean/std)."""
 
     def __init__(
         self,
+        spec: EncoderSpec | None = None,
         *,
-        arch: str = "vit_base",
-        img_size: int = 224,
-        patch_size: int = 16,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        drop_path_rate: float = 0.0,
-        in_chans: int = 3,
-        scaled_pos: bool = False,
-        stem: str | Stem = "pixels",
-        vocab_size: int | None = None,
-        token_dim: int = 32,
-        token_dropout: float = 0.0,
-        stem_kernel: int | None = None,
-        stem_padding: int | None = None,
-        mask_token: bool = False,
+        stem: str | Stem | None = None,
         input_spec: InputSpec | None = None,
+        **fields_: Any,
     ) -> None:
-        if (stem_kernel is not None or stem_padding is not None) and stem != "token_embeddings":
-            raise ValueError(
-                "stem_kernel and stem_padding set the token_embeddings stem's conv; "
-                f"got them with stem={stem if isinstance(stem, str) else type(stem).__name__!r}"
-            )
-        if isinstance(stem, Stem):
-            given = stem
-            side = img_size // patch_size
-            if (stem.grid_size, stem.patch_size[0], stem.embed_dim) != ((side, side), patch_size, embed_dim):
+        if isinstance(stem, str):  # the spec's stem kind, by name
+            fields_["stem"], stem = stem, None
+        if spec is not None and fields_:
+            spec = replace(spec, **fields_)
+        spec = spec if spec is not None else EncoderSpec(**fields_)
+        if stem is not None:
+            side = spec.img_size // spec.patch_size
+            if (stem.grid_size, stem.patch_size[0], stem.embed_dim) != (
+                (side, side),
+                spec.patch_size,
+                spec.embed_dim,
+            ):
                 raise ValueError(
                     f"the stem makes a {stem.grid_size} grid of {stem.embed_dim}-d tokens with patch "
-                    f"{stem.patch_size[0]}; the encoder expects ({side}, {side}), {embed_dim}-d, "
-                    f"patch {patch_size}"
+                    f"{stem.patch_size[0]}; the encoder expects ({side}, {side}), {spec.embed_dim}-d, "
+                    f"patch {spec.patch_size}"
                 )
-        elif stem == "pixels":
-            given = None
-            if vocab_size is not None:
-                raise ValueError("vocab_size applies to the token_ids stem; the pixel stem takes images")
-        elif stem == "token_ids":
-            if vocab_size is None:
-                raise ValueError("the token_ids stem needs vocab_size")
-            given = TokenIdStem(
-                vocab_size=vocab_size,
-                img_size=img_size,
-                patch_size=patch_size,
-                embed_dim=embed_dim,
-                token_dim=token_dim,
-                dropout=token_dropout,
-            )
-        elif stem == "token_embeddings":
-            if vocab_size is not None:
-                raise ValueError(
-                    "vocab_size applies to the token_ids stem; the token_embeddings stem takes vectors"
-                )
-            given = TokenEmbeddingStem(
-                token_dim=token_dim,
-                img_size=img_size,
-                patch_size=patch_size,
-                embed_dim=embed_dim,
-                kernel_size=4 if stem_kernel is None else stem_kernel,
-                padding=1 if stem_padding is None else stem_padding,
-            )
-        else:
-            raise ValueError(
-                f"stem must be 'pixels', 'token_ids', 'token_embeddings' or a Stem; got {stem!r}"
-            )
+            spec = replace(spec, stem=stem.kind, **stem.config())
+        given = stem if stem is not None else spec.build_stem()
         super().__init__(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
+            img_size=spec.img_size,
+            patch_size=spec.patch_size,
+            in_chans=spec.in_chans,
             num_classes=0,
             global_pool="token",
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
+            embed_dim=spec.embed_dim,
+            depth=spec.depth,
+            num_heads=spec.num_heads,
+            mlp_ratio=spec.mlp_ratio,
             qkv_bias=True,
-            drop_path_rate=drop_path_rate,
+            drop_path_rate=spec.drop_path_rate,
             norm_layer=LayerNorm6,
             embed_layer=PixelStem if given is None else (lambda **_: given),
         )
-        self.arch = arch
-        self.scaled_pos = scaled_pos
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_token else None
-        # the arguments that rebuild this encoder (saved with exports)
-        self.spec = {
-            "arch": arch,
-            "img_size": img_size,
-            "patch_size": patch_size,
-            "embed_dim": embed_dim,
-            "depth": depth,
-            "num_heads": num_heads,
-            "mlp_ratio": mlp_ratio,
-            "scaled_pos": scaled_pos,
-            "stem": self.stem.kind,
-            **self.stem.config(),
-            "mask_token": mask_token,
-        }
+        self.spec = spec
+        self.arch, self.scaled_pos = spec.arch, spec.scaled_pos
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, spec.embed_dim)) if spec.mask_token else None
         self.input_spec = self.stem.input_spec() if input_spec is None else input_spec
         self.pos_embed.requires_grad_(False)
         self.reset_parameters()
@@ -266,66 +323,20 @@ class ViTEncoder(VisionTransformer):
             "num_heads": base.num_heads,
             "mlp_ratio": 4.0,
         }
-        kwargs = {k: v for k, v in self.spec.items() if k in defaults and v != defaults[k]}
+        spec = self.spec.to_dict()
+        kwargs = {k: v for k, v in spec.items() if k in defaults and v != defaults[k]}
         return {"model_name": base.timm_name(self.arch), "kwargs": {"num_classes": 0, **kwargs}}
 
 
 def build_encoder(
     arch: str = "vit_base",
     *,
-    img_size: int = 224,
-    patch_size: int | None = None,
-    embed_dim: int | None = None,
-    depth: int | None = None,
-    num_heads: int | None = None,
-    mlp_ratio: float = 4.0,
-    drop_path_rate: float = 0.0,
-    scaled_pos: bool = False,
-    stem: str | Stem = "pixels",
-    vocab_size: int | None = None,
-    token_dim: int = 32,
-    token_dropout: float = 0.0,
-    stem_kernel: int | None = None,
-    stem_padding: int | None = None,
-    mask_token: bool = False,
+    stem: str | Stem | None = None,
     input_spec: InputSpec | None = None,
+    **given: Any,
 ) -> ViTEncoder:
-    """A named size (vit_tiny/small/base/large/huge), any field of which can be overridden; the stem
-    and the rest as :class:`ViTEncoder` (for token inputs ``img_size`` is the grid's side, in cells)."""
-    if arch not in ARCHS:
-        near = difflib.get_close_matches(arch, ARCHS, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"unknown encoder arch {arch!r} (known: {', '.join(ARCHS)}){hint}")
-    a = ARCHS[arch]
-    # None (not 0, which is an error) takes the arch's value
-    p = a.patch_size if patch_size is None else patch_size
-    d = a.embed_dim if embed_dim is None else embed_dim
-    n = a.depth if depth is None else depth
-    h = a.num_heads if num_heads is None else num_heads
-    sizes = {"img_size": img_size, "patch_size": p, "embed_dim": d, "depth": n, "num_heads": h}
-    for name, value in sizes.items():
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1; got {value}")
-    if img_size % p:
-        raise ValueError(f"img_size {img_size} is not divisible by patch_size {p}")
-    if d % h:
-        raise ValueError(f"embed_dim {d} is not divisible by num_heads {h}")
-    return ViTEncoder(
-        arch=arch,
-        img_size=img_size,
-        patch_size=p,
-        embed_dim=d,
-        depth=n,
-        num_heads=h,
-        mlp_ratio=mlp_ratio,
-        drop_path_rate=drop_path_rate,
-        scaled_pos=scaled_pos,
-        stem=stem,
-        vocab_size=vocab_size,
-        token_dim=token_dim,
-        token_dropout=token_dropout,
-        stem_kernel=stem_kernel,
-        stem_padding=stem_padding,
-        mask_token=mask_token,
-        input_spec=input_spec,
-    )
+    """A named size (vit_tiny/small/base/large/huge), any :class:`EncoderSpec` field of which can be given
+    (for token inputs ``img_size`` is the grid's side, in cells); ``stem``: a :class:`Stem` object."""
+    if isinstance(stem, str):  # the spec's stem kind, by name
+        given["stem"], stem = stem, None
+    return ViTEncoder(EncoderSpec.of(arch, **given), stem=stem, input_spec=input_spec)

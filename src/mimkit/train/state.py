@@ -49,6 +49,9 @@ def training_state(trainer: Trainer) -> dict[str, Any]:
         spec = spec or getattr(getattr(trainer.module, name, None), "input_spec", None)
     if spec is not None:
         state["input_spec"] = spec.to_dict()
+    encoder = getattr(trainer.module, "encoder", None) or getattr(trainer.module, "model", None)
+    if hasattr(encoder, "spec") and hasattr(encoder.spec, "to_dict"):
+        state["encoder_spec"] = encoder.spec.to_dict()  # what rebuilds the encoder, as exports keep it
     return state
 
 
