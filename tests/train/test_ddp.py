@@ -19,9 +19,9 @@ from mimkit.configs import build_config
 from mimkit.methods.base import Method
 from mimkit.runs.pretrain import pretrain
 from tests.conftest import TINY, subprocess_env
-from tests.test_engine import assert_trained_alike
+from tests.train.test_engine import assert_trained_alike
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -156,7 +156,7 @@ RECORDED_PRETRAIN = textwrap.dedent("""
     import sys
     from mimkit.configs import build_config
     from mimkit.runs.pretrain import pretrain
-    from tests.test_ddp import recorded_batches
+    from tests.train.test_ddp import recorded_batches
     record, out, *overrides = sys.argv[1:]
     with recorded_batches(record):
         pretrain(build_config(None, [f"run.out={out}", *overrides]))
