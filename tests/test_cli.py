@@ -17,6 +17,7 @@ from mimkit.methods import build_method
 from tests.conftest import TINY, tiny_config
 
 
+@pytest.mark.slow
 def test_pretrain_knn_and_export_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "run"
     args = [a for a in TINY if not a.startswith("eval.knn")]
@@ -106,6 +107,7 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_print_config():
     result = subprocess.run(
         [sys.executable, "-m", "mimkit", "pretrain", "--print-config", "optim.epochs=7"],

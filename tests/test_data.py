@@ -467,6 +467,7 @@ def test_decoding_on_the_device_makes_the_views_the_loader_makes(tiny, tmp_path,
             assert torch.equal(value, b[key]), key
 
 
+@pytest.mark.slow
 def test_a_run_decoding_on_the_device_resumes_exactly(tmp_path):
     from tests.conftest import TINY, straight_and_resumed
 
@@ -486,6 +487,7 @@ def test_decoding_on_the_device_is_refused_where_it_cannot_apply(tiny, tmp_path)
     assert training_data(DataConfig(decode="device"), torch.device("cpu")).normalize == "device"
 
 
+@pytest.mark.slow
 def test_encoded_samples_travel_as_one_tensor_per_batch(tmp_path):
     """Between processes each tensor costs a file descriptor: a batch of encoded files is one flat tensor
     (and its shapes), whatever its size; batches of 128 through 2 workers under a limit of 256 open

@@ -129,6 +129,7 @@ def test_linear_probe_separates_separable_features(tmp_path):
     assert accuracy > 0.9  # chance: 0.25
 
 
+@pytest.mark.slow
 def test_linear_probe_and_fine_tune_on_images(tiny_checkpoint, tmp_path, capsys):
     assert (
         main(
@@ -167,6 +168,7 @@ def test_linear_probe_and_fine_tune_on_images(tiny_checkpoint, tmp_path, capsys)
     assert {"top1", "top5", "ema_top1"} <= set(summary) and summary["steps"] == 8
 
 
+@pytest.mark.slow
 def test_fine_tuning_learns_and_resumes_exactly(tiny_checkpoint, tmp_path):
     """What this checks instead of 'beats training from scratch' (which needs more pre-training than a test
     can afford on a CPU): fine-tuning starts from the checkpoint, its loss starts at ln(C) (a near-zero
@@ -193,6 +195,7 @@ def test_fine_tuning_learns_and_resumes_exactly(tiny_checkpoint, tmp_path):
     assert losses[0] == pytest.approx(math.log(10), rel=0.05) and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_eval_writes_one_table_for_two_checkpoints(tiny_checkpoint, tmp_path, capfd):
     second = tmp_path / "lut"
     pretrain(
@@ -280,6 +283,7 @@ def test_evaluations_take_exports_and_teachers(tiny_checkpoint, tmp_path, capsys
     assert "has no 'teacher' weights; it has: student" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fine_tuning_with_mixup_repeats_exactly(tiny_checkpoint, tmp_path):
     """Mixup draws from NumPy in the main process; the run's seed fixes it, so two runs agree."""
     import numpy as np

@@ -80,6 +80,7 @@ def _wait_for_rows(path, rows, process, timeout=120):
     pytest.fail("the run logged nothing in time")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_path, signum):
     """SIGTERM (to the main process, as a scheduler sends it) or SIGINT (to the whole process group, as
@@ -112,6 +113,7 @@ def test_a_stop_signal_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_pa
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_a_closed_output_pipe_ends_quietly(tmp_path):
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader (`| head`) is gone before anything is written
@@ -126,6 +128,7 @@ def test_a_closed_output_pipe_ends_quietly(tmp_path):
     assert result.returncode == 141 and result.stderr == ""
 
 
+@pytest.mark.slow
 def test_a_run_killed_hard_does_not_leave_its_folder_locked(tmp_path):
     """kill -9 leaves no chance to clean up, and loader workers outlive their parent for a few seconds:
     the lock must go with the parent (the workers drop their inherited copy of it)."""

@@ -186,6 +186,7 @@ def test_a_relative_tokenizer_is_recorded_absolute(tmp_path, monkeypatch):
     assert token_reader(cfg) == cfg.data.tokenizer == str(tmp_path / "tok")
 
 
+@pytest.mark.slow
 def test_a_token_datasets_held_out_split_is_per_class(tmp_path):
     tokenize("demo", "demo:val", str(tmp_path / "tokens"), max_images=100, progress=False)
     val = build_source(f"{tmp_path / 'tokens'}#val=0.1")
@@ -303,6 +304,7 @@ def _other_tokenizer(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_ids_of_another_tokenizer_of_the_same_vocabulary_are_refused(tmp_path, capsys):
     from mimkit.cli import main
     from mimkit.runs.pretrain import pretrain

@@ -62,6 +62,7 @@ def small_tokenizer(codebook: int = 64, seed: int = 0) -> VQTokenizer:
     return VQTokenizer(shape, kmeans_init=False).eval()
 
 
+@pytest.mark.slow
 def test_tokenizer_learns_on_real_images_and_is_pruned(tmp_path: Path) -> None:
     cfg = build_config(None, [*TOKENIZER, "optim.epochs=4", f"run.out={tmp_path / 'tok'}"])
     summary = train_tokenizer(cfg)
@@ -89,6 +90,7 @@ def test_tokenizer_learns_on_real_images_and_is_pruned(tmp_path: Path) -> None:
     assert not (tmp_path / "tok" / "analysis").exists()
 
 
+@pytest.mark.slow
 def test_tokenizer_resumes_exactly(tmp_path: Path) -> None:
     a, b, _ = straight_and_resumed([*TOKENIZER, "optim.epochs=2", "data.max_images=128"], tmp_path, stop_at=5)
     assert a.keys() == b.keys()
@@ -162,6 +164,7 @@ def test_tokenize_demo_set_reads_back_the_encoded_ids_and_labels(tmp_path: Path,
     assert len(build_source(str(out))) == 300
 
 
+@pytest.mark.slow
 def test_tokenize_resumes_at_the_first_missing_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tok = small_tokenizer(seed=2)
     tok.prune(torch.ones(64, dtype=torch.long))

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mimkit.configs import build_config
@@ -27,6 +28,7 @@ def test_official_mae_layout_round_trip_gives_the_same_loss(tmp_path):
     assert torch.equal(loaded({"image": imgs}, noise=noise).loss, model({"image": imgs}, noise=noise).loss)
 
 
+@pytest.mark.slow
 def test_encoder_only_release_loads_with_a_fresh_decoder(tmp_path, capsys):
     model = tiny_mae()
     encoder_only = {

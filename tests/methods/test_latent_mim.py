@@ -189,6 +189,7 @@ def test_target_encoder_follows_by_ema_before_each_step():
     assert cosine_decay(0.75, 0.25, 0.0) == 0.75 and cosine_decay(0.75, 0.25, 1.0) == pytest.approx(0.25)
 
 
+@pytest.mark.slow
 def test_latent_mim_trains_on_a_small_fixed_batch():
     cfg = build_config(None, [*LMIM_TINY, "model.img_size=32", "model.patch_size=4", "method.num_vis=7"])
     torch.manual_seed(0)
@@ -268,6 +269,7 @@ def test_official_layout_checkpoint_gives_the_same_loss(tmp_path):
     assert all(torch.equal(v, mimkit_to_lmim(lmim_to_mimkit(bare))[k]) for k, v in bare.items())
 
 
+@pytest.mark.slow
 def test_pretrain_on_the_embedded_data_resumes_exactly_and_exports_to_timm(tmp_path, capsys):
     common = [
         *LMIM_TINY,
@@ -337,6 +339,7 @@ def test_leave_one_out_nearest_neighbour(tmp_path, capsys):
     torch.testing.assert_close(encoder.features(x, "mean"), encoder.norm(tokens)[:, 1:].mean(1))
 
 
+@pytest.mark.slow
 def test_recipes_are_the_released_command_and_the_small_mae_budget():
     from mimkit.train.optim import effective_batch, resolve_lr
 

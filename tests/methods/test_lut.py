@@ -185,6 +185,7 @@ def test_lut_trains_on_a_small_fixed_batch():
     assert losses[-1] < 0.7 * losses[0]
 
 
+@pytest.mark.slow
 def test_pretrain_method_lut_on_the_embedded_data_resumes_exactly(tmp_path):
     common = [
         *LUT_TINY,
@@ -204,6 +205,7 @@ def test_pretrain_method_lut_on_the_embedded_data_resumes_exactly(tmp_path):
     assert not torch.equal(a["teacher.module.encoder.cls_token"], a["encoder.cls_token"])
 
 
+@pytest.mark.slow
 def test_export_and_knn_take_the_teacher(tmp_path, capsys):
     from safetensors.torch import load_file
 

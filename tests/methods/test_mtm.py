@@ -223,6 +223,7 @@ def test_views_crop_and_requantise_reproducibly(real_tokens: Path):
     assert (boxes_full == ids).float().mean() > 0.99
 
 
+@pytest.mark.slow
 def test_mtm_learns_on_tokens_of_real_images(real_tokens: Path):
     from mimkit.tokens.dataset import open_tokens
 
@@ -244,6 +245,7 @@ def test_mtm_learns_on_tokens_of_real_images(real_tokens: Path):
     assert losses[-1] < unigram - 0.15  # ends below it: the visible cells are used
 
 
+@pytest.mark.slow
 def test_pretrain_on_a_token_dataset_resumes_bit_exactly(real_tokens: Path, tmp_path: Path):
     overrides = [*TINY_MTM, f"data.train=tokens:{real_tokens}", "method.noise_prob=0.5"]
     a, b, summary = straight_and_resumed(overrides, tmp_path, stop_at=5)
@@ -271,6 +273,7 @@ def test_pretrain_ends_with_a_knn_on_tokens(real_tokens: Path, tmp_path: Path):
     assert 0 <= summary["knn"]["top1"] <= 100
 
 
+@pytest.mark.slow
 def test_a_finetune_on_tokens_runs_through_mimkit_finetune(real_tokens: Path, tmp_path: Path):
     from mimkit import checkpoint
     from mimkit.cli import main
@@ -412,6 +415,7 @@ def test_views_split_the_batch_between_the_crop_and_tokenadapt_with_soft_targets
         TokenViews(data.codebook[:10], 6, min_scale=0.5, tokenadapt=ta)
 
 
+@pytest.mark.slow
 def test_mtm_with_tokenadapt_runs_and_resumes_exactly(real_tokens: Path, tmp_path: Path):
     from mimkit.models.tokenadapt import save_tokenadapt
 

@@ -67,6 +67,7 @@ def overrides(tokenizer: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_cli_trains_writes_official_weights_and_reports_accuracy(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -92,6 +93,7 @@ def test_cli_trains_writes_official_weights_and_reports_accuracy(
     assert "token accuracy" in printed and "tokenadapt.ckpt" in printed
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path: Path) -> None:
     tok = tiny_tokenizer(tmp_path)
     a, b, summary = straight_and_resumed(

@@ -85,6 +85,7 @@ def strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+@pytest.mark.slow
 def test_report_of_mae_and_lut_is_one_self_contained_page(runs: dict[str, Path], tmp_path: Path, capsys):
     out = tmp_path / "report"
     args = ["analyze", str(runs["mae"]), str(runs["lut"]), "--data", "demo:val", "--out", str(out)]
@@ -132,6 +133,7 @@ def test_report_of_mae_and_lut_is_one_self_contained_page(runs: dict[str, Path],
     assert masks[0] == masks[1]
 
 
+@pytest.mark.slow
 def test_pixel_and_token_checkpoints_share_one_report(runs: dict[str, Path], tmp_path: Path):
     """The MTM model reads demo:val tokenized on the fly by the tokenizer its data records; its
     reconstruction is decoded by that tokenizer."""
@@ -158,6 +160,7 @@ def test_pixel_and_token_checkpoints_share_one_report(runs: dict[str, Path], tmp
     assert "% at ratio" in page  # MTM's masked-token accuracy in the summary table
 
 
+@pytest.mark.slow
 def test_a_token_model_whose_tokenizer_is_gone_is_analysed_with_a_note(runs: dict[str, Path], tmp_path: Path):
     moved = runs["tokenizer"].with_name("tok-moved")
     runs["tokenizer"].rename(moved)
@@ -176,6 +179,7 @@ def test_a_token_model_whose_tokenizer_is_gone_is_analysed_with_a_note(runs: dic
     assert "which is gone" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_an_export_has_no_decoder_and_one_run_writes_into_its_folder(runs: dict[str, Path], tmp_path: Path):
     export = tmp_path / "enc.safetensors"
     assert main(["export", str(runs["mae"]), "--out", str(export)]) == 0
@@ -234,6 +238,7 @@ def test_a_missing_checkpoint_is_named_before_any_work(runs: dict[str, Path], tm
     assert not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 def test_an_official_encoder_only_file_gets_no_reconstruction(runs: dict[str, Path], tmp_path: Path):
     """MAE's released encoders hold no decoder: a reconstruction would come from random weights. A file
     without the training arguments cannot say whether its targets were normalised: --norm-pix says."""
@@ -273,6 +278,7 @@ def test_an_unwritable_report_folder_is_named_before_any_work(runs: dict[str, Pa
     assert str(blocker) in err and "analyzing" not in err
 
 
+@pytest.mark.slow
 def test_settings_complete_an_official_file_and_leave_a_run_as_saved(runs: dict[str, Path], tmp_path: Path):
     """Heads (and the evaluation crop) cannot be read from weights: an official file of a non-standard
     width takes them as settings, and then attends exactly as the run it was written from; the run itself
@@ -311,6 +317,7 @@ def test_a_moved_tokenizer_is_given_with_tokenizer(runs: dict[str, Path], tmp_pa
     assert result["val"] == f"demo:val (tokenized by {moved})" and result["val_images"] == 500
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_report_file_and_leaves_no_part_of_it(
     runs: dict[str, Path], tmp_path: Path, capsys, monkeypatch
 ):

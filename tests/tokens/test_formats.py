@@ -752,6 +752,7 @@ def test_compact_writer_refuses_to_resume_another_dataset(tmp_path: Path) -> Non
     assert CompactWriter(tmp_path / "c", **same).done_shards() == [0, 1]
 
 
+@pytest.mark.slow
 def test_compact_is_as_small_as_seit_on_proxy_tokens(tmp_path: Path) -> None:
     ids = proxy_tokens(300)
     write_tokens(tmp_path / "s" / "p-token.data.bin.gz", ids, to="seit")

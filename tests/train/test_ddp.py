@@ -65,6 +65,7 @@ def torchrun_two_cpus(
 EXTRA = {"mae": [], "lut": ["method.head_hidden_dim=32"], "latent_mim": ["method.proj_hidden_dim=32"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["mae", "lut", "latent_mim"])
 def test_two_processes_stay_in_sync(tmp_path, method):
     out = tmp_path / "ddp"
@@ -87,6 +88,7 @@ def test_two_processes_stay_in_sync(tmp_path, method):
         assert summary["steps"] == 4 and summary["ranks_in_sync"] is True
 
 
+@pytest.mark.slow
 def test_fine_tune_with_model_ema_in_two_processes(tmp_path):
     """The EMA copy lives inside the DDP-wrapped module: it must stay out of DDP's gradient reduction
     (else the second step fails on parameters that got no gradient), yet be saved and stay in sync."""
@@ -170,6 +172,7 @@ def global_batches(path: Path, world_size: int) -> list[list]:
     return [sorted(sample for batch in step for sample in batch) for step in zip(*ranks, strict=True)]
 
 
+@pytest.mark.slow
 def test_a_run_resumes_exactly_on_another_number_of_processes(tmp_path):
     """Steps 1-3 on 1 process (batch 8), steps 4-11 on 2 processes (batch 4 each: the same effective
     batch), across the epoch boundary and stopped in the middle of the second epoch, steps 12-16 on 1
@@ -227,6 +230,7 @@ NAN_ON_RANK_1 = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_stops_every_rank_with_the_state_before_it_without_host_syncs(tmp_path):
     """host_sync=log: the loss of step 2 is NaN on rank 1 only, its gradients finite. The mark is reduced
     over the ranks on the device, so rank 0 skips that update too; both stop when the marks are read (the

@@ -116,6 +116,7 @@ def assert_trained_alike(state: dict, expected: dict, atol: float = 1e-6) -> Non
         torch.testing.assert_close(value, want, rtol=0, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
 
 
+@pytest.mark.slow
 def test_resume_after_an_epoch_gives_the_same_weights(tiny, tmp_path):
     pretrain(tiny(out="straight"))
     steps_per_epoch = 64 // 8
@@ -129,6 +130,7 @@ def test_resume_after_an_epoch_gives_the_same_weights(tiny, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_resume_in_the_middle_of_an_epoch_with_workers(tiny, tmp_path):
     pretrain(tiny("optim.epochs=1", "optim.warmup_epochs=0", "optim.accum_iter=2", out="straight"))
     pretrain(
@@ -147,6 +149,7 @@ def test_resume_in_the_middle_of_an_epoch_with_workers(tiny, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_resume_counts_samples_so_another_batch_or_an_older_checkpoint_resumes(tiny, tmp_path):
     """The checkpoint holds how many samples of the epoch are done; one from before that count has it
     derived from its own micro-batch count and batch size. Resumed with batch 4 x 2 accumulation (the same
@@ -255,6 +258,7 @@ def _fit_recording_reads(module, cfg, out, monkeypatch, reads=None):
     return trainer, reads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["mae", "lut"])
 @pytest.mark.parametrize("sync", ["step", "log"])
 def test_nan_loss_stops_with_the_weights_from_before_that_step(tiny, tmp_path, monkeypatch, sync, method):
@@ -315,6 +319,7 @@ def _resumed_to_the_end(cfg, path, out):
     return checkpoint.load(out / "last.pt")["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["mae", "latent_mim"])
 def test_a_run_resumed_after_a_nan_stop_ends_as_one_resumed_from_the_step_before(tiny, tmp_path, method):
     """host_sync=log, NaN at step 3, read at step 8. Resuming the rewound checkpoint gives what resuming a
@@ -381,6 +386,7 @@ def test_micro_batches_left_over_at_an_epoch_end_are_not_computed(tiny, tmp_path
     assert trainer.step == 4 and module.calls == 12
 
 
+@pytest.mark.slow
 def test_host_sync_log_reads_the_device_only_at_log_steps_and_saves(tiny, tmp_path, monkeypatch):
     cfg = tiny("run.log_every=3", "run.checkpoint_minutes=.inf", *SYNC["log"])
     _, reads = _fit_recording_reads(Exploding(build_method(cfg), None), cfg, tmp_path / "r", monkeypatch)
@@ -489,6 +495,7 @@ def test_resume_refuses_a_checkpoint_with_non_finite_weights(tiny, tmp_path):
         pretrain(tiny())
 
 
+@pytest.mark.slow
 def test_resumed_runs_log_each_step_once_and_count_every_session(tiny, tmp_path):
     """A session killed after logging step 6 but before saving (last.pt at step 4) leaves rows that the
     resumed run would log again: they are dropped. The summary counts both sessions and is strict JSON."""
@@ -613,6 +620,7 @@ def test_a_module_may_declare_a_second_optimizer_which_is_stepped_saved_and_resu
         )
 
 
+@pytest.mark.slow
 def test_float8_trains_the_linear_layers_in_float8_and_saves_the_usual_checkpoint(tiny, tmp_path):
     """run.float8 swaps the student's linear layers (not the EMA teacher's) for torchao's; the parameters
     keep their names, so checkpoints, exports and resume are those of any run."""
@@ -656,6 +664,7 @@ def test_compile_mode_and_tf32_reach_torch(tiny, tmp_path, monkeypatch):
     assert torch.get_float32_matmul_precision() == "highest"
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_with_loader_workers_still_exits(tmp_path):
     """The workers ignore SIGTERM (the main process saves first on a stop signal): a failure that leaves
     the loader referenced by its traceback must not leave the interpreter waiting for them at exit."""
