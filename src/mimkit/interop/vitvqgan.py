@@ -35,9 +35,11 @@ from torch import nn
 from mimkit.checkpoint import UnsafeCheckpoint, load
 from mimkit.models.enhancing import (
     attention_heads,
+    check_identity_projections,
     key_list,
     layer_count,
     prefix_hint,
+    set_identity_projections,
     transformer_key_pairs,
     verify_layout,
 )
@@ -272,10 +274,7 @@ def load_vitvqgan(
     new["quantizer._codebook.embed_avg"] = codes.clone()  # EMA state consistent with the codes
     model.load_state_dict(new, strict=True)
     if not _has_output_projection(shape):
-        with torch.no_grad():
-            for proj in _single_head_projections(model):
-                proj.weight.copy_(torch.eye(shape.embed_dim))
-                proj.bias.zero_()
+        set_identity_projections(_single_head_projections(model))
     model.quantizer._codebook.initted.fill_(True)  # k-means init must not overwrite the loaded codes
 
     if with_pos:
@@ -301,13 +300,7 @@ def to_vitvqgan(tokenizer: VQTokenizer) -> dict[str, torch.Tensor]:
     pairs = _weight_pairs(shape)
     _check_correspondence(tokenizer, pairs)
     if not _has_output_projection(shape):
-        eye = torch.eye(shape.embed_dim)
-        for proj in _single_head_projections(tokenizer):
-            if not (torch.equal(proj.weight.detach().cpu().float(), eye) and not proj.bias.detach().any()):
-                raise ValueError(
-                    "a one-head ViT-VQGAN has no attention output projection (to_out); this tokenizer's "
-                    "attn.proj is not the identity, so it cannot be written in that layout"
-                )
+        check_identity_projections(_single_head_projections(tokenizer), "ViT-VQGAN")
     ours = tokenizer.state_dict()
     named = {theirs: ours[mine] for mine, theirs in pairs}
     codebook = tokenizer.quantizer._codebook.embed[0]

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 DEFAULT_HEAD_DIM = 64  # the official attention's default head width (its configs never change it)
 
@@ -112,3 +113,22 @@ def verify_layout(
         problems.append(f"unexpected {key_list(unexpected)}{hint}")
     if problems:
         raise ValueError(f"{source}: does not fit {what}: " + "; ".join(problems))
+
+
+# The official attention of a single head as wide as the model has no output projection (``to_out``);
+# ours keeps one, which must then be the identity: set so when loading, checked when writing.
+@torch.no_grad()
+def set_identity_projections(projections: list[nn.Linear]) -> None:
+    for proj in projections:
+        proj.weight.copy_(torch.eye(proj.in_features))
+        proj.bias.zero_()
+
+
+def check_identity_projections(projections: list[nn.Linear], what: str) -> None:
+    for proj in projections:
+        eye = torch.eye(proj.in_features)
+        if not (torch.equal(proj.weight.detach().cpu().float(), eye) and not proj.bias.detach().any()):
+            raise ValueError(
+                f"a one-head {what} has no attention output projection (to_out) in the official layout; "
+                "this one's attn.proj is not the identity, so it cannot be written in that layout"
+            )

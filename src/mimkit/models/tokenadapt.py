@@ -36,9 +36,11 @@ from torch import nn
 from mimkit.checkpoint import UnsafeCheckpoint, load, save_atomic
 from mimkit.models.enhancing import (
     attention_heads,
+    check_identity_projections,
     key_list,
     layer_count,
     prefix_hint,
+    set_identity_projections,
     transformer_key_pairs,
     verify_layout,
 )
@@ -283,13 +285,7 @@ def to_official_tokenadapt(ta: TokenAdapt) -> dict[str, torch.Tensor]:
     order: what the SeiT++ code loads from ``tokenadapt.ckpt``. With one head the official attention has
     no output projection, so ours must then be the identity."""
     if not _project_out(ta.num_heads):
-        eye = torch.eye(ta.width)
-        for proj in _single_head_projections(ta):
-            if not (torch.equal(proj.weight.detach().cpu().float(), eye) and not proj.bias.detach().any()):
-                raise ValueError(
-                    "a one-head TokenAdapt has no attention output projection (to_out) in the official "
-                    "layout; this one's attn.proj is not the identity, so it cannot be written in that layout"
-                )
+        check_identity_projections(_single_head_projections(ta), "TokenAdapt")
     ours = ta.state_dict()
     return {
         theirs: ours[mine].detach().cpu().clone().contiguous()
@@ -446,13 +442,6 @@ def load_tokenadapt(
     new = dict(ta.state_dict())
     new.update({mine: sd[theirs] for mine, theirs in pairs.items()})
     ta.load_state_dict(new, strict=True)
-    if _single_head(ta):
-        with torch.no_grad():
-            for proj in _single_head_projections(ta):
-                proj.weight.copy_(torch.eye(ta.width))
-                proj.bias.zero_()
+    if not _project_out(ta.num_heads):
+        set_identity_projections(_single_head_projections(ta))
     return ta.eval()
-
-
-def _single_head(ta: TokenAdapt) -> bool:
-    return not _project_out(ta.num_heads)
