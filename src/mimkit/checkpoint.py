@@ -84,7 +84,10 @@ def is_safetensors(path: Path) -> bool:
 
 
 def is_npz(path: Path) -> bool:
-    return zipfile.is_zipfile(path) and all(n.endswith(".npy") for n in zipfile.ZipFile(path).namelist())
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return all(name.endswith(".npy") for name in archive.namelist())
 
 
 def is_png(path: Path) -> bool:

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mimkit import checkpoint
 from mimkit.configs import Config
-from mimkit.data.device import DeviceStages, to_device
+from mimkit.data.device import DeviceStages
 from mimkit.data.loader import EpochSampler, ViewDataset, close_loader, make_loader
 from mimkit.distributed import DistEnv, all_gather_rows, broadcast_flag, gather_objects, max_over_ranks
 from mimkit.methods.base import StepOutput, Trainable
@@ -28,7 +28,7 @@ from mimkit.train.optim import build_optimizers, effective_batch, lr_at, resolve
 from mimkit.train.signals import RunInterrupted, StopSignals, interrupted
 from mimkit.train.state import resume_training, training_state
 
-__all__ = ["NonFiniteLoss", "RunInterrupted", "Trainer", "all_finite", "autocast_dtype", "to_device"]
+__all__ = ["NonFiniteLoss", "RunInterrupted", "Trainer", "all_finite", "autocast_dtype"]
 
 
 def fused_adamw(optimizer: torch.optim.Optimizer) -> bool:
@@ -137,13 +137,13 @@ class Trainer:
         self._session: _Session | None = None  # the fit() in progress
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_count = 0
-        self.images_stepped = 0  # samples the last step trained on, over every rank
 
     # ---- one step -----------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[dict[str, Any]], progress: float) -> None:
+    def train_step(self, micro_batches: list[dict[str, Any]], progress: float) -> int:
         """One optimizer step over ``optim.accum_iter`` micro-batches, in the order it happens.
-        ``progress``: the fraction of training's data iterations done, which schedules read."""
-        number = self.step + 1
+        ``progress``: the fraction of training's data iterations done, which schedules read. Returns the
+        samples it trained on, over every rank."""
+        number, images = self.step + 1, 0
         # 1. where a rewind would start; the method's schedules, and a teacher that moves first
         self.guard.start_step(number, self.epoch, self.iter)
         with self.guard.before_step_hooks(number):
@@ -158,7 +158,7 @@ class Trainer:
             self.guard.mark_loss(out.loss)
             self.add_metrics(out)
             self.iter += 1
-            self.images_stepped += batch_size(batch) * self.env.world_size
+            images += batch_size(batch) * self.env.world_size
         # 3. a loss or gradient that is not finite marks the step bad: read now (host_sync=step) or at
         # the next log step, and never applied
         self.guard.mark_gradients(
@@ -181,6 +181,7 @@ class Trainer:
         self.guard.mark_update(number, self._trained_state())
         self.step += 1
         self.module.after_step(progress)
+        return images
 
     def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP averages gradients over the ranks at the last micro-batch of a step only."""
@@ -338,9 +339,7 @@ class Trainer:
         for micro_batches in self._steps(loader, iters, session):
             it = self.epoch * iters + self.iter
             self.set_lr(lr_at(it / iters, **self.schedule))
-            self.images_stepped = 0
-            self.train_step(micro_batches, progress=it / total)
-            session.window_images += self.images_stepped
+            session.window_images += self.train_step(micro_batches, progress=it / total)
             session.log.advance(len(micro_batches))
             if self.step % cfg.run.log_every == 0 or self.step == stop_at:
                 if self.host_sync == "log":
