@@ -41,6 +41,24 @@ def token_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
     monkeypatch.setenv("MIMKIT_CACHE", str(tmp_path_factory.getbasetemp() / "mimkit-cache"))
 
 
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    """The tokenizer shipped in the package."""
+    from mimkit.models.tokenizer import load_tokenizer
+
+    return load_tokenizer("demo")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A run folder of one epoch of the tiny MAE, for the runs that start from a pre-trained encoder."""
+    from mimkit.runs.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    pretrain(build_config(None, [*TINY, f"run.out={out}", "optim.epochs=1", "optim.warmup_epochs=0"]))
+    return str(out)
+
+
 def subprocess_env(threads: int = 1) -> dict[str, str]:
     """The environment for a child process that must import the same mimkit as the tests (not whichever
     one is installed), with ``threads`` CPU threads."""

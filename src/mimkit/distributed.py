@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import gc
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -112,6 +115,19 @@ def all_gather_rows(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
+EXIT_BARRIER = timedelta(seconds=10)  # how long a rank waits at exit for the others before closing anyway
+
+
 def cleanup() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Close the process group while the interpreter is whole. Work objects that gloo's threads still hold
+    (in reference cycles not yet collected) are freed first, and on the CPU the ranks meet before any of
+    them closes its connections: a rank that closes while another still talks to it, or tensors freed
+    during interpreter teardown, abort the process at exit. A rank that is gone is waited for at most
+    ``EXIT_BARRIER``."""
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if dist.get_backend() == "gloo":
+        with contextlib.suppress(RuntimeError):  # another rank failed or left: close without it
+            dist.monitored_barrier(timeout=EXIT_BARRIER)
+    dist.destroy_process_group()

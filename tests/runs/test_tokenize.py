@@ -1,5 +1,6 @@
-"""The VQ tokenizer: it learns on real images, resumes exactly, prunes to the codes it uses, and
-`mimkit tokenize` writes datasets that the token source reads back as the tokenizer encoded them."""
+"""Tokenizer runs (mimkit.runs.tokenize): a tokenizer learns on real images and resumes exactly; `mimkit
+tokenize` writes datasets that read back as encoded, resumes, survives a full disk and a kill, and says
+when a tokenizer learnt nothing."""
 
 from __future__ import annotations
 
@@ -15,18 +16,219 @@ import torch
 from mimkit import checkpoint
 from mimkit.cli import main
 from mimkit.configs import build_config
-from mimkit.data.sources import TokenSource, build_source, check_input, demo_source, tokenized_for
-from mimkit.data.transforms import eval_view
-from mimkit.distributed import init_distributed
-from mimkit.eval.knn import knn_evaluate
+from mimkit.data.sources import (
+    DEMO_FILE,
+    Subset,
+    TokenSource,
+    build_source,
+    demo_source,
+    tokenizer_of,
+)
+from mimkit.data.transforms import tokenizer_view
 from mimkit.interop.vitvqgan import to_vitvqgan
-from mimkit.models.input_spec import InputSpec
-from mimkit.models.tokenizer import TokenizerShape, VQTokenizer, load_tokenizer, save_tokenizer
-from mimkit.models.vit import ViTEncoder, build_encoder
-from mimkit.runs.tokenize import decode_grid, import_vitvqgan, tokenize, tokenizer_view, train_tokenizer
+from mimkit.models.tokenizer import (
+    TokenizerShape,
+    VQTokenizer,
+    load_tokenizer,
+    save_tokenizer,
+)
+from mimkit.runs.tokenize import (
+    decode_grid,
+    format_report,
+    import_vitvqgan,
+    reconstruction_report,
+    tokenize,
+    tokenizer_warnings,
+    train_tokenizer,
+)
 from mimkit.tokens.compact import CompactWriter
 from mimkit.tokens.dataset import open_tokens
-from tests.conftest import straight_and_resumed
+from mimkit.tokens.records import codebook_signature, same_codebook
+from tests.conftest import TINY, straight_and_resumed
+from tests.models.test_tokenizer import small_tokenizer
+
+
+def test_the_shipped_tokenizer_is_recorded_by_name_and_a_finished_dataset_is_not_redone(tmp_path):
+    first = tokenize("demo", "demo:val", str(tmp_path / "tokens"), max_images=8, progress=False)
+    assert first["tokenized_now"] == 8 and format_report(first, tmp_path).startswith("tokenized 8 images")
+    assert open_tokens(tmp_path / "tokens").meta["tokenizer"] == "demo"
+    assert tokenizer_of(build_source(str(tmp_path / "tokens"))) == "demo"
+    again = tokenize("demo", "demo:val", str(tmp_path / "tokens"), max_images=8, progress=False)
+    assert again["tokenized_now"] == 0
+    assert format_report(again, tmp_path).startswith(
+        f"{tmp_path / 'tokens'} was complete already (8 images; nothing to tokenize)"
+    )
+
+
+def test_reconstruction_quality_is_measured_over_the_classes_beside_the_mean_image(demo_tokenizer):
+    source = build_source("demo:val")  # stored class by class: the first 50 images are all airplanes
+    view = tokenizer_view(32, demo_tokenizer.mean, demo_tokenizer.std)
+    spec = demo_tokenizer
+    report = reconstruction_report(
+        demo_tokenizer.model, source, view, spec, None, torch.device("cpu"), count=20
+    )
+    assert report["psnr_images"] == 20
+    # every class is in the sample, so its mean image is a poor fit: far below the tokenizer
+    assert report["psnr_mean_image"] < report["psnr"] - 6
+    labels = np.asarray(source.y)[Subset(source, 20, spread=True).indices]
+    assert len(set(labels.tolist())) == 10
+
+
+def test_a_tokenizer_that_learnt_nothing_is_named():
+    bad = {"psnr": 13.3, "psnr_mean_image": 12.96, "codes_used": 5, "codebook_size": 384, "perplexity": 3.2}
+    assert tokenizer_warnings(bad) == [
+        "the tokenizer's reconstruction PSNR 13.30 dB is not clearly above the mean image's 12.96 dB (by at "
+        "least 3 dB): it learnt little, its decodes look alike, and models trained on its ids learn little; "
+        "train it longer",
+        "the tokenizer's codes collapsed: 5 of 384 used, worth 3.2 equally used codes (perplexity); its ids "
+        "carry little about the images",
+    ]
+    good = {"psnr": 22.2, "psnr_mean_image": 12.4, "codes_used": 384, "codebook_size": 384, "perplexity": 340}
+    assert tokenizer_warnings(good) == []
+
+
+def _other_tokenizer(folder):
+    """A tokenizer of the same vocabulary as the shipped one (384 codes, unpruned), other codes."""
+    from mimkit.models.tokenizer import save_tokenizer
+
+    torch.manual_seed(1)
+    shape = TokenizerShape(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, codebook_size=384)
+    save_tokenizer(
+        VQTokenizer(shape, kmeans_init=False).eval(),
+        folder / "tokenizer.pt",
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+    )
+    return folder
+
+
+@pytest.mark.slow
+def test_ids_of_another_tokenizer_of_the_same_vocabulary_are_refused(tmp_path, capsys):
+    from mimkit.cli import main
+    from mimkit.runs.pretrain import pretrain
+
+    other = _other_tokenizer(tmp_path / "other")
+    sizes = ("model.embed_dim", "model.depth", "model.num_heads", "method.decoder")
+    small = [
+        *(o for o in TINY if o.startswith(sizes)),
+        "data.max_images=32",
+        "data.num_workers=0",
+        "optim.epochs=1",
+        "optim.batch_size=16",
+        "eval.knn=false",
+        "run.progress=false",
+    ]
+    pretrain(build_config("mtm_demo", [*small, f"run.out={tmp_path / 'run'}"]))
+    spec = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["input_spec"]
+    demo = load_tokenizer("demo").model.codebook()
+    assert same_codebook(spec["codebook_signature"], codebook_signature(demo))
+    # the same table normalised with other last bits (another device) is the same tokenizer
+    jittered = demo * (1 + 1e-7 * torch.randn(demo.shape, generator=torch.Generator().manual_seed(0)))
+    assert same_codebook(codebook_signature(jittered), codebook_signature(demo))
+    argv = [
+        "knn",
+        str(tmp_path / "run"),
+        "--val",
+        "demo:val",
+        "--num-workers",
+        "0",
+        "--tokenizer",
+        str(other),
+    ]
+    assert main(argv) == 2
+    assert (
+        f"was made by another tokenizer ('{other}') than this encoder's training tokens (their codebooks "
+        "differ)" in capsys.readouterr().err
+    )
+    tokenize(str(other), "demo:val", str(tmp_path / "c-tokens"), max_images=16, progress=False)
+    assert (
+        main(["knn", str(tmp_path / "run"), "--val", str(tmp_path / "c-tokens"), "--num-workers", "0"]) == 2
+    )
+    made_by = other.resolve() / "tokenizer.pt"
+    assert f"c-tokens' was made by another tokenizer ('{made_by}')" in capsys.readouterr().err
+    # and a run given them as eval.val stops before its first step
+    tokenize("demo", "demo:train", str(tmp_path / "b-tokens"), max_images=32, progress=False)
+    mixed = [
+        *small,
+        "data.tokenizer=null",
+        f"data.train={tmp_path / 'b-tokens'}",
+        f"eval.val={tmp_path / 'c-tokens'}",
+        "eval.knn=true",
+        f"run.out={tmp_path / 'mixed'}",
+    ]
+    with pytest.raises(ValueError, match="c-tokens' was made by another tokenizer"):
+        pretrain(build_config("mtm_demo", mixed))
+    assert not (tmp_path / "mixed").exists()
+
+
+def test_a_full_disk_leaves_no_temporary_and_names_the_dataset_then_the_rerun_completes(
+    tmp_path, monkeypatch
+):
+    """A SeiT conversion that fails to flush its stream (ENOSPC) and fails again closing it in the clean-up:
+    the temporary stream goes all the same, the error names the dataset, and the rerun writes it whole."""
+    import errno
+    import gzip
+
+    from mimkit.tokens.dataset import convert
+
+    tokenize("demo", "demo:val", str(tmp_path / "src"), max_images=16, progress=False)
+    target = tmp_path / "out" / "d-token.data.bin.gz"
+    real_close = gzip.GzipFile.close
+
+    def full(self):
+        if self.mode == gzip.WRITE and self.fileobj is not None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_close(self)
+
+    monkeypatch.setattr(gzip.GzipFile, "close", full)
+    with pytest.raises(OSError) as err:
+        convert(tmp_path / "src", target, to="seit")
+    assert (err.value.filename, err.value.strerror) == (str(target), "No space left on device")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # no temporary left
+    monkeypatch.setattr(gzip.GzipFile, "close", real_close)
+    done = convert(tmp_path / "src", target, to="seit")
+    assert len(done) == 16 and np.array_equal(done.read(3), open_tokens(tmp_path / "src").read(3))
+
+
+def test_a_source_changed_in_place_is_not_resumed_into_the_same_tokens(tmp_path):
+    d = np.load(DEMO_FILE)
+    images = tmp_path / "imgs.npz"
+    np.savez(images, x=d["x_val"][:16], y=d["y_val"][:16])
+    tokenize("demo", str(images), str(tmp_path / "t"), shard_size=8, progress=False)
+    np.savez(images, x=d["x_val"][16:32], y=d["y_val"][16:32])  # same name, same count, other images
+    with pytest.raises(ValueError, match=r"holds tokens of another run \(images_sha256 '[0-9a-f]{64}' there"):
+        tokenize("demo", str(images), str(tmp_path / "t"), shard_size=8, progress=False)
+
+
+def test_decode_refuses_another_tokenizers_tokens_and_never_writes_over_its_inputs(tmp_path, capsys):
+    from mimkit.cli import main
+
+    other = _other_tokenizer(tmp_path / "other")
+    tokenize("demo", "demo:val", str(tmp_path / "t"), max_images=8, progress=False)
+    assert (
+        main(["tokenizer", "decode", str(other), str(tmp_path / "t"), "--out", str(tmp_path / "g.png")]) == 2
+    )
+    assert "was made by another tokenizer than" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
+    tokenizer_pt = other / "tokenizer.pt"
+    before = tokenizer_pt.read_bytes()
+    assert main(["tokenizer", "decode", str(other), str(tmp_path / "t"), "--out", str(tokenizer_pt)]) == 2
+    assert f"--out '{tokenizer_pt}' is the input" in capsys.readouterr().err
+    assert tokenizer_pt.read_bytes() == before
+    assert main(["tokenizer", "decode", "demo", str(tmp_path / "t"), "--out", str(tmp_path / "g.png")]) == 0
+
+
+def test_a_rerun_removes_what_a_killed_tokenize_left(tmp_path, capsys):
+    data = tmp_path / "d-token.data.bin.gz"  # a run killed before its rename left only temporaries
+    left = [tmp_path / ".d-token.data.bin.gz.tmp4242", tmp_path / ".d-label.txt.tmp77"]
+    others = [tmp_path / ".codebook.ckpt.tmp5", tmp_path / ".e-token.data.bin.gz.tmp9"]  # not this dataset's
+    for path in [*left, *others]:
+        path.write_bytes(b"partial")
+    tokenize("demo", "demo:val", str(data), to="seit", max_images=8, progress=False)
+    assert len(open_tokens(data)) == 8
+    assert not any(p.exists() for p in left) and all(p.exists() for p in others)
+    assert f"note: removed {left[0]}, left by a process killed while writing it" in capsys.readouterr().err
+
 
 TOKENIZER = [
     "method=vq_tokenizer",
@@ -52,14 +254,6 @@ TOKENIZER = [
     "eval.knn=false",
     "eval.batch_size=128",
 ]
-
-
-def small_tokenizer(codebook: int = 64, seed: int = 0) -> VQTokenizer:
-    torch.manual_seed(seed)
-    shape = TokenizerShape(
-        img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, codebook_size=codebook
-    )
-    return VQTokenizer(shape, kmeans_init=False).eval()
 
 
 @pytest.mark.slow
@@ -97,39 +291,6 @@ def test_tokenizer_resumes_exactly(tmp_path: Path) -> None:
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert any("_codebook.embed" in k for k in a)  # the EMA codebook is part of what resumed
-
-
-def test_pruned_codes_map_back_to_their_ids_and_decode(tmp_path: Path) -> None:
-    tok = small_tokenizer()
-    counts = torch.zeros(64, dtype=torch.long)
-    counts[[3, 7, 20, 63]] = torch.tensor([5, 1, 9, 2])
-    kept = tok.prune(counts)
-    assert kept.tolist() == [3, 7, 20, 63] and tok.vocab_size == 4
-    assert torch.equal(tok.codebook(), tok.full_codebook()[[3, 7, 20, 63]])
-    ids = tok.encode(torch.rand(5, 3, 32, 32))
-    assert ids.shape == (5, 8, 8) and ids.dtype == torch.long and int(ids.max()) < 4
-    assert tok.decode(ids).shape == (5, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 4\); got 0\.\.4"):
-        tok.decode(torch.full((1, 8, 8), 4).index_fill_(1, torch.tensor([0]), 0))
-    with pytest.raises(ValueError, match="already pruned"):
-        tok.prune(counts)
-    save_tokenizer(tok, tmp_path / "t.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
-    again = load_tokenizer(tmp_path / "t.pt")
-    x = torch.rand(3, 3, 32, 32)
-    assert torch.equal(again.model.encode(x), tok.encode(x))
-    assert torch.equal(again.model.decode(tok.encode(x)), tok.decode(tok.encode(x)))
-
-
-def test_load_tokenizer_names_what_is_wrong(tmp_path: Path) -> None:
-    with pytest.raises(
-        FileNotFoundError, match=r"expected a tokenizer\.pt written by `mimkit tokenizer train`"
-    ):
-        load_tokenizer(tmp_path)
-    checkpoint.save_atomic({"kind": "something", "model": {}}, tmp_path / "x.pt")
-    with pytest.raises(
-        checkpoint.CheckpointError, match=r"x.pt: not a mimkit tokenizer \(kind 'something'\)"
-    ):
-        load_tokenizer(tmp_path / "x.pt")
 
 
 @pytest.mark.parametrize("to", ["mimkit", "seit"])
@@ -297,36 +458,6 @@ def test_a_full_disk_mid_tokenize_names_the_file_leaves_nothing_partial_and_the_
     assert np.array_equal(straight.labels, resumed.labels)
 
 
-def test_input_spec_and_source_must_agree(tmp_path: Path) -> None:
-    tok = small_tokenizer(seed=3)
-    tok.prune(torch.ones(64, dtype=torch.long))
-    save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
-    tokenize(
-        str(tmp_path / "tokenizer.pt"),
-        "demo:val",
-        str(tmp_path / "t"),
-        num_workers=0,
-        max_images=20,
-        progress=False,
-    )
-    tokens = build_source(f"tokens:{tmp_path / 't'}")
-    pixels = InputSpec(kind="pixels", channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, img_size=32, patch_size=4)
-    with pytest.raises(ValueError, match=r"this encoder takes pixels, but 'tokens:.*' is a token dataset"):
-        check_input(pixels, tokens)
-
-    def ids(vocab: int, size: int) -> InputSpec:
-        return InputSpec(kind="token_ids", channels=1, img_size=size, patch_size=1, vocab_size=vocab)
-
-    check_input(ids(64, 8), tokens)
-    check_input(ids(64, 6), tokens)  # a centre crop of the grid
-    with pytest.raises(ValueError, match="has 64 codes but the encoder embeds 391"):
-        check_input(ids(391, 8), tokens)
-    with pytest.raises(ValueError, match="has 8x8 id grids, smaller than the encoder's 16x16 input"):
-        check_input(ids(64, 16), tokens)
-    with pytest.raises(ValueError, match="holds images and no tokenizer is known for it"):
-        check_input(ids(64, 8), build_source("demo:val"))
-
-
 def test_cli_tokenize_info_verify_and_decode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     tok = small_tokenizer(seed=4)
     tok.prune(torch.ones(64, dtype=torch.long))
@@ -353,51 +484,6 @@ def test_cli_tokenize_info_verify_and_decode(tmp_path: Path, capsys: pytest.Capt
     )
     assert main(["tokenize", t, "demo:val", str(tmp_path / "x.gz"), "--to", "seit"]) == 2
     assert "a SeiT dataset is named NAME-token.data.bin.gz" in capsys.readouterr().err
-
-
-def small_token_encoder() -> ViTEncoder:
-    """A one-block encoder of the centre 6 x 6 cells of small_tokenizer's 8 x 8 grids, two cells a patch."""
-    return build_encoder(
-        "vit_tiny",
-        img_size=6,
-        patch_size=2,
-        embed_dim=32,
-        depth=1,
-        num_heads=2,
-        stem="token_ids",
-        vocab_size=64,
-    )
-
-
-def tokenized_demo(tmp_path: Path, train: int, val: int) -> None:
-    """A 64-code tokenizer (all kept) in tmp_path, and the tokens of the first images of demo:train and
-    demo:val under tmp_path/train and tmp_path/val."""
-    tok = small_tokenizer(seed=5)
-    tok.prune(torch.ones(64, dtype=torch.long))
-    save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
-    for split, n in (("train", train), ("val", val)):
-        tokenize(
-            str(tmp_path / "tokenizer.pt"),
-            f"demo:{split}",
-            str(tmp_path / split),
-            num_workers=0,
-            max_images=n,
-            progress=False,
-        )
-
-
-def test_knn_of_a_token_encoder_on_token_datasets(tmp_path: Path) -> None:
-    tokenized_demo(tmp_path, train=120, val=60)
-    train, val = (build_source(str(tmp_path / split)) for split in ("train", "val"))
-    torch.manual_seed(0)
-    encoder = small_token_encoder()
-    env = init_distributed("cpu")
-    view = eval_view(6, encoder.input_spec)  # the centre 6x6 cells of the 8x8 grids
-    result = knn_evaluate(encoder, train, val, view, env, k=5, pool="mean")
-    assert result["val_images"] == 60 and 0 <= result["top1"] <= 100
-    pixel = build_encoder("vit_tiny", img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2)
-    with pytest.raises(ValueError, match="this encoder takes pixels, but 'tokens:"):
-        knn_evaluate(pixel, train, val, eval_view(32, pixel.input_spec), env)
 
 
 def test_tokenize_refuses_to_mix_two_runs_in_one_folder(tmp_path: Path) -> None:
@@ -468,30 +554,3 @@ def test_import_vitvqgan_with_a_released_codebook_gives_its_ids(tmp_path: Path) 
     other = small_tokenizer(codebook=64, seed=10)
     with pytest.raises(ValueError, match=r"6 of 6 codebook rows match no code of this tokenizer"):
         other.match_codebook(released)
-
-
-def test_images_are_tokenized_on_the_fly_for_a_token_encoder(tmp_path: Path) -> None:
-    """A token model evaluated on images sees the ids that `mimkit tokenize` would have stored, by the
-    tokenizer its token data records; the k-NN is then the same as on the stored tokens."""
-    tokenized_demo(tmp_path, train=80, val=40)
-    train, stored = build_source(str(tmp_path / "train")), build_source(str(tmp_path / "val"))
-    images = build_source("demo:val", max_images=40)
-    torch.manual_seed(0)
-    encoder = small_token_encoder()
-    bank, queries = tokenized_for(encoder.input_spec, [train, images])
-    assert bank is train and queries.kind == "token_ids" and queries.grid == (8, 8)
-    for i in (0, 7, 39):
-        ids, label = queries.load(i)
-        assert torch.equal(ids.long(), stored.load(i)[0].long()) and label == stored.load(i)[1]
-    env = init_distributed("cpu")
-    view = eval_view(6, encoder.input_spec)
-    on_images = knn_evaluate(encoder, bank, queries, view, env, k=5, pool="mean")
-    on_tokens = knn_evaluate(encoder, train, stored, view, env, k=5, pool="mean")
-    assert on_images["top1"] == on_tokens["top1"] and on_images["top5"] == on_tokens["top5"]
-    # images alone: the tokenizer of the data the encoder was trained on
-    (alone,) = tokenized_for(encoder.input_spec, [images], trained_on=str(tmp_path / "train"))
-    assert torch.equal(alone.load(3)[0], queries.load(3)[0])
-    # with no tokenizer to be found the images stay images, and the encoder says what it needs
-    assert tokenized_for(encoder.input_spec, [images]) == [images]
-    with pytest.raises(ValueError, match="holds images and no tokenizer is known"):
-        knn_evaluate(encoder, images, images, view, env)

@@ -1,5 +1,8 @@
-"""A run folder as a hostile user treats it: two runs at once, signals, a refused resume, broken images,
-an output that cannot be written, a reader that goes away."""
+"""Pre-training runs (mimkit.runs.pretrain): a run folder as a hostile user treats it (two runs at once,
+signals, a refused resume, broken images, an output that cannot be written, a reader that goes away),
+and the token default end to end."""
+
+from __future__ import annotations
 
 import json
 import os
@@ -17,7 +20,8 @@ from PIL import Image
 from mimkit import checkpoint
 from mimkit.cli import main
 from mimkit.configs import build_config
-from mimkit.runs.pretrain import pretrain
+from mimkit.runs.pretrain import pretrain, quality_warnings
+from mimkit.runs.tokenize import tokenize
 from tests.conftest import TINY, subprocess_env
 
 
@@ -154,3 +158,97 @@ def test_a_run_that_fails_to_start_leaves_no_folder_and_names_the_key(tmp_path, 
     assert main(["pretrain", "--out", str(out), "eval.val=/no/val", *TINY[:-1]]) == 2
     assert "mimkit: error: eval.val: data path '/no/val' does not exist" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # the user's folder stays, unlocked
+
+
+def test_runs_whose_figures_mean_nothing_say_so():
+    summary = {
+        "knn": {"top1": 20.4},
+        "knn_at_init": {"top1": 25.8},
+        "last_logged": {"masked_token_acc": 0.0044, "masked_token_majority": 0.0151},
+    }
+    knn, tokens = quality_warnings(summary)
+    assert knn.startswith("the final k-NN top-1 20.40% is not above the encoder at initialisation (25.80%)")
+    assert tokens.startswith(
+        "masked-token accuracy 0.44% is no better than always answering the most common id (1.51%)"
+    )
+    fine = {
+        "knn": {"top1": 30.0},
+        "knn_at_init": {"top1": 25.8},
+        "last_logged": {"masked_token_acc": 0.06, "masked_token_majority": 0.015},
+    }
+    assert quality_warnings(fine) == []
+
+
+def test_the_token_default_recipe_reads_the_demo_through_the_shipped_tokenizer():
+    cfg = build_config("mtm_demo")
+    assert (cfg.data.train, cfg.data.tokenizer, cfg.eval.val) == ("demo:train", "demo", "demo:val")
+    assert cfg.model.stem == "token_ids" and cfg.eval.baseline
+
+
+@pytest.mark.slow
+def test_the_token_default_runs_end_to_end_and_keeps_its_baseline_through_a_resume(tmp_path):
+    """mtm_demo at a tiny size: images tokenized by the shipped tokenizer, k-NN beside the encoder at
+    initialisation, the masked-token accuracy beside its majority baseline; a resumed run still has the
+    at-initialisation figure of its first session."""
+    from mimkit.runs.pretrain import pretrain
+
+    sizes = ("model.embed_dim", "model.depth", "model.num_heads", "method.decoder")
+    small = [
+        *(o for o in TINY if o.startswith(sizes)),  # the tests' depth-2, width-64 model
+        "data.max_images=64",
+        "data.num_workers=0",
+        "optim.epochs=2",
+        "optim.batch_size=16",
+        "eval.every_epochs=0",
+        "eval.lmim_nn=true",  # the leave-one-out 1-NN reads demo:val through the tokenizer too
+        "run.progress=false",
+        f"run.out={tmp_path / 'run'}",
+    ]
+    first = pretrain(build_config("mtm_demo", [*small, "run.stop_at_step=3"]))
+    assert first["stopped_early"] and "knn" not in first
+    resumed = pretrain(build_config("mtm_demo", small))
+    assert resumed["knn_at_init"] == first["knn_at_init"]
+    assert resumed["knn"]["val"] == "demo:val (tokenized by demo)" and resumed["knn"]["val_images"] == 500
+    assert resumed["lmim_nn"]["val"] == "demo:val (tokenized by demo)"
+    last = resumed["last_logged"]
+    assert 0 < last["masked_token_majority"] < 1 and "masked_token_acc" in last
+    assert isinstance(resumed["warnings"], list)
+
+
+def test_evaluation_data_a_model_cannot_read_stop_the_run_before_its_first_step(tmp_path):
+    """Tokens of another vocabulary as eval.val: refused when the run starts, not after it trained."""
+    from mimkit.models.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
+    from mimkit.runs.pretrain import pretrain
+
+    torch.manual_seed(0)
+    shape = TokenizerShape(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, codebook_size=32)
+    save_tokenizer(
+        VQTokenizer(shape, kmeans_init=False).eval(),
+        tmp_path / "other" / "tokenizer.pt",
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+    )
+    tokenize(
+        str(tmp_path / "other"), "demo:val", str(tmp_path / "other-tokens"), max_images=16, progress=False
+    )
+    sizes = ("model.embed_dim", "model.depth", "model.num_heads", "method.decoder")
+    small = [*(o for o in TINY if o.startswith(sizes)), "data.max_images=32", "data.num_workers=0"]
+    out = tmp_path / "run"
+    cfg = build_config("mtm_demo", [*small, f"eval.val={tmp_path / 'other-tokens'}", f"run.out={out}"])
+    with pytest.raises(
+        ValueError, match=r"has 32 codes but the encoder embeds 384: its ids would mean other"
+    ):
+        pretrain(cfg)
+    assert not out.exists()  # no step, no checkpoint, no folder
+
+
+def test_a_separate_memory_bank_is_read_for_the_end_of_run_knn(tmp_path):
+    from mimkit.runs.pretrain import pretrain
+
+    knn = [o for o in TINY if o != "eval.knn=false"]
+    cfg = build_config(
+        None,
+        [*knn, "optim.epochs=1", "eval.train=synthetic:32", "eval.val=synthetic:16", f"run.out={tmp_path}"],
+    )
+    summary = pretrain(cfg)
+    assert summary["knn"]["train_images"] == 32 and summary["knn"]["val_images"] == 16
