@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 
+from mimkit import checkpoint
 from mimkit.cli import main
 from mimkit.configs import ConfigError, build_config
 from mimkit.data import build_source
@@ -16,7 +17,7 @@ from mimkit.methods.latent_mim import cosine_decay, infonce_patches
 from mimkit.models.patches import gap_patchify, patchify
 from mimkit.runs.pretrain import pretrain
 from tests import reference
-from tests.conftest import TINY, straight_and_resumed
+from tests.conftest import TINY
 
 # 16 px images, 4 px patches: a 4 x 4 grid; gap 1 (patch // 4), so training crops are 20 px
 LMIM_TINY = [
@@ -270,7 +271,7 @@ def test_official_layout_checkpoint_gives_the_same_loss(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrain_on_the_embedded_data_resumes_exactly_and_exports_to_timm(tmp_path, capsys):
+def test_pretrain_on_the_embedded_data_exports_to_timm(tmp_path, capsys):
     common = [
         *LMIM_TINY,
         "data.train=demo:train",
@@ -283,12 +284,8 @@ def test_pretrain_on_the_embedded_data_resumes_exactly_and_exports_to_timm(tmp_p
         "optim.min_lr_frac=0.25",
         "optim.warmup_from_min_lr=true",
     ]
-    a, b, straight = straight_and_resumed(common, tmp_path, stop_at=11)
+    straight = pretrain(build_config(None, [*common, f"run.out={tmp_path / 'a'}"]))
     assert straight["steps"] == 16
-    assert any(k.startswith("teacher.module.projector.") for k in a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert not torch.equal(a["teacher.module.encoder.cls_token"], a["encoder.cls_token"])
 
     out = tmp_path / "encoder.safetensors"
     assert main(["export", str(tmp_path / "a"), "--out", str(out)]) == 0
@@ -299,7 +296,8 @@ def test_pretrain_on_the_embedded_data_resumes_exactly_and_exports_to_timm(tmp_p
     )
     vit.load_state_dict(load_file(out), strict=True)
     encoder = build_method(build_config(None, [*common])).encoder
-    encoder.load_state_dict({k[len("encoder.") :]: v for k, v in a.items() if k.startswith("encoder.")})
+    trained = checkpoint.load(tmp_path / "a" / "last.pt")["model"]
+    encoder.load_state_dict({k[len("encoder.") :]: v for k, v in trained.items() if k.startswith("encoder.")})
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(vit.forward_features(x), encoder.forward_features(x))
 

@@ -246,13 +246,11 @@ def test_mtm_learns_on_tokens_of_real_images(real_tokens: Path):
 
 
 @pytest.mark.slow
-def test_pretrain_on_a_token_dataset_resumes_bit_exactly(real_tokens: Path, tmp_path: Path):
-    overrides = [*TINY_MTM, f"data.train=tokens:{real_tokens}", "method.noise_prob=0.5"]
-    a, b, summary = straight_and_resumed(overrides, tmp_path, stop_at=5)
-    assert summary["steps"] == 12
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+def test_pretrain_on_a_token_dataset_records_the_vocabulary_it_took_from_the_data(
+    real_tokens: Path, tmp_path: Path
+):
+    overrides = [*TINY_MTM, f"data.train=tokens:{real_tokens}", "method.noise_prob=0.5", "run.stop_at_step=2"]
+    pretrain(build_config(None, [*overrides, f"run.out={tmp_path / 'a'}"]))
     saved = build_config(tmp_path / "a" / "config.yaml")
     assert saved.model.vocab_size == VOCAB  # taken from the data and recorded
 

@@ -20,8 +20,6 @@ from mimkit.methods.token_views import AffineParams, GeoParams
 from mimkit.methods.tokenadapt import PairedViews
 from mimkit.models.tokenadapt import load_tokenadapt
 from mimkit.models.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
-from mimkit.runs.tokenadapt import train_tokenadapt
-from tests.conftest import straight_and_resumed
 
 CODES = 24
 
@@ -91,22 +89,6 @@ def test_cli_trains_writes_official_weights_and_reports_accuracy(
         assert 0 <= summary[key] <= 100
     printed = capsys.readouterr().out
     assert "token accuracy" in printed and "tokenadapt.ckpt" in printed
-
-
-@pytest.mark.slow
-def test_resume_is_bit_identical(tmp_path: Path) -> None:
-    tok = tiny_tokenizer(tmp_path)
-    a, b, summary = straight_and_resumed(
-        overrides(tok, "optim.epochs=2", "optim.batch_size=8", "method.eval_images=8"),
-        tmp_path,
-        stop_at=3,
-        run=train_tokenadapt,
-    )
-    assert a.keys() == b.keys() and any(k.startswith("tokenadapt.") for k in a)
-    assert not any(k.startswith("loaded") or "quantizer" in k for k in a)  # the tokenizer is not saved
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert "tokenadapt" in summary
 
 
 @pytest.mark.parametrize("flip", [False, True])
