@@ -84,13 +84,24 @@ def _wait_for_rows(path, rows, process, timeout=120):
     pytest.fail("the run logged nothing in time")
 
 
+TEN_EPOCHS = [*TINY, "optim.epochs=10", "run.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def ten_epochs(tmp_path_factory):
+    """The run that the stopped and resumed ones must end as."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    pretrain(build_config(None, [*TEN_EPOCHS, f"run.out={out}"]))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_path, signum):
+def test_a_stop_signal_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_path, signum, ten_epochs):
     """SIGTERM (to the main process, as a scheduler sends it) or SIGINT (to the whole process group, as
     Ctrl-C; loader workers included) stops the run after the current step with a checkpoint; resuming
     it ends on the weights of a run never stopped."""
-    overrides = [*TINY, "optim.epochs=10", "run.log_every=1"]
+    overrides = TEN_EPOCHS
     out = tmp_path / "stopped"
     env = subprocess_env(threads=2)
     cmd = [sys.executable, "-m", "mimkit", "pretrain", "--out", str(out), *overrides, "data.num_workers=2"]
@@ -111,8 +122,7 @@ def test_a_stop_signal_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_pa
 
     # the same batches without workers (each image's view depends on (seed, epoch, index) only)
     assert main(["pretrain", "--out", str(out), *overrides]) == 0
-    pretrain(build_config(None, [*overrides, f"run.out={tmp_path / 'straight'}"]))
-    a, b = (checkpoint.load(tmp_path / d / "last.pt")["model"] for d in ("straight", "stopped"))
+    a, b = (checkpoint.load(d / "last.pt")["model"] for d in (ten_epochs, out))
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
