@@ -91,9 +91,10 @@ def resolve_tokenadapt(path: str) -> TokenAdapt:
 # TokenAdapt's geometry in f-space
 
 # The augmentation in ``f``-space (:func:`feature_augment`) is SeiT++'s: horizontal flip (p 0.5); then,
-# with p 0.5, five affine ops in turn, each with its own p 0.5 and its own bilinear resampling with zero
-# fill (rotation U(-30, 30) degrees, x- and y-translation up to 20 % of the width and height, x- and
-# y-shear U(0, 15) degrees, one-sided as the reference's); then a random resized crop per sample (bicubic).
+# with p 0.5, five affine ops in turn, each with its own p 0.5 and its own bilinear resampling with fill 0
+# and torchvision's fill mask (rotation U(-30, 30) degrees, x- and y-translation up to 20 % of the width
+# and height, x- and y-shear U(0, 15) degrees, one-sided as the reference's); then a random resized crop
+# per sample (bicubic).
 # Like torchvision on a 4-D tensor, the flip and the affine ops draw one set of parameters for the whole
 # batch; unlike torchvision, translations are kept as fractions rather than rounded to whole positions, so
 # that one draw is the same geometry at every resolution (which pairs pixel and feature augmentations when
@@ -183,8 +184,9 @@ def _affine_theta(
 
 def affine_warp(x: torch.Tensor, params: AffineParams) -> torch.Tensor:
     """SeiT++'s five affine ops on maps [B, C, H, W], in its order (rotation, x-translation,
-    y-translation, x-shear, y-shear), each its own bilinear resampling with zero fill as a separate
-    torchvision ``RandomAffine`` is; a sample whose value for an op is 0 is left untouched by it."""
+    y-translation, x-shear, y-shear), each its own bilinear resampling with fill 0 as a separate
+    torchvision ``RandomAffine`` is (its fill mask included, so border cells match it); a sample whose
+    value for an op is 0 is left untouched by it."""
     if x.ndim != 4 or not x.is_floating_point():
         raise ValueError(f"expected floating maps [B, C, H, W]; got {tuple(x.shape)} {x.dtype}")
     batch, _, height, width = x.shape
@@ -203,9 +205,18 @@ def affine_warp(x: torch.Tensor, params: AffineParams) -> torch.Tensor:
             continue
         theta = _affine_theta(a, t, s, height, width)
         grid = F.affine_grid(theta.to(x.dtype), [batch, 1, height, width], align_corners=False)
+        # torchvision's fill: a channel of ones is resampled with the maps and the result blended with
+        # the fill (0) by it, so cells that straddle the border are dimmed once more (by the share of
+        # their bilinear footprint that fell outside), not only zero-padded
+        ones = x.new_ones(batch, 1, height, width)
         warped = F.grid_sample(
-            x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
+            torch.cat([x, ones], 1),
+            grid.to(x.dtype),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
         )
+        warped = warped[:, :-1] * warped[:, -1:]
         x = torch.where(on.view(-1, 1, 1, 1), warped.to(x.dtype), x)
     return x
 
