@@ -6,6 +6,7 @@ one engine; its settings are the config's ``method`` section (``method=finetune`
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -31,7 +32,13 @@ from mimkit.methods.token_views import (
 from mimkit.models.input_spec import InputSpec
 from mimkit.models.pos_embed import resample_pos_embed
 from mimkit.models.vit import LayerNorm6, ViTEncoder
-from mimkit.tokens.codebook import build_synonyms, embed, synonym_counts, synonym_table
+from mimkit.tokens.codebook import (
+    build_synonyms,
+    embed,
+    load_synonyms,
+    synonym_counts,
+    synonym_table,
+)
 
 
 @dataclass
@@ -69,9 +76,12 @@ class FinetuneConfig:
     tokenadapt: str | None = None  # TokenAdapt weights (file or run); None: no TokenAdapt path
     tokenadapt_mixup: float = 0.8  # Mixup / CutMix of the TokenAdapt path, in its feature space
     tokenadapt_cutmix: float = 1.0
-    # Token-EDA per sample (SeiT: 0.25 / 0.25), with the top-5 cosine synonyms of each code
+    # Token-EDA per sample (SeiT: 0.25 / 0.25), with the first 5 synonyms of each code
     eda_rc_prob: float = checked(0.0, low=0, high=1)  # synonym replacement (each id w.p. 0.25)
     eda_sc_prob: float = checked(0.0, low=0, high=1)  # swap two square blocks
+    # a synonym JSON (SeiT's released synonyms.json: keys "0".."K-1", ranked id lists); None: the top-5
+    # cosine neighbours of each codebook row (how SeiT built its file is not published)
+    synonyms: str | None = None
 
     def validate(self) -> None:
         validate_choice_probabilities(self, "noise_prob", "coloradapt_prob")
@@ -98,6 +108,23 @@ class FinetuneConfig:
                 f"Mixup/CutMix pair images within {where}: 'optim.batch_size' must be {must}; "
                 f"got {cfg.optim.batch_size}"
             )
+
+
+def token_synonyms(path: str | None, codebook: torch.Tensor) -> dict[int, list[int]]:
+    """Token-EDA's synonyms: the file ``method.synonyms`` (checked against the codebook's K ids, so a file
+    of another tokenizer is an error before training starts), else the top-5 cosine neighbours of each
+    codebook row."""
+    if not path:
+        return build_synonyms(codebook, k=5)
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"method.synonyms: '{path}' is not a file (a synonym JSON such as SeiT's synonyms.json; null "
+            "builds them from the codebook)"
+        )
+    try:
+        return load_synonyms(path, vocab_size=codebook.shape[0])
+    except (OSError, ValueError) as err:
+        raise ValueError(f"method.synonyms: {err}") from err
 
 
 class FineTune(Trainable):
@@ -142,6 +169,7 @@ class FineTune(Trainable):
         self.tokens = model.stem.kind in ("token_ids", "token_embeddings")
         self.vectors = model.stem.kind == "token_embeddings"
         self.codebook: torch.Tensor | None = None  # the token views' (use_data)
+        self.synonyms: dict[int, list[int]] | None = None  # Token-EDA's (use_data)
         self.mixup = None
         if (cfg.mixup > 0 or cfg.cutmix > 0) and not self.tokens:  # tokens are mixed by the views
             self.mixup = Mixup(
@@ -222,6 +250,8 @@ class FineTune(Trainable):
                 f"the codebook's vectors have {self.codebook.shape[1]} dimensions but the encoder's stem "
                 f"takes {width} (model.token_dim)"
             )
+        if self.cfg.synonyms or self.cfg.eda_rc_prob:  # a given file is read and checked before training
+            self.synonyms = token_synonyms(self.cfg.synonyms, self.codebook)
 
     def batch_transform(self) -> TokenViews | None:
         """Token inputs: SeiT++'s fine-tuning views (colour per batch, base crop + CutMix/Mixup, the
@@ -245,7 +275,9 @@ class FineTune(Trainable):
             mixers.append(mixer(cfg.tokenadapt_mixup, cfg.tokenadapt_cutmix))
         eda = None
         if cfg.eda_rc_prob or cfg.eda_sc_prob:
-            synonyms = build_synonyms(self.codebook, k=5)
+            synonyms = self.synonyms
+            if synonyms is None:
+                synonyms = token_synonyms(cfg.synonyms, self.codebook)
             eda = TokenEDA(
                 synonym_table(synonyms, 5),
                 cfg.eda_rc_prob,
