@@ -239,9 +239,9 @@ class RunConfig:
 @dataclass
 class EvalConfig:
     knn: bool = True  # k-NN accuracy at the end of pre-training, when eval.val is set
-    every_epochs: int = checked(
-        0, low=0, note="0: only at the end"
-    )  # also every N epochs during pre-training
+    # also every N epochs: pre-training's k-NN; a linear probe's or fine-tuning's held-out accuracy (and
+    # at the last epoch), with the best epoch beside the final weights' figure
+    every_epochs: int = checked(0, low=0, note="0: only at the end")
     baseline: bool = False  # also measure the encoder at initialisation, for comparison
     train: str | None = None  # labelled memory bank; None: data.train
     val: str | None = None  # labelled queries

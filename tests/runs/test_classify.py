@@ -1,8 +1,10 @@
 """Linear probe and fine-tune runs (mimkit.runs.classify) on images: they learn, resume exactly, check their
-settings and data, and follow their pre-training run."""
+settings and data, and follow their pre-training run; with eval.every_epochs they log the held-out accuracy
+of every N epochs and the best one beside the final weights' (the headline), kept across a resume."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 from mimkit.cli import main
 from mimkit.configs import ConfigError, build_config
 from mimkit.methods import build_method
-from mimkit.runs.classify import train_classifier
+from mimkit.runs.classify import EPOCH_EVALS_FILE, epoch_report, train_classifier
 from tests.conftest import straight_and_resumed
 
 TASK = [
@@ -168,3 +170,57 @@ def test_follow_up_runs_use_the_runs_own_data_over_a_recipes(tiny_checkpoint, tm
     split = ["data.train=demo:val", "data.val_fraction=0.2"]  # the held-out part, not the run's eval.val
     cfg = task_config("linprobe", tiny_checkpoint, info, None, split, str(tmp_path / "h"))
     assert (cfg.data.train, cfg.eval.val) == ("demo:val#train=0.2", "demo:val#val=0.2")
+
+
+SCRATCH = [
+    "method.checkpoint=scratch",
+    "model.arch=vit_tiny",
+    "model.img_size=16",
+    "model.patch_size=4",
+    "model.embed_dim=64",
+    "model.depth=2",
+    "model.num_heads=2",
+    "data.train=synthetic:64",
+    "eval.val=synthetic:32",
+    "data.num_workers=0",
+    "optim.epochs=3",
+    "optim.warmup_epochs=1",
+    "optim.batch_size=16",
+    "optim.lr=1e-3",
+    "run.progress=false",
+    "run.log_every=2",
+    "eval.every_epochs=2",
+]
+
+
+def test_the_best_epoch_is_the_highest_top1_and_the_earliest_on_a_tie(capsys) -> None:
+    history = [
+        {"epoch": 1, "top1": 50.0, "top5": 90.0},
+        {"epoch": 2, "top1": 70.0, "top5": 95.0},
+        {"epoch": 3, "top1": 70.0, "top5": 96.0},
+        {"epoch": 4, "top1": 60.0, "top5": 97.0},
+    ]
+    report = epoch_report(history, {"top1": 60.0}, show=True)
+    assert report == {"per_epoch": history, "best_epoch": history[1]}
+    assert capsys.readouterr().err == (
+        "held-out top-1 per epoch: 1: 50.00, 2: 70.00, 3: 70.00, 4: 60.00; best epoch 2: 70.00% (the "
+        "reference scripts' figure, chosen on these images); final weights: 60.00% (mimkit's headline)\n"
+    )
+
+
+@pytest.mark.slow
+def test_per_epoch_accuracy_and_best_epoch_are_logged_and_survive_a_resume(tmp_path: Path) -> None:
+    straight = train_classifier(build_config("finetune", [*SCRATCH, f"run.out={tmp_path / 'a'}"]))
+    per_epoch = straight["per_epoch"]
+    assert [e["epoch"] for e in per_epoch] == [2, 3]  # every 2 epochs, and the last
+    assert straight["top1"] == per_epoch[-1]["top1"]  # the headline: the final weights
+    assert straight["best_epoch"] == max(per_epoch, key=lambda e: (e["top1"], -e["epoch"]))
+    log = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["epoch"], r["val_top1"]) for r in log if "val_top1" in r]
+    assert logged == [(e["epoch"], e["top1"]) for e in per_epoch]
+    assert json.loads((tmp_path / "a" / EPOCH_EVALS_FILE).read_text()) == per_epoch
+
+    # stopped in the third epoch (4 steps an epoch), then resumed: epoch 2's evaluation is not lost
+    resumed = [*SCRATCH, f"run.out={tmp_path / 'b'}"]
+    assert train_classifier(build_config("finetune", [*resumed, "run.stop_at_step=10"]))["stopped_early"]
+    assert train_classifier(build_config("finetune", resumed))["per_epoch"] == per_epoch
