@@ -6,6 +6,11 @@ pixel-like geometry, invert), each optionally mixed (CutMix / Mixup with soft ta
 ids (SeiT++), or left as vectors (SeiT's continuous-input classifier). Without TokenAdapt weights the
 whole batch takes the first path.
 
+The views run in fp32 (the engine calls them outside the autocast of the forward pass). The reference
+makes them inside its fp16 autocast block, so its codebook lookup, crops, TokenAdapt and re-quantisation
+distances run in fp16 where autocast casts them: a departure on purpose, since fp16 nearest-code search
+flips near ties (about 0.2% of the ids of a cropped view with the demo tokenizer's codebook).
+
 The random draws come from one generator per batch seeded from the samples' seeds (a function of run
 seed, epoch and index), so a resumed run sees the same views. Mixup/CutMix draw from numpy's global RNG
 (timm's ``Mixup``), which checkpoints save and restore.
