@@ -20,6 +20,7 @@ from mimkit.methods.token_views import AffineParams, GeoParams
 from mimkit.methods.tokenadapt import PairedViews
 from mimkit.models.tokenadapt import load_tokenadapt
 from mimkit.models.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer
+from mimkit.tokens.codebook import embed, requantize
 
 CODES = 24
 
@@ -123,6 +124,37 @@ def test_pairs_are_the_tokens_of_the_image_and_of_its_augmentation(
         step = method(pairs)
     assert torch.isfinite(step.loss) and set(step.metrics) == {"acc", "warp_acc", "identity_acc"}
     assert float(step.metrics["warp_acc"]) == float((pairs["warped"] == pairs["target"]).float().mean())
+
+
+def test_g_trains_at_its_out_grid_against_the_target_taken_there_as_a_crop_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """method.out_grid below the tokenizer's grid (a 4-cell tokenizer, a 3-cell model, as 32 -> 28): the
+    f-space crop is resized to twice it, and the target is the tokenizer's ids of the augmented image taken
+    to that grid as the crop path takes a grid (codebook vectors, bicubic, re-quantised)."""
+    tok = tiny_tokenizer(tmp_path)
+    method = build_method(build_config(None, overrides(tok, "method.out_grid=3")))
+    assert method.tokenadapt.out_grid == 3
+    boxes = []
+
+    def identity(batch: int, height: int, width: int, *args: object, **kwargs: object) -> GeoParams:
+        full = CropBoxes(*(torch.full((batch,), v) for v in (0, 0, height, width)))
+        boxes.append((height, width))
+        affine = AffineParams(torch.zeros(batch), torch.zeros(batch, 2), torch.zeros(batch, 2))
+        return GeoParams(torch.zeros(batch, dtype=torch.bool), affine, full)
+
+    monkeypatch.setattr("mimkit.methods.tokenadapt.feature_augment_params", identity)
+    images = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        pairs = method.batch_transform()({"image": images, "seed": torch.arange(4)})
+        codebook = method.loaded.model.codebook()
+        emb = embed(method.loaded.model.encode(images), codebook)
+        expected = requantize(F.interpolate(emb, size=(3, 3), mode="bicubic", align_corners=False), codebook)
+        assert torch.equal(pairs["target"], expected) and torch.equal(pairs["ids"], expected)
+        assert pairs["warped"].shape == (4, 3, 3)
+        logits = method.tokenadapt.invert_logits(torch.zeros(4, 8, 6, 6))
+        step = method(pairs)
+    assert boxes == [(8, 8)] and logits.shape == (4, CODES, 3, 3) and torch.isfinite(step.loss)
 
 
 def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
