@@ -1,4 +1,4 @@
-"""Usage: python tools/tokenadapt_grid.py RUN VAL IMAGES (a `mimkit tokenadapt train` run folder, held-out
+"""Usage: python bench/tokenadapt_grid.py RUN VAL IMAGES (a `mimkit tokenadapt train` run folder, held-out
 images, how many). Held-out token accuracy of a trained TokenAdapt at the tokenizer's grid G and at the grid
 U = 7/8 G a token model takes (SeiT++ on ImageNet: 32 -> 28, f-space 64 -> 56).
 
@@ -6,9 +6,10 @@ Pairs as `mimkit tokenadapt train` makes them at G (one draw of the geometry per
 against the tokenizer's ids of the augmented image T(A(x)). At U the f-space crop is resized to 2U; no
 tokenizer gives ids at U, so the target is T(A(x)) taken to U as the crop path takes a grid (codebook
 vectors, bicubic, re-quantised). Scored against it: g used at U; g at G with its output taken to U the
-same way; the geometry on the emb map (no TokenAdapt).
+same way; the geometry on the emb map (no TokenAdapt). Prints one JSON object.
 """
 
+import json
 import sys
 
 import torch
@@ -64,6 +65,5 @@ with torch.no_grad():
         for key, hit in acc.items():
             sums[key] = sums.get(key, 0.0) + hit.float().mean().item() * k
         count += k
-for key, total in sums.items():
-    print(f"{key}: {100 * total / count:.2f}%")
-print(f"({count} held-out images of {val})")
+accuracy = {key: round(100 * total / count, 2) for key, total in sums.items()}
+print(json.dumps({"run": run, "val": val, "images": count, "token_accuracy_pct": accuracy}, indent=2))
