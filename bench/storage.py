@@ -31,7 +31,7 @@ from PIL import Image
 
 from mimkit.tokens.compact import HEADER
 from mimkit.tokens.dataset import TokenDataset, open_tokens, write_tokens
-from mimkit.tokens.seit import DEFAULT_VOCAB as SEIT_VOCAB
+from mimkit.tokens.seit_files import DEFAULT_VOCAB as SEIT_VOCAB
 
 CIFAR = Path("/work/shared/data/cifar10")
 PROXY_CLUSTERS = SEIT_VOCAB  # 510, ids 0..509: the most SeiT's escape coding holds

@@ -31,7 +31,7 @@ from mimkit.tokens.dataset import (
     write_tokens,
 )
 from mimkit.tokens.records import cache_dir
-from mimkit.tokens.seit import SeitWriter, check_seit_target
+from mimkit.tokens.seit_writer import SeitWriter, check_seit_target
 
 CLASSES = ("cat", "dog", "ship")
 

@@ -49,7 +49,7 @@ from mimkit.tokens.codebook import load_codebook
 from mimkit.tokens.compact import HEADER, CompactWriter
 from mimkit.tokens.dataset import TOKENIZE_RECORD, convert, open_tokens
 from mimkit.tokens.records import TokenDataset, codebook_signature, same_codebook, write_atomic
-from mimkit.tokens.seit import check_seit_target
+from mimkit.tokens.seit_writer import check_seit_target
 from mimkit.train.log import write_json
 
 SAMPLE_IMAGES = 256  # reconstruction PSNR and the decoded grid are measured on this many images

@@ -3,7 +3,7 @@ names, the codebook itself and a description of the tokenizer that made them.
 
 Two on-disk layouts share one reading interface, :class:`TokenDataset`:
 
-- ``seit``: SeiT's release files, exactly (:mod:`mimkit.tokens.seit`): ``NAME-token.data.bin.gz``,
+- ``seit``: SeiT's release files, exactly (:mod:`mimkit.tokens.seit_files`): ``NAME-token.data.bin.gz``,
   ``NAME-token.index.npy.gz``, ``NAME-label.txt`` and ``codebook.ckpt`` beside them;
 - ``mimkit``: our compact folder (:mod:`mimkit.tokens.compact`): a JSON header, checksummed shards that
   can be written in parallel and resumed, and the codebook as safetensors.
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mimkit.tokens import compact, seit
+from mimkit.tokens import compact, seit, seit_files, seit_writer
 from mimkit.tokens.records import CHUNK, TokenDataset, TokenRecordError, check_codebook, check_labels
 
 __all__ = [
@@ -59,12 +59,12 @@ def order0_stats(counts: np.ndarray) -> tuple[int, float]:
 def _layout(path: Path) -> tuple[str, Path] | None:
     """("seit", data file) | ("mimkit", folder) | ("mimkit-incomplete", folder) | None."""
 
-    if path.name.endswith(seit.DATA_SUFFIX):
+    if path.name.endswith(seit_files.DATA_SUFFIX):
         return ("seit", path) if path.is_file() else None
     if path.is_dir():
         if (path / compact.HEADER).is_file():
             return "mimkit", path
-        found = sorted(path.glob(f"*{seit.DATA_SUFFIX}"))
+        found = sorted(path.glob(f"*{seit_files.DATA_SUFFIX}"))
         if len(found) == 1:
             return "seit", found[0]
         if len(found) > 1:
@@ -77,7 +77,7 @@ def _layout(path: Path) -> tuple[str, Path] | None:
         ):
             return "mimkit-incomplete", path
         return None
-    prefixed = path.with_name(path.name + seit.DATA_SUFFIX)
+    prefixed = path.with_name(path.name + seit_files.DATA_SUFFIX)
     if prefixed.is_file():
         return "seit", prefixed
     return None
@@ -110,8 +110,8 @@ def open_tokens(
     layout = _layout(p)
     if layout is None:
         raise ValueError(
-            f"'{path}' is not a token dataset: expected SeiT's files (NAME{seit.DATA_SUFFIX} with "
-            f"NAME{seit.INDEX_SUFFIX} beside it) or a mimkit token folder (with {compact.HEADER})"
+            f"'{path}' is not a token dataset: expected SeiT's files (NAME{seit_files.DATA_SUFFIX} with "
+            f"NAME{seit_files.INDEX_SUFFIX} beside it) or a mimkit token folder (with {compact.HEADER})"
         )
     kind, where = layout
     if kind == "seit":
@@ -140,7 +140,7 @@ def _check_to(to: str) -> None:
         raise ValueError(f"unknown token format {to!r}; expected one of {FORMATS}")
 
 
-def _write_seit(writer: seit.SeitWriter, parts: Iterable[tuple[np.ndarray, Any]]) -> TokenDataset:
+def _write_seit(writer: seit_writer.SeitWriter, parts: Iterable[tuple[np.ndarray, Any]]) -> TokenDataset:
     """Append (ids, labels) parts and finish; on any failure no half-written stream is left behind."""
     try:
         for ids, labels in parts:
@@ -215,11 +215,11 @@ def write_tokens(
         vocab_size = cb.shape[0]
     if vocab_size is None:
         vocab_size = int(ids.max()) + 1 if ids.size else 1
-        if to == "seit" and vocab_size > seit.DEFAULT_VOCAB:
+        if to == "seit" and vocab_size > seit_files.DEFAULT_VOCAB:
             vocab_size = None  # the writer then names the first record its escape coding cannot hold
     grid = (int(ids.shape[1]), int(ids.shape[2]))
     if to == "seit":
-        swriter = seit.SeitWriter(
+        swriter = seit_writer.SeitWriter(
             dst, grid=grid, vocab_size=vocab_size, codebook=cb, classes=classes, meta=meta
         )
         return _write_seit(swriter, [(ids, labels)])
@@ -273,7 +273,7 @@ def convert(
             (ids, None if source.labels is None else source.labels[start : start + len(ids)])
             for start, ids in source.chunks()
         )
-        return _write_seit(seit.SeitWriter(dst, **common), parts)
+        return _write_seit(seit_writer.SeitWriter(dst, **common), parts)
     _fresh_folder(dst)
     undo = _Undo(dst)
     try:
