@@ -41,7 +41,7 @@ from mimkit.runs.tokenize import (
     tokenizer_warnings,
     train_tokenizer,
 )
-from mimkit.tokens.compact import CompactWriter
+from mimkit.tokens.compact_writer import CompactWriter
 from mimkit.tokens.dataset import open_tokens
 from mimkit.tokens.records import codebook_signature, same_codebook
 from tests.conftest import TINY

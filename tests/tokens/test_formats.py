@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader
 
 from mimkit.cli import main
 from mimkit.data.sources import DEMO_FILE
-from mimkit.tokens import compact
-from mimkit.tokens.compact import CompactWriter, decode_chunk, encode_chunk, id_dtype
+from mimkit.tokens import compact, compact_shards
+from mimkit.tokens.compact_shards import decode_chunk, encode_chunk, id_dtype
+from mimkit.tokens.compact_writer import CompactWriter
 from mimkit.tokens.dataset import (
     TokenRecordError,
     convert,
@@ -578,7 +579,7 @@ def test_compact_round_trip_and_stored_layout(tmp_path: Path) -> None:
 def test_compact_flipped_byte_is_reported_never_decoded(
     tmp_path: Path, token_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(compact, "CHUNK_BYTES", 10 * 36 * 2)  # chunks of 10 records
+    monkeypatch.setattr(compact_shards, "CHUNK_BYTES", 10 * 36 * 2)  # chunks of 10 records
     ids = random_tokens(40, seed=6)
     ds = write_tokens(tmp_path / "c", ids, shard_size=25)
     assert ds._chunks[:, 4].tolist() == [10, 10, 5, 10, 5]

@@ -46,7 +46,8 @@ from mimkit.progress import progress as progress_bar
 from mimkit.runs.lock import RunLock
 from mimkit.runs.pretrain import pretrain_then
 from mimkit.tokens.codebook import load_codebook
-from mimkit.tokens.compact import HEADER, CompactWriter
+from mimkit.tokens.compact import HEADER
+from mimkit.tokens.compact_writer import CompactWriter
 from mimkit.tokens.dataset import TOKENIZE_RECORD, convert, open_tokens
 from mimkit.tokens.records import TokenDataset, codebook_signature, same_codebook, write_atomic
 from mimkit.tokens.seit_writer import check_seit_target

@@ -11,15 +11,9 @@ Folder::
     mimkit-tokens.writing.json   only while unfinished: the writer's grid, vocab_size, shard_size and
                            codebook sha256, so that resuming with other parameters is refused
 
-A shard is ``[chunks][footer][trailer]``. A chunk holds up to ``chunk_records`` consecutive records (about
-1 MiB of ids): their ids at the narrowest width that holds the vocabulary (uint8 up to 256 codes, uint16
-up to 65,536, else uint32), laid out as byte planes (every id's low byte, then every id's next byte),
-compressed as one zstd frame. Byte planes compress about 4% better than interleaved uint16 (CIFAR ids of
-384 codes), which brings the format to SeiT's .gz size (``bench/storage.py``) while decoding some 30
-times faster than gunzip. The footer (zstd) holds each chunk's byte length, CRC-32 and record count and
-each record's int64 label; a fixed 40-byte trailer (magic, records, payload and footer sizes, the
-footer's CRC-32, flags) ends the file. A damaged byte fails its chunk's CRC-32 and a cut shard loses its
-trailer, so damage is reported (file, chunk and records named), never decoded into ids.
+The shards (chunk codec, footer, trailer) are :mod:`mimkit.tokens.compact_shards`; the writer is
+:mod:`mimkit.tokens.compact_writer`. This module holds the folder's header and codebook checks and the
+reader.
 
 Reading for training goes through a decoded cache (:class:`CompactTokens`, ``cache=True``): the
 decompression is paid once per dataset and machine, and ``read(i)`` is then a copy of H*W ids out of a
@@ -37,8 +31,6 @@ import json
 import math
 import mmap
 import os
-import re
-import struct
 import sys
 import time
 import zlib
@@ -48,21 +40,25 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-import zstandard
 from safetensors.torch import save
 
 from mimkit.tokens.codebook import load_codebook as read_codebook
+from mimkit.tokens.compact_shards import (
+    CODEC_NAME,
+    SHARD_RE,
+    ShardIndex,
+    decode_chunk,
+    id_dtype,
+    map_shard,
+    read_shard_index,
+)
 from mimkit.tokens.records import (
     TokenDataset,
     TokenRecordError,
     cache_dir,
-    check_codebook,
-    check_ids,
-    check_labels,
     read_cache,
     read_labels,
     remove_cache,
-    write_atomic,
     write_cache,
 )
 
@@ -75,32 +71,9 @@ WRITING = "mimkit-tokens.writing.json"
 CODEBOOK = "codebook.safetensors"
 OLD_CODEC = "codec.npz"  # format version 1's coder tables: such a folder is refused with its own line
 SHARD_SIZE = 10_000
-SHARD_RE = re.compile(r"shard-(\d{5,})\.mtok")
-CODEC_NAME = "zstd-planes"
-ZSTD_LEVEL = 19  # 4 MB/s of raw ids per core to write; within 1.5% of SeiT's gzip -9 on CIFAR tokens
-CHUNK_BYTES = 1 << 20  # raw ids per chunk: the unit of compression, checksum and random access
-TRAILER = struct.Struct("<8sQQQII")  # magic, records, payload bytes, footer bytes, footer crc32, flags
-MAGIC = b"MTOKSHD2"
-FLAG_LABELS = 1
 BAD_CHECKSUM = "checksum mismatch (the bytes are damaged)"
 CACHE_LAYOUT = "ids-npy-3"  # part of the cache key: a new cache layout never reads an old file
 CACHE_NOTICE_S = 2.0  # building the cache says so on stderr when it takes longer than this
-
-
-def shard_name(k: int) -> str:
-    return f"shard-{k:05d}.mtok"
-
-
-def shard_files(folder: Path) -> dict[int, Path]:
-    """The shard files of a folder by shard number (temporaries of unfinished writes excluded)."""
-    if not folder.is_dir():
-        return {}
-    found = {}
-    for p in folder.iterdir():
-        m = SHARD_RE.fullmatch(p.name)
-        if m:
-            found[int(m.group(1))] = p
-    return dict(sorted(found.items()))
 
 
 def sha256(path: Path) -> str:
@@ -111,128 +84,8 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def id_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest little-endian unsigned integer that holds ids 0..vocab_size-1."""
-    return np.dtype("<u1" if vocab_size <= 1 << 8 else "<u2" if vocab_size <= 1 << 16 else "<u4")
-
-
-def chunk_records(grid: tuple[int, int], dtype: np.dtype) -> int:
-    return max(1, CHUNK_BYTES // (math.prod(grid) * dtype.itemsize))
-
-
 # ----------------------------------------------------------------------------------------------------
-# chunks and shards
-
-
-def encode_chunk(ids: np.ndarray, dtype: np.dtype, level: int = ZSTD_LEVEL) -> bytes:
-    """ids [n, H, W] as byte planes, compressed as one zstd frame (with zstd's own content checksum)."""
-    planes = np.ascontiguousarray(ids, dtype=dtype).view(np.uint8).reshape(-1, dtype.itemsize).T
-    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(planes.tobytes())
-
-
-def decode_chunk(data: bytes | np.ndarray, n: int, grid: tuple[int, int], dtype: np.dtype) -> np.ndarray:
-    """The ids [n, H, W] (``dtype``) of a chunk; ValueError when it does not decompress to them."""
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(bytes(data))
-    except zstandard.ZstdError as err:
-        raise ValueError(f"does not decompress ({err})") from None
-    cells = n * math.prod(grid)
-    if len(raw) != cells * dtype.itemsize:
-        raise ValueError(f"decompresses to {len(raw)} bytes, not the {cells} ids of its {n} records")
-    planes = np.frombuffer(raw, np.uint8).reshape(dtype.itemsize, cells)
-    return np.ascontiguousarray(planes.T).view(dtype).reshape(n, *grid)
-
-
-def build_shard(ids: np.ndarray, labels: np.ndarray | None, dtype: np.dtype, per_chunk: int) -> bytes:
-    chunks = [encode_chunk(ids[s : s + per_chunk], dtype) for s in range(0, len(ids), per_chunk)]
-    counts = [min(per_chunk, len(ids) - s) for s in range(0, len(ids), per_chunk)]
-    parts = [
-        np.array([len(c) for c in chunks], "<u8").tobytes(),
-        np.array([zlib.crc32(c) for c in chunks], "<u4").tobytes(),
-        np.array(counts, "<u4").tobytes(),
-    ]
-    if labels is not None:
-        parts.append(labels.astype("<i8").tobytes())
-    footer = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(b"".join(parts))
-    payload = b"".join(chunks)
-    flags = FLAG_LABELS if labels is not None else 0
-    trailer = TRAILER.pack(MAGIC, len(ids), len(payload), len(footer), zlib.crc32(footer), flags)
-    return payload + footer + trailer
-
-
-class ShardIndex:
-    """What a shard's footer says: each chunk's [start, end) in the file, CRC-32 and record count, and
-    each record's label."""
-
-    def __init__(
-        self,
-        starts: np.ndarray,
-        ends: np.ndarray,
-        crcs: np.ndarray,
-        counts: np.ndarray,
-        labels: np.ndarray | None,
-    ) -> None:
-        self.starts, self.ends, self.crcs, self.counts, self.labels = starts, ends, crcs, counts, labels
-
-    def __len__(self) -> int:
-        """Records in the shard."""
-        return int(self.counts.sum())
-
-
-def read_trailer(path: Path) -> tuple[int, int, int, int, int]:
-    """(records, payload bytes, footer bytes, footer crc, flags); TokenRecordError when the file is cut
-    or is not a shard."""
-    size = path.stat().st_size
-    if size < TRAILER.size:
-        raise TokenRecordError(f"{path}: truncated: {size} bytes, shorter than a shard's trailer")
-    with open(path, "rb") as f:
-        f.seek(size - TRAILER.size)
-        magic, n, payload, footer, crc, flags = TRAILER.unpack(f.read(TRAILER.size))
-    if magic != MAGIC:
-        raise TokenRecordError(f"{path}: truncated or not a shard (no shard trailer at its end)")
-    if payload + footer + TRAILER.size != size:
-        raise TokenRecordError(
-            f"{path}: truncated or padded: {size} bytes, but its trailer accounts for "
-            f"{payload + footer + TRAILER.size}"
-        )
-    return n, payload, footer, crc, flags
-
-
-def read_shard_index(path: Path) -> ShardIndex:
-    n, payload, footer_size, crc, flags = read_trailer(path)
-    with open(path, "rb") as f:
-        f.seek(payload)
-        footer = f.read(footer_size)
-    if zlib.crc32(footer) != crc:
-        raise TokenRecordError(f"{path}: footer checksum mismatch (the chunk table is damaged)")
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(footer)
-    except zstandard.ZstdError as err:
-        raise TokenRecordError(f"{path}: footer does not decompress ({err})") from err
-    has_labels = bool(flags & FLAG_LABELS)
-    table = len(raw) - (8 * n if has_labels else 0)
-    if table < 0 or table % 16:
-        raise TokenRecordError(f"{path}: footer holds {len(raw)} bytes, not a chunk table and {n} labels")
-    c = table // 16
-    lengths = np.frombuffer(raw, "<u8", c, 0).astype(np.int64)
-    crcs = np.frombuffer(raw, "<u4", c, 8 * c).astype(np.int64)
-    counts = np.frombuffer(raw, "<u4", c, 12 * c).astype(np.int64)
-    labels = np.frombuffer(raw, "<i8", n, 16 * c).astype(np.int64) if has_labels else None
-    ends = np.cumsum(lengths)
-    if counts.sum() != n or (c and ends[-1] != payload) or (not c and payload):
-        raise TokenRecordError(
-            f"{path}: its chunk table ({c} chunks, {int(counts.sum())} records, {int(lengths.sum())} bytes) "
-            f"does not match its trailer ({n} records, {payload} bytes)"
-        )
-    return ShardIndex(ends - lengths, ends, crcs, counts, labels)
-
-
-def _map(path: Path) -> np.ndarray:
-    """A shard as a read-only uint8 memory map (a shared read-only map stays valid in forked children)."""
-    if path.stat().st_size == 0:
-        return np.zeros(0, np.uint8)
-    with open(path, "rb") as f:
-        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+# the decoded cache
 
 
 def cache_path(key: str, name: str) -> Path:
@@ -353,188 +206,13 @@ def load_codebook(folder: Path, entry: dict[str, Any] | None) -> torch.Tensor | 
         raise TokenRecordError(str(err)) from err
 
 
-def _codebook_bytes(cb: torch.Tensor) -> bytes:
+def codebook_bytes(cb: torch.Tensor) -> bytes:
     return save({"codebook": cb})
 
 
 def codebook_sha256(cb: torch.Tensor | None) -> str | None:
     """The sha256 that ``codebook.safetensors`` holding ``cb`` has (None without a codebook)."""
-    return None if cb is None else hashlib.sha256(_codebook_bytes(cb)).hexdigest()
-
-
-def _show(value: Any) -> str:
-    """A parameter in an error message: grids as tuples, hashes shortened, None as 'none'."""
-    if value is None:
-        return "none"
-    if isinstance(value, list):
-        return str(tuple(value))
-    if isinstance(value, str) and len(value) == 64:
-        return value[:12] + "..."
-    return str(value)
-
-
-# ----------------------------------------------------------------------------------------------------
-# writer
-
-
-class CompactWriter:
-    """Writes a mimkit token folder shard by shard: ``write_shard(k, ids, labels)`` for each k - in any
-    order, from any number of processes, each shard written to a temporary, flushed and renamed - and
-    ``finish()`` once all shards 0..S-1 exist, which writes the codebook and the header. ``done_shards()``
-    lists the shards already complete, so a stopped job resumes at the first missing one; a writer opened
-    on a folder started with other parameters is refused."""
-
-    def __init__(
-        self,
-        dst: str | os.PathLike[str],
-        *,
-        grid: tuple[int, int],
-        vocab_size: int,
-        codebook: torch.Tensor | np.ndarray | None = None,
-        classes: Sequence[str] = (),
-        meta: dict[str, Any] | None = None,
-        shard_size: int = SHARD_SIZE,
-    ) -> None:
-        self.path = Path(dst).expanduser()
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"{self.path}: a mimkit token dataset is a folder; this is a file")
-        self.grid = (int(grid[0]), int(grid[1]))
-        if min(self.grid) < 1:
-            raise ValueError(f"{self.path}: grid must be at least 1x1; got {self.grid}")
-        self.codebook = check_codebook(codebook, str(self.path))
-        if self.codebook is not None and self.codebook.shape[0] != vocab_size:
-            raise ValueError(
-                f"{self.path}: vocab_size={vocab_size} but the codebook has {self.codebook.shape[0]} rows"
-            )
-        self.vocab_size = int(vocab_size)
-        if shard_size < 1:
-            raise ValueError(f"{self.path}: shard_size must be at least 1; got {shard_size}")
-        self.shard_size = int(shard_size)
-        self.classes, self.meta = tuple(classes), dict(meta or {})
-        self.dtype = id_dtype(self.vocab_size)
-        self.per_chunk = chunk_records(self.grid, self.dtype)
-        if (self.path / OLD_CODEC).is_file():
-            raise old_layout_error(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        if (self.path / HEADER).is_file() or (self.path / WRITING).is_file():
-            self._check_same_dataset()
-        elif shard_files(self.path):
-            raise ValueError(
-                f"{self.path}: holds shard files but no {WRITING} saying how they were written; remove "
-                "the shards to start over"
-            )
-        else:
-            text = json.dumps(self.parameters(), indent=1)
-            write_atomic(self.path / WRITING, lambda f: f.write(text.encode()))
-
-    def parameters(self) -> dict[str, Any]:
-        """What a resumed writer must share with the one that started the folder."""
-        return {
-            "grid": list(self.grid),
-            "vocab_size": self.vocab_size,
-            "shard_size": self.shard_size,
-            "codebook_sha256": codebook_sha256(self.codebook),
-        }
-
-    def _started_with(self) -> dict[str, Any]:
-        """The parameters the folder was started with: its header (finished), else the writer's file."""
-        if (self.path / HEADER).is_file():
-            h = read_header(self.path)
-            return {
-                "grid": list(h["grid"]),
-                "vocab_size": h["vocab_size"],
-                "shard_size": h.get("shard_size"),
-                "codebook_sha256": (h.get("codebook") or {}).get("sha256"),
-            }
-        try:
-            return dict(json.loads((self.path / WRITING).read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, TypeError, ValueError) as err:
-            raise ValueError(f"{self.path / WRITING}: not readable ({err}); remove the folder") from err
-
-    def _check_same_dataset(self) -> None:
-        """A folder already started (perhaps holding shards, or finished) is resumed only by a writer with
-        the same grid, vocabulary, shard size and codebook: anything else would mix two datasets."""
-        here, there = self.parameters(), self._started_with()
-        differ = [
-            f"{key} {_show(there[key])} there, {_show(here[key])} here"
-            for key in here
-            if key in there and there[key] != here[key]
-        ]
-        if differ:
-            raise ValueError(
-                f"{self.path}: holds a token dataset (or part of one) written with other parameters: "
-                f"{'; '.join(differ)}. Resuming it would mix two datasets: remove the folder or write to "
-                "another"
-            )
-
-    def done_shards(self) -> list[int]:
-        """Shards whose file is complete (a sound trailer)."""
-        done = []
-        for k, p in shard_files(self.path).items():
-            try:
-                read_trailer(p)
-            except (TokenRecordError, OSError):
-                continue
-            done.append(k)
-        return done
-
-    def write_shard(self, k: int, ids: np.ndarray, labels: np.ndarray | Sequence[int] | None = None) -> Path:
-        what = f"{self.path / shard_name(k)}"
-        ids = check_ids(ids, self.vocab_size, what)
-        if ids.shape[1:] != self.grid:
-            raise ValueError(f"{what}: records of grid {ids.shape[1:]} in a {self.grid} dataset")
-        lab = check_labels(labels, len(ids), what, self.classes)
-        data = build_shard(ids, lab, self.dtype, self.per_chunk)
-        return write_atomic(self.path / shard_name(k), lambda f: f.write(data))
-
-    def finish(self) -> CompactTokens:
-        """Write the codebook and the header (last), after checking shards 0..S-1 are all there."""
-        found = shard_files(self.path)
-        if found and sorted(found) != list(range(len(found))):
-            missing = sorted(set(range(max(found) + 1)) - set(found))
-            raise ValueError(f"{self.path}: shards {missing} are missing; write them before finish()")
-        shards, total, has_labels = [], 0, set()
-        for p in found.values():
-            n, _, _, _, flags = read_trailer(p)
-            if n:
-                has_labels.add(bool(flags & FLAG_LABELS))
-            shards.append({"file": p.name, "records": n, "bytes": p.stat().st_size})
-            total += n
-        if len(has_labels) > 1:
-            raise ValueError(f"{self.path}: some shards have labels and some do not")
-        codebook_entry = None
-        if self.codebook is not None:
-            data = _codebook_bytes(self.codebook)
-            write_atomic(self.path / CODEBOOK, lambda f: f.write(data))
-            codebook_entry = {
-                "file": CODEBOOK,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "shape": list(self.codebook.shape),
-            }
-        header = {
-            "format": FORMAT,
-            "version": VERSION,
-            "grid": list(self.grid),
-            "vocab_size": self.vocab_size,
-            "shard_size": self.shard_size,
-            "records": total,
-            "labels": has_labels == {True},
-            "classes": list(self.classes),
-            "meta": self.meta,
-            "codec": {
-                "name": CODEC_NAME,
-                "ids": self.dtype.name,
-                "level": ZSTD_LEVEL,
-                "chunk_records": self.per_chunk,
-                "library": f"zstandard {zstandard.__version__}",
-            },
-            "codebook": codebook_entry,
-            "shards": shards,
-        }
-        text = json.dumps(header, indent=1, default=str)
-        write_atomic(self.path / HEADER, lambda f: f.write(text.encode()))
-        (self.path / WRITING).unlink(missing_ok=True)  # the header holds the parameters now
-        return CompactTokens(self.path)
+    return None if cb is None else hashlib.sha256(codebook_bytes(cb)).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -655,7 +333,7 @@ class CompactTokens(TokenDataset):
         shard, start, end, crc, n = self._chunks[c].tolist()
         buf = self._maps[shard]
         if buf is None:
-            buf = self._maps[shard] = _map(self.shard_paths[shard])
+            buf = self._maps[shard] = map_shard(self.shard_paths[shard])
         data = buf[start:end]
         if zlib.crc32(data) != crc:
             return BAD_CHECKSUM

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mimkit.tokens import compact, seit, seit_files, seit_writer
+from mimkit.tokens import compact, compact_shards, compact_writer, seit, seit_files, seit_writer
 from mimkit.tokens.records import CHUNK, TokenDataset, TokenRecordError, check_codebook, check_labels
 
 __all__ = [
@@ -71,7 +71,7 @@ def _layout(path: Path) -> tuple[str, Path] | None:
             names = ", ".join(p.name for p in found)
             raise ValueError(f"{path}: holds {len(found)} SeiT token files ({names}); name one of them")
         if (
-            compact.shard_files(path)
+            compact_shards.shard_files(path)
             or (path / compact.WRITING).is_file()
             or (path / compact.OLD_CODEC).is_file()
         ):
@@ -117,7 +117,7 @@ def open_tokens(
     if kind == "seit":
         return seit.SeitTokens(where, grid=grid, vocab_size=vocab_size, cache=cache)
     if kind == "mimkit-incomplete":
-        n = len(compact.shard_files(where))
+        n = len(compact_shards.shard_files(where))
         if (where / TOKENIZE_RECORD).is_file():  # what `mimkit tokenize` keeps in a folder it writes
             finish = (
                 "`mimkit tokenize` stopped while writing it: run it again with the same arguments to resume"
@@ -157,7 +157,7 @@ def _fresh_folder(dst: str | os.PathLike[str]) -> None:
 
     p = Path(dst).expanduser()
     if p.is_dir() and (
-        (p / compact.HEADER).exists() or (p / compact.WRITING).exists() or compact.shard_files(p)
+        (p / compact.HEADER).exists() or (p / compact.WRITING).exists() or compact_shards.shard_files(p)
     ):
         raise ValueError(
             f"{p}: already holds a mimkit token dataset (or part of one); remove it or choose another folder"
@@ -179,7 +179,7 @@ class _Undo:
         ours = {compact.HEADER, compact.WRITING, compact.CODEBOOK}
         if self.folder.is_dir():
             for p in set(self.folder.iterdir()) - self.before:
-                if p.is_file() and (p.name in ours or compact.SHARD_RE.fullmatch(p.name)):
+                if p.is_file() and (p.name in ours or compact_shards.SHARD_RE.fullmatch(p.name)):
                     p.unlink(missing_ok=True)
         for folder in self.made_dirs:
             try:
@@ -227,7 +227,7 @@ def write_tokens(
     labels = check_labels(labels, len(ids), str(dst), classes or ())
     undo = _Undo(dst)
     try:
-        writer = compact.CompactWriter(
+        writer = compact_writer.CompactWriter(
             dst,
             grid=grid,
             vocab_size=vocab_size,
@@ -277,7 +277,7 @@ def convert(
     _fresh_folder(dst)
     undo = _Undo(dst)
     try:
-        cwriter = compact.CompactWriter(dst, shard_size=shard_size or compact.SHARD_SIZE, **common)
+        cwriter = compact_writer.CompactWriter(dst, shard_size=shard_size or compact.SHARD_SIZE, **common)
         size = cwriter.shard_size
         for k, start in enumerate(range(0, len(source), size)):
             stop = min(start + size, len(source))
