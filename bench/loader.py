@@ -29,7 +29,8 @@ from PIL import Image
 
 from mimkit.configs import DataConfig, build_config
 from mimkit.data.loader import EncodedDataset, EpochSampler, ViewDataset, default_workers, make_loader
-from mimkit.data.sources import build_source, demo_source
+from mimkit.data.source_spec import build_source
+from mimkit.data.sources import demo_source
 from mimkit.data.transforms import DeviceNormalize
 from mimkit.methods import build_method
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from mimkit.data.device import to_device
-from mimkit.data.sources import Subset, build_source
+from mimkit.data.source_spec import build_source
+from mimkit.data.sources import Subset
 from mimkit.interop.load import load_method
 from mimkit.methods.token_views import apply_geometry
 from mimkit.methods.tokenadapt import PairedViews, _geo_params

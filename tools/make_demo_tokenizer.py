@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 
 from mimkit.checkpoint import load
-from mimkit.data.sources import build_source
+from mimkit.data.source_spec import build_source
 from mimkit.data.transforms import tokenizer_view
 from mimkit.models.tokenizer import DEMO_TOKENIZER, load_tokenizer, save_tokenizer, tokenizer_file
 from mimkit.runs.tokenize import reconstruction_report, tokenizer_warnings

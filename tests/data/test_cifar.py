@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mimkit.configs import ConfigError, build_config
-from mimkit.data.sources import build_source
+from mimkit.data.source_spec import build_source
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -15,14 +15,9 @@ from PIL import Image
 from mimkit.cli import main
 from mimkit.configs import build_config
 from mimkit.data import ViewDataset, build_source, collate, eval_view
-from mimkit.data.sources import (
-    FolderSource,
-    Subset,
-    TokenizedImages,
-    check_input,
-    tokenized_for,
-    tokenizer_of,
-)
+from mimkit.data.source_spec import tokenized_for
+from mimkit.data.sources import FolderSource, Subset
+from mimkit.data.token_sources import TokenizedImages, check_input, tokenizer_of
 from mimkit.data.transforms import tokenizer_view
 from mimkit.distributed import init_distributed
 from mimkit.eval.knn import knn_evaluate

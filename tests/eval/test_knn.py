@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimkit.data.sources import build_source
+from mimkit.data.source_spec import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.distributed import init_distributed
 from mimkit.eval.knn import knn_evaluate

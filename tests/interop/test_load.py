@@ -15,7 +15,7 @@ from torchvision.transforms import v2 as T
 from mimkit import checkpoint
 from mimkit.cli import main
 from mimkit.configs import IMAGENET_MEAN, build_config, to_dict
-from mimkit.data.sources import build_source
+from mimkit.data.source_spec import build_source
 from mimkit.data.transforms import eval_view
 from mimkit.distributed import init_distributed
 from mimkit.interop.load import export_encoder, load_encoder

@@ -431,7 +431,7 @@ def test_mtm_with_tokenadapt_runs_and_resumes_exactly(real_tokens: Path, tmp_pat
 
 
 def test_token_data_keeps_its_codebook_and_tokenizer_when_cut(real_tokens: Path):
-    from mimkit.data.sources import build_source
+    from mimkit.data.source_spec import build_source
     from mimkit.methods.token_views import views_codebook
 
     cut = build_source(f"tokens:{real_tokens}", max_images=10)

@@ -15,7 +15,7 @@ import torch
 
 from mimkit.cli import main
 from mimkit.configs import build_config
-from mimkit.data.sources import build_source
+from mimkit.data.source_spec import build_source
 from mimkit.interop.load import load_method
 from mimkit.interop.official import to_official
 from mimkit.models.tokenizer import TokenizerShape, VQTokenizer, save_tokenizer

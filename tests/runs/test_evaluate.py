@@ -108,7 +108,7 @@ def test_knn_labels_classes_by_name_when_a_val_class_folder_is_empty(tmp_path, c
     provided c has the same label in both folders although the val folder of b is empty."""
     import re
 
-    from mimkit.data.sources import build_source
+    from mimkit.data.source_spec import build_source
     from mimkit.eval.knn import knn_evaluate
 
     train = build_source(
@@ -131,7 +131,7 @@ def test_knn_labels_classes_by_name_when_a_val_class_folder_is_empty(tmp_path, c
 
 
 def test_knn_names_and_counts_unreadable_images(tmp_path, capfd):
-    from mimkit.data.sources import build_source
+    from mimkit.data.source_spec import build_source
     from mimkit.eval.knn import knn_evaluate, loo_nn_evaluate
 
     train = build_source(str(_colour_folders(tmp_path / "train", {"a": [RED] * 3, "b": [GREEN] * 3})))

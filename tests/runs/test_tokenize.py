@@ -16,14 +16,9 @@ import torch
 from mimkit import checkpoint
 from mimkit.cli import main
 from mimkit.configs import build_config
-from mimkit.data.sources import (
-    DEMO_FILE,
-    Subset,
-    TokenSource,
-    build_source,
-    demo_source,
-    tokenizer_of,
-)
+from mimkit.data.source_spec import build_source
+from mimkit.data.sources import DEMO_FILE, Subset, demo_source
+from mimkit.data.token_sources import TokenSource, tokenizer_of
 from mimkit.data.transforms import tokenizer_view
 from mimkit.interop.vitvqgan import to_vitvqgan
 from mimkit.models.tokenizer import (

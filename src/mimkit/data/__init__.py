@@ -1,13 +1,13 @@
 """Data sources, view transforms and loaders."""
 
 from mimkit.data.loader import EpochSampler, ViewDataset, collate, make_loader, seeded
+from mimkit.data.source_spec import build_source
 from mimkit.data.sources import (
     ArraySource,
     FolderSource,
     ImageSource,
     SyntheticSource,
     UnreadableImage,
-    build_source,
     demo_source,
 )
 from mimkit.data.transforms import Views, eval_view, mae_crop

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
-from mimkit.data.sources import ImageSource, check_input
+from mimkit.data.sources import ImageSource
+from mimkit.data.token_sources import check_input
 from mimkit.distributed import DistEnv, all_gather_rows
 from mimkit.progress import progress
 

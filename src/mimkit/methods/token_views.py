@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from timm.data.mixup import mixup_target
 
 from mimkit.data.loader import per_sample_uniform
-from mimkit.data.sources import codebook_of
 from mimkit.data.token_augment import (
     CropBoxes,
     TokenEDA,
@@ -39,6 +38,7 @@ from mimkit.data.token_augment import (
     resized_crop,
     rrc_params,
 )
+from mimkit.data.token_sources import codebook_of
 from mimkit.methods.base import BatchTransform
 from mimkit.models.tokenadapt import TokenAdapt, load_tokenadapt
 from mimkit.tokens.codebook import embed, load_codebook, requantize

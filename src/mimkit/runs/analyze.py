@@ -21,14 +21,9 @@ from mimkit.analysis.segmentation import segment
 from mimkit.analysis.spectrum import spectra, token_spectrum
 from mimkit.checkpoint import resolve_checkpoint
 from mimkit.configs import ConfigError
-from mimkit.data.sources import (
-    Subset,
-    TokenizedImages,
-    check_input,
-    recorded_tokenizer,
-    source_for,
-    tokenized_for,
-)
+from mimkit.data.source_spec import recorded_tokenizer, source_for, tokenized_for
+from mimkit.data.sources import Subset
+from mimkit.data.token_sources import TokenizedImages, check_input
 from mimkit.data.transforms import eval_view, tokenizer_view
 from mimkit.distributed import pick_device
 from mimkit.interop.load import load_encoder, load_method

@@ -15,15 +15,9 @@ import torch
 from mimkit.checkpoint import seed_all
 from mimkit.configs import Config, ConfigError, build_config
 from mimkit.data.loader import ViewDataset
-from mimkit.data.sources import (
-    build_source,
-    check_input,
-    check_same_classes,
-    needs_vocab,
-    source_for,
-    tokenized_for,
-    vocab_from_data,
-)
+from mimkit.data.source_spec import build_source, source_for, tokenized_for
+from mimkit.data.sources import check_same_classes
+from mimkit.data.token_sources import check_input, needs_vocab, vocab_from_data
 from mimkit.distributed import DistEnv, barrier, init_distributed
 from mimkit.eval.features import chance_warning, classify
 from mimkit.interop.load import load_encoder

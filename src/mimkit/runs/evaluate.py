@@ -11,7 +11,7 @@ from typing import Any
 
 from mimkit.checkpoint import check_output, is_json, resolve_checkpoint
 from mimkit.configs import ConfigError, EvalConfig, build_config
-from mimkit.data.sources import build_source, source_for, source_paths, tokenized_for
+from mimkit.data.source_spec import build_source, source_for, source_paths, tokenized_for
 from mimkit.data.transforms import Views, eval_view
 from mimkit.distributed import DistEnv, init_distributed
 from mimkit.eval.features import chance_warning

@@ -15,15 +15,12 @@ import torch
 from mimkit.checkpoint import seed_all
 from mimkit.configs import Config, ConfigError
 from mimkit.data.loader import EncodedDataset, ViewDataset
-from mimkit.data.sources import (
-    ImageSource,
-    build_source,
+from mimkit.data.source_spec import build_source, source_for, tokenized_for
+from mimkit.data.sources import ImageSource, full_size
+from mimkit.data.token_sources import (
     check_input,
     codebook_fingerprint,
-    full_size,
     needs_vocab,
-    source_for,
-    tokenized_for,
     tokenizer_of,
     vocab_from_data,
 )

@@ -12,7 +12,8 @@ import torch
 
 from mimkit.configs import Config
 from mimkit.data.device import to_device
-from mimkit.data.sources import ImageSource, Subset, build_source
+from mimkit.data.source_spec import build_source
+from mimkit.data.sources import ImageSource, Subset
 from mimkit.distributed import DistEnv
 from mimkit.interop.load import load_method
 from mimkit.methods.tokenadapt import TokenAdaptMethod, load_paired_tokenizer

@@ -27,7 +27,8 @@ from torchvision.utils import make_grid, save_image
 from mimkit.checkpoint import check_output, is_npz, is_png
 from mimkit.configs import Config
 from mimkit.data.loader import EpochSampler, ViewDataset, make_loader
-from mimkit.data.sources import ImageSource, Subset, UnreadableImage, build_source, source_paths
+from mimkit.data.source_spec import build_source, source_paths
+from mimkit.data.sources import ImageSource, Subset, UnreadableImage
 from mimkit.data.transforms import Views, tokenizer_view
 from mimkit.distributed import DistEnv, pick_device
 from mimkit.interop.load import load_method
