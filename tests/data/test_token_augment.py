@@ -13,26 +13,28 @@ from safetensors.torch import load_file, save_file
 
 from mimkit.data.token_augment import (
     ColourChoice,
-    CropBoxes,
     SwapParams,
     TokenEDA,
     TokenMixup,
-    TokenRandomResizedCrop,
     apply_swap_code,
-    center_crop,
     color_adapt,
     colour_choice,
     emb_noise,
-    hflip,
-    random_crop,
-    random_resized_crop,
     replace_synonym,
-    resized_crop,
-    rrc_params,
     swap_code,
     swap_code_params,
     token_eda,
     token_mixup,
+)
+from mimkit.data.token_geometry import (
+    CropBoxes,
+    TokenRandomResizedCrop,
+    center_crop,
+    hflip,
+    random_crop,
+    random_resized_crop,
+    resized_crop,
+    rrc_params,
 )
 from mimkit.tokens.codebook import (
     build_synonyms,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mimkit.cli import main
 from mimkit.configs import build_config
 from mimkit.data.source_spec import build_source
-from mimkit.data.token_augment import CropBoxes
+from mimkit.data.token_geometry import CropBoxes
 from mimkit.methods import build_method
 from mimkit.methods.token_views import AffineParams, GeoParams
 from mimkit.methods.tokenadapt import PairedViews

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from mimkit.checkpoint import save_atomic
-from mimkit.data.token_augment import CropBoxes
+from mimkit.data.token_geometry import CropBoxes
 from mimkit.methods.token_views import (
     AffineParams,
     GeoParams,

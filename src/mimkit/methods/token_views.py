@@ -28,16 +28,8 @@ import torch.nn.functional as F
 from timm.data.mixup import mixup_target
 
 from mimkit.data.loader import per_sample_uniform
-from mimkit.data.token_augment import (
-    CropBoxes,
-    TokenEDA,
-    TokenMixup,
-    colour_choice,
-    draw_device,
-    random_resized_crop,
-    resized_crop,
-    rrc_params,
-)
+from mimkit.data.token_augment import TokenEDA, TokenMixup, colour_choice, draw_device
+from mimkit.data.token_geometry import CropBoxes, random_resized_crop, resized_crop, rrc_params
 from mimkit.data.token_sources import codebook_of
 from mimkit.methods.base import BatchTransform
 from mimkit.models.tokenadapt import TokenAdapt, load_tokenadapt

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2 as T
 
 from mimkit.configs import checked
-from mimkit.data.token_augment import CropBoxes
+from mimkit.data.token_geometry import CropBoxes
 from mimkit.data.transforms import BICUBIC, Views, to_normalized
 from mimkit.methods.base import BatchTransform, Method, StepOutput
 from mimkit.methods.token_views import (
