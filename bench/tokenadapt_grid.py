@@ -21,7 +21,7 @@ from mimkit.data.sources import Subset
 from mimkit.interop.load import load_method
 from mimkit.methods.token_views import apply_geometry
 from mimkit.methods.tokenadapt import PairedViews, _geo_params
-from mimkit.runs.tokenize import image_batches
+from mimkit.runs.tokenizer_lifecycle import image_batches
 from mimkit.tokens.codebook import embed, requantize
 
 run, val, n = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -190,7 +190,7 @@ def test_a_failed_export_or_encode_leaves_no_partial_file_and_names_the_path(
     import safetensors.torch
 
     from mimkit.interop import timm as timm_export
-    from mimkit.runs import tokenize as tokenize_run
+    from mimkit.runs import tokenizer_lifecycle
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -205,7 +205,7 @@ def test_a_failed_export_or_encode_leaves_no_partial_file_and_names_the_path(
     assert capsys.readouterr().err == (
         f"mimkit: error: could not write '{out}': Error while serializing: IoError(No space left on device)\n"
     )
-    monkeypatch.setattr(tokenize_run.np, "savez", no_space)
+    monkeypatch.setattr(tokenizer_lifecycle.np, "savez", no_space)
     ids = tmp_path / "ids.npz"
     assert main(["tokenizer", "encode", "demo", "demo:val", "--max-images", "4", "--out", str(ids)]) == 2
     assert capsys.readouterr().err == f"mimkit: error: '{ids}': No space left on device\n"

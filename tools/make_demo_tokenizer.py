@@ -24,7 +24,7 @@ from mimkit.checkpoint import load
 from mimkit.data.source_spec import build_source
 from mimkit.data.transforms import tokenizer_view
 from mimkit.models.tokenizer import DEMO_TOKENIZER, load_tokenizer, save_tokenizer, tokenizer_file
-from mimkit.runs.tokenize import reconstruction_report, tokenizer_warnings
+from mimkit.runs.tokenizer_lifecycle import reconstruction_report, tokenizer_warnings
 
 TRAINED_ON = "CIFAR-10 training images, 25,000 (2,500 per class), none of the demo set's"
 

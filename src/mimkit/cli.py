@@ -21,7 +21,8 @@ from mimkit.runs.evaluate import evaluation_table, knn
 from mimkit.runs.lock import RunFolderError
 from mimkit.runs.pretrain import check_buildable, pretrain
 from mimkit.runs.tokenadapt import train_tokenadapt
-from mimkit.runs.tokenize import decode_grid, encode_ids, import_vitvqgan, tokenize, train_tokenizer
+from mimkit.runs.tokenize import tokenize
+from mimkit.runs.tokenizer_lifecycle import decode_grid, encode_ids, import_vitvqgan, train_tokenizer
 from mimkit.tokens.dataset import convert, info, verify
 from mimkit.train.engine import NonFiniteLoss, RunInterrupted
 

@@ -28,9 +28,7 @@ from mimkit.models.tokenizer import (
     save_tokenizer,
 )
 from mimkit.runs.pretrain import pretrain
-from mimkit.runs.tokenize import (
-    tokenize,
-)
+from mimkit.runs.tokenize import tokenize
 from mimkit.tokens.dataset import open_tokens
 from tests.conftest import TINY
 from tests.eval.test_knn import tokenized_demo

@@ -27,12 +27,11 @@ from mimkit.models.tokenizer import (
     load_tokenizer,
     save_tokenizer,
 )
-from mimkit.runs.tokenize import (
+from mimkit.runs.tokenize import format_report, tokenize
+from mimkit.runs.tokenizer_lifecycle import (
     decode_grid,
-    format_report,
     import_vitvqgan,
     reconstruction_report,
-    tokenize,
     tokenizer_warnings,
     train_tokenizer,
 )

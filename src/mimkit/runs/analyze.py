@@ -32,7 +32,7 @@ from mimkit.methods.base import Method
 from mimkit.methods.mtm import MTM
 from mimkit.models.tokenizer import load_tokenizer, tokenizer_file
 from mimkit.progress import progress as progress_bar
-from mimkit.runs.tokenize import image_batches
+from mimkit.runs.tokenizer_lifecycle import image_batches
 
 STAGES = ("images", "attention", "spectrum", "reconstruction", "segmentation")
 

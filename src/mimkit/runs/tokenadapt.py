@@ -19,7 +19,7 @@ from mimkit.interop.load import load_method
 from mimkit.methods.tokenadapt import TokenAdaptMethod, load_paired_tokenizer
 from mimkit.models.tokenadapt import load_tokenadapt, save_tokenadapt
 from mimkit.runs.pretrain import pretrain_then
-from mimkit.runs.tokenize import image_batches
+from mimkit.runs.tokenizer_lifecycle import image_batches
 
 WEIGHTS = "tokenadapt.ckpt"
 
