@@ -184,7 +184,7 @@ def test_task_print_config_runs_the_checks_training_runs(tmp_path, capsys, comma
 
 
 def test_version_and_recipe_descriptions_in_whole_sentences(capsys):
-    from mimkit.cli import recipe_summary
+    from mimkit.cli_commands import recipe_summary
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
@@ -242,12 +242,12 @@ def test_a_run_without_a_terminal_says_it_is_alive_between_logged_steps(tmp_path
 def test_a_second_ctrl_c_says_what_continues_in_the_commands_own_words(
     tmp_path, capsys, monkeypatch, argv, said
 ):
-    import mimkit.cli as cli
+    import mimkit.cli_commands as cli_commands
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     for name in ("tokenize", "pretrain", "knn"):
-        monkeypatch.setattr(cli, name, interrupted)
+        monkeypatch.setattr(cli_commands, name, interrupted)
     assert main([a.replace("OUT", str(tmp_path / "x")) for a in argv]) == 130
     assert capsys.readouterr().err == f"mimkit: interrupted at once{said}\n"
