@@ -63,7 +63,7 @@ def draw_device(generator: torch.Generator | None, device: torch.device | str | 
     return device
 
 
-def _uniform(
+def uniform(
     shape: tuple[int, ...],
     generator: torch.Generator | None,
     device: torch.device | str | None,
@@ -88,7 +88,7 @@ def _selected_mask(batch: int, chosen: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _per_sample(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B] -> [B, 1, ..., 1] to broadcast a per-sample choice against ``like``."""
     return flags.view(-1, *([1] * (like.ndim - 1)))
 
@@ -99,7 +99,7 @@ def _check_probabilities(*probs: float, names: tuple[str, ...]) -> None:
         raise ValueError(f"probabilities must be >= 0 and sum to at most 1, got {shown}")
 
 
-def _check_emb(x: torch.Tensor, what: str = "emb map") -> None:
+def check_emb(x: torch.Tensor, what: str = "emb map") -> None:
     if x.ndim != 4 or not x.is_floating_point():
         raise ValueError(
             f"expected a floating {what} [B, D, H, W], got shape {tuple(x.shape)} dtype {x.dtype}"
@@ -129,8 +129,8 @@ def replace_synonym(
     table = table.to(ids.device)
     check_ids(ids, table.shape[0])
     flat = ids.long()
-    replace = _uniform(tuple(ids.shape), generator, ids.device) < prob
-    position = _uniform(tuple(ids.shape), generator, ids.device)
+    replace = uniform(tuple(ids.shape), generator, ids.device) < prob
+    position = uniform(tuple(ids.shape), generator, ids.device)
     columns = table.shape[1] if counts is None else counts.to(ids.device)[flat]
     column = (position * columns).long().clamp_(max=table.shape[1] - 1)
     if counts is not None:
@@ -166,15 +166,15 @@ def swap_code_params(
             f"swap scale {scale} allows blocks of side {largest} on a {height}x{width} grid, where no two "
             f"corners are more than {largest} apart; use a smaller scale"
         )
-    side = (_uniform((batch,), generator, device, torch.float64) * (short * scale)).floor().long()
+    side = (uniform((batch,), generator, device, torch.float64) * (short * scale)).floor().long()
     side = side.clamp_(max=largest)
     span = torch.stack([height - side, width - side], dim=1)  # number of valid corner rows / columns
     first = torch.zeros(batch, 2, dtype=torch.long, device=device)
     second = torch.zeros_like(first)
     pending = torch.ones(batch, dtype=torch.bool, device=device)
     while bool(pending.any()):
-        a = (_uniform((batch, 2), generator, device, torch.float64) * span).long()
-        b = (_uniform((batch, 2), generator, device, torch.float64) * span).long()
+        a = (uniform((batch, 2), generator, device, torch.float64) * span).long()
+        b = (uniform((batch, 2), generator, device, torch.float64) * span).long()
         accept = pending & ((a - b).square().sum(1) > side.square())  # |a - b| > s, in integers
         first[accept], second[accept] = a[accept], b[accept]
         pending &= ~accept
@@ -239,17 +239,17 @@ def token_eda(
     _check_probabilities(rc_prob, sc_prob, names=("rc_prob", "sc_prob"))
     if rc_prob > 0 and table is None:
         raise ValueError("token_eda with rc_prob > 0 needs a synonym table")
-    u = _uniform((ids.shape[0],), generator, ids.device)
+    u = uniform((ids.shape[0],), generator, ids.device)
     choice = torch.full_like(u, 2, dtype=torch.long)
     choice[u < rc_prob + sc_prob] = 1
     choice[u < rc_prob] = 0
     out = ids.clone()
     if rc_prob > 0:
         replaced = replace_synonym(ids, table, replace_prob, generator=generator, counts=counts)
-        out = torch.where(_per_sample(choice == 0, ids), replaced, out)
+        out = torch.where(per_sample(choice == 0, ids), replaced, out)
     if sc_prob > 0:
         swapped = swap_code(ids, swap_scale, generator=generator)
-        out = torch.where(_per_sample(choice == 1, ids), swapped, out)
+        out = torch.where(per_sample(choice == 1, ids), swapped, out)
     return (out, choice) if return_choice else out
 
 
@@ -269,7 +269,7 @@ def emb_noise(
     std * N(0, 1)[D, H, W]`` (a per-channel offset plus per-position noise, in the codebook's absolute
     units); the others are returned bit-identical. Unlike SeiT, ``x`` itself is not modified.
     ``return_selected`` also gives the [B] bool mask of the noised samples."""
-    _check_emb(x)
+    check_emb(x)
     batch, dim, height, width = x.shape
     chosen = _pick_exactly(batch, fraction, generator, x.device)
     n = chosen.shape[0]
@@ -294,7 +294,7 @@ def color_adapt(
     are replaced by x', the others returned bit-identical, ``x`` itself unmodified.
 
     SeiT has no ``eps``, so a constant channel gives NaN there; here it becomes ``mu_j``."""
-    _check_emb(x)
+    check_emb(x)
     batch, _, height, width = x.shape
     if height * width < 2:
         raise ValueError(f"color_adapt needs at least 2 positions per map for a std, got {height}x{width}")
@@ -322,7 +322,7 @@ def colour_choice(
     whole BATCH, as SeiT's ``RandomChoice``; identity returns ``x`` itself. ``return_choice`` also gives
     the branch's name (one of ``COLOUR_CHOICES``)."""
     _check_probabilities(noise_prob, coloradapt_prob, names=("noise_prob", "coloradapt_prob"))
-    u = float(_uniform((1,), generator, x.device))
+    u = float(uniform((1,), generator, x.device))
     if u < noise_prob:
         choice, out = "noise", emb_noise(x, noise_scale, noise_std, generator=generator)
     elif u < noise_prob + coloradapt_prob:
@@ -336,7 +336,7 @@ def colour_choice(
 
 
 def _check_mixup_batch(x: torch.Tensor, target: torch.Tensor) -> None:
-    _check_emb(x)
+    check_emb(x)
     if x.shape[0] % 2:
         raise ValueError(
             f"token Mixup/CutMix pairs sample i with B-1-i and needs an even batch, got {x.shape[0]}"

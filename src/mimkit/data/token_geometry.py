@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mimkit.data.token_augment import _check_emb, _per_sample, _uniform, draw_device
+from mimkit.data.token_augment import check_emb, draw_device, per_sample, uniform
 
 __all__ = [
     "CropBoxes",
@@ -60,10 +60,10 @@ def rrc_params(
         raise ValueError(f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}")
     device = draw_device(generator, device)
     f64 = torch.float64
-    area = _uniform((batch, attempts), generator, device, f64) * (scale[1] - scale[0]) + scale[0]
+    area = uniform((batch, attempts), generator, device, f64) * (scale[1] - scale[0]) + scale[0]
     area = area * (height * width)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(_uniform((batch, attempts), generator, device, f64) * (log_hi - log_lo) + log_lo)
+    aspect = torch.exp(uniform((batch, attempts), generator, device, f64) * (log_hi - log_lo) + log_lo)
     # torch.round, like Python's round, rounds halves to even
     w = torch.sqrt(area * aspect).round().long()
     h = torch.sqrt(area / aspect).round().long()
@@ -81,7 +81,7 @@ def rrc_params(
         fallback_w, fallback_h = width, height
     w = torch.where(found, w, fallback_w)
     h = torch.where(found, h, fallback_h)
-    offsets = _uniform((batch, 2), generator, device, f64)
+    offsets = uniform((batch, 2), generator, device, f64)
     top = torch.where(found, (offsets[:, 0] * (height - h + 1)).long(), (height - h) // 2)
     left = torch.where(found, (offsets[:, 1] * (width - w + 1)).long(), (width - w) // 2)
     return CropBoxes(torch.minimum(top, height - h), torch.minimum(left, width - w), h, w)
@@ -126,7 +126,7 @@ def resized_crop(x: torch.Tensor, boxes: CropBoxes, size: int | tuple[int, int])
     products. Torchvision's tensor ``RandomResizedCrop`` differs from this when a crop is larger than
     ``size``: it antialiases by default. Values overshoot the input range, as bicubic does. With TF32
     matmuls enabled on a GPU the products lose precision (about 1e-3 relative)."""
-    _check_emb(x, "map")
+    check_emb(x, "map")
     out_h, out_w = _pair(size)
     height, width = x.shape[-2:]
     top, left, box_h, box_w = (b.to(x.device) for b in boxes)
@@ -153,7 +153,7 @@ def random_resized_crop(
     """Token RRC on emb (or one-hot) maps [B, C, H, W]: a box per sample (:func:`rrc_params`), then a
     bicubic resize to ``size`` (:func:`resized_crop`). Interpolation is linear in the map, so this equals
     SeiT's RRC of one-hot maps followed by the codebook lookup."""
-    _check_emb(x, "map")
+    check_emb(x, "map")
     boxes = rrc_params(
         x.shape[0], x.shape[-2], x.shape[-1], scale, ratio, generator=generator, device=x.device
     )
@@ -186,7 +186,7 @@ def random_crop(
     batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
     if x.ndim < 3 or out_h > height or out_w > width:
         raise ValueError(f"cannot crop {out_h}x{out_w} per sample from shape {tuple(x.shape)}")
-    offsets = _uniform((batch, 2), generator, x.device, torch.float64)
+    offsets = uniform((batch, 2), generator, x.device, torch.float64)
     top = (offsets[:, 0] * (height - out_h + 1)).long().clamp_(max=height - out_h)
     left = (offsets[:, 1] * (width - out_w + 1)).long().clamp_(max=width - out_w)
     rows = (top.view(batch, 1) + torch.arange(out_h, device=x.device)).view(batch, out_h, 1)
@@ -209,8 +209,8 @@ def hflip(
     also gives the [B] bool mask of the flipped samples."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
-    flipped = _uniform((x.shape[0],), generator, x.device) < p
-    out = torch.where(_per_sample(flipped, x), x.flip(-1), x)
+    flipped = uniform((x.shape[0],), generator, x.device) < p
+    out = torch.where(per_sample(flipped, x), x.flip(-1), x)
     return (out, flipped) if return_selected else out
 
 
