@@ -1,10 +1,9 @@
-"""Image and token sources (mimkit.data.sources): folders, npz parts and the embedded demo, broken and odd
-images, class names checked between splits, and token data that keep their tokenizer."""
+"""Image sources (mimkit.data.sources): folders, npz parts and the embedded demo, broken and odd images,
+decoding at reduced size."""
 
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,27 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mimkit.cli import main
-from mimkit.configs import build_config
 from mimkit.data import ViewDataset, build_source, collate, eval_view
-from mimkit.data.source_spec import tokenized_for
-from mimkit.data.sources import FolderSource, Subset
-from mimkit.data.token_sources import TokenizedImages, check_input, tokenizer_of
-from mimkit.data.transforms import tokenizer_view
-from mimkit.distributed import init_distributed
-from mimkit.eval.knn import knn_evaluate
-from mimkit.methods.token_views import views_codebook
-from mimkit.models.input_spec import InputSpec
-from mimkit.models.tokenizer import (
-    DEMO_TOKENIZER,
-    save_tokenizer,
-)
+from mimkit.data.sources import FolderSource
 from mimkit.runs.pretrain import pretrain
-from mimkit.runs.tokenize import tokenize
-from mimkit.tokens.dataset import open_tokens
-from tests.conftest import TINY
-from tests.eval.test_knn import tokenized_demo
-from tests.models.test_tokenizer import small_token_encoder, small_tokenizer
 
 
 def write_images(folder: Path, n: int, size: int = 16) -> list[Path]:
@@ -138,51 +119,6 @@ def test_an_empty_class_folder_keeps_the_labels_of_the_others(tmp_path, capfd):
     assert f"warning: class folder '{tmp_path / 'b'}' has no images; class 'b' keeps label 1" in (
         capfd.readouterr().err
     )
-
-
-def test_training_and_evaluation_sources_must_name_the_same_classes(tmp_path):
-    from mimkit.data.sources import check_same_classes
-
-    write_solid(tmp_path / "A" / "a", [(255, 0, 0)])
-    write_solid(tmp_path / "A" / "b", [(0, 255, 0)])
-    write_solid(tmp_path / "A" / "c", [(0, 0, 255)])
-    write_solid(tmp_path / "B" / "a", [(255, 0, 0)])
-    write_solid(tmp_path / "B" / "c", [(0, 0, 255)])
-    A, B = build_source(str(tmp_path / "A")), build_source(str(tmp_path / "B"))
-    message = f"classes differ between '{A.name}' (a, b, c) and '{B.name}' (a, c): only in '{A.name}': b"
-    with pytest.raises(ValueError, match=re.escape(message)):
-        check_same_classes(A, B)
-    check_same_classes(A, A)
-    check_same_classes(build_source("demo:train", max_images=64), build_source("demo:val"))
-    check_same_classes(build_source("synthetic:64"), build_source("synthetic:32"))
-
-    def npz(name: str, labels: list[int], class_names: list[str] | None = None):
-        arrays = {"x": np.zeros((len(labels), 4, 4, 3), np.uint8), "y": np.asarray(labels)}
-        if class_names is not None:
-            arrays["class_names"] = np.asarray(class_names)
-        np.savez(tmp_path / f"{name}.npz", **arrays)
-        return build_source(str(tmp_path / f"{name}.npz"))
-
-    # names stored in the files are compared by name and order
-    with pytest.raises(ValueError, match=r"\(a, b, c\) and .* \(b, a, c\): the same names in another order"):
-        check_same_classes(npz("n1", [0, 1, 2], ["a", "b", "c"]), npz("n2", [0, 1, 2], ["b", "a", "c"]))
-    # names numbered from the labels: a split may lack the top labels, but not reach past the other's classes
-    full, short = npz("d1", [0, 1, 2, 3]), npz("d2", [0, 1])
-    assert full.classes_from_labels and short.classes == ("0", "1")
-    check_same_classes(full, short)
-    check_same_classes(short, full)
-    check_same_classes(A, short)
-    with pytest.raises(ValueError, match=r"'.*d1\.npz' has labels up to 3 but '.*A' names only 3 classes"):
-        check_same_classes(A, full)
-
-
-def test_npz_parts_naming_different_classes_are_an_error(tmp_path):
-    for i, names in enumerate((["a", "b"], ["b", "a"])):
-        np.savez(
-            tmp_path / f"p{i}.npz", x=np.zeros((2, 4, 4, 3), np.uint8), y=np.arange(2), class_names=names
-        )
-    with pytest.raises(ValueError, match=r"npz files name different classes: .*p0\.npz \(a, b\); .*p1\.npz"):
-        build_source(str(tmp_path / "p*.npz"))
 
 
 def test_a_bad_npz_is_one_clear_error(tmp_path):
@@ -295,200 +231,3 @@ def test_an_unreadable_buffer_is_named_by_its_path_the_same_each_time(tmp_path):
         messages.add(str(err.value))
     (message,) = messages
     assert message.startswith("/data/broken.png: UnidentifiedImageError") and "0x" not in message
-
-
-def test_images_are_tokenized_once_as_the_tokenizer_encodes_them(demo_tokenizer):
-    images = Subset(build_source("demo:val"), 40)
-    tokenized = build_source("demo:val", max_images=40, tokenizer="demo")
-    assert isinstance(tokenized, TokenizedImages)
-    assert tokenized.kind == "token_ids" and tokenized.grid == (8, 8) and tokenized.vocab_size == 384
-    assert tokenizer_of(tokenized) == "demo" and tokenized.classes == images.classes
-    view = tokenizer_view(32, demo_tokenizer.mean, demo_tokenizer.std)
-    for index in (0, 17, 39):
-        image, label = images.load(index)
-        expected = demo_tokenizer.model.encode(view(image)["image"][None])[0]
-        ids, got_label = tokenized.load(index)
-        assert ids.dtype == torch.int64 and torch.equal(ids, expected) and got_label == label
-    # the token views move ids through the tokenizer's own codebook
-    assert torch.equal(views_codebook(None, tokenized, 384), demo_tokenizer.model.codebook())
-
-
-def test_token_data_find_their_tokenizer_when_both_move(tmp_path):
-    (tmp_path / "a").mkdir()
-    shutil.copy(DEMO_TOKENIZER, tmp_path / "a" / "tokenizer.pt")
-    tokenize(str(tmp_path / "a"), "demo:val", str(tmp_path / "a" / "tokens"), max_images=16, progress=False)
-    shutil.move(tmp_path / "a", tmp_path / "b")
-    moved = build_source(str(tmp_path / "b" / "tokens"))
-    assert tokenizer_of(moved) == str(tmp_path / "b" / "tokens" / ".." / "tokenizer.pt")
-    (tmp_path / "b" / "tokenizer.pt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"which is gone: give its tokenizer with --tokenizer PATH"):
-        tokenizer_of(build_source(str(tmp_path / "b" / "tokens")))
-
-
-def test_a_tokenizer_given_to_a_pixel_model_is_an_error_not_ignored():
-    from mimkit.configs import ConfigError
-    from mimkit.runs.pretrain import token_reader
-
-    with pytest.raises(ConfigError, match=r"data.tokenizer=demo turns images into token ids for a token"):
-        token_reader(build_config("demo", ["data.tokenizer=demo"]))
-    assert token_reader(build_config("mtm_demo")) == "demo"
-    with pytest.raises(
-        ConfigError, match=r"^data.tokenizer: no tokenizer at 'runs/tokenizer_cifar10'; train one"
-    ):
-        token_reader(build_config("mtm_cifar10"))
-
-
-def test_a_relative_tokenizer_is_recorded_absolute(tmp_path, monkeypatch):
-    from mimkit.runs.pretrain import token_reader
-
-    (tmp_path / "tok").mkdir()
-    shutil.copy(DEMO_TOKENIZER, tmp_path / "tok" / "tokenizer.pt")
-    monkeypatch.chdir(tmp_path)
-    cfg = build_config("mtm_demo", ["data.tokenizer=tok"])
-    assert token_reader(cfg) == cfg.data.tokenizer == str(tmp_path / "tok")
-
-
-@pytest.mark.slow
-def test_a_token_datasets_held_out_split_is_per_class(tmp_path):
-    tokenize("demo", "demo:val", str(tmp_path / "tokens"), max_images=100, progress=False)
-    val = build_source(f"{tmp_path / 'tokens'}#val=0.1")
-    labels = np.asarray(open_tokens(tmp_path / "tokens").labels)
-    per_class = np.bincount(labels, minlength=10)
-    # a tenth of each class, at least one and never the whole of a class of two or more
-    expected = [min(max(1, round(0.1 * n)), max(n - 1, 1)) if n else 0 for n in per_class]
-    assert np.bincount(labels[val.indices], minlength=10).tolist() == expected
-    assert sum(expected) == 11  # a split that ignored the labels would hold out exactly 10
-
-
-def test_a_broken_class_file_of_seit_data_is_named(tmp_path):
-    data = tmp_path / "d-token.data.bin.gz"
-    tokenize("demo", "demo:val", str(data), to="seit", max_images=8, progress=False)
-    classes = tmp_path / "d-class-to-id.json"
-    assert classes.is_file()
-    classes.write_text("{not json")
-    with pytest.raises(ValueError, match=rf"{classes}: not valid JSON \(Expecting property name"):
-        open_tokens(data)
-
-
-def _npz(path, y=None, names=True):
-    arrays = {"x": np.zeros((4, 8, 8, 3), np.uint8)}
-    if y is not None:
-        arrays["y"] = np.asarray(y)
-    if names:
-        arrays["class_names"] = np.array(["a", "b", "c"])
-    np.savez(path, **arrays)
-    return str(path)
-
-
-def test_labels_are_checked_where_a_source_is_opened(tmp_path, capsys):
-    unlabelled = build_source(_npz(tmp_path / "nolabels.npz"))
-    assert not unlabelled.has_labels and unlabelled.load(0)[1] == -1
-    assert "'class_names' but no labels 'y': read as unlabelled images" in capsys.readouterr().err
-    tokenize("demo", str(tmp_path / "nolabels.npz"), str(tmp_path / "tok"), progress=False)
-    assert open_tokens(tmp_path / "tok").labels is None  # no column of -1 "labels"
-    for y, bad in (([0, 1, -3, 2], "label -3 of record 2"), ([0, 99, 1, 2], "label 99 of record 1")):
-        path = _npz(tmp_path / f"bad{bad[6:9].strip()}.npz", y)
-        with pytest.raises(
-            ValueError, match=rf"{bad} is not a class index \(1 such labels\); labels must be 0..2"
-        ):
-            build_source(path)
-    with pytest.raises(
-        ValueError,
-        match=r"label -1 of record 0 is not a class index .* must be 0..999999 \(unnamed classes\)",
-    ):
-        build_source(_npz(tmp_path / "neg.npz", [-1, 0, 1, 2], names=False))
-
-
-@pytest.mark.parametrize("line", ["--3", "\u0663", "3.0", ""])
-def test_a_seit_label_line_that_is_not_an_integer_is_named(tmp_path, line):
-    data = tmp_path / "d-token.data.bin.gz"
-    tokenize("demo", "demo:val", str(data), to="seit", max_images=4, progress=False)
-    labels = (tmp_path / "d-label.txt").read_text().splitlines()
-    labels[2] = line
-    (tmp_path / "d-label.txt").write_text("\n".join(labels) + "\n")
-    with pytest.raises(
-        ValueError, match=rf"d-label.txt: line 3 \(record 2\) is {re.escape(repr(line))}, not an integer"
-    ):
-        open_tokens(data)
-
-
-def test_labels_earlier_versions_wrote_and_labels_no_file_should_hold(tmp_path, capsys):
-    from mimkit.tokens.dataset import write_tokens
-
-    ids = np.zeros((3, 2, 2), np.int64)
-    (tmp_path / "old-seit").mkdir()
-    data = tmp_path / "old-seit" / "o-token.data.bin.gz"
-    write_tokens(data, ids, None, to="seit")
-    (tmp_path / "old-seit" / "o-label.txt").write_text("-1\n-1\n-1\n")  # an unlabelled set, as written before
-    assert open_tokens(data).labels is None
-    with pytest.raises(
-        ValueError, match=r"label 1000000000000 of record 3 is not a class index .* 0..999999"
-    ):
-        build_source(_npz(tmp_path / "huge.npz", [0, 1, 2, 10**12], names=False))
-    with pytest.raises(ValueError, match=r"'y' must hold integer class indices; got float64"):
-        build_source(_npz(tmp_path / "float.npz", [0.7, 1.2, 2.9, 0.1]))
-    val = _npz(tmp_path / "val.npz", [0, 1, 2, 0])
-    run = tmp_path / "run"
-    from mimkit.runs.pretrain import pretrain
-
-    pretrain(build_config(None, [*TINY, "optim.epochs=1", f"run.out={run}"]))
-    assert main(["knn", str(run), "--train", "synthetic:8", "--val", val, "--out", val]) == 2
-    assert f"--out '{val}' is the input '{val}'" in capsys.readouterr().err
-    assert sorted(np.load(val).files) == ["class_names", "x", "y"]
-
-
-def test_input_spec_and_source_must_agree(tmp_path: Path) -> None:
-    tok = small_tokenizer(seed=3)
-    tok.prune(torch.ones(64, dtype=torch.long))
-    save_tokenizer(tok, tmp_path / "tokenizer.pt", mean=(0.0,) * 3, std=(1.0,) * 3)
-    tokenize(
-        str(tmp_path / "tokenizer.pt"),
-        "demo:val",
-        str(tmp_path / "t"),
-        num_workers=0,
-        max_images=20,
-        progress=False,
-    )
-    tokens = build_source(f"tokens:{tmp_path / 't'}")
-    pixels = InputSpec(kind="pixels", channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, img_size=32, patch_size=4)
-    with pytest.raises(ValueError, match=r"this encoder takes pixels, but 'tokens:.*' is a token dataset"):
-        check_input(pixels, tokens)
-
-    def ids(vocab: int, size: int) -> InputSpec:
-        return InputSpec(kind="token_ids", channels=1, img_size=size, patch_size=1, vocab_size=vocab)
-
-    check_input(ids(64, 8), tokens)
-    check_input(ids(64, 6), tokens)  # a centre crop of the grid
-    with pytest.raises(ValueError, match="has 64 codes but the encoder embeds 391"):
-        check_input(ids(391, 8), tokens)
-    with pytest.raises(ValueError, match="has 8x8 id grids, smaller than the encoder's 16x16 input"):
-        check_input(ids(64, 16), tokens)
-    with pytest.raises(ValueError, match="holds images and no tokenizer is known for it"):
-        check_input(ids(64, 8), build_source("demo:val"))
-
-
-def test_images_are_tokenized_on_the_fly_for_a_token_encoder(tmp_path: Path) -> None:
-    """A token model evaluated on images sees the ids that `mimkit tokenize` would have stored, by the
-    tokenizer its token data records; the k-NN is then the same as on the stored tokens."""
-    tokenized_demo(tmp_path, train=80, val=40)
-    train, stored = build_source(str(tmp_path / "train")), build_source(str(tmp_path / "val"))
-    images = build_source("demo:val", max_images=40)
-    torch.manual_seed(0)
-    encoder = small_token_encoder()
-    bank, queries = tokenized_for(encoder.input_spec, [train, images])
-    assert bank is train and queries.kind == "token_ids" and queries.grid == (8, 8)
-    for i in (0, 7, 39):
-        ids, label = queries.load(i)
-        assert torch.equal(ids.long(), stored.load(i)[0].long()) and label == stored.load(i)[1]
-    env = init_distributed("cpu")
-    view = eval_view(6, encoder.input_spec)
-    on_images = knn_evaluate(encoder, bank, queries, view, env, k=5, pool="mean")
-    on_tokens = knn_evaluate(encoder, train, stored, view, env, k=5, pool="mean")
-    assert on_images["top1"] == on_tokens["top1"] and on_images["top5"] == on_tokens["top5"]
-    # images alone: the tokenizer of the data the encoder was trained on
-    (alone,) = tokenized_for(encoder.input_spec, [images], trained_on=str(tmp_path / "train"))
-    assert torch.equal(alone.load(3)[0], queries.load(3)[0])
-    # with no tokenizer to be found the images stay images, and the encoder says what it needs
-    assert tokenized_for(encoder.input_spec, [images]) == [images]
-    with pytest.raises(ValueError, match="holds images and no tokenizer is known"):
-        knn_evaluate(encoder, images, images, view, env)

@@ -30,7 +30,7 @@ from tests.conftest import TINY, straight_and_resumed
 from tests.methods.test_mtm import TINY_MTM, VOCAB, tokenize_by_colour
 from tests.methods.test_tokenadapt import overrides as tokenadapt_overrides
 from tests.methods.test_tokenadapt import tiny_tokenizer
-from tests.runs.test_tokenize import TOKENIZER
+from tests.runs.test_tokenizer_lifecycle import TOKENIZER
 
 HEADS = ["model.num_heads=2", "method.decoder_num_heads=2"]
 
