@@ -13,7 +13,6 @@ from pathlib import Path
 
 from mimkit.configs import RECIPE_DIR, Config, ConfigError, build_config, to_yaml
 from mimkit.interop.load import export_encoder, load_encoder
-from mimkit.runs.analyze import analyze
 from mimkit.runs.classify import SCRATCH, check_task, task_config, train_classifier
 from mimkit.runs.evaluate import evaluation_table, knn
 from mimkit.runs.pretrain import check_buildable, pretrain
@@ -106,6 +105,10 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def analyze_command(args: argparse.Namespace) -> int:
+    # the analyses bring scikit-learn, SciPy and matplotlib (a second or more to import): only this command
+    # pays for them
+    from mimkit.runs.analyze import analyze
+
     result = analyze(
         args.checkpoints,
         data=args.data,
