@@ -13,6 +13,7 @@ from mimkit.methods import FineTune, FinetuneConfig, build_method
 from mimkit.models.pos_embed import resample_pos_embed
 from mimkit.tokens.codebook import build_synonyms, save_codebook, synonym_table
 from tests.conftest import TINY
+from tests.methods.test_mtm import DIM, GRID, TINY_MTM, VOCAB
 
 
 def tiny_encoder():
@@ -61,23 +62,7 @@ def test_fine_tune_model_keeps_the_pretrained_weights_and_makes_positions_learna
     assert bigger.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-VOCAB, GRID, DIM = 24, 8, 16
-
-TINY_TOKENS = [
-    "method=mtm",
-    "model.arch=vit_tiny",
-    "model.stem=token_ids",
-    f"model.img_size={GRID}",
-    "model.patch_size=2",
-    f"model.token_dim={DIM}",
-    f"model.vocab_size={VOCAB}",
-    "model.embed_dim=64",
-    "model.depth=2",
-    "model.num_heads=2",
-    "method.decoder_embed_dim=32",
-    "method.decoder_depth=1",
-    "method.decoder_num_heads=2",
-]
+TINY_TOKENS = [*TINY_MTM, f"model.vocab_size={VOCAB}"]  # an MTM encoder of ids, as fine-tuning takes it
 
 
 @pytest.fixture(scope="module")
