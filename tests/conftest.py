@@ -10,7 +10,15 @@ import torch
 import mimkit
 from mimkit.configs import Config, build_config
 
-torch.set_num_threads(2)
+# the cores this process may use, shared among the test processes (pytest-xdist: PYTEST_XDIST_WORKER_COUNT)
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+torch.set_num_threads(max(1, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one test process per core this process may use (not per core of the machine), at most
+    4 (each imports torch and holds its own copies of the session fixtures)."""
+    return max(1, min(CORES, 4))
 
 TINY = [
     "model.arch=vit_tiny",

@@ -14,7 +14,7 @@ from mimkit.cli import main
 from mimkit.configs import RECIPE_DIR, to_dict
 from mimkit.interop.load import load_encoder
 from mimkit.methods import build_method
-from tests.conftest import TINY, tiny_config
+from tests.conftest import TINY, subprocess_env, tiny_config
 
 
 @pytest.mark.slow
@@ -108,14 +108,24 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_python_dash_m_and_print_config():
+def test_print_config_prints_the_overridden_config(capsys):
+    assert main(["pretrain", "--print-config", "optim.epochs=7"]) == 0
+    assert "  epochs: 7\n" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_python_dash_m_runs_the_cli_and_a_closed_output_pipe_ends_quietly():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (`| head`) is gone before anything is written
     result = subprocess.run(
         [sys.executable, "-m", "mimkit", "pretrain", "--print-config", "optim.epochs=7"],
-        capture_output=True,
+        stdout=write_end,
+        stderr=subprocess.PIPE,
         text=True,
-        check=True,
+        env=subprocess_env(),
     )
-    assert "epochs: 7" in result.stdout
+    os.close(write_end)
+    assert result.returncode == 141 and result.stderr == ""
 
 
 @pytest.mark.parametrize(

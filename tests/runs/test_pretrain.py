@@ -103,7 +103,8 @@ def test_a_stop_signal_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_pa
     it ends on the weights of a run never stopped."""
     overrides = TEN_EPOCHS
     out = tmp_path / "stopped"
-    env = subprocess_env(threads=2)
+    # the threads of this process: a run resumed on another number of CPU threads is equal only up to rounding
+    env = subprocess_env(threads=torch.get_num_threads())
     cmd = [sys.executable, "-m", "mimkit", "pretrain", "--out", str(out), *overrides, "data.num_workers=2"]
     process = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
@@ -125,21 +126,6 @@ def test_a_stop_signal_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_pa
     a, b = (checkpoint.load(d / "last.pt")["model"] for d in (ten_epochs, out))
     for key in a:
         assert torch.equal(a[key], b[key]), key
-
-
-@pytest.mark.slow
-def test_a_closed_output_pipe_ends_quietly(tmp_path):
-    read_end, write_end = os.pipe()
-    os.close(read_end)  # the reader (`| head`) is gone before anything is written
-    result = subprocess.run(
-        [sys.executable, "-m", "mimkit", "recipes"],
-        stdout=write_end,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
-    )
-    os.close(write_end)
-    assert result.returncode == 141 and result.stderr == ""
 
 
 @pytest.mark.slow
