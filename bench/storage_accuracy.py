@@ -1,0 +1,907 @@
+"""Storage against accuracy on real images (SeiT's claim): at equal storage, does training on VQ tokens beat
+training on pixels because many more images fit, and does SeiT++'s masked token modeling (MTM) before
+fine-tuning lift token training further? Trains every arm at a few storage budgets with mimkit's own
+commands and prints one JSON object; writes a plot (PNG).
+
+    python bench/storage_accuracy.py                      # CIFAR-10 train parts 0-2, held out: part 3
+    python bench/storage_accuracy.py --quick              # the pipeline in minutes (numbers mean little)
+    python bench/storage_accuracy.py --train data/cifar-10-batches-py \
+        --heldout data/cifar-10-batches-py/test_batch        # the CIFAR-10 download: its test images held out
+    python bench/storage_accuracy.py --tokenizer runs/tok --budgets 0.1,0.5,tokens --steps 600
+
+Protocol
+--------
+Data. ``--train`` (a mimkit data source: .npz files, a CIFAR download, an image folder; labelled) is the
+pool. Its images are put in one fixed order (a permutation seeded by ``--seed``); the subset at every budget
+and in every format is a prefix of that order, so a smaller subset is always inside a larger one. Held
+out: ``--heldout-images`` images of ``--heldout`` (a permutation seeded by ``--seed`` + 1; 0 takes them
+all), never trained on, the same images for every run (pixel arms read them as stored, token arms as the
+tokenizer's ids of them). Images that are not ``--img-size`` square are squashed to it (bicubic).
+
+Storage. The pool is written once in each format and measured on disk: PNG files (Pillow's default
+compression) and JPEG files (quality ``--jpeg-quality``, Pillow's default 4:2:0 subsampling), one file per
+image in an ImageFolder (labels are the class folders: no bytes counted for them); SeiT's format
+(``mimkit tokenize --to seit``), counting every file the dataset needs: ``.data.bin.gz``,
+``.index.npy.gz``, ``-label.txt``, ``-class-to-id.json``, ``-meta.json`` and ``codebook.ckpt``. The
+tokenizer's weights are not counted (as in SeiT: one tokenizer serves any number of datasets). A budget
+of B bytes holds n = floor((B - fixed) / per_image) images, where per_image is the pool's measured bytes
+per image in that format (for SeiT: of the files that grow with the records) and fixed the bytes that do
+not grow (SeiT: codebook, meta and class files; pixels: 0); if the subset then written is larger than B
+(files differ in size), n is lowered until it fits. n is at most the pool. Budgets are in MB (10^6
+bytes), or ``tokens`` (the whole pool in SeiT's format) and ``full`` (the whole pool as PNG files, where
+every arm has every image).
+
+Tokenizer. Trained once on the pool by ``mimkit tokenizer train --config tokenizer_cifar10`` (32 px, 4 px
+per token: 8 x 8 ids, 384 codes before pruning) for ``--tokenizer-epochs`` epochs (the recipe: 6), or
+given (``--tokenizer RUN``). Its reconstruction PSNR on the held-out images (decode of the ids the token
+arms read, on the [0, 1] scale, clamped; mean over images) is reported beside the PSNR of their mean image.
+
+Arms, each a mimkit command (the bench has no training loop of its own); one encoder for all: a ViT
+``--width`` wide, ``--depth`` blocks, ``--heads`` heads, trained from scratch. Every arm gets the same
+number of optimizer steps, ``--steps``, at every budget (up to the rounding of whole epochs): batch
+``--batch`` (the subset's size when smaller; where one pass over the subset would take more than the
+steps, the batch grows to ceil(n / steps), so every image is seen once), epochs = max(1, round(steps /
+(n // batch))), a cosine schedule over the run, warmup the recipe's share of it.
+
+- ``png`` / ``jpeg``: ``mimkit finetune scratch --config finetune_cifar10`` on the subset's image files
+  (patch 4 px: 8 x 8 patches; the recipe's RandAugment, random erasing, Mixup/CutMix, smoothing, AdamW
+  blr 1e-3, wd 0.05; layer decay off and head init std 0.02, as for a model from scratch).
+- ``seit``: ``mimkit finetune scratch --config seit_vit_base_imagenet`` on the subset in SeiT's format:
+  SeiT's supervised recipe (codebook vectors through its stem adapter, Token-EDA, Emb-Noise / ColorAdapt,
+  CutMix, AdamW lr 7.5e-4 x batch / 512, wd 0.1) at this size: the encoder above, 8 x 8 cells, SeiT's
+  adapter (kernel 4, stride 2, padding 1, as mimkit fixes it) making 4 x 4 patches, model EMA off (its
+  0.99996 decay is the initial weights after a few hundred steps; SeiT evaluates the raw model anyway).
+- ``seitpp``: ``mimkit pretrain --config mtm_cifar10`` (MTM on the same subset; decoder 128 x 2 as
+  ``mtm_demo``) for round(steps x ``--mtm-share``) steps (default half), then ``mimkit finetune RUN
+  --config finetune_mtm_cifar10`` (SeiT++'s fine-tuning: Emb-Noise / ColorAdapt, random resized crop,
+  CutMix, layer decay 0.75, the square-root lr rule) for the rest: the two together take the same number
+  of steps as the other arms, each half under the batch rule above. Id patches of one cell (8 x 8).
+
+Evaluation: top-1 of every run on the held-out images (each run's own evaluation at its end: the full
+32 px image, or all 8 x 8 ids), with the binomial standard error sqrt(p (1 - p) / n_heldout). Beside the
+curve, the PNG classifier with the most images evaluated on the tokenizer's reconstructions of the
+held-out images: how much the tokenizer's loss alone costs a pixel model.
+
+Work folder (``--work``): the pool's files, the tokenizer, the token datasets, every run folder; a run
+whose ``summary.json`` holds its result is not run again, an interrupted one resumes (mimkit's own
+resume), so re-running the same command after an interruption continues. Run folders are named by arm,
+images and a digest of their settings: changing ``--steps`` (or any setting) trains anew beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CIFAR = Path("/work/shared/data/cifar10")
+MB = 1_000_000
+ARMS = ("png", "jpeg", "seit", "seitpp")
+LABELS = {
+    "png": "pixels, PNG",
+    "jpeg": "pixels, JPEG q{q}",
+    "seit": "tokens, SeiT (supervised)",
+    "seitpp": "tokens, SeiT++ (MTM + fine-tune)",
+}
+SEIT_NAME = "tokens"  # SeiT's files are NAME-token.data.bin.gz and its siblings
+SEIT_GROWING = ("-token.data.bin.gz", "-token.index.npy.gz", "-label.txt")  # bytes that grow with records
+
+
+class BenchError(RuntimeError):
+    """A problem the user can fix; printed as one line."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# budget arithmetic
+
+
+def images_for_budget(budget: float, per_image: float, fixed: float = 0.0, pool: int | None = None) -> int:
+    """Images that a budget of ``budget`` bytes holds: floor((budget - fixed) / per_image), at most
+    ``pool``, at least 0."""
+    if per_image <= 0:
+        raise ValueError(f"bytes per image must be positive; got {per_image}")
+    n = max(0, math.floor((budget - fixed) / per_image))
+    return min(n, pool) if pool is not None else n
+
+
+def prefix_fitting(sizes: np.ndarray, budget: float, n: int) -> int:
+    """The largest m <= n whose first m file sizes sum to at most ``budget``."""
+    total = np.concatenate([[0], np.cumsum(sizes[:n], dtype=np.int64)])
+    return int(np.searchsorted(total, budget, side="right")) - 1
+
+
+def seit_bytes(folder: Path) -> tuple[int, int]:
+    """(bytes that grow with the records, bytes that do not) of the SeiT dataset in ``folder``: every file
+    there (data, index, labels; class names, meta, codebook)."""
+    growing = fixed = 0
+    for p in folder.iterdir():
+        if p.is_file():
+            if p.name.endswith(SEIT_GROWING):
+                growing += p.stat().st_size
+            else:
+                fixed += p.stat().st_size
+    return growing, fixed
+
+
+def parse_budgets(text: str) -> list[str]:
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part not in ("tokens", "full"):
+            try:
+                if float(part) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise BenchError(
+                    f"--budgets: '{part}' is not a positive number of MB, 'tokens' or 'full'"
+                ) from None
+        out.append(part)
+    if not out:
+        raise BenchError("--budgets: give at least one budget")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the pool and the held-out images
+
+
+def load_images(spec: str, flag: str, img_size: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """(uint8 [N, S, S, 3], int64 labels [N], class names) of a mimkit data source."""
+    import torch  # noqa: F401  (mimkit's sources hand out tensors)
+    from PIL import Image
+
+    from mimkit.data.source_spec import build_source
+
+    try:
+        source = build_source(spec, image_size=img_size)
+    except FileNotFoundError as err:
+        raise BenchError(f"{flag}: {err}") from None
+    except ValueError as err:
+        raise BenchError(f"{flag} '{spec}': {err}") from None
+    if not source.has_labels:
+        raise BenchError(f"{flag} '{spec}' has no labels; every arm trains or is scored on labels")
+    x = getattr(source, "x", None)
+    y = getattr(source, "y", None)
+    if x is not None and y is not None and x.shape[1:] == (img_size, img_size, 3):
+        return np.asarray(x), np.asarray(y, dtype=np.int64), tuple(source.classes)
+    images = np.empty((len(source), img_size, img_size, 3), dtype=np.uint8)
+    labels = np.empty(len(source), dtype=np.int64)
+    for i in range(len(source)):
+        img, label = source.load(i)
+        arr = img.permute(1, 2, 0).numpy()
+        if arr.shape[:2] != (img_size, img_size):
+            arr = np.asarray(Image.fromarray(arr).resize((img_size, img_size), Image.BICUBIC))
+        images[i], labels[i] = arr, label
+    return images, labels, tuple(source.classes)
+
+
+def folder_names(classes: tuple[str, ...]) -> list[str]:
+    """Class folder names whose sorted order is the label order (an ImageFolder's labels): the class
+    names when they already are, else the names prefixed with their label."""
+    safe = all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", c) for c in classes)
+    if safe and list(classes) == sorted(classes) and len(set(classes)) == len(classes):
+        return list(classes)
+    width = len(str(len(classes) - 1))
+    return [f"{i:0{width}d}_{re.sub(r'[^A-Za-z0-9._-]', '_', c)}" for i, c in enumerate(classes)]
+
+
+def write_files(
+    x: np.ndarray, y: np.ndarray, names: list[str], folder: Path, fmt: str, quality: int
+) -> np.ndarray:
+    """One file per image (PNG or JPEG) in class folders, named by the image's place in the pool; their
+    sizes in bytes."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in names:
+        (tmp / name).mkdir(parents=True)
+    sizes = np.empty(len(x), dtype=np.int64)
+    suffix, kwargs = (".png", {}) if fmt == "png" else (".jpg", {"quality": quality})
+    for i in tqdm(range(len(x)), desc=f"writing {fmt} files", unit="img", mininterval=2, file=sys.stderr):
+        path = tmp / names[y[i]] / f"{i:07d}{suffix}"
+        Image.fromarray(x[i]).save(path, **kwargs)
+        sizes[i] = path.stat().st_size
+    tmp.rename(folder)
+    return sizes
+
+
+def pixel_subset(pool_dir: Path, names: list[str], y: np.ndarray, n: int, dst: Path) -> Path:
+    """An ImageFolder of the first n images of the pool (hard links, or copies where links fail); every
+    class folder exists, an empty one too, so labels keep their numbers."""
+    if n == len(y):
+        return pool_dir
+    if dst.exists():
+        return dst
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in names:
+        (tmp / name).mkdir(parents=True)
+    files = {int(p.stem): p for p in pool_dir.glob("*/*")}
+    for i in range(n):
+        src = files[i]
+        target = tmp / src.parent.name / src.name
+        try:
+            os.link(src, target)
+        except OSError:
+            shutil.copy2(src, target)
+    tmp.rename(dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------
+# running mimkit
+
+
+class Runner:
+    """mimkit's commands as child processes (each shows its own progress on stderr; its stdout goes to
+    a log file), with the mimkit this script imported, and token caches inside the work folder."""
+
+    def __init__(self, work: Path, device: str, num_workers: int | None) -> None:
+        import mimkit
+
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ)
+        here = str(Path(mimkit.__file__).resolve().parents[1])
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+        self.env["MIMKIT_CACHE"] = str(work / "cache")
+        self.common = [f"run.device={device}"]
+        if num_workers is not None:
+            self.common.append(f"data.num_workers={num_workers}")
+
+    def __call__(self, name: str, args: list[str], overrides: bool = True) -> None:
+        cmd = [sys.executable, "-m", "mimkit", *args, *(self.common if overrides else [])]
+        log = self.logs / f"{name}.log"
+        with open(log, "ab") as out:
+            out.write(f"\n$ {' '.join(cmd)}\n".encode())
+            out.flush()
+            child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=self.env)
+            try:
+                shown_config = _relay(child.stderr, out)
+                code = child.wait()
+            except KeyboardInterrupt:  # the child got the same Ctrl-C: it saves its run and exits
+                code = child.wait()
+        if shown_config:
+            print(f"(its resolved config: {log})", file=sys.stderr)
+        if code in (130, 143):
+            raise KeyboardInterrupt
+        if code != 0:
+            raise BenchError(f"'{name}' failed (exit {code}): see the lines above and {log}")
+
+
+CONFIG_LINE = re.compile(rb"^(\s+\S.*|[a-z_]+:\s*|recipe: .*)$")  # the resolved config a run prints at start
+
+
+def _relay(stream: Any, log: Any) -> bool:
+    """Copy a child's stderr to the log, and to our stderr without the resolved config it prints at start
+    (progress bars, notes and warnings pass). True when some config lines were held back."""
+    held, pending = False, b""
+    while True:
+        chunk = os.read(stream.fileno(), 65536)
+        if not chunk:
+            break
+        log.write(chunk)
+        pending += chunk
+        parts = re.split(rb"([\r\n])", pending)
+        pending = parts.pop()  # an unfinished piece waits for its end
+        for text, end in zip(parts[::2], parts[1::2], strict=True):
+            if end == b"\n" and CONFIG_LINE.match(text):
+                held = True
+                continue
+            sys.stderr.buffer.write(text + end)
+        sys.stderr.buffer.flush()
+    if pending:
+        sys.stderr.buffer.write(pending)
+    return held
+
+
+def digest(parts: list[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
+
+
+def summary_of(run: Path) -> dict[str, Any] | None:
+    path = run / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return None if summary.get("stopped_early") else summary
+
+
+def schedule(n: int, batch: int, steps: int, warmup_share: float) -> list[str]:
+    """About ``steps`` optimizer steps on n images: batch ``batch`` (n when smaller), grown to ceil(n /
+    steps) where one pass over the images would take more steps; epochs = max(1, round(steps / (n //
+    batch))); warmup the recipe's share of the epochs."""
+    bs = max(min(batch, n), math.ceil(n / steps))
+    iters = n // bs
+    epochs = max(1, round(steps / iters))
+    return [
+        f"optim.batch_size={bs}",
+        f"optim.epochs={epochs}",
+        f"optim.warmup_epochs={round(epochs * warmup_share, 4)}",
+    ]
+
+
+def warmup_share(recipe: str) -> float:
+    from mimkit.configs import build_config
+
+    optim = build_config(recipe, []).optim
+    return optim.warmup_epochs / optim.epochs
+
+
+# ---------------------------------------------------------------------------------------------------
+# the bench
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--train", default=str(CIFAR / "train_part[0-2].npz"), help="the pool (labelled)")
+    parser.add_argument(
+        "--heldout", default=str(CIFAR / "train_part3.npz"), help="held-out images (labelled)"
+    )
+    parser.add_argument(
+        "--heldout-images", type=int, default=5000, help="a seeded subset of --heldout; 0: all"
+    )
+    parser.add_argument("--pool-images", type=int, default=0, help="use only this many pool images; 0: all")
+    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--work", default="runs/storage_accuracy", help="work folder (resumable)")
+    parser.add_argument("--budgets", default="0.25,1,tokens,full", help="MB, 'tokens' or 'full'")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"some of {','.join(ARMS)}")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per arm and budget")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--mtm-share", type=float, default=0.5, help="SeiT++: the steps' share of MTM")
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument(
+        "--tokenizer", help="reuse a tokenizer: a run folder, its tokenizer.pt, or 'demo' (the shipped one)"
+    )
+    parser.add_argument("--tokenizer-epochs", type=int, default=2, help="when the bench trains it")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-workers", type=int, help="loader processes per run (mimkit's default)")
+    parser.add_argument("--plot", help="the PNG plot (default: WORK/storage_accuracy.png)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="try the pipeline: 2,000 pool and 500 held-out images, budgets 0.1,tokens, 20 steps of 32, "
+        "a 1-epoch tokenizer, work folder WORK-quick",
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.pool_images = args.pool_images or 2000
+        args.heldout_images = min(args.heldout_images, 500) if args.heldout_images else 500
+        if args.budgets == parser.get_default("budgets"):
+            args.budgets = "0.1,tokens"
+        if args.steps == parser.get_default("steps"):
+            args.steps = 20
+        if args.batch == parser.get_default("batch"):
+            args.batch = 32
+        if args.tokenizer_epochs == parser.get_default("tokenizer_epochs"):
+            args.tokenizer_epochs = 1
+        if args.work == parser.get_default("work"):
+            args.work += "-quick"
+    try:
+        result = bench(args)
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    start = time.time()
+    budgets = parse_budgets(args.budgets)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or not arms:
+        raise BenchError(f"--arms: unknown {unknown}; choose among {', '.join(ARMS)}")
+    if not 0 < args.mtm_share < 1 and "seitpp" in arms:
+        raise BenchError(f"--mtm-share must lie in (0, 1); got {args.mtm_share}")
+    from mimkit.models.tokenizer import load_tokenizer, psnr, tokenizer_file
+    from mimkit.tokens.dataset import open_tokens, write_tokens
+
+    if args.tokenizer and not tokenizer_file(args.tokenizer).is_file():
+        raise BenchError(
+            f"--tokenizer: no tokenizer at '{tokenizer_file(args.tokenizer)}' (a `mimkit tokenizer train` "
+            "run folder, its tokenizer.pt, or 'demo')"
+        )
+    work = Path(args.work)
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    run = Runner(work, args.device, args.num_workers)
+
+    # -- the pool and held-out images, in their fixed order ------------------------------------------
+    setup = {
+        "train": args.train,
+        "heldout": args.heldout,
+        "pool_images": args.pool_images,
+        "heldout_images": args.heldout_images,
+        "img_size": args.img_size,
+        "seed": args.seed,
+        "jpeg_quality": args.jpeg_quality,
+    }
+    setup_file = data / "setup.json"
+    if setup_file.is_file() and json.loads(setup_file.read_text()) != setup:
+        raise BenchError(
+            f"{work} holds the data of another setup ({setup_file}); give another --work or remove it"
+        )
+    pool_npz, heldout_npz = data / "pool.npz", data / "heldout.npz"
+    if not (pool_npz.is_file() and heldout_npz.is_file()):
+        hx, hy, hclasses = load_images(args.heldout, "--heldout", args.img_size)
+        x, y, classes = load_images(args.train, "--train", args.img_size)
+        if tuple(hclasses) != tuple(classes):
+            raise BenchError(
+                f"--heldout names other classes than --train ({list(hclasses)[:5]}... against "
+                f"{list(classes)[:5]}...)"
+            )
+        order = np.random.default_rng(args.seed).permutation(len(x))
+        if args.pool_images:
+            order = order[: args.pool_images]
+        pick = np.random.default_rng(args.seed + 1).permutation(len(hx))
+        if args.heldout_images:
+            pick = np.sort(pick[: args.heldout_images])
+        names = folder_names(classes)
+        np.savez(heldout_npz.with_suffix(".partial.npz"), x=hx[pick], y=hy[pick], class_names=np.array(names))
+        heldout_npz.with_suffix(".partial.npz").rename(heldout_npz)
+        np.savez(pool_npz.with_suffix(".partial.npz"), x=x[order], y=y[order], class_names=np.array(names))
+        pool_npz.with_suffix(".partial.npz").rename(pool_npz)
+        setup_file.write_text(json.dumps(setup, indent=2))
+    with np.load(pool_npz) as z:
+        x, y, names = z["x"], z["y"], [str(c) for c in z["class_names"]]
+    with np.load(heldout_npz) as z:
+        n_heldout = len(z["y"])
+    n_pool = len(y)
+    print(f"pool: {n_pool} images of {len(names)} classes; held out: {n_heldout}", file=sys.stderr)
+
+    sizes: dict[str, np.ndarray] = {}
+    pool_dirs = {"png": data / "png", "jpeg": data / f"jpeg_q{args.jpeg_quality}"}
+    for fmt, folder in pool_dirs.items():
+        size_file = data / f"{folder.name}_sizes.npy"
+        if not size_file.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            np.save(
+                size_file.with_suffix(".partial.npy"),
+                write_files(x, y, names, folder, fmt, args.jpeg_quality),
+            )
+            size_file.with_suffix(".partial.npy").rename(size_file)
+        sizes[fmt] = np.load(size_file)
+    del x
+
+    # -- the tokenizer and the tokens of the pool and the held-out images ----------------------------
+    if args.tokenizer:
+        tok_path = tokenizer_file(args.tokenizer)
+        trained = None
+    else:
+        tok_run = work / f"tokenizer_e{args.tokenizer_epochs}_seed{args.seed}"
+        tok_path = tok_run / "tokenizer.pt"
+        trained = {"recipe": "tokenizer_cifar10", "epochs": args.tokenizer_epochs, "run": str(tok_run)}
+        if not tok_path.is_file():
+            print(f"training the tokenizer ({tok_run})", file=sys.stderr)
+            t0 = time.time()
+            share = warmup_share("tokenizer_cifar10")
+            run(
+                "tokenizer",
+                [
+                    "tokenizer", "train", "--config", "tokenizer_cifar10", "--out", str(tok_run),
+                    f"data.train={pool_npz}", f"model.img_size={args.img_size}",
+                    f"optim.epochs={args.tokenizer_epochs}",
+                    f"optim.warmup_epochs={round(args.tokenizer_epochs * share, 4)}",
+                    f"run.seed={args.seed}",
+                ],
+            )  # fmt: skip
+            (tok_run / "bench_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+        seconds_file = tok_run / "bench_seconds.txt"
+        trained["seconds"] = float(seconds_file.read_text()) if seconds_file.is_file() else None
+    tok_id = hashlib.sha256(tok_path.read_bytes()).hexdigest()[:10]
+    tokens = work / f"tokens_{tok_id}"
+    tokens.mkdir(exist_ok=True)
+    seit_pool = tokens / "pool" / f"{SEIT_NAME}-token.data.bin.gz"
+    heldout_tokens = tokens / "heldout"
+    for name, src, dst, fmt in (
+        ("tokenize_pool", pool_npz, seit_pool, "seit"),
+        ("tokenize_heldout", heldout_npz, heldout_tokens, "mimkit"),
+    ):
+        done = dst.parent / f".{dst.name}.done"
+        if not done.is_file():
+            for p in (dst.parent if fmt == "seit" else dst,):
+                shutil.rmtree(p, ignore_errors=True)
+            run(name, ["tokenize", str(tok_path), str(src), str(dst), "--to", fmt], overrides=False)
+            done.write_text("")
+    pool_tokens = open_tokens(seit_pool)
+    growing, fixed = seit_bytes(seit_pool.parent)
+    token_dim = int(pool_tokens.codebook.shape[1])
+
+    # the tokenizer on the held-out images: PSNR of what the token arms read, and the reconstructions
+    import torch
+
+    loaded = load_tokenizer(tok_path)
+    held = open_tokens(heldout_tokens)
+    ids = torch.from_numpy(held.read_many(np.arange(len(held))))
+    mean = torch.tensor(loaded.mean).view(1, -1, 1, 1)
+    std = torch.tensor(loaded.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        recon = torch.cat(
+            [loaded.model.decode(ids[i : i + 500]) * std + mean for i in range(0, len(ids), 500)]
+        )
+    with np.load(heldout_npz) as z:
+        originals = torch.from_numpy(z["x"]).permute(0, 3, 1, 2).float() / 255
+        heldout_labels, class_names = z["y"], z["class_names"]
+    recon = recon.clamp(0, 1)
+    tokenizer_report = {
+        "path": str(tok_path),
+        "trained_here": trained,
+        "grid": list(pool_tokens.grid),
+        "vocab_size": pool_tokens.vocab_size,
+        "psnr_heldout_db": round(float(psnr(recon, originals).mean()), 2),
+        "psnr_heldout_mean_image_db": round(
+            float(psnr(originals.mean(0, keepdim=True).expand_as(originals), originals).mean()), 2
+        ),
+        "heldout_images": len(originals),
+    }
+    recon_npz = tokens / "heldout_reconstructions.npz"
+    if not recon_npz.is_file():
+        as_uint8 = (recon * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        np.savez(recon_npz.with_suffix(".partial.npz"), x=as_uint8, y=heldout_labels, class_names=class_names)
+        recon_npz.with_suffix(".partial.npz").rename(recon_npz)
+    del recon, originals, ids
+    print(
+        f"tokenizer {tok_path}: held-out PSNR {tokenizer_report['psnr_heldout_db']} dB (their mean image: "
+        f"{tokenizer_report['psnr_heldout_mean_image_db']} dB)",
+        file=sys.stderr,
+    )
+
+    # -- bytes and images per budget ------------------------------------------------------------------
+    per_image = {
+        "png": float(sizes["png"].mean()),
+        "jpeg": float(sizes["jpeg"].mean()),
+        "seit": growing / n_pool,
+    }
+    full_bytes = {"png": int(sizes["png"].sum()), "jpeg": int(sizes["jpeg"].sum()), "seit": growing + fixed}
+    budget_bytes = {
+        b: float(full_bytes["seit"])
+        if b == "tokens"
+        else float(full_bytes["png"])
+        if b == "full"
+        else float(b) * MB
+        for b in budgets
+    }
+
+    subsets: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def subset(fmt: str, budget: float) -> dict[str, Any]:
+        """The largest prefix of the pool that fits ``budget`` in format ``fmt``, written and measured."""
+        if fmt in ("png", "jpeg"):
+            n = images_for_budget(budget, per_image[fmt], 0, n_pool)
+            n = prefix_fitting(sizes[fmt], budget, n)
+            if (fmt, n) not in subsets and n > 0:
+                folder = pixel_subset(
+                    pool_dirs[fmt], names, y, n, data / "subsets" / f"{pool_dirs[fmt].name}_n{n}"
+                )
+                subsets[(fmt, n)] = {"n": n, "path": str(folder), "bytes": int(sizes[fmt][:n].sum())}
+            return subsets.get((fmt, n), {"n": n, "path": None, "bytes": 0})
+        n = images_for_budget(budget, per_image["seit"], fixed, n_pool)
+        while n > 0:
+            if (fmt, n) in subsets:
+                return subsets[(fmt, n)]
+            if n == n_pool:
+                path = seit_pool
+            else:
+                path = tokens / "subsets" / f"seit_n{n}" / f"{SEIT_NAME}-token.data.bin.gz"
+                if not path.is_file():
+                    shutil.rmtree(path.parent, ignore_errors=True)
+                    write_tokens(
+                        path,
+                        pool_tokens.read_many(np.arange(n)),
+                        pool_tokens.labels[:n],
+                        to="seit",
+                        codebook=pool_tokens.codebook,
+                        classes=pool_tokens.classes,
+                        meta=pool_tokens.meta,
+                    )
+            stored = sum(seit_bytes(path.parent))
+            if stored <= budget:
+                subsets[(fmt, n)] = {"n": n, "path": str(path), "bytes": stored}
+                return subsets[(fmt, n)]
+            n -= max(1, math.ceil((stored - budget) / per_image["seit"]))
+        return {"n": 0, "path": None, "bytes": 0}
+
+    # -- the runs -----------------------------------------------------------------------------------
+    model = [
+        "model.arch=vit_tiny",
+        f"model.embed_dim={args.width}",
+        f"model.depth={args.depth}",
+        f"model.num_heads={args.heads}",
+    ]
+    common = [f"run.seed={args.seed}", "run.log_every=10"]
+    shares = {
+        r: warmup_share(r)
+        for r in ("finetune_cifar10", "seit_vit_base_imagenet", "mtm_cifar10", "finetune_mtm_cifar10")
+    }
+    grid = pool_tokens.grid[0]
+    heldout_tokens_spec = str(heldout_tokens)
+    runs_dir = work / "runs"
+    done_runs: dict[tuple[str, int], dict[str, Any]] = {}
+    plan = [(b, arm) for b in budgets for arm in arms]
+
+    def classifier(arm: str, sub: dict[str, Any]) -> dict[str, Any]:
+        n, path = sub["n"], sub["path"]
+        if arm in ("png", "jpeg"):
+            recipe = "finetune_cifar10"
+            settings = [
+                *model,
+                f"model.img_size={args.img_size}",
+                f"model.patch_size={args.img_size // 8}",
+                "method.layer_decay=1.0",
+                "method.head_init_std=0.02",
+                "data.crop_pct=1.0",
+                *schedule(n, args.batch, args.steps, shares[recipe]),
+                *common,
+            ]
+            data_args = [f"data.train={path}", f"eval.val={heldout_npz}"]
+        elif arm == "seit":
+            recipe = "seit_vit_base_imagenet"
+            settings = [
+                *model,
+                f"model.img_size={grid}",
+                "model.patch_size=2",
+                f"model.token_dim={token_dim}",
+                "method.model_ema=false",
+                *schedule(n, args.batch, args.steps, shares[recipe]),
+                *common,
+            ]
+            data_args = [f"data.train={path}", f"eval.val={heldout_tokens_spec}", "data.tokenizer=null"]
+        else:
+            return seitpp(sub)
+        name = f"{arm}_n{n}_{digest([recipe, *settings])}"
+        out = runs_dir / name
+        summary = summary_of(out)
+        if summary is None or "top1" not in summary:
+            run(name, ["finetune", "scratch", "--config", recipe, "--out", str(out), *settings, *data_args])
+            summary = summary_of(out)
+        return {"run": str(out), "recipe": recipe, "settings": settings, "summary": summary}
+
+    def seitpp(sub: dict[str, Any]) -> dict[str, Any]:
+        n, path = sub["n"], sub["path"]
+        mtm_steps = round(args.steps * args.mtm_share)
+        mtm_settings = [
+            *model,
+            f"model.img_size={grid}",
+            "model.patch_size=1",
+            f"model.token_dim={token_dim}",
+            "method.decoder_embed_dim=128",
+            "method.decoder_depth=2",
+            "method.decoder_num_heads=4",
+            "eval.knn=false",
+            "eval.baseline=false",
+            "eval.every_epochs=0",
+            *schedule(n, args.batch, mtm_steps, shares["mtm_cifar10"]),
+            *common,
+        ]
+        mtm_name = f"seitpp_mtm_n{n}_{digest(['mtm_cifar10', *mtm_settings])}"
+        mtm_out = runs_dir / mtm_name
+        data_args = [f"data.train={path}", f"eval.val={heldout_tokens_spec}", "data.tokenizer=null"]
+        if summary_of(mtm_out) is None:
+            run(
+                mtm_name,
+                ["pretrain", "--config", "mtm_cifar10", "--out", str(mtm_out), *mtm_settings, *data_args],
+            )
+        ft_settings = [
+            *schedule(n, args.batch, args.steps - mtm_steps, shares["finetune_mtm_cifar10"]),
+            *common,
+        ]
+        name = f"seitpp_n{n}_{digest([mtm_name, 'finetune_mtm_cifar10', *ft_settings])}"
+        out = runs_dir / name
+        summary = summary_of(out)
+        if summary is None or "top1" not in summary:
+            run(
+                name,
+                [
+                    "finetune",
+                    str(mtm_out),
+                    "--config",
+                    "finetune_mtm_cifar10",
+                    "--out",
+                    str(out),
+                    *ft_settings,
+                    *data_args,
+                ],
+            )
+            summary = summary_of(out)
+        mtm = summary_of(mtm_out) or {}
+        return {
+            "run": str(out),
+            "recipe": "mtm_cifar10 + finetune_mtm_cifar10",
+            "settings": {"mtm": mtm_settings, "finetune": ft_settings},
+            "summary": summary,
+            "mtm_run": str(mtm_out),
+            "mtm_steps": mtm.get("steps"),
+            "mtm_masked_token_acc": (mtm.get("last_logged") or {}).get("masked_token_acc"),
+        }
+
+    rows = []
+    for k, (b, arm) in enumerate(plan):
+        fmt = "seit" if arm in ("seit", "seitpp") else arm
+        sub = subset(fmt, budget_bytes[b])
+        row: dict[str, Any] = {
+            "budget": b,
+            "budget_bytes": int(budget_bytes[b]),
+            "arm": arm,
+            "images": sub["n"],
+            "stored_bytes": sub["bytes"],
+            "bytes_per_image": round(sub["bytes"] / sub["n"], 1) if sub["n"] else None,
+        }
+        if sub["n"] < 10:  # too few to train on
+            row.update(top1=None, se=None, note="fewer than 10 images fit")
+            rows.append(row)
+            continue
+        print(
+            f"[{k + 1}/{len(plan)}] {arm} at {b} MB: {sub['n']} images, {sub['bytes']:,} bytes",
+            file=sys.stderr,
+        )
+        key = (arm, sub["n"])
+        if key not in done_runs:
+            done_runs[key] = classifier(arm, sub)
+        result = done_runs[key]
+        summary = result["summary"]
+        p = summary["top1"] / 100
+        row.update(
+            top1=round(summary["top1"], 2),
+            se=round(100 * math.sqrt(p * (1 - p) / n_heldout), 2),
+            steps=summary["steps"] + (result.get("mtm_steps") or 0),
+            epochs=summary.get("epochs"),
+            seconds=round(summary["seconds"], 1),
+            run=result["run"],
+        )
+        if arm == "seitpp":
+            row.update(mtm_steps=result["mtm_steps"], mtm_masked_token_acc=result["mtm_masked_token_acc"])
+        rows.append(row)
+
+    # -- the tokenizer's loss, as a pixel model sees it ----------------------------------------------
+    diagnostics: dict[str, Any] = {}
+    png_rows = [r for r in rows if r["arm"] == "png" and r.get("top1") is not None]
+    if png_rows:
+        best = max(png_rows, key=lambda r: r["images"])
+        src = Path(best["run"])
+        copy = src.with_name(src.name + "_on_reconstructions")
+        summary = summary_of(copy)
+        if summary is None or "top1" not in summary:
+            copy.mkdir(exist_ok=True)
+            for f in ("last.pt", "config.yaml"):
+                shutil.copy2(src / f, copy / f)
+            settings = done_runs[("png", best["images"])]["settings"]
+            sub_path = data / "subsets" / f"{pool_dirs['png'].name}_n{best['images']}"
+            train = pool_dirs["png"] if best["images"] == n_pool else sub_path
+            run(
+                copy.name,
+                ["finetune", "scratch", "--config", "finetune_cifar10", "--out", str(copy), *settings,
+                 f"data.train={train}", f"eval.val={recon_npz}"],
+            )  # fmt: skip
+            summary = summary_of(copy)
+        p = summary["top1"] / 100
+        diagnostics["png_classifier_on_reconstructions"] = {
+            "classifier": best["run"],
+            "images_trained_on": best["images"],
+            "top1_on_originals": best["top1"],
+            "top1_on_reconstructions": round(summary["top1"], 2),
+            "se": round(100 * math.sqrt(p * (1 - p) / n_heldout), 2),
+        }
+
+    plot = Path(args.plot) if args.plot else work / "storage_accuracy.png"
+    draw(plot, rows, budget_bytes, tokenizer_report, diagnostics, args, n_heldout)
+    return {
+        "protocol": {
+            "pool": args.train,
+            "pool_images": n_pool,
+            "heldout": args.heldout,
+            "heldout_images": n_heldout,
+            "heldout_choice": f"numpy default_rng({args.seed + 1}).permutation, first {n_heldout}, sorted",
+            "pool_order": f"numpy default_rng({args.seed}).permutation; every subset is a prefix",
+            "encoder": {"width": args.width, "depth": args.depth, "heads": args.heads},
+            "steps_per_arm": args.steps,
+            "batch": args.batch,
+            "seitpp_split": {
+                "mtm": round(args.steps * args.mtm_share),
+                "finetune": args.steps - round(args.steps * args.mtm_share),
+            },
+            "seed": args.seed,
+            "se": "binomial: sqrt(p (1 - p) / heldout_images)",
+            "counted": {
+                "png/jpeg": "the image files (ImageFolder; labels are folder names)",
+                "seit": "every file of the dataset: data.bin.gz, index.npy.gz, label.txt, class-to-id.json, "
+                "meta.json, codebook.ckpt; not the tokenizer",
+            },
+        },
+        "tokenizer": tokenizer_report,
+        "bytes_per_image_in_pool": {k: round(v, 1) for k, v in per_image.items()},
+        "seit_fixed_bytes": fixed,
+        "pool_bytes": full_bytes,
+        "budgets_bytes": {b: int(v) for b, v in budget_bytes.items()},
+        "rows": rows,
+        "diagnostics": diagnostics,
+        "plot": str(plot),
+        "wall_seconds": round(time.time() - start, 1),
+    }
+
+
+def draw(
+    path: Path,
+    rows: list[dict[str, Any]],
+    budget_bytes: dict[str, float],
+    tokenizer: dict[str, Any],
+    diagnostics: dict[str, Any],
+    args: argparse.Namespace,
+    n_heldout: int,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=100)
+    styles = {"png": ("C0", "o"), "jpeg": ("C1", "s"), "seit": ("C2", "^"), "seitpp": ("C3", "D")}
+    for arm, (color, marker) in styles.items():
+        pts = sorted(
+            (budget_bytes[r["budget"]] / MB, r["top1"], r["se"], r["images"])
+            for r in rows
+            if r["arm"] == arm and r.get("top1") is not None
+        )
+        if not pts:
+            continue
+        xs, ys, es, ns = zip(*pts, strict=True)
+        label = LABELS[arm].format(q=args.jpeg_quality)
+        ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, ms=5, capsize=3, lw=1.4, label=label)
+        for x, yv, n in zip(xs, ys, ns, strict=True):
+            ax.annotate(
+                f"{n:,}", (x, yv), textcoords="offset points", xytext=(4, -10), fontsize=6.5, color=color
+            )
+    recon = diagnostics.get("png_classifier_on_reconstructions")
+    if recon:
+        ax.axhline(
+            recon["top1_on_reconstructions"],
+            color="C0",
+            ls=":",
+            lw=1,
+            label=f"PNG model ({recon['images_trained_on']:,} images) on the tokenizer's reconstructions",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("storage budget (MB, log scale); numbers: images that fit")
+    ax.set_ylabel(f"top-1 on {n_heldout:,} held-out images (%) ± SE")
+    grid, quality, floor = (
+        tokenizer["grid"],
+        tokenizer["psnr_heldout_db"],
+        tokenizer["psnr_heldout_mean_image_db"],
+    )
+    ax.set_title(
+        f"Storage vs accuracy: ViT {args.width}x{args.depth}, {args.steps} steps per run\n"
+        f"tokenizer {grid[0]}x{grid[1]} ids, held-out PSNR {quality:.1f} dB (mean image: {floor:.1f} dB)",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7.5, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

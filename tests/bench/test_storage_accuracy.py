@@ -1,0 +1,67 @@
+"""The budget arithmetic of bench/storage_accuracy.py: images per budget from the bytes measured on disk."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mimkit.tokens.dataset import write_tokens
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "storage_accuracy.py"
+spec = importlib.util.spec_from_file_location("storage_accuracy", BENCH)
+sa = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sa)
+
+
+def test_images_for_budget_is_the_floor_after_fixed_bytes_and_capped_by_the_pool() -> None:
+    assert sa.images_for_budget(1000, 100) == 10
+    assert sa.images_for_budget(999, 100) == 9
+    assert sa.images_for_budget(1000, 100, fixed=150) == 8
+    assert sa.images_for_budget(100, 100, fixed=150) == 0
+    assert sa.images_for_budget(10**9, 71.1, fixed=50_000, pool=37_500) == 37_500
+    with pytest.raises(ValueError):
+        sa.images_for_budget(1000, 0)
+
+
+def test_pixel_subsets_fit_the_budget_in_the_bytes_written(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(40, 32, 32, 3), dtype=np.uint8)
+    x[20:] //= 32  # larger files first: the mean-based count overshoots, the prefix check pulls it back
+    y = np.arange(40) % 4
+    names = sa.folder_names(("a", "b", "c", "d"))
+    sizes = sa.write_files(x, y, names, tmp_path / "png", "png", 90)
+    on_disk = {int(p.stem): p.stat().st_size for p in (tmp_path / "png").glob("*/*.png")}
+    assert [on_disk[i] for i in range(40)] == sizes.tolist()
+    budget = float(sizes[:25].sum()) + 1
+    n = sa.prefix_fitting(sizes, budget, sa.images_for_budget(budget, float(sizes.mean()), pool=40))
+    assert sizes[:n].sum() <= budget
+    assert n == 25
+    folder = sa.pixel_subset(tmp_path / "png", names, y, n, tmp_path / "sub")
+    assert sorted(p.name for p in folder.iterdir()) == names  # every class folder, empty ones too
+    assert sum(p.stat().st_size for p in folder.glob("*/*")) == sizes[:n].sum()
+
+
+def test_seit_bytes_count_every_file_and_split_what_grows(tmp_path: Path) -> None:
+    ids = np.random.default_rng(0).integers(0, 300, size=(50, 8, 8))
+    path = tmp_path / "sub" / "tokens-token.data.bin.gz"
+    write_tokens(
+        path, ids, np.arange(50) % 3, to="seit", codebook=torch.randn(300, 32), classes=("a", "b", "c")
+    )
+    growing, fixed = sa.seit_bytes(path.parent)
+    files = {p.name: p.stat().st_size for p in path.parent.iterdir()}
+    assert growing + fixed == sum(files.values())
+    assert "codebook.ckpt" in files and fixed >= files["codebook.ckpt"]
+    assert growing == sum(v for k, v in files.items() if k.endswith(sa.SEIT_GROWING))
+
+
+def test_folder_names_keep_the_label_order() -> None:
+    assert sa.folder_names(("airplane", "cat")) == ["airplane", "cat"]
+    named = sa.folder_names(("zebra", "ant", "b c"))
+    assert named == ["0_zebra", "1_ant", "2_b_c"] and sorted(named) == named
+    assert sorted(sa.folder_names(tuple(str(i) for i in range(12)))) == sa.folder_names(
+        tuple(str(i) for i in range(12))
+    )
