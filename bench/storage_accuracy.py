@@ -71,6 +71,7 @@ images and a digest of their settings: changing ``--steps`` (or any setting) tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -267,12 +268,14 @@ class Runner:
         with open(log, "ab") as out:
             out.write(f"\n$ {' '.join(cmd)}\n".encode())
             out.flush()
-            child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=self.env)
+            child, fd = _spawn(cmd, out, self.env)
             try:
-                shown_config = _relay(child.stderr, out)
+                shown_config = _relay(fd, out)
                 code = child.wait()
             except KeyboardInterrupt:  # the child got the same Ctrl-C: it saves its run and exits
                 code = child.wait()
+            finally:
+                os.close(fd)
         if shown_config:
             print(f"(its resolved config: {log})", file=sys.stderr)
         if code in (130, 143):
@@ -284,12 +287,36 @@ class Runner:
 CONFIG_LINE = re.compile(rb"^(\s+\S.*|[a-z_]+:\s*|recipe: .*)$")  # the resolved config a run prints at start
 
 
-def _relay(stream: Any, log: Any) -> bool:
+def _spawn(cmd: list[str], out: Any, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """Start a child whose stderr we read from the returned descriptor: a pseudo-terminal when ours is a
+    terminal (so that the child draws its progress bars, at our width), else a pipe."""
+    if not sys.stderr.isatty():
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=env)
+        return child, os.dup(child.stderr.fileno())
+    import fcntl
+    import pty
+    import termios
+    import tty
+
+    master, slave = pty.openpty()
+    tty.setraw(slave)  # newlines pass as they are
+    with contextlib.suppress(OSError):
+        size = fcntl.ioctl(sys.stderr.fileno(), termios.TIOCGWINSZ, b"\0" * 8)
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, size)
+    child = subprocess.Popen(cmd, stdout=out, stderr=slave, env=env)
+    os.close(slave)
+    return child, master
+
+
+def _relay(fd: int, log: Any) -> bool:
     """Copy a child's stderr to the log, and to our stderr without the resolved config it prints at start
     (progress bars, notes and warnings pass). True when some config lines were held back."""
     held, pending = False, b""
     while True:
-        chunk = os.read(stream.fileno(), 65536)
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # a pseudo-terminal whose child has gone
+            chunk = b""
         if not chunk:
             break
         log.write(chunk)
@@ -427,6 +454,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
+    os.environ["MIMKIT_CACHE"] = str(work / "cache")  # decoded token caches stay in the work folder
     run = Runner(work, args.device, args.num_workers)
 
     # -- the pool and held-out images, in their fixed order ------------------------------------------
