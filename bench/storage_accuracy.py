@@ -78,6 +78,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -300,18 +301,21 @@ def _spawn(cmd: list[str], out: Any, env: dict[str, str]) -> tuple[subprocess.Po
 
     master, slave = pty.openpty()
     tty.setraw(slave)  # newlines pass as they are
+    size = struct.pack("HHHH", 24, 100, 0, 0)
     with contextlib.suppress(OSError):
-        size = fcntl.ioctl(sys.stderr.fileno(), termios.TIOCGWINSZ, b"\0" * 8)
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, size)
+        ours = fcntl.ioctl(sys.stderr.fileno(), termios.TIOCGWINSZ, b"\0" * 8)
+        if struct.unpack("HHHH", ours)[1]:  # a terminal of known width
+            size = ours
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, size)
     child = subprocess.Popen(cmd, stdout=out, stderr=slave, env=env)
     os.close(slave)
     return child, master
 
 
 def _relay(fd: int, log: Any) -> bool:
-    """Copy a child's stderr to the log, and to our stderr without the resolved config it prints at start
-    (progress bars, notes and warnings pass). True when some config lines were held back."""
-    held, pending = False, b""
+    """Copy a child's stderr to the log, and to our stderr without the resolved config it prints before
+    its start line (``mimkit: ...``); everything after that passes. True when config lines were held."""
+    held, pending, preamble = False, b"", True
     while True:
         try:
             chunk = os.read(fd, 65536)
@@ -324,7 +328,9 @@ def _relay(fd: int, log: Any) -> bool:
         parts = re.split(rb"([\r\n])", pending)
         pending = parts.pop()  # an unfinished piece waits for its end
         for text, end in zip(parts[::2], parts[1::2], strict=True):
-            if end == b"\n" and CONFIG_LINE.match(text):
+            if preamble and text.startswith(b"mimkit:"):
+                preamble = False
+            if preamble and end == b"\n" and CONFIG_LINE.match(text):
                 held = True
                 continue
             sys.stderr.buffer.write(text + end)
