@@ -98,6 +98,7 @@ LABELS = {
 }
 SEIT_NAME = "tokens"  # SeiT's files are NAME-token.data.bin.gz and its siblings
 SEIT_GROWING = ("-token.data.bin.gz", "-token.index.npy.gz", "-label.txt")  # bytes that grow with records
+SEIT_FIXED = ("codebook.ckpt", "-class-to-id.json", "-meta.json")  # and those that do not
 
 
 class BenchError(RuntimeError):
@@ -124,15 +125,14 @@ def prefix_fitting(sizes: np.ndarray, budget: float, n: int) -> int:
 
 
 def seit_bytes(folder: Path) -> tuple[int, int]:
-    """(bytes that grow with the records, bytes that do not) of the SeiT dataset in ``folder``: every file
-    there (data, index, labels; class names, meta, codebook)."""
+    """(bytes that grow with the records, bytes that do not) of the SeiT dataset in ``folder``: the files
+    a reader needs (data, index, labels; class names, meta, codebook), not a report written beside them."""
     growing = fixed = 0
     for p in folder.iterdir():
-        if p.is_file():
-            if p.name.endswith(SEIT_GROWING):
-                growing += p.stat().st_size
-            else:
-                fixed += p.stat().st_size
+        if p.name.endswith(SEIT_GROWING):
+            growing += p.stat().st_size
+        elif p.name.endswith(SEIT_FIXED):
+            fixed += p.stat().st_size
     return growing, fixed
 
 

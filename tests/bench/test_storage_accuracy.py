@@ -51,8 +51,9 @@ def test_seit_bytes_count_every_file_and_split_what_grows(tmp_path: Path) -> Non
     write_tokens(
         path, ids, np.arange(50) % 3, to="seit", codebook=torch.randn(300, 32), classes=("a", "b", "c")
     )
-    growing, fixed = sa.seit_bytes(path.parent)
     files = {p.name: p.stat().st_size for p in path.parent.iterdir()}
+    (path.parent / "tokens-tokenize_report.json").write_text("{}")  # a report beside it is not the dataset
+    growing, fixed = sa.seit_bytes(path.parent)
     assert growing + fixed == sum(files.values())
     assert "codebook.ckpt" in files and fixed >= files["codebook.ckpt"]
     assert growing == sum(v for k, v in files.items() if k.endswith(sa.SEIT_GROWING))
