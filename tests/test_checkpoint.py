@@ -70,7 +70,10 @@ class _RunsCode:
 
 
 @pytest.mark.parametrize("command", ["knn", "export", "analyze"])
-def test_a_hostile_pickle_is_refused_as_unsafe_and_nothing_suggests_loading_it(tmp_path, capsys, command):
+def test_a_hostile_pickle_is_refused_as_unsafe_and_nothing_suggests_loading_it(
+    tmp_path, capsys, monkeypatch, command
+):
+    monkeypatch.chdir(tmp_path)  # `analyze FILE` reports into ./analysis
     path = tmp_path / "hostile.pt"
     torch.save({"model": _RunsCode()}, path)
     assert main([command, str(path)]) == 2
