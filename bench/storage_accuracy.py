@@ -40,8 +40,9 @@ Arms, each a mimkit command (the bench has no training loop of its own); one enc
 ``--width`` wide, ``--depth`` blocks, ``--heads`` heads, trained from scratch. Every arm gets the same
 number of optimizer steps, ``--steps``, at every budget (up to the rounding of whole epochs): batch
 ``--batch`` (the subset's size when smaller; where one pass over the subset would take more than the
-steps, the batch grows to ceil(n / steps), so every image is seen once), epochs = max(1, round(steps /
-(n // batch))), a cosine schedule over the run, warmup the recipe's share of it.
+steps, the batch grows to ceil(n / steps), so every image is seen once; rounded up to even, as Mixup and
+CutMix pair the images of a batch), epochs = max(1, round(steps / (n // batch))), a cosine schedule over
+the run, warmup the recipe's share of it.
 
 - ``png`` / ``jpeg``: ``mimkit finetune scratch --config finetune_cifar10`` on the subset's image files
   (patch 4 px: 8 x 8 patches; the recipe's RandAugment, random erasing, Mixup/CutMix, smoothing, AdamW
@@ -355,8 +356,12 @@ def summary_of(run: Path) -> dict[str, Any] | None:
 def schedule(n: int, batch: int, steps: int, warmup_share: float) -> list[str]:
     """About ``steps`` optimizer steps on n images: batch ``batch`` (n when smaller), grown to ceil(n /
     steps) where one pass over the images would take more steps; epochs = max(1, round(steps / (n //
-    batch))); warmup the recipe's share of the epochs."""
+    batch))); warmup the recipe's share of the epochs. The batch is even (Mixup/CutMix pair its images), the
+    subset's last image left out of each epoch where that takes it past n."""
     bs = max(min(batch, n), math.ceil(n / steps))
+    bs += bs % 2
+    if bs > n:
+        bs = max(2, n - n % 2)
     iters = n // bs
     epochs = max(1, round(steps / iters))
     return [

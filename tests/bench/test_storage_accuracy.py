@@ -66,3 +66,11 @@ def test_folder_names_keep_the_label_order() -> None:
     assert sorted(sa.folder_names(tuple(str(i) for i in range(12)))) == sa.folder_names(
         tuple(str(i) for i in range(12))
     )
+
+
+@pytest.mark.parametrize("n", [110, 111, 225, 13_283, 37_500])
+def test_the_schedule_gives_an_even_batch_within_the_subset_and_about_the_steps(n: int) -> None:
+    settings = dict(item.split("=") for item in sa.schedule(n, 128, 100, 0.05))
+    batch, epochs = int(settings["optim.batch_size"]), int(settings["optim.epochs"])
+    assert batch % 2 == 0 and 2 <= batch <= n  # Mixup/CutMix pair the images of a batch
+    assert abs(epochs * (n // batch) - 100) <= max((n // batch) / 2, 6)  # whole epochs
