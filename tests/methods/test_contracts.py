@@ -69,9 +69,9 @@ def mtm_tokens(folder: Path) -> list[str]:
     path = folder / "tokens"
     if not path.exists():
         source = build_source("demo:train", max_images=64)
-        images = torch.stack([source.load(i)[0] for i in range(64)])
-        ids, codebook = tokenize_by_colour(images)
-        write_tokens(path, ids, [source.load(i)[1] for i in range(64)], codebook=codebook)
+        images, labels = zip(*(source.load(i) for i in range(64)), strict=True)
+        ids, codebook = tokenize_by_colour(torch.stack(images))
+        write_tokens(path, ids, list(labels), codebook=codebook)
     return [*TINY_MTM, f"data.train=tokens:{path}", f"model.vocab_size={VOCAB}"]
 
 
