@@ -20,6 +20,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     4 (each imports torch and holds its own copies of the session fixtures)."""
     return max(1, min(CORES, 4))
 
+
 TINY = [
     "model.arch=vit_tiny",
     "model.img_size=16",

@@ -49,13 +49,13 @@ from mimkit.tokens.compact_shards import (
     ShardIndex,
     decode_chunk,
     id_dtype,
-    map_shard,
     read_shard_index,
 )
 from mimkit.tokens.records import (
     TokenDataset,
     TokenRecordError,
     cache_dir,
+    map_readonly,
     read_cache,
     read_labels,
     remove_cache,
@@ -333,7 +333,7 @@ class CompactTokens(TokenDataset):
         shard, start, end, crc, n = self._chunks[c].tolist()
         buf = self._maps[shard]
         if buf is None:
-            buf = self._maps[shard] = map_shard(self.shard_paths[shard])
+            buf = self._maps[shard] = map_readonly(self.shard_paths[shard])
         data = buf[start:end]
         if zlib.crc32(data) != crc:
             return BAD_CHECKSUM

@@ -16,7 +16,6 @@ trailer, so damage is reported (file, chunk and records named), never decoded in
 from __future__ import annotations
 
 import math
-import mmap
 import re
 import struct
 import zlib
@@ -166,11 +165,3 @@ def read_shard_index(path: Path) -> ShardIndex:
             f"does not match its trailer ({n} records, {payload} bytes)"
         )
     return ShardIndex(ends - lengths, ends, crcs, counts, labels)
-
-
-def map_shard(path: Path) -> np.ndarray:
-    """A shard as a read-only uint8 memory map (a shared read-only map stays valid in forked children)."""
-    if path.stat().st_size == 0:
-        return np.zeros(0, np.uint8)
-    with open(path, "rb") as f:
-        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -216,6 +217,15 @@ def read_cache(cache: Path) -> dict[str, Any] | None:
 def remove_cache(cache: Path) -> None:
     cache.unlink(missing_ok=True)
     cache_sidecar(cache).unlink(missing_ok=True)
+
+
+def map_readonly(path: Path) -> np.ndarray:
+    """A file as a read-only uint8 memory map: pages are read on demand and shared with forked loader
+    workers, where a map stays valid (an empty array for an empty file, which mmap refuses)."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    with open(path, "rb") as f:
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:

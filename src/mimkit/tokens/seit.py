@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mimkit.tokens.records import TokenDataset, TokenRecordError, codebook_digest, read_labels, remove_cache
+from mimkit.tokens.records import (
+    TokenDataset,
+    TokenRecordError,
+    codebook_digest,
+    map_readonly,
+    read_labels,
+    remove_cache,
+)
 from mimkit.tokens.seit_files import (
     CLASSES_SUFFIX,
     CODEBOOK,
@@ -32,7 +39,6 @@ from mimkit.tokens.seit_files import (
     load_codebook,
     load_index,
     load_labels,
-    map_file,
     sibling,
     split_name,
     stream_in_memory,
@@ -175,7 +181,7 @@ class SeitTokens(TokenDataset):
     def _stream(self) -> np.ndarray:
         if self._buf is None:
             if self.cache is not None:
-                self._buf = map_file(self.cache)
+                self._buf = map_readonly(self.cache)
             else:
                 if self._memory is None:  # the cache was dropped: read into memory from now on
                     self._memory = stream_in_memory(self.path, self.offsets)

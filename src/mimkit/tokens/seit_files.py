@@ -40,7 +40,6 @@ import hashlib
 import io
 import json
 import math
-import mmap
 import os
 import re
 import zlib
@@ -348,11 +347,3 @@ def stream_in_memory(gz: Path, offsets: np.ndarray) -> np.ndarray:
     except StreamDamage as damage:
         raise _stream_error(gz, damage, offsets) from None
     return np.frombuffer(buf.getbuffer(), dtype=np.uint8)
-
-
-def map_file(path: Path) -> np.ndarray:
-    """A read-only memory map of a file as uint8 (an empty array for an empty file)."""
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype=np.uint8)
-    with open(path, "rb") as f:
-        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
