@@ -57,11 +57,15 @@ the run, warmup the recipe's share of it.
   --config finetune_mtm_cifar10`` (SeiT++'s fine-tuning: Emb-Noise / ColorAdapt, random resized crop,
   CutMix, layer decay 0.75, the square-root lr rule) for the rest: the two together take the same number
   of steps as the other arms, each half under the batch rule above. Id patches of one cell (8 x 8).
+- ``seitpp_scratch``: the ablation that isolates MTM: ``mimkit finetune scratch --config
+  finetune_mtm_cifar10``, SeiT++'s fine-tuning with the same encoder and id patches, from scratch for all
+  the steps (layer decay off and head init std 0.02, as for the pixel arms).
 
 Evaluation: top-1 of every run on the held-out images (each run's own evaluation at its end: the full
 32 px image, or all 8 x 8 ids), with the binomial standard error sqrt(p (1 - p) / n_heldout). Beside the
 curve, the PNG classifier with the most images evaluated on the tokenizer's reconstructions of the
-held-out images: how much the tokenizer's loss alone costs a pixel model.
+held-out images: how much the tokenizer's loss alone costs a pixel model. ``warnings`` (also printed
+last) name a tokenizer that learnt little and every run whose top-1 is at chance level.
 
 Work folder (``--work``): the pool's files, the tokenizer, the token datasets, every run folder; a run
 whose ``summary.json`` holds its result is not run again, an interrupted one resumes (mimkit's own
@@ -73,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import hashlib
 import json
 import math
@@ -90,12 +95,13 @@ import numpy as np
 
 CIFAR = Path("/work/shared/data/cifar10")
 MB = 1_000_000
-ARMS = ("png", "jpeg", "seit", "seitpp")
+ARMS = ("png", "jpeg", "seit", "seitpp", "seitpp_scratch")
 LABELS = {
     "png": "pixels, PNG",
     "jpeg": "pixels, JPEG q{q}",
     "seit": "tokens, SeiT (supervised)",
     "seitpp": "tokens, SeiT++ (MTM + fine-tune)",
+    "seitpp_scratch": "tokens, SeiT++'s fine-tuning from scratch (no MTM)",
 }
 SEIT_NAME = "tokens"  # SeiT's files are NAME-token.data.bin.gz and its siblings
 SEIT_GROWING = ("-token.data.bin.gz", "-token.index.npy.gz", "-label.txt")  # bytes that grow with records
@@ -152,6 +158,11 @@ def parse_budgets(text: str) -> list[str]:
     if not out:
         raise BenchError("--budgets: give at least one budget")
     return out
+
+
+def budget_label(budget: str, nbytes: float) -> str:
+    """'0.25 MB', or the named budget with the bytes it stands for: "'tokens' (2.73 MB)"."""
+    return f"{budget} MB" if budget not in ("tokens", "full") else f"'{budget}' ({nbytes / MB:.2f} MB)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -442,6 +453,8 @@ def main() -> int:
         print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
     print(json.dumps(result, indent=2))
+    for line in result["warnings"]:  # last, where a reader of the terminal sees them
+        print(f"warning: {line}", file=sys.stderr)
     return 0
 
 
@@ -451,10 +464,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown or not arms:
-        raise BenchError(f"--arms: unknown {unknown}; choose among {', '.join(ARMS)}")
+        near = [m for u in unknown for m in difflib.get_close_matches(u, ARMS, n=1)]
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        raise BenchError(f"--arms: unknown {unknown}{hint}; choose among {', '.join(ARMS)}")
     if not 0 < args.mtm_share < 1 and "seitpp" in arms:
         raise BenchError(f"--mtm-share must lie in (0, 1); got {args.mtm_share}")
     from mimkit.models.tokenizer import load_tokenizer, psnr, tokenizer_file
+    from mimkit.runs.tokenizer_lifecycle import tokenizer_warnings
     from mimkit.tokens.dataset import open_tokens, write_tokens
 
     if args.tokenizer and not tokenizer_file(args.tokenizer).is_file():
@@ -596,6 +612,21 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "heldout_images": len(originals),
     }
+    counts = np.bincount(ids.reshape(-1).numpy(), minlength=pool_tokens.vocab_size) / ids.numel()
+    spread = float(np.exp(-(counts[counts > 0] * np.log(counts[counts > 0])).sum()))
+    tokenizer_report["perplexity_heldout"] = round(spread, 1)
+    warnings = [
+        f"tokenizer: {line}"
+        for line in tokenizer_warnings(
+            {
+                "psnr": tokenizer_report["psnr_heldout_db"],
+                "psnr_mean_image": tokenizer_report["psnr_heldout_mean_image_db"],
+                "perplexity": spread,
+                "codes_used": int((counts > 0).sum()),
+                "codebook_size": pool_tokens.vocab_size,
+            }
+        )
+    ]
     recon_npz = tokens / "heldout_reconstructions.npz"
     if not recon_npz.is_file():
         as_uint8 = (recon * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -708,6 +739,20 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 *common,
             ]
             data_args = [f"data.train={path}", f"eval.val={heldout_tokens_spec}", "data.tokenizer=null"]
+        elif arm == "seitpp_scratch":  # SeiT++ without its MTM half: what the pre-training adds
+            recipe = "finetune_mtm_cifar10"
+            settings = [
+                *model,
+                f"model.img_size={grid}",
+                "model.patch_size=1",
+                "model.stem=token_ids",
+                f"model.token_dim={token_dim}",
+                "method.layer_decay=1.0",
+                "method.head_init_std=0.02",
+                *schedule(n, args.batch, args.steps, shares[recipe]),
+                *common,
+            ]
+            data_args = [f"data.train={path}", f"eval.val={heldout_tokens_spec}", "data.tokenizer=null"]
         else:
             return seitpp(sub)
         name = f"{arm}_n{n}_{digest([recipe, *settings])}"
@@ -778,7 +823,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = []
     for k, (b, arm) in enumerate(plan):
-        fmt = "seit" if arm in ("seit", "seitpp") else arm
+        fmt = "seit" if arm.startswith("seit") else arm
         sub = subset(fmt, budget_bytes[b])
         row: dict[str, Any] = {
             "budget": b,
@@ -793,7 +838,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(row)
             continue
         print(
-            f"[{k + 1}/{len(plan)}] {arm} at {b} MB: {sub['n']} images, {sub['bytes']:,} bytes",
+            f"[{k + 1}/{len(plan)}] {arm} at {budget_label(b, budget_bytes[b])}: {sub['n']} images,"
+            f" {sub['bytes']:,} bytes",
             file=sys.stderr,
         )
         key = (arm, sub["n"])
@@ -812,6 +858,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         )
         if arm == "seitpp":
             row.update(mtm_steps=result["mtm_steps"], mtm_masked_token_acc=result["mtm_masked_token_acc"])
+        if summary.get("warnings"):  # the run's own: a top-1 at chance level
+            row["warnings"] = summary["warnings"]
+            where = f"{arm} at {budget_label(b, budget_bytes[b])}"
+            warnings += [f"{where}: {line}" for line in summary["warnings"]]
         rows.append(row)
 
     # -- the tokenizer's loss, as a pixel model sees it ----------------------------------------------
@@ -877,6 +927,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "diagnostics": diagnostics,
         "plot": str(plot),
+        "warnings": warnings,
         "wall_seconds": round(time.time() - start, 1),
     }
 
@@ -896,8 +947,14 @@ def draw(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=100)
-    styles = {"png": ("C0", "o"), "jpeg": ("C1", "s"), "seit": ("C2", "^"), "seitpp": ("C3", "D")}
-    for arm, (color, marker) in styles.items():
+    styles = {
+        "png": ("C0", "o", "-"),
+        "jpeg": ("C1", "s", "-"),
+        "seit": ("C2", "^", "-"),
+        "seitpp": ("C3", "D", "-"),
+        "seitpp_scratch": ("C3", "v", "--"),
+    }
+    for arm, (color, marker, line) in styles.items():
         pts = sorted(
             (budget_bytes[r["budget"]] / MB, r["top1"], r["se"], r["images"])
             for r in rows
@@ -907,7 +964,9 @@ def draw(
             continue
         xs, ys, es, ns = zip(*pts, strict=True)
         label = LABELS[arm].format(q=args.jpeg_quality)
-        ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, ms=5, capsize=3, lw=1.4, label=label)
+        ax.errorbar(
+            xs, ys, yerr=es, color=color, marker=marker, ls=line, ms=5, capsize=3, lw=1.4, label=label
+        )
         for x, yv, n in zip(xs, ys, ns, strict=True):
             ax.annotate(
                 f"{n:,}", (x, yv), textcoords="offset points", xytext=(4, -10), fontsize=6.5, color=color

@@ -74,3 +74,17 @@ def test_the_schedule_gives_an_even_batch_within_the_subset_and_about_the_steps(
     batch, epochs = int(settings["optim.batch_size"]), int(settings["optim.epochs"])
     assert batch % 2 == 0 and 2 <= batch <= n  # Mixup/CutMix pair the images of a batch
     assert abs(epochs * (n // batch) - 100) <= max((n // batch) / 2, 6)  # whole epochs
+
+
+def test_a_misspelt_arm_is_refused_with_the_choices_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "work"
+    argv = ["storage_accuracy.py", "--work", str(work), "--arms", "png,seitpp_scrach"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert sa.main() == 2
+    assert capsys.readouterr().err == (
+        "error: --arms: unknown ['seitpp_scrach'] (did you mean seitpp_scratch?); choose among png, jpeg, "
+        "seit, seitpp, seitpp_scratch\n"
+    )
+    assert not work.exists()
