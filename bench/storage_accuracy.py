@@ -169,12 +169,15 @@ def budget_label(budget: str, nbytes: float) -> str:
 # the pool and the held-out images
 
 
-def load_images(spec: str, flag: str, img_size: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """(uint8 [N, S, S, 3], int64 labels [N], class names) of a mimkit data source."""
+def load_images(
+    spec: str, flag: str, img_size: int
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], list[str]]:
+    """(uint8 [N, S, S, 3], int64 labels [N], class names, the unreadable images) of a mimkit data source."""
     import torch  # noqa: F401  (mimkit's sources hand out tensors)
     from PIL import Image
 
     from mimkit.data.source_spec import build_source
+    from mimkit.data.sources import UnreadableImage
 
     try:
         source = build_source(spec, image_size=img_size)
@@ -187,16 +190,27 @@ def load_images(spec: str, flag: str, img_size: int) -> tuple[np.ndarray, np.nda
     x = getattr(source, "x", None)
     y = getattr(source, "y", None)
     if x is not None and y is not None and x.shape[1:] == (img_size, img_size, 3):
-        return np.asarray(x), np.asarray(y, dtype=np.int64), tuple(source.classes)
+        return np.asarray(x), np.asarray(y, dtype=np.int64), tuple(source.classes), []
     images = np.empty((len(source), img_size, img_size, 3), dtype=np.uint8)
     labels = np.empty(len(source), dtype=np.int64)
+    kept, skipped = 0, []
     for i in range(len(source)):
-        img, label = source.load(i)
+        try:
+            img, label = source.load(i)
+        except UnreadableImage as err:  # reported by path and counted, as mimkit's loaders do
+            print(f"warning: {flag}: skipped unreadable image {err}", file=sys.stderr)
+            skipped.append(str(err))
+            continue
         arr = img.permute(1, 2, 0).numpy()
         if arr.shape[:2] != (img_size, img_size):
             arr = np.asarray(Image.fromarray(arr).resize((img_size, img_size), Image.BICUBIC))
-        images[i], labels[i] = arr, label
-    return images, labels, tuple(source.classes)
+        images[kept], labels[kept] = arr, label
+        kept += 1
+    if skipped:
+        print(f"warning: {flag}: {len(skipped)} of {len(source)} images unreadable, skipped", file=sys.stderr)
+    if not kept:
+        raise BenchError(f"{flag} '{spec}': none of its {len(source)} images could be read")
+    return images[:kept], labels[:kept], tuple(source.classes), skipped
 
 
 def folder_names(classes: tuple[str, ...]) -> list[str]:
@@ -500,9 +514,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             f"{work} holds the data of another setup ({setup_file}); give another --work or remove it"
         )
     pool_npz, heldout_npz = data / "pool.npz", data / "heldout.npz"
+    unreadable_file = data / "unreadable.json"  # images the sources could not read, skipped, by path
     if not (pool_npz.is_file() and heldout_npz.is_file()):
-        hx, hy, hclasses = load_images(args.heldout, "--heldout", args.img_size)
-        x, y, classes = load_images(args.train, "--train", args.img_size)
+        hx, hy, hclasses, h_unreadable = load_images(args.heldout, "--heldout", args.img_size)
+        x, y, classes, unreadable = load_images(args.train, "--train", args.img_size)
+        unreadable_file.write_text(json.dumps({"--train": unreadable, "--heldout": h_unreadable}, indent=2))
         if tuple(hclasses) != tuple(classes):
             raise BenchError(
                 f"--heldout names other classes than --train ({list(hclasses)[:5]}... against "
@@ -522,6 +538,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         setup_file.write_text(json.dumps(setup, indent=2))
     with np.load(pool_npz) as z:
         x, y, names = z["x"], z["y"], [str(c) for c in z["class_names"]]
+    skipped = json.loads(unreadable_file.read_text()) if unreadable_file.is_file() else {}
     with np.load(heldout_npz) as z:
         n_heldout = len(z["y"])
     n_pool = len(y)
@@ -626,6 +643,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 "codebook_size": pool_tokens.vocab_size,
             }
         )
+    ]
+    warnings += [
+        f"{flag}: {len(paths)} unreadable images skipped (listed in the JSON's protocol)"
+        for flag, paths in skipped.items()
+        if paths
     ]
     recon_npz = tokens / "heldout_reconstructions.npz"
     if not recon_npz.is_file():
@@ -900,6 +922,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "protocol": {
             "pool": args.train,
             "pool_images": n_pool,
+            "unreadable_skipped": skipped,
             "heldout": args.heldout,
             "heldout_images": n_heldout,
             "heldout_choice": f"numpy default_rng({args.seed + 1}).permutation, first {n_heldout}, sorted",

@@ -88,3 +88,18 @@ def test_a_misspelt_arm_is_refused_with_the_choices_before_any_work(
         "seit, seitpp, seitpp_scratch\n"
     )
     assert not work.exists()
+
+
+def test_an_unreadable_image_is_skipped_and_named_not_fatal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    for i, cls in enumerate(["cat", "cat", "dog"]):
+        (tmp_path / cls).mkdir(exist_ok=True)
+        Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    x, y, classes, skipped = sa.load_images(str(tmp_path), "--train", 8)
+    assert x.shape == (3, 8, 8, 3) and y.tolist() == [0, 0, 1] and classes == ("cat", "dog")
+    assert len(skipped) == 1 and skipped[0].startswith(f"{tmp_path / 'dog' / 'broken.jpg'}: ")
+    assert "1 of 4 images unreadable, skipped" in capsys.readouterr().err
