@@ -24,10 +24,11 @@ image in an ImageFolder (labels are the class folders: no bytes counted for them
 (``mimkit tokenize --to seit``), counting every file the dataset needs: ``.data.bin.gz``,
 ``.index.npy.gz``, ``-label.txt``, ``-class-to-id.json``, ``-meta.json`` and ``codebook.ckpt``. The
 tokenizer's weights are not counted (as in SeiT: one tokenizer serves any number of datasets). A budget
-of B bytes holds n = floor((B - fixed) / per_image) images, where per_image is the pool's measured bytes
-per image in that format (for SeiT: of the files that grow with the records) and fixed the bytes that do
-not grow (SeiT: codebook, meta and class files; pixels: 0); if the subset then written is larger than B
-(files differ in size), n is lowered until it fits. n is at most the pool. Budgets are in MB (10^6
+of B bytes holds the longest prefix of the pool that fits in B: for image files, whose sizes are known,
+exactly; for SeiT's format (one gzip stream), from the estimate n = floor((B - fixed) / per_image), with
+per_image the pool's measured bytes per record of the files that grow with the records and fixed the
+bytes that do not (codebook, meta and class files), lowered until the written subset fits, then raised
+while one more record still fits. n is at most the pool. Budgets are in MB (10^6
 bytes), or ``tokens`` (the whole pool in SeiT's format) and ``full`` (the whole pool as PNG files, where
 every arm has every image).
 
@@ -56,7 +57,9 @@ the run, warmup the recipe's share of it.
   ``mtm_demo``) for round(steps x ``--mtm-share``) steps (default half), then ``mimkit finetune RUN
   --config finetune_mtm_cifar10`` (SeiT++'s fine-tuning: Emb-Noise / ColorAdapt, random resized crop,
   CutMix, layer decay 0.75, the square-root lr rule) for the rest: the two together take the same number
-  of steps as the other arms, each half under the batch rule above. Id patches of one cell (8 x 8).
+  of steps as the other arms, each half under the batch rule above. Id patches of one cell (8 x 8). Where
+  one pass over the subset takes more steps than a half, each half's batch grows to see every image once,
+  so SeiT++ sees up to twice the images of the other arms in the same steps (``images_seen`` per row).
 - ``seitpp_scratch``: the ablation that isolates MTM: ``mimkit finetune scratch --config
   finetune_mtm_cifar10``, SeiT++'s fine-tuning with the same encoder and id patches, from scratch for all
   the steps (layer decay off and head init std 0.02, as for the pixel arms).
@@ -64,8 +67,9 @@ the run, warmup the recipe's share of it.
 Evaluation: top-1 of every run on the held-out images (each run's own evaluation at its end: the full
 32 px image, or all 8 x 8 ids), with the binomial standard error sqrt(p (1 - p) / n_heldout). Beside the
 curve, the PNG classifier with the most images evaluated on the tokenizer's reconstructions of the
-held-out images: how much the tokenizer's loss alone costs a pixel model. ``warnings`` (also printed
-last) name a tokenizer that learnt little and every run whose top-1 is at chance level.
+held-out images: how much the tokenizer's loss alone costs a pixel model. Every pixel arm is scored on the
+held-out images as they are (lossless), the JPEG arm too, though it trained on JPEG files. ``warnings``
+(also printed last) name a tokenizer that learnt little and every run whose top-1 is at chance level.
 
 Work folder (``--work``): the pool's files, the tokenizer, the token datasets, every run folder; a run
 whose ``summary.json`` holds its result is not run again, an interrupted one resumes (mimkit's own
@@ -396,6 +400,11 @@ def schedule(n: int, batch: int, steps: int, warmup_share: float) -> list[str]:
     ]
 
 
+def batch_of(settings: list[str]) -> int:
+    """The batch a run's settings give (``schedule`` puts it there)."""
+    return next(int(s.split("=", 1)[1]) for s in settings if s.startswith("optim.batch_size="))
+
+
 def warmup_share(recipe: str) -> float:
     from mimkit.configs import build_config
 
@@ -483,6 +492,19 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         raise BenchError(f"--arms: unknown {unknown}{hint}; choose among {', '.join(ARMS)}")
     if not 0 < args.mtm_share < 1 and "seitpp" in arms:
         raise BenchError(f"--mtm-share must lie in (0, 1); got {args.mtm_share}")
+    least = dict(steps=2, batch=2, width=1, depth=1, heads=1, heldout_images=0, pool_images=0)
+    for name, low in least.items():
+        if getattr(args, name) < low:
+            raise BenchError(f"--{name.replace('_', '-')} must be at least {low}; got {getattr(args, name)}")
+    if "seitpp" in arms and not 1 <= round(args.steps * args.mtm_share) < args.steps:
+        raise BenchError(
+            f"--steps {args.steps} x --mtm-share {args.mtm_share} leaves SeiT++ without an MTM or a "
+            "fine-tuning step; give more steps or another share"
+        )
+    if args.width % args.heads:
+        raise BenchError(f"--width {args.width} is not a multiple of --heads {args.heads}")
+    if args.img_size % 8:
+        raise BenchError(f"--img-size {args.img_size} must be a multiple of 8 (8 x 8 patches or tokens)")
     from mimkit.models.tokenizer import load_tokenizer, psnr, tokenizer_file
     from mimkit.runs.tokenizer_lifecycle import tokenizer_warnings
     from mimkit.tokens.dataset import open_tokens, write_tokens
@@ -681,19 +703,28 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     def subset(fmt: str, budget: float) -> dict[str, Any]:
         """The largest prefix of the pool that fits ``budget`` in format ``fmt``, written and measured."""
-        if fmt in ("png", "jpeg"):
-            n = images_for_budget(budget, per_image[fmt], 0, n_pool)
-            n = prefix_fitting(sizes[fmt], budget, n)
+        if fmt in ("png", "jpeg"):  # every file's size is known: the largest prefix that fits, exactly
+            n = prefix_fitting(sizes[fmt], budget, n_pool)
             if (fmt, n) not in subsets and n > 0:
                 folder = pixel_subset(
                     pool_dirs[fmt], names, y, n, data / "subsets" / f"{pool_dirs[fmt].name}_n{n}"
                 )
                 subsets[(fmt, n)] = {"n": n, "path": str(folder), "bytes": int(sizes[fmt][:n].sum())}
             return subsets.get((fmt, n), {"n": n, "path": None, "bytes": 0})
+        # a SeiT file is one gzip stream, whose size is known once written: from the estimate, lower n
+        # until the subset fits, then raise it while one more record still fits
         n = images_for_budget(budget, per_image["seit"], fixed, n_pool)
-        while n > 0:
-            if (fmt, n) in subsets:
-                return subsets[(fmt, n)]
+        while n > 0 and seit_subset(n)["bytes"] > budget:
+            n -= max(1, math.ceil((seit_subset(n)["bytes"] - budget) / per_image["seit"]))
+        if n <= 0:
+            return {"n": 0, "path": None, "bytes": 0}
+        while n < n_pool and seit_subset(n + 1)["bytes"] <= budget:
+            n += 1
+        return seit_subset(n)
+
+    def seit_subset(n: int) -> dict[str, Any]:
+        """The pool's first n token grids in SeiT's format, written once and measured."""
+        if ("seit", n) not in subsets:
             if n == n_pool:
                 path = seit_pool
             else:
@@ -709,12 +740,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                         classes=pool_tokens.classes,
                         meta=pool_tokens.meta,
                     )
-            stored = sum(seit_bytes(path.parent))
-            if stored <= budget:
-                subsets[(fmt, n)] = {"n": n, "path": str(path), "bytes": stored}
-                return subsets[(fmt, n)]
-            n -= max(1, math.ceil((stored - budget) / per_image["seit"]))
-        return {"n": 0, "path": None, "bytes": 0}
+            subsets[("seit", n)] = {"n": n, "path": str(path), "bytes": sum(seit_bytes(path.parent))}
+        return subsets[("seit", n)]
 
     # -- the runs -----------------------------------------------------------------------------------
     model = [
@@ -777,7 +804,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             data_args = [f"data.train={path}", f"eval.val={heldout_tokens_spec}", "data.tokenizer=null"]
         else:
             return seitpp(sub)
-        name = f"{arm}_n{n}_{digest([recipe, *settings])}"
+        reads = [] if arm in ("png", "jpeg") else [tok_id]  # token runs: the tokenizer's ids are their data
+        name = f"{arm}_n{n}_{digest([recipe, *settings, *reads])}"
         out = runs_dir / name
         summary = summary_of(out)
         if summary is None or "top1" not in summary:
@@ -802,7 +830,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             *schedule(n, args.batch, mtm_steps, shares["mtm_cifar10"]),
             *common,
         ]
-        mtm_name = f"seitpp_mtm_n{n}_{digest(['mtm_cifar10', *mtm_settings])}"
+        mtm_name = f"seitpp_mtm_n{n}_{digest(['mtm_cifar10', *mtm_settings, tok_id])}"
         mtm_out = runs_dir / mtm_name
         data_args = [f"data.train={path}", f"eval.val={heldout_tokens_spec}", "data.tokenizer=null"]
         if summary_of(mtm_out) is None:
@@ -840,6 +868,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "summary": summary,
             "mtm_run": str(mtm_out),
             "mtm_steps": mtm.get("steps"),
+            "mtm_seconds": mtm.get("seconds"),
+            "mtm_images_seen": (mtm.get("steps") or 0) * batch_of(mtm_settings),
             "mtm_masked_token_acc": (mtm.get("last_logged") or {}).get("masked_token_acc"),
         }
 
@@ -870,12 +900,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         result = done_runs[key]
         summary = result["summary"]
         p = summary["top1"] / 100
+        settings = result["settings"]
+        ft_settings = settings["finetune"] if isinstance(settings, dict) else settings
         row.update(
             top1=round(summary["top1"], 2),
             se=round(100 * math.sqrt(p * (1 - p) / n_heldout), 2),
             steps=summary["steps"] + (result.get("mtm_steps") or 0),
+            # the same steps for every arm; the images they see differ where the batch grew (see schedule)
+            images_seen=summary["steps"] * batch_of(ft_settings) + (result.get("mtm_images_seen") or 0),
             epochs=summary.get("epochs"),
-            seconds=round(summary["seconds"], 1),
+            seconds=round(summary["seconds"] + (result.get("mtm_seconds") or 0), 1),
             run=result["run"],
         )
         if arm == "seitpp":
@@ -892,7 +926,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     if png_rows:
         best = max(png_rows, key=lambda r: r["images"])
         src = Path(best["run"])
-        copy = src.with_name(src.name + "_on_reconstructions")
+        copy = src.with_name(f"{src.name}_on_reconstructions_{tok_id}")
         summary = summary_of(copy)
         if summary is None or "top1" not in summary:
             copy.mkdir(exist_ok=True)
@@ -979,21 +1013,20 @@ def draw(
     }
     for arm, (color, marker, line) in styles.items():
         pts = sorted(
-            (budget_bytes[r["budget"]] / MB, r["top1"], r["se"], r["images"])
+            (budget_bytes[r["budget"]] / MB, r["top1"], r["se"], r["images"], r["stored_bytes"] / MB)
             for r in rows
             if r["arm"] == arm and r.get("top1") is not None
         )
         if not pts:
             continue
-        xs, ys, es, ns = zip(*pts, strict=True)
+        xs, ys, es, ns, stored = zip(*pts, strict=True)
         label = LABELS[arm].format(q=args.jpeg_quality)
         ax.errorbar(
             xs, ys, yerr=es, color=color, marker=marker, ls=line, ms=5, capsize=3, lw=1.4, label=label
         )
-        for x, yv, n in zip(xs, ys, ns, strict=True):
-            ax.annotate(
-                f"{n:,}", (x, yv), textcoords="offset points", xytext=(4, -10), fontsize=6.5, color=color
-            )
+        for x, yv, n, used in zip(xs, ys, ns, stored, strict=True):
+            text = f"{n:,}" if used > x / 2 else f"{n:,} (all, {used:.2f} MB)"  # the pool ran out first
+            ax.annotate(text, (x, yv), textcoords="offset points", xytext=(4, -10), fontsize=6.5, color=color)
     recon = diagnostics.get("png_classifier_on_reconstructions")
     if recon:
         ax.axhline(

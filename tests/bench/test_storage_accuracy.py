@@ -103,3 +103,29 @@ def test_an_unreadable_image_is_skipped_and_named_not_fatal(
     assert x.shape == (3, 8, 8, 3) and y.tolist() == [0, 0, 1] and classes == ("cat", "dog")
     assert len(skipped) == 1 and skipped[0].startswith(f"{tmp_path / 'dog' / 'broken.jpg'}: ")
     assert "1 of 4 images unreadable, skipped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--steps", "1"], "--steps must be at least 2; got 1"),
+        (
+            ["--steps", "3", "--mtm-share", "0.1"],
+            "--steps 3 x --mtm-share 0.1 leaves SeiT++ without an MTM or a fine-tuning step; give more steps "
+            "or another share",
+        ),
+        (["--width", "100", "--heads", "3"], "--width 100 is not a multiple of --heads 3"),
+        (["--heldout-images", "-5"], "--heldout-images must be at least 0; got -5"),
+    ],
+)
+def test_bad_settings_are_refused_by_name_before_any_work(
+    args: list[str],
+    said: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr("sys.argv", ["storage_accuracy.py", "--work", str(tmp_path / "work"), *args])
+    assert sa.main() == 2
+    assert capsys.readouterr().err == f"error: {said}\n"
+    assert not (tmp_path / "work").exists()
