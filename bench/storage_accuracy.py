@@ -505,7 +505,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         raise BenchError(f"--width {args.width} is not a multiple of --heads {args.heads}")
     if args.img_size % 8:
         raise BenchError(f"--img-size {args.img_size} must be a multiple of 8 (8 x 8 patches or tokens)")
-    from mimkit.models.tokenizer import load_tokenizer, psnr, tokenizer_file
+    from mimkit.models.tokenizer import load_tokenizer, perplexity, psnr, tokenizer_file
     from mimkit.runs.tokenizer_lifecycle import tokenizer_warnings
     from mimkit.tokens.dataset import open_tokens, write_tokens
 
@@ -651,8 +651,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "heldout_images": len(originals),
     }
-    counts = np.bincount(ids.reshape(-1).numpy(), minlength=pool_tokens.vocab_size) / ids.numel()
-    spread = float(np.exp(-(counts[counts > 0] * np.log(counts[counts > 0])).sum()))
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=pool_tokens.vocab_size)
+    spread = perplexity(counts)
     tokenizer_report["perplexity_heldout"] = round(spread, 1)
     warnings = [
         f"tokenizer: {line}"
@@ -811,7 +811,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         if summary is None or "top1" not in summary:
             run(name, ["finetune", "scratch", "--config", recipe, "--out", str(out), *settings, *data_args])
             summary = summary_of(out)
-        return {"run": str(out), "recipe": recipe, "settings": settings, "summary": summary}
+        return {
+            "run": str(out),
+            "recipe": recipe,
+            "settings": settings,
+            "summary": summary,
+            "images_seen": summary["steps"] * batch_of(settings),
+            "seconds": summary["seconds"],
+        }
 
     def seitpp(sub: dict[str, Any]) -> dict[str, Any]:
         n, path = sub["n"], sub["path"]
@@ -860,17 +867,18 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 ],
             )
             summary = summary_of(out)
-        mtm = summary_of(mtm_out) or {}
+        mtm = summary_of(mtm_out)  # there: its run finished above, or the fine-tuning could not start from it
         return {
             "run": str(out),
             "recipe": "mtm_cifar10 + finetune_mtm_cifar10",
             "settings": {"mtm": mtm_settings, "finetune": ft_settings},
             "summary": summary,
             "mtm_run": str(mtm_out),
-            "mtm_steps": mtm.get("steps"),
-            "mtm_seconds": mtm.get("seconds"),
-            "mtm_images_seen": (mtm.get("steps") or 0) * batch_of(mtm_settings),
+            "mtm_steps": mtm["steps"],
             "mtm_masked_token_acc": (mtm.get("last_logged") or {}).get("masked_token_acc"),
+            # both halves: the same steps as the other arms, up to twice their images (see schedule)
+            "images_seen": summary["steps"] * batch_of(ft_settings) + mtm["steps"] * batch_of(mtm_settings),
+            "seconds": summary["seconds"] + mtm["seconds"],
         }
 
     rows = []
@@ -900,16 +908,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         result = done_runs[key]
         summary = result["summary"]
         p = summary["top1"] / 100
-        settings = result["settings"]
-        ft_settings = settings["finetune"] if isinstance(settings, dict) else settings
         row.update(
             top1=round(summary["top1"], 2),
             se=round(100 * math.sqrt(p * (1 - p) / n_heldout), 2),
             steps=summary["steps"] + (result.get("mtm_steps") or 0),
-            # the same steps for every arm; the images they see differ where the batch grew (see schedule)
-            images_seen=summary["steps"] * batch_of(ft_settings) + (result.get("mtm_images_seen") or 0),
+            images_seen=result["images_seen"],
             epochs=summary.get("epochs"),
-            seconds=round(summary["seconds"] + (result.get("mtm_seconds") or 0), 1),
+            seconds=round(result["seconds"], 1),
             run=result["run"],
         )
         if arm == "seitpp":
