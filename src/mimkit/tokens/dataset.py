@@ -24,7 +24,15 @@ import numpy as np
 import torch
 
 from mimkit.tokens import compact, compact_shards, compact_writer, seit, seit_files, seit_writer
-from mimkit.tokens.records import CHUNK, TokenDataset, TokenRecordError, check_codebook, check_labels
+from mimkit.tokens.records import (
+    CHUNK,
+    TokenDataset,
+    TokenRecordError,
+    check_codebook,
+    check_labels,
+    missing_dirs,
+    remove_empty_dirs,
+)
 
 __all__ = [
     "TokenDataset",
@@ -171,7 +179,7 @@ class _Undo:
 
     def __init__(self, dst: str | os.PathLike[str]) -> None:
         self.folder = Path(dst).expanduser()
-        self.made_dirs = [d for d in (self.folder, *self.folder.parents) if not d.exists()]  # deepest first
+        self.made_dirs = missing_dirs(self.folder)
         self.before = set(self.folder.iterdir()) if self.folder.is_dir() else set()
 
     def __call__(self) -> None:
@@ -181,11 +189,7 @@ class _Undo:
             for p in set(self.folder.iterdir()) - self.before:
                 if p.is_file() and (p.name in ours or compact_shards.SHARD_RE.fullmatch(p.name)):
                     p.unlink(missing_ok=True)
-        for folder in self.made_dirs:
-            try:
-                folder.rmdir()
-            except OSError:
-                break  # not empty (or gone): leave it and the folders above
+        remove_empty_dirs(self.made_dirs)
 
 
 def write_tokens(

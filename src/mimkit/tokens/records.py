@@ -219,6 +219,21 @@ def remove_cache(cache: Path) -> None:
     cache_sidecar(cache).unlink(missing_ok=True)
 
 
+def missing_dirs(folder: Path) -> list[Path]:
+    """``folder`` and the folders above it that do not exist yet, deepest first: what a writer about to
+    make ``folder`` creates, so that a write that fails can take exactly those away again."""
+    return [d for d in (folder, *folder.parents) if not d.exists()]
+
+
+def remove_empty_dirs(made: list[Path]) -> None:
+    """Remove the folders :func:`missing_dirs` listed, deepest first, while they are empty."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # not empty (or gone): leave it and the folders above
+
+
 def map_readonly(path: Path) -> np.ndarray:
     """A file as a read-only uint8 memory map: pages are read on demand and shared with forked loader
     workers, where a map stays valid (an empty array for an empty file, which mmap refuses)."""

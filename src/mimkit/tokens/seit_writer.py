@@ -20,7 +20,15 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from mimkit.tokens.records import check_codebook, check_ids, check_labels, codebook_digest, write_atomic
+from mimkit.tokens.records import (
+    check_codebook,
+    check_ids,
+    check_labels,
+    codebook_digest,
+    missing_dirs,
+    remove_empty_dirs,
+    write_atomic,
+)
 from mimkit.tokens.seit import SeitTokens
 from mimkit.tokens.seit_files import (
     CLASSES_SUFFIX,
@@ -136,7 +144,7 @@ class SeitWriter:
         self.grid = tuple(grid) if grid is not None else None
         self.classes, self.meta = tuple(classes), dict(meta or {})
         # folders this writer makes, deepest first: removed again (when empty) if it does not finish
-        self._made_dirs = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
+        self._made_dirs = missing_dirs(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         self._raw = open(self._tmp, "wb")  # noqa: SIM115 - stays open across append() calls
@@ -247,11 +255,7 @@ class SeitWriter:
                 stream.close()
         with contextlib.suppress(OSError):  # a read-only folder refuses even this
             self._tmp.unlink()
-        for folder in self._made_dirs:
-            try:
-                folder.rmdir()
-            except OSError:
-                break  # not empty (or gone): leave it and the folders above
+        remove_empty_dirs(self._made_dirs)
 
 
 def write_seit(
